@@ -1,0 +1,732 @@
+"""Levqor's HTTP surface: the route table, the router, request and response
+helpers, the JSON schemas, and the handlers.
+
+Handlers take a ``Request`` and the path's parameters and return
+``(status, headers, body)``; on failure they raise ``HTTPError``, which one
+place (``levqor.ErrorGuard``) turns into the JSON error body. This module
+owns nothing that lives between requests: stores, settings and the clock
+come from ``request.app`` (``levqor.Services``).
+"""
+
+import email.utils
+import hashlib
+import hmac
+import json
+import os
+import re
+import time
+import uuid
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import jsonschema
+from jsonschema.exceptions import best_match
+
+from storage import QueueFull
+
+STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+VERSION = "1.0.0"
+
+# ---------------------------------------------------------------------------
+# Errors and responses
+# ---------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An error answer: status, a stable machine code, a human message.
+
+    ``headers`` are added to the response (Allow, Retry-After, ...);
+    ``extra`` fields are added to the JSON body beside error and message.
+    """
+
+    def __init__(self, status, code, message, headers=(), **extra):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+        self.extra = extra
+
+    def body(self, request_id):
+        return {"error": self.code, "message": self.message, **self.extra, "request_id": request_id}
+
+
+def json_body(obj):
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def respond(obj, status=200, headers=()):
+    body = json_body(obj)
+    return status, [("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))), *headers], body
+
+
+def not_found(what, **ids):
+    return HTTPError(404, "not_found", f"{what} not found", **ids)
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+_MISSING = object()
+MAX_JSON_DEPTH = 32
+MAX_QUERY_FIELDS = 20
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in object")
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+
+
+def _check_tree(value, check_surrogates):
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings that are not UTF-8."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            if check_surrogates and any(_SURROGATE.search(k) for k in item):
+                raise ValueError("string is not valid Unicode")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif check_surrogates and isinstance(item, str) and _SURROGATE.search(item):
+            raise ValueError("string is not valid Unicode")
+
+
+def parse_json(raw):
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth."""
+    try:
+        text = raw.decode("utf-8")
+        value = _DECODER.decode(text)
+        surrogates = _LONE_SURROGATE_ESCAPE.search(text) is not None
+        # PERF: the tree walk costs as much as parsing; only deep or escaped
+        # documents can fail it, and counting brackets runs at C speed.
+        if surrogates or text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+            _check_tree(value, surrogates)
+        return value
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = "nesting too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {reason}"[:300])
+
+
+class Request:
+    """A thin view over the WSGI environ; query and JSON body parsed lazily, once."""
+
+    __slots__ = ("environ", "app", "method", "path", "key_fp", "_query", "_json")
+
+    def __init__(self, environ, app):
+        self.environ = environ
+        self.app = app
+        self.method = environ["REQUEST_METHOD"]
+        self.path = environ.get("PATH_INFO") or "/"
+        self.key_fp = None  # fingerprint of the key that authenticated this request
+        self._query = None
+        self._json = _MISSING
+
+    def header(self, name, default=None):
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+    @property
+    def request_id(self):
+        return self.environ.get("levqor.request_id", "-")
+
+    @property
+    def query(self):
+        if self._query is None:
+            try:
+                parsed = parse_qs(self.environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                  max_num_fields=MAX_QUERY_FIELDS, errors="strict")
+            except (ValueError, UnicodeDecodeError):
+                raise HTTPError(400, "invalid_query", "the query string cannot be parsed")
+            self._query = {k: v[0] for k, v in parsed.items()}
+        return self._query
+
+    def _read_body(self, optional):
+        environ = self.environ
+        limit = self.app.settings.max_content_length
+        length = environ.get("CONTENT_LENGTH")
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if length:
+            try:
+                length = int(length)
+            except ValueError:
+                raise HTTPError(400, "bad_request", "Content-Length is not a number")
+            if length < 0:
+                raise HTTPError(400, "bad_request", "Content-Length is negative")
+            if length > limit:
+                raise HTTPError(413, "payload_too_large", f"request body is over {limit} bytes")
+            if length == 0:
+                return b""
+        elif not chunked:
+            if optional:
+                return b""
+            raise HTTPError(411, "length_required", "a request body needs a Content-Length")
+        self._check_content_type()
+        if chunked and not length:
+            # No length to trust: read one byte past the cap and refuse at the cap.
+            raw = environ["wsgi.input"].read(limit + 1)
+            if len(raw) > limit:
+                raise HTTPError(413, "payload_too_large", f"request body is over {limit} bytes")
+            return raw
+        raw = environ["wsgi.input"].read(length)
+        if len(raw) != length:
+            raise HTTPError(400, "incomplete_body", "request body is shorter than its Content-Length")
+        return raw
+
+    def _check_content_type(self):
+        ctype = self.environ.get("CONTENT_TYPE", "")
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            raise HTTPError(415, "unsupported_media_type", "request body must be application/json")
+
+    def json(self, optional=False):
+        """The body as JSON; with ``optional``, an absent body is ``{}``."""
+        if self._json is _MISSING:
+            raw = self._read_body(optional)
+            if not raw.strip():
+                if not optional:
+                    raise HTTPError(400, "invalid_json", "request body is empty")
+                self._json = {}
+            else:
+                self._json = parse_json(raw)
+        return self._json
+
+
+# ---------------------------------------------------------------------------
+# Schemas (compiled once, at import)
+# ---------------------------------------------------------------------------
+
+FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@FORMATS.checks("http-url")
+def _is_http_url(value):
+    if not isinstance(value, str):
+        return True
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+LOCALE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}$"
+CURRENCIES = ["GBP", "USD", "EUR"]
+MAX_META_BYTES = 16 * 1024
+
+PROFILE_PROPERTIES = {
+    "name": {"type": "string", "maxLength": 200},
+    "locale": {"type": "string", "maxLength": 35, "pattern": LOCALE_PATTERN},
+    "currency": {"enum": CURRENCIES},
+    "meta": {"type": "object", "maxProperties": 100},
+}
+
+SCHEMAS = {
+    "intake": {
+        "type": "object",
+        "properties": {
+            "workflow": {"type": "string", "minLength": 1, "maxLength": 128},
+            "payload": {"type": "object"},
+            "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url"},
+            "priority": {"enum": ["low", "normal", "high"]},
+        },
+        "required": ["workflow", "payload"],
+        "additionalProperties": False,
+    },
+    "dev_complete": {
+        "type": "object",
+        "properties": {"result": {}},
+        "additionalProperties": False,
+    },
+    "user_upsert": {
+        "type": "object",
+        "properties": {"email": {"type": "string", "maxLength": 320}, **PROFILE_PROPERTIES},
+        "required": ["email"],
+        "additionalProperties": False,
+    },
+    "user_patch": {
+        "type": "object",
+        "properties": PROFILE_PROPERTIES,
+        "minProperties": 1,
+        "additionalProperties": False,
+    },
+}
+
+VALIDATORS = {}
+for _name, _schema in SCHEMAS.items():
+    jsonschema.Draft202012Validator.check_schema(_schema)
+    VALIDATORS[_name] = jsonschema.Draft202012Validator(_schema, format_checker=FORMATS)
+
+_ERROR_TEXT = {
+    "required": "is required",
+    "additionalProperties": "is not an accepted field",
+    "format": "is not a valid http(s) URL",
+    "pattern": "is not valid",
+    "minProperties": "must not be empty",
+}
+
+
+def validate(name, instance):
+    """Raise 400 validation_failed naming the failing field, or return the instance."""
+    validator = VALIDATORS[name]
+    error = best_match(validator.iter_errors(instance))
+    if error is None:
+        return instance
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "required":
+        path += [next(p for p in error.validator_value if p not in error.instance)]
+    elif error.validator == "additionalProperties":
+        allowed = error.schema.get("properties", {})
+        path += [sorted(k for k in error.instance if k not in allowed)[0]]
+    field = "/".join(path)
+    if error.validator == "type":
+        text = f"must be of type {error.validator_value}"
+    elif error.validator == "enum":
+        text = "must be one of " + ", ".join(map(str, error.validator_value))
+    elif error.validator in ("minLength", "maxLength"):
+        bound = "at least" if error.validator == "minLength" else "at most"
+        text = f"must be {bound} {error.validator_value} characters"
+    else:
+        text = _ERROR_TEXT.get(error.validator, error.message[:200])
+    raise HTTPError(400, "validation_failed", f"{field or 'body'}: {text}", field=field)
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+
+
+def fingerprint(key):
+    """What the audit log and logs may say of a key: never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class KeyRing:
+    """The configured API keys, held as SHA-256 digests.
+
+    A presented key is hashed and compared with every digest by
+    ``hmac.compare_digest``, without stopping at the first match: the time
+    taken says nothing of which key, or how much of one, was right.
+    """
+
+    def __init__(self, keys):
+        self._keys = [(hashlib.sha256(k.encode()).digest(), fingerprint(k)) for k in keys]
+
+    def __bool__(self):
+        return bool(self._keys)
+
+    def check(self, presented):
+        """The key's fingerprint if it is one of ours, else None."""
+        # A WSGI header is latin-1 text; surrogatepass accepts any str at all.
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for known, fp in self._keys:
+            if hmac.compare_digest(known, digest):
+                found = fp
+        return found
+
+
+def authenticate(req):
+    """Check X-Api-Key; 401 when missing, 403 when wrong. Open mode lets all in."""
+    keys = req.app.keys
+    if not keys:
+        req.key_fp = "open"
+        return
+    presented = req.environ.get("HTTP_X_API_KEY")
+    if not presented:
+        raise HTTPError(401, "unauthorized", "an API key is required (X-Api-Key header)",
+                        [("WWW-Authenticate", 'ApiKey header="X-Api-Key"')])
+    fp = keys.check(presented)
+    if fp is None:
+        raise HTTPError(403, "forbidden", "the API key is not valid")
+    req.key_fp = fp
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+def root(req):
+    return respond({"ok": True, "service": "levqor-backend", "version": VERSION})
+
+
+def health(req):
+    return respond({"ok": True, "ts": int(time.time())})
+
+
+def metrics(req):
+    return respond(req.app.recorder.metrics())
+
+
+def ops_health(req):
+    app = req.app
+    checks = {}
+    try:
+        checks["database"] = "ok" if app.db.ping() else "failing"
+    except Exception as exc:  # the point of this endpoint is to report, not to fail
+        checks["database"] = f"failing: {type(exc).__name__}"
+    checks["recorder"] = "ok" if app.recorder.running else "stopped"
+    ok = all(v == "ok" for v in checks.values())
+    return respond({
+        "ok": ok,
+        "ts": int(time.time()),
+        "checks": checks,
+        "jobs": app.jobs.counts(),
+        "audit_pending": app.recorder.pending(),
+        "uptime_seconds": int(time.time() - app.started_at),
+        "version": VERSION,
+    }, 200 if ok else 503)
+
+
+def _job_view(job):
+    return {k: job[k] for k in ("job_id", "status", "created_at", "updated_at", "workflow",
+                                "priority", "result", "error")}
+
+
+def intake(req):
+    body = validate("intake", req.json())
+    now = round(time.time(), 3)
+    job = {
+        "job_id": uuid.uuid4().hex,
+        "status": "queued",
+        "workflow": body["workflow"],
+        "payload": body["payload"],
+        "priority": body.get("priority", "normal"),
+        "callback_url": body.get("callback_url"),
+        "key_fp": req.key_fp,
+        "created_at": now,
+        "updated_at": now,
+        "result": None,
+        "error": None,
+    }
+    try:
+        req.app.jobs.add(job)
+    except QueueFull:
+        raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
+                        [("Retry-After", "30")])
+    req.app.recorder.count_job()
+    return respond({"job_id": job["job_id"], "status": "queued"}, 202,
+                   [("Location", f"/api/v1/status/{job['job_id']}")])
+
+
+def _find_job(req, job_id):
+    job = req.app.jobs.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise not_found("job", job_id=job_id)
+    return job
+
+
+def job_status(req, job_id):
+    return respond(_job_view(_find_job(req, job_id)))
+
+
+def dev_complete(req, job_id):
+    body = validate("dev_complete", req.json(optional=True))
+    _find_job(req, job_id)
+    req.app.jobs.update(job_id, status="succeeded", result=body.get("result", {"ok": True}),
+                        error=None, updated_at=round(time.time(), 3))
+    return respond({"ok": True})
+
+
+def _normalise_email(raw):
+    email_addr = raw.strip().lower()
+    if len(email_addr) > 254 or not _EMAIL.match(email_addr):
+        raise HTTPError(400, "validation_failed", "email: is not a plausible email address",
+                        field="email")
+    return email_addr
+
+
+def _check_meta(body):
+    if "meta" in body and len(json_body(body["meta"])) > MAX_META_BYTES:
+        raise HTTPError(400, "validation_failed",
+                        f"meta: must be at most {MAX_META_BYTES} bytes as JSON", field="meta")
+
+
+def user_upsert(req):
+    body = validate("user_upsert", req.json())
+    email_addr = _normalise_email(body.pop("email"))
+    _check_meta(body)
+    created, user = req.app.users.upsert(email_addr, body)
+    if created:
+        return respond({"created": True, "user": user}, 201,
+                       [("Location", f"/api/v1/users/{user['id']}")])
+    return respond({"updated": True, "user": user})
+
+
+def user_lookup(req):
+    raw = req.query.get("email")
+    if not raw or not raw.strip():
+        raise HTTPError(400, "missing_email", "the email query parameter is required")
+    user = req.app.users.get_by_email(raw.strip().lower()[:320])
+    if user is None:
+        raise not_found("user")
+    return respond(user)
+
+
+def user_get(req, user_id):
+    user = req.app.users.get(user_id) if _JOB_ID.match(user_id) else None
+    if user is None:
+        raise not_found("user", user_id=user_id)
+    return respond(user)
+
+
+def user_patch(req, user_id):
+    body = req.json()
+    if isinstance(body, dict) and "email" in body:
+        raise HTTPError(400, "validation_failed", "email: cannot be changed; upsert the new address",
+                        field="email")
+    validate("user_patch", body)
+    _check_meta(body)
+    user = req.app.users.patch(user_id, body) if _JOB_ID.match(user_id) else None
+    if user is None:
+        raise not_found("user", user_id=user_id)
+    return respond({"updated": True, "user": user})
+
+
+# -- static files -------------------------------------------------------------
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_BAD_PATH_CHARS = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+def _resolve_static(root, rel):
+    """The real path of ``rel`` inside ``root``, or None: nothing outside is reachable."""
+    # PATH_INFO arrives percent-decoded, so %2e%2e and %2f are already '..' and '/'.
+    if _BAD_PATH_CHARS.search(rel):
+        return None
+    parts = rel.split("/")
+    if parts and parts[-1] == "":
+        parts[-1] = "index.html"
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    path = os.path.realpath(os.path.join(root, *parts))
+    if os.path.isdir(path):
+        path = os.path.join(path, "index.html")
+    # realpath resolves symlinks: one pointing out of public/ fails this test.
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+        return None
+    return path
+
+
+def _not_modified(req, etag, mtime):
+    inm = req.environ.get("HTTP_IF_NONE_MATCH")
+    if inm is not None:
+        tags = [t.strip().removeprefix("W/") for t in inm.split(",")]
+        return "*" in tags or etag in tags
+    ims = req.environ.get("HTTP_IF_MODIFIED_SINCE")
+    if ims:
+        try:
+            since = email.utils.parsedate_to_datetime(ims).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+        return int(mtime) <= since
+    return False
+
+
+def static_file(req, path):
+    root = req.app.settings.public_dir
+    full = _resolve_static(root, path)
+    ctype = full and CONTENT_TYPES.get(os.path.splitext(full)[1].lower())
+    if not ctype:
+        raise not_found("file")
+    st = os.stat(full)
+    etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+    headers = [("ETag", etag),
+               ("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True)),
+               ("Cache-Control", "public, max-age=300")]
+    if _not_modified(req, etag, st.st_mtime):
+        return 304, headers, b""
+    with open(full, "rb") as f:
+        body = f.read()
+    return 200, [("Content-Type", ctype), ("Content-Length", str(len(body))), *headers], body
+
+
+def robots(req):
+    return static_file(req, "robots.txt")
+
+
+def security_txt(req):
+    return static_file(req, ".well-known/security.txt")
+
+
+# ---------------------------------------------------------------------------
+# The route table
+# ---------------------------------------------------------------------------
+
+# What a route asks of the caller:
+PUBLIC = "public"
+KEY = "key"              # a valid X-Api-Key (unless no keys are configured)
+USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
+
+# (method, pattern, handler, access, flags). <name> matches one path segment,
+# <path:name> the rest of the path. Flags: "audit" writes an audit row,
+# "dev" serves only while dev endpoints are on.
+ROUTES = [
+    ("GET", "/", root, PUBLIC, ()),
+    ("GET", "/health", health, PUBLIC, ()),
+    ("GET", "/public/metrics", metrics, PUBLIC, ()),
+    ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
+    ("GET", "/api/v1/status/<job_id>", job_status, PUBLIC, ()),
+    ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
+    ("GET", "/api/v1/ops/health", ops_health, KEY, ()),
+    ("POST", "/api/v1/users/upsert", user_upsert, KEY, ("audit",)),
+    ("GET", "/api/v1/users", user_lookup, USER_READ, ()),
+    ("GET", "/api/v1/users/<user_id>", user_get, USER_READ, ()),
+    ("PATCH", "/api/v1/users/<user_id>", user_patch, KEY, ("audit",)),
+    ("GET", "/robots.txt", robots, PUBLIC, ()),
+    ("GET", "/.well-known/security.txt", security_txt, PUBLIC, ()),
+    ("GET", "/public/<path:path>", static_file, PUBLIC, ()),
+]
+
+
+class Route:
+    __slots__ = ("method", "pattern", "handler", "access", "audit", "dev")
+
+    def __init__(self, method, pattern, handler, access, flags):
+        unknown = set(flags) - {"audit", "dev"}
+        if unknown or access not in (PUBLIC, KEY, USER_READ):
+            raise ValueError(f"route {method} {pattern}: bad access or flags")
+        self.method, self.pattern, self.handler, self.access = method, pattern, handler, access
+        self.audit = "audit" in flags
+        self.dev = "dev" in flags
+
+
+_PARAM = re.compile(r"<(?:(path):)?([a-z_][a-z0-9_]*)>")
+
+
+class Router:
+    """Routes compiled once: static paths in a dict, the rest in one regex.
+
+    ``match`` returns (route, params) or raises 404, or 405 with Allow.
+    HEAD is served by the GET route; OPTIONS by the router itself.
+    """
+
+    def __init__(self, routes):
+        self.static = {}    # path -> {method: Route}
+        self.dynamic = []   # [(group name, [(group, param)], {method: Route})]
+        alternatives = []
+        by_pattern = {}
+        for spec in routes:
+            route = Route(*spec)
+            if not route.pattern.startswith("/") or "<" in _PARAM.sub("", route.pattern):
+                raise ValueError(f"bad route pattern {route.pattern!r}")
+            if "<" not in route.pattern:
+                methods = self.static.setdefault(route.pattern, {})
+            else:
+                if route.pattern not in by_pattern:
+                    index = len(self.dynamic)
+                    params, regex, pos = [], [], 0
+                    for m in _PARAM.finditer(route.pattern):
+                        group = f"_{index}_{m.group(2)}"
+                        params.append((group, m.group(2)))
+                        regex.append(re.escape(route.pattern[pos:m.start()]))
+                        regex.append(f"(?P<{group}>{'.+' if m.group(1) else '[^/]+'})")
+                        pos = m.end()
+                    regex.append(re.escape(route.pattern[pos:]))
+                    alternatives.append(f"(?P<_{index}>{''.join(regex)})")
+                    by_pattern[route.pattern] = {}
+                    self.dynamic.append((params, by_pattern[route.pattern]))
+                methods = by_pattern[route.pattern]
+            if route.method in methods:
+                raise ValueError(f"duplicate route {route.method} {route.pattern}")
+            methods[route.method] = route
+        # One alternation: the outer group that matched names the route
+        # (Match.lastgroup), so a path is matched once, not once per route.
+        self.regex = re.compile("^(?:" + "|".join(alternatives) + ")$") if alternatives else None
+
+    def methods_for(self, path):
+        """({method: Route}, params) for a path, or (None, None)."""
+        methods = self.static.get(path)
+        if methods is not None:
+            return methods, {}
+        m = self.regex.match(path) if self.regex else None
+        if m is None:
+            return None, None
+        params, methods = self.dynamic[int(m.lastgroup[1:])]
+        return methods, {name: m.group(group) for group, name in params}
+
+    @staticmethod
+    def allow(methods):
+        names = set(methods) | {"OPTIONS"}
+        if "GET" in names:
+            names.add("HEAD")
+        return ", ".join(sorted(names))
+
+    def match(self, method, path):
+        methods, params = self.methods_for(path)
+        if methods is None:
+            raise HTTPError(404, "not_found", "no such endpoint")
+        route = methods.get("GET" if method == "HEAD" else method)
+        if route is None:
+            raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here",
+                            [("Allow", self.allow(methods))])
+        return route, params
+
+
+ROUTER = Router(ROUTES)
+
+
+class Api:
+    """The innermost WSGI app: route, authenticate, call the handler, audit."""
+
+    def __init__(self, services, router=ROUTER):
+        self.services = services
+        self.router = router
+
+    def __call__(self, environ, start_response):
+        req = Request(environ, self.services)
+        if req.method == "OPTIONS":
+            methods, _ = self.router.methods_for(req.path)
+            if methods is None:
+                raise HTTPError(404, "not_found", "no such endpoint")
+            start_response("204 No Content", [("Allow", self.router.allow(methods))])
+            return []
+        route, params = self.router.match(req.method, req.path)
+        if route.dev and not self.services.settings.dev_endpoints:
+            raise HTTPError(404, "not_found", "no such endpoint")
+        if route.access == KEY or (route.access == USER_READ
+                                   and not self.services.settings.public_user_reads):
+            authenticate(req)
+        if not route.audit:
+            status, headers, body = route.handler(req, **params)
+        else:
+            status = 500
+            try:
+                status, headers, body = route.handler(req, **params)
+            except HTTPError as exc:
+                status = exc.status
+                raise
+            finally:
+                self.services.recorder.audit(req.key_fp, req.method, req.path, status,
+                                             req.request_id)
+        start_response(STATUS_LINES[status], headers)
+        return [] if req.method == "HEAD" else [body]
