@@ -54,8 +54,6 @@ MIGRATIONS = [
 ]
 
 USER_COLUMNS = ("id", "email", "name", "locale", "currency", "meta", "created_at", "updated_at")
-# Fields a caller may set; the values are always bound, the names come from here.
-USER_FIELDS = ("name", "locale", "currency", "meta")
 
 
 class StorageError(Exception):
@@ -195,20 +193,19 @@ class UserStore:
         """
         new_id = uuid.uuid4().hex
         now = _now()
-        values = {f: fields.get(f) for f in USER_FIELDS}
-        values["meta"] = json.dumps(fields.get("meta", {}), separators=(",", ":"))
-        updates = [f"{f} = excluded.{f}" for f in ("name", "locale", "currency") if f in fields]
+        params = {f: fields.get(f) for f in ("name", "locale", "currency")}
+        params.update(id=new_id, email=email, now=now,
+                      meta=json.dumps(fields.get("meta", {}), separators=(",", ":")))
+        updates = [f"{f} = :{f}" for f in ("name", "locale", "currency") if f in fields]
         if "meta" in fields:
-            updates.append("meta = json_patch(users.meta, excluded.meta)")
-        updates.append("updated_at = excluded.updated_at")
+            updates.append("meta = json_patch(users.meta, :meta)")
+        updates.append("updated_at = :now")
         sql = (
             "INSERT INTO users (id, email, name, locale, currency, meta, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, json_patch('{}', ?), ?, ?)"
+            " VALUES (:id, :email, :name, :locale, :currency, json_patch('{}', :meta), :now, :now)"
             f" ON CONFLICT(email) DO UPDATE SET {', '.join(updates)}"
             f" RETURNING {', '.join(USER_COLUMNS)}"
         )
-        params = (new_id, email, values["name"], values["locale"], values["currency"],
-                  values["meta"], now, now)
         with self.db.write() as conn:
             row = conn.execute(sql, params).fetchone()
         return row["id"] == new_id, _user_out(row)

@@ -1,0 +1,54 @@
+"""Gunicorn settings for Levqor: `gunicorn levqor:app` reads this file.
+
+Why one worker: jobs live in the memory of the process that accepted them
+(storage.MemoryJobStore). With two workers, a job submitted through one
+would be invisible to a status poll answered by the other. So Levqor runs
+one process with several threads; SQLite and the threads share the work.
+Raise WEB_CONCURRENCY only when you know every request for a job reaches the
+worker that holds it.
+"""
+
+import os
+
+_env = os.environ.get("LEVQOR_ENV", "development").strip().lower()
+
+# In production the service sits behind a load balancer and listens on every
+# interface; on a developer's machine it runs in open mode (no keys) unless
+# told otherwise, so it listens on loopback only.
+_host = os.environ.get("HOST") or ("0.0.0.0" if _env == "production" else "127.0.0.1")
+bind = f"{_host}:{int(os.environ.get('PORT', '5000'))}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+threads = int(os.environ.get("THREADS", "4"))
+worker_class = "gthread"
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+
+# Levqor does not use gunicorn's control socket, and its one default path
+# would be shared by every Levqor server on the machine (tests, benchmarks).
+control_socket_disable = True
+
+# Levqor writes its own one-line JSON access log; gunicorn's would repeat it.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+
+# Smaller than gunicorn's defaults: no Levqor URL or header needs more.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+
+def post_worker_init(worker):
+    # Open the database and start the background writer in the worker, after
+    # the fork, so that the uptime heartbeat runs even before the first request.
+    start = getattr(worker.wsgi, "start", None)
+    if start is not None:
+        start()
+
+
+def worker_exit(server, worker):
+    # Write what the audit writer still holds before the process ends.
+    stop = getattr(worker.wsgi, "stop", None)
+    if stop is not None:
+        stop()
