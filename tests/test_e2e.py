@@ -1,0 +1,138 @@
+"""Real gunicorn on loopback, driven the way a user would drive it."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+from conftest import KEY, ROOT, Server
+
+
+def run_script(args, env, timeout=60):
+    return subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_validation_script_goes_green_against_gunicorn(server):
+    result = run_script([sys.executable, "scripts/validate_levqor.py"],
+                        {"BASE_URL": server.url, "API_KEY": KEY})
+    assert result.returncode == 0, result.stdout + result.stderr + server.log()
+    assert "🟢 COCKPIT GREEN — Levqor backend validated" in result.stdout
+
+
+def test_validation_script_names_the_failing_check(server):
+    result = run_script([sys.executable, "scripts/validate_levqor.py"],
+                        {"BASE_URL": server.url, "API_KEY": "not-the-key-000000000"})
+    assert result.returncode == 1
+    assert "FAILED — ops health: expected 200, got 403" in result.stdout
+
+
+def test_gunicorn_serves_head_options_and_json_errors(server):
+    head = requests.head(server.url + "/health", timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    r = requests.get(server.url + "/nope", timeout=5)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = requests.post(server.url + "/api/v1/intake", data=b"x" * 600_000,
+                      headers={"X-Api-Key": KEY, "Content-Type": "application/json"}, timeout=5)
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+    log = server.log()
+    assert '"msg":"request"' in log and KEY not in log
+
+
+def test_kill_9_loses_no_acknowledged_upsert(tmp_path):
+    """Upserts race against a SIGKILL; every one acknowledged is there after restart."""
+    server = Server(tmp_path, API_KEYS=KEY, RATE_BURST=100000, RATE_GLOBAL=100000).start()
+    acknowledged = []
+    stop = threading.Event()
+
+    def writer(n):
+        session = requests.Session()
+        i = 0
+        while not stop.is_set() and i < 2000:  # bounded even if the kill never lands
+            email = f"w{n}-{i}@example.com"
+            try:
+                r = session.post(server.url + "/api/v1/users/upsert", json={"email": email},
+                                 headers={"X-Api-Key": KEY}, timeout=5)
+            except requests.RequestException:
+                return
+            if r.status_code == 201:
+                acknowledged.append((email, r.json()["user"]["id"]))
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.kill()
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(acknowledged) >= 200, server.log()
+
+    db_path = tmp_path / "levqor.db"
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    restarted = Server(tmp_path, API_KEYS=KEY).start()
+    try:
+        conn = sqlite3.connect(db_path)
+        stored = dict(conn.execute("SELECT email, id FROM users"))
+        missing = [email for email, uid in acknowledged if stored.get(email) != uid]
+        assert missing == []
+        email, uid = acknowledged[-1]
+        r = requests.get(restarted.url + f"/api/v1/users/{uid}", headers={"X-Api-Key": KEY}, timeout=5)
+        assert r.status_code == 200 and r.json()["email"] == email
+    finally:
+        restarted.stop()
+
+
+def test_backup_is_consistent_while_the_service_writes(server, tmp_path):
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 5000:
+            requests.post(server.url + "/api/v1/users/upsert", json={"email": f"b{i}@example.com"},
+                          headers={"X-Api-Key": KEY}, timeout=5)
+            i += 1
+
+    for _ in range(20):  # a few rows before the backup starts
+        requests.post(server.url + "/api/v1/users/upsert", json={"email": f"pre{_}@example.com"},
+                      headers={"X-Api-Key": KEY}, timeout=5)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        result = run_script(["bash", "scripts/backup_db.sh", str(tmp_path / "levqor.db")],
+                            {"BACKUP_DIR": str(tmp_path / "backups"), "PYTHON": sys.executable})
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert result.returncode == 0, result.stderr
+    backup = result.stdout.strip().splitlines()[-1]
+    assert os.path.basename(backup).startswith("levqor-") and backup.endswith(".db")
+    conn = sqlite3.connect(backup)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT COUNT(*) FROM users WHERE email LIKE 'pre%'").fetchone()[0] == 20
+
+
+def test_backup_of_a_missing_database_fails_clearly(tmp_path):
+    result = run_script(["bash", "scripts/backup_db.sh", str(tmp_path / "nope.db")],
+                        {"BACKUP_DIR": str(tmp_path / "b")})
+    assert result.returncode == 1 and "no database" in result.stderr
+
+
+def test_production_without_keys_does_not_start(tmp_path):
+    srv = Server(tmp_path, LEVQOR_ENV="production")
+    try:
+        srv.start(timeout=15)
+    except RuntimeError as exc:
+        assert "API_KEYS" in str(exc)
+    else:
+        srv.stop()
+        raise AssertionError("gunicorn served without API keys in production")

@@ -1,0 +1,176 @@
+"""SQLite and the job store: concurrency, migrations, retention, metrics."""
+
+import io
+import sqlite3
+import threading
+
+import pytest
+
+import storage
+from conftest import Client, make_app
+
+
+def test_schema_is_versioned_and_migrates_once(tmp_path):
+    path = str(tmp_path / "v.db")
+    storage.Database(path).connection()
+    storage.Database(path).connection()  # a second process/start finds it done
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(storage.MIGRATIONS)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "audit_log", "minutes"} <= tables
+
+
+def test_each_thread_gets_its_own_connection(tmp_path):
+    db = storage.Database(str(tmp_path / "t.db"))
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(id(db.connection()))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 4 and id(db.connection()) not in seen
+
+
+def test_concurrent_upserts_of_one_new_email_make_one_user(client, app):
+    results = []
+    barrier = threading.Barrier(16)
+
+    def upsert(i):
+        barrier.wait()
+        r = client.post("/api/v1/users/upsert", {"email": "race@example.com", "name": f"n{i}"})
+        results.append((r.status, r.json()["user"]["id"]))
+
+    threads = [threading.Thread(target=upsert, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    statuses = sorted(s for s, _ in results)
+    assert statuses == [200] * 15 + [201]
+    assert len({uid for _, uid in results}) == 1
+    assert app.services.db.query("SELECT COUNT(*) AS n FROM users")[0]["n"] == 1
+
+
+def test_write_failure_leaves_no_half_written_row(tmp_path):
+    db = storage.Database(str(tmp_path / "a.db"))
+    users = storage.UserStore(db)
+    users.upsert("keep@example.com", {"name": "Keep"})
+    with pytest.raises(RuntimeError):
+        with db.write() as conn:
+            conn.execute("UPDATE users SET name = 'Changed'")
+            raise RuntimeError("crash mid-transaction")
+    assert users.get_by_email("keep@example.com")["name"] == "Keep"
+
+
+def test_a_held_write_lock_answers_503_storage_busy(tmp_path):
+    app = make_app(tmp_path)
+    app.services.db.busy_timeout_ms = 100
+    c = Client(app)
+    c.get("/health")  # open the database
+    blocker = sqlite3.connect(str(tmp_path / "levqor.db"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        app.services.db.close()  # reconnect with the short timeout
+        r = c.post("/api/v1/users/upsert", {"email": "busy@example.com"})
+        assert r.status == 503 and r.json()["error"] == "storage_busy"
+        assert r.headers["retry-after"] == "1"
+    finally:
+        blocker.execute("ROLLBACK")
+    assert c.post("/api/v1/users/upsert", {"email": "busy@example.com"}).status == 201
+    app.stop()
+
+
+# -- the in-memory job store ------------------------------------------------------
+
+
+def job(job_id, status="queued", at=0.0):
+    return {"job_id": job_id, "status": status, "created_at": at, "updated_at": at}
+
+
+def test_job_store_hands_out_copies():
+    store = storage.MemoryJobStore()
+    store.add(job("a"))
+    got = store.get("a")
+    got["status"] = "tampered"
+    assert store.get("a")["status"] == "queued"
+
+
+def test_finished_jobs_leave_after_ttl():
+    now = [1000.0]
+    store = storage.MemoryJobStore(ttl=60, clock=lambda: now[0])
+    store.add(job("done", at=1000.0))
+    store.add(job("waiting", at=1000.0))
+    store.update("done", status="succeeded", updated_at=1000.0)
+    now[0] = 1059.0
+    store.add(job("later", at=now[0]))
+    assert store.get("done") is not None
+    now[0] = 1061.0
+    store.add(job("later2", at=now[0]))
+    assert store.get("done") is None
+    assert store.get("waiting") is not None  # unfinished jobs are never dropped by age
+
+
+def test_full_store_answers_503_queue_full(tmp_path):
+    app = make_app(tmp_path, MAX_JOBS=2)
+    c = Client(app)
+    assert [c.post("/api/v1/intake", {"workflow": "w", "payload": {}}).status for _ in range(2)] == [202, 202]
+    r = c.post("/api/v1/intake", {"workflow": "w", "payload": {}})
+    assert r.status == 503 and r.json()["error"] == "queue_full" and r.headers["retry-after"]
+    assert len(app.services.jobs) == 2
+    app.stop()
+
+
+def test_job_counts_by_status():
+    store = storage.MemoryJobStore()
+    for i, status in enumerate(["queued", "queued", "running", "failed"]):
+        store.add(job(str(i), status))
+    assert store.counts() == {"queued": 2, "running": 1, "succeeded": 0, "failed": 1}
+
+
+# -- metrics from the heartbeat -----------------------------------------------------
+
+
+def recorder_at(tmp_path, clock):
+    db = storage.Database(str(tmp_path / "m.db"))
+    return storage.Recorder(db, log=None, clock=clock)
+
+
+def test_uptime_is_the_share_of_minutes_with_a_heartbeat(tmp_path):
+    now = [1_800_000_000.0]
+    rec = recorder_at(tmp_path, lambda: now[0])
+    for _ in range(10):  # up for ten minutes...
+        rec.flush()
+        now[0] += 60
+    now[0] += 10 * 60  # ...down for ten...
+    assert rec.metrics()["uptime_rolling_7d"] == pytest.approx(100 * 11 / 21, abs=0.01)
+
+
+def test_uptime_window_is_seven_days(tmp_path):
+    now = [1_800_000_000.0]
+    rec = recorder_at(tmp_path, lambda: now[0])
+    rec.flush()
+    now[0] += 14 * 86400  # one heartbeat two weeks ago, then nothing: the week is all down
+    assert rec.metrics()["uptime_rolling_7d"] == pytest.approx(100 / (7 * 1440), abs=0.01)
+
+
+def test_jobs_today_resets_at_utc_midnight(tmp_path):
+    midnight = 1_800_000_000 - 1_800_000_000 % 86400
+    now = [midnight - 30.0]
+    rec = recorder_at(tmp_path, lambda: now[0])
+    rec.count_job()
+    rec.count_job()
+    rec.flush()
+    assert rec.metrics()["jobs_today"] == 2
+    now[0] = midnight + 30.0
+    rec.count_job()
+    assert rec.metrics()["jobs_today"] == 1
+
+
+def test_metrics_survive_a_restart(tmp_path):
+    app = make_app(tmp_path)
+    c = Client(app)
+    c.post("/api/v1/intake", {"workflow": "w", "payload": {}})
+    app.stop()  # flushes
+    again = Client(make_app(tmp_path, log=io.StringIO()))
+    assert again.get("/public/metrics").json()["jobs_today"] == 1
