@@ -240,10 +240,10 @@ class UserStore:
 class Recorder:
     """Audit rows and per-minute counters, written off the request path.
 
-    Requests only append to memory; a background thread writes everything
-    in one transaction at least every ``interval`` seconds, and records a
-    heartbeat for the current minute each time, which is what uptime is
-    measured from. ``auth_writes`` is counted when a request is recorded,
+    Requests only append to memory; a background thread writes what has
+    gathered in one transaction every ``interval`` seconds, with a heartbeat
+    row for the current minute (at least one each minute), which is what
+    uptime is measured from. ``auth_writes`` is counted when a request is recorded,
     apart from the audit row, so a row that is lost (queue full, failed
     write) shows as audit coverage below 100%.
     """
@@ -258,6 +258,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._rows = []
         self._counts = collections.Counter()  # (minute, column) -> n, not yet written
+        self._beat_minute = None  # the last minute with a heartbeat written
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -310,7 +311,10 @@ class Recorder:
         with self._lock:
             rows, self._rows = self._rows, []
             counts, self._counts = self._counts, collections.Counter()
-        minutes = {int(self.clock() // 60): [0, 0]}
+        this_minute = int(self.clock() // 60)
+        if not rows and not counts and this_minute == self._beat_minute:
+            return  # nothing new, and this minute's heartbeat is written
+        minutes = {this_minute: [0, 0]}
         for (minute, column), n in counts.items():
             minutes.setdefault(minute, [0, 0])[column == "auth_writes"] += n
         try:
@@ -323,6 +327,7 @@ class Recorder:
                     " ON CONFLICT(minute) DO UPDATE SET jobs = jobs + excluded.jobs,"
                     " auth_writes = auth_writes + excluded.auth_writes",
                     [(m, j, w) for m, (j, w) in minutes.items()])
+            self._beat_minute = this_minute
         except Exception:
             with self._lock:  # put it back for the next try, newest last
                 self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
