@@ -15,7 +15,6 @@ import json
 import os
 import re
 import time
-import uuid
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,8 +50,12 @@ class HTTPError(Exception):
         return {"error": self.code, "message": self.message, **self.extra, "request_id": request_id}
 
 
+# PERF: one encoder, built once; json.dumps with arguments builds one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_body(obj):
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _encode(obj).encode()
 
 
 def respond(obj, status=200, headers=()):
@@ -268,10 +271,91 @@ SCHEMAS = {
     },
 }
 
+_PY_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+_FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
+                  "maxLength", "pattern", "format", "minProperties", "maxProperties"}
+
+
+def _all_of(checks):
+    def check(value):
+        for c in checks:
+            if not c(value):
+                return False
+        return True
+    return check
+
+
+def fast_check(schema):
+    """A quick test for the subset of JSON Schema these schemas use.
+
+    PERF: jsonschema costs tens of microseconds per body. This test never
+    passes an instance that jsonschema would refuse; when it says no (or
+    meets a keyword it does not know, returning None), jsonschema decides
+    and explains. So jsonschema stays the authority; this is the fast path
+    for the valid bodies that make up nearly all traffic.
+    """
+    if not set(schema) <= _FAST_KEYWORDS:
+        return None
+    checks = []
+    if "type" in schema:
+        py_type = _PY_TYPES.get(schema["type"])
+        if py_type is None:
+            return None
+        checks.append(lambda v: type(v) is py_type)  # exact: a bool is not an int
+    if "enum" in schema:
+        if not all(type(e) is str for e in schema["enum"]):
+            return None
+        allowed = frozenset(schema["enum"])
+        checks.append(lambda v: type(v) is str and v in allowed)
+    if "minLength" in schema:
+        low = schema["minLength"]
+        checks.append(lambda v: type(v) is not str or len(v) >= low)
+    if "maxLength" in schema:
+        high = schema["maxLength"]
+        checks.append(lambda v: type(v) is not str or len(v) <= high)
+    if "pattern" in schema:
+        search = re.compile(schema["pattern"]).search
+        checks.append(lambda v: type(v) is not str or search(v) is not None)
+    if "format" in schema:
+        fmt = schema["format"]
+        checks.append(lambda v: FORMATS.conforms(v, fmt))
+    if "minProperties" in schema:
+        low_p = schema["minProperties"]
+        checks.append(lambda v: type(v) is not dict or len(v) >= low_p)
+    if "maxProperties" in schema:
+        high_p = schema["maxProperties"]
+        checks.append(lambda v: type(v) is not dict or len(v) <= high_p)
+    if {"properties", "required", "additionalProperties"} & set(schema):
+        props = {k: fast_check(sub) for k, sub in schema.get("properties", {}).items()}
+        extra_ok = schema.get("additionalProperties", True)
+        if None in props.values() or extra_ok not in (True, False):
+            return None
+        required = tuple(schema.get("required", ()))
+
+        def check_object(v):
+            if type(v) is not dict:
+                return True
+            for k in required:
+                if k not in v:
+                    return False
+            for k, item in v.items():
+                check = props.get(k)
+                if check is None:
+                    if not extra_ok:
+                        return False
+                elif not check(item):
+                    return False
+            return True
+        checks.append(check_object)
+    return _all_of(checks)
+
+
 VALIDATORS = {}
+FAST_CHECKS = {}
 for _name, _schema in SCHEMAS.items():
     jsonschema.Draft202012Validator.check_schema(_schema)
     VALIDATORS[_name] = jsonschema.Draft202012Validator(_schema, format_checker=FORMATS)
+    FAST_CHECKS[_name] = fast_check(_schema) or (lambda v: False)
 
 _ERROR_TEXT = {
     "required": "is required",
@@ -284,8 +368,9 @@ _ERROR_TEXT = {
 
 def validate(name, instance):
     """Raise 400 validation_failed naming the failing field, or return the instance."""
-    validator = VALIDATORS[name]
-    error = best_match(validator.iter_errors(instance))
+    if FAST_CHECKS[name](instance):
+        return instance
+    error = best_match(VALIDATORS[name].iter_errors(instance))
     if error is None:
         return instance
     path = [str(p) for p in error.absolute_path]
@@ -372,7 +457,9 @@ def root(req):
 
 
 def health(req):
-    return respond({"ok": True, "ts": int(time.time())})
+    # PERF: the hottest endpoint; the same bytes json_body would make.
+    body = b'{"ok":true,"ts":%d}' % int(time.time())
+    return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body
 
 
 def metrics(req):
@@ -408,7 +495,7 @@ def intake(req):
     body = validate("intake", req.json())
     now = round(time.time(), 3)
     job = {
-        "job_id": uuid.uuid4().hex,
+        "job_id": os.urandom(16).hex(),  # 128 random bits: ids are unguessable
         "status": "queued",
         "workflow": body["workflow"],
         "payload": body["payload"],

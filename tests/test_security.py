@@ -75,6 +75,7 @@ def test_keys_are_never_logged_or_stored(tmp_path):
     c.post(INTAKE, JOB, key=KEY)
     c.post(INTAKE, JOB, key="attacker-guess-0000000000")
     app.services.recorder.flush()
+    app.services.log.flush()
     assert KEY not in log.getvalue() and "attacker-guess" not in log.getvalue()
     for stored in tmp_path.glob("levqor.db*"):  # the database, its WAL and shm
         assert KEY.encode() not in stored.read_bytes()
@@ -124,6 +125,7 @@ def test_write_burst_per_ip_then_429(tmp_path):
     assert r.json()["error"] == "rate_limited"
     assert int(r.headers["retry-after"]) >= 1
     assert r.headers["ratelimit-limit"] == "3" and r.headers["ratelimit-remaining"] == "0"
+    assert int(r.headers["ratelimit-reset"]) >= int(r.headers["retry-after"])
     # Another client is not held back, and reads are a separate budget.
     assert Client(app, remote_addr="192.0.2.7").post(INTAKE, JOB).status == 202
     assert c.get("/health").status == 200
@@ -149,12 +151,12 @@ def test_buckets_refill_over_time():
     now = [1000.0]
     buckets = levqor.TokenBuckets(100, clock=lambda: now[0])
     limits = ((("w", "ip"), 60),)  # one token a second
-    assert all(buckets.take(limits)[0] for _ in range(60))
-    allowed, _, _, _, retry_after = buckets.take(limits)
-    assert not allowed and retry_after == 1
+    assert all(buckets.take(limits) is None for _ in range(60))
+    limit, remaining, reset, retry_after = buckets.take(limits)
+    assert (limit, remaining, reset, retry_after) == (60, 0, 60, 1)
     now[0] += 1.0
-    assert buckets.take(limits)[0]
-    assert not buckets.take(limits)[0]
+    assert buckets.take(limits) is None
+    assert buckets.take(limits) is not None
 
 
 def test_bucket_table_is_bounded():
@@ -181,6 +183,7 @@ def test_forwarded_for_is_believed_from_trusted_proxies(tmp_path):
     assert proxy.post(INTAKE, JOB, headers={"X-Forwarded-For": "6.6.6.6, 203.0.113.5, 10.9.9.9"}).status == 202
     assert proxy.post(INTAKE, JOB, headers={"X-Forwarded-For": "203.0.113.6"}).status == 202
     assert proxy.post(INTAKE, JOB, headers={"X-Forwarded-For": "1.1.1.1, 203.0.113.5"}).status == 429
+    app.services.log.flush()
     ips = [json.loads(line).get("client_ip") for line in log.getvalue().splitlines()]
     assert "203.0.113.5" in ips and "6.6.6.6" not in ips
     app.stop()
@@ -283,6 +286,7 @@ def test_one_json_line_per_request_that_input_cannot_forge(tmp_path):
     c = Client(app, lint=False)
     forged = '\n{"level":"INFO","msg":"request","path":"/admin","status":200}'
     c.get("/nope" + forged, headers={"User-Agent": "evil\r\n" + forged})
+    app.services.log.flush()
     lines = log.getvalue().splitlines()[1:]  # after the open-mode warning
     assert len(lines) == 1
     entry = json.loads(lines[0])
@@ -296,6 +300,7 @@ def test_the_query_string_is_not_logged(tmp_path):
     log = io.StringIO()
     app = make_app(tmp_path, log=log)
     Client(app).get("/api/v1/users?email=secret.person@example.com")
+    app.services.log.flush()
     assert "secret.person" not in log.getvalue()
     app.stop()
 
@@ -367,6 +372,9 @@ def test_static_files_with_types_and_revalidation(client, path, ctype):
     etag, modified = r.headers["etag"], r.headers["last-modified"]
     again = client.get(path, headers={"If-None-Match": etag})
     assert again.status == 304 and again.body == b"" and "content-type" not in again.headers
+    # A cache merges a 304's headers into the stored page: its CSP must be the page's.
+    assert again.headers["content-security-policy"] == r.headers["content-security-policy"] or \
+        not ctype.startswith("text/html")
     assert client.get(path, headers={"If-Modified-Since": modified}).status == 304
     assert client.get(path, headers={"If-None-Match": '"other"'}).status == 200
     assert client.get(path, headers={"If-Modified-Since": "garbage"}).status == 200

@@ -1,0 +1,63 @@
+"""The fast validity check never lets through what jsonschema refuses."""
+
+import random
+
+import pytest
+
+import wsgi_routes
+
+TRICKY = [
+    None, True, False, 0, 1, 1.0, -1, "", "x", "low", "LOW", "urgent", [], [1], {}, {"a": None},
+    "https://example.com/x", "http://", "ftp://example.com", "https://exa mple.com",
+    "https://example.com:99999/", "en-GB", "english", "GBP", "JPY", "x" * 129, "x" * 2049,
+    {str(i): i for i in range(101)}, "\ud800", "a@b.com",
+]
+FIELDS = ["workflow", "payload", "callback_url", "priority", "result", "email", "name",
+          "locale", "currency", "meta", "extra"]
+VALID = {
+    "intake": {"workflow": "w", "payload": {}, "priority": "high", "callback_url": "https://a.io/"},
+    "dev_complete": {"result": {"ok": True}},
+    "user_upsert": {"email": "a@b.com", "name": "A", "locale": "en-GB", "currency": "EUR",
+                    "meta": {"k": 1}},
+    "user_patch": {"name": "A", "meta": {}},
+}
+
+
+def mutations(seed, base, count):
+    rng = random.Random(seed)
+    for _ in range(count):
+        doc = dict(base)
+        for _ in range(rng.randint(1, 3)):
+            action = rng.random()
+            field = rng.choice(FIELDS)
+            if action < 0.6:
+                doc[field] = rng.choice(TRICKY)
+            elif action < 0.85:
+                doc.pop(field, None)
+            else:
+                doc = rng.choice(TRICKY)
+                break
+        yield doc
+
+
+@pytest.mark.parametrize("name", sorted(wsgi_routes.SCHEMAS))
+def test_fast_check_is_never_more_lenient_than_jsonschema(name):
+    validator = wsgi_routes.VALIDATORS[name]
+    fast = wsgi_routes.FAST_CHECKS[name]
+    agreed = 0
+    for doc in [VALID[name], *TRICKY, *mutations(name, VALID[name], 3000)]:
+        if fast(doc):
+            assert validator.is_valid(doc), doc
+            agreed += 1
+    assert agreed > 10  # and it really is the fast path for valid bodies
+
+
+@pytest.mark.parametrize("name", sorted(wsgi_routes.SCHEMAS))
+def test_valid_bodies_take_the_fast_path(name):
+    assert wsgi_routes.FAST_CHECKS[name](VALID[name])
+
+
+def test_unknown_keywords_fall_back_to_jsonschema():
+    assert wsgi_routes.fast_check({"type": "integer"}) is None
+    assert wsgi_routes.fast_check({"type": "object", "properties": {"n": {"minimum": 1}}}) is None
+    assert wsgi_routes.fast_check({"enum": [1, 2]}) is None
