@@ -91,6 +91,12 @@ class Database:
         self._local = threading.local()
         self._migrated_in = None  # pid that has run the migrations
         self._lock = threading.Lock()
+        # One writer at a time in this process. SQLite allows one anyway; a
+        # thread that finds the lock taken inside SQLite sleeps in steps of
+        # milliseconds (its busy handler), while one waiting here is woken
+        # the moment the writer is done. busy_timeout still covers writers
+        # in other processes.
+        self._write_lock = threading.Lock()
 
     def connection(self):
         local = self._local
@@ -140,19 +146,20 @@ class Database:
     def write(self):
         """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
         conn = self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise (_translate(exc) or exc) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and _translate(exc):
-                raise _translate(exc) from exc
-            raise
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise (_translate(exc) or exc) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _translate(exc):
+                    raise _translate(exc) from exc
+                raise
 
     def write_one(self, sql, params=()):
         """One statement as its own transaction; its RETURNING rows.
@@ -161,7 +168,8 @@ class Database:
         SQLite commits it when it has run to completion, which fetchall()
         ensures before we answer.
         """
-        return self.query(sql, params)
+        with self._write_lock:
+            return self.query(sql, params)
 
     def checkpoint(self):
         """Copy the WAL back into the database without blocking anyone."""

@@ -55,7 +55,7 @@ def start(app, env, workdir, name):
     port = free_port()
     log = open(os.path.join(workdir, f"{name}.log"), "wb")
     full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1",
-                "WEB_CONCURRENCY": "1", "THREADS": "4"}
+                "WEB_CONCURRENCY": "1", "THREADS": os.environ.get("BENCH_THREADS", "4")}
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
                             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
