@@ -20,10 +20,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-import levqor  # noqa: E402
-
 KEY = "bench-key-0123456789abcdef0123"
+
+os.environ.setdefault("API_KEYS", KEY)  # quiet the module-level app's open-mode warning
+import levqor  # noqa: E402
 
 
 class Discard(io.TextIOBase):

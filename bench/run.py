@@ -193,6 +193,10 @@ def main():
             f"{p99_ratio:.2f} {'✅' if p99_ratio <= P99_LIMIT else '❌'} |")
     missed = [name for name, _, ratio, target, p99 in rows if ratio < target or p99 > P99_LIMIT]
     lines += ["", "Targets missed: " + (", ".join(missed) if missed else "none"), ""]
+    micro = subprocess.run([sys.executable, os.path.join(HERE, "micro.py"), "-n", "300" if args.smoke else "5000"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines += ["In-process cost, through the WSGI callable with no server (`bench/micro.py`):", "",
+              "```", micro.stdout.strip(), "```", ""]
     report = "\n".join(lines)
     print("\n" + report)
     if not args.smoke:
