@@ -48,7 +48,9 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    # Write what the audit writer still holds before the process ends.
+    # On SIGTERM: stop taking jobs, let running ones finish while gunicorn's
+    # graceful timeout allows (it kills the worker after that), then write
+    # what the log and the audit writer still hold.
     stop = getattr(worker.wsgi, "stop", None)
     if stop is not None:
-        stop()
+        stop(grace=max(1.0, worker.cfg.graceful_timeout * 0.8))

@@ -21,8 +21,11 @@ import time
 import traceback
 from json.encoder import encode_basestring_ascii as _esc
 
+import jsonschema
+
+import engine
 from storage import Database, MemoryJobStore, Recorder, StorageError, UserStore
-from wsgi_routes import STATUS_LINES, Api, HTTPError, KeyRing, json_body
+from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 
@@ -76,6 +79,7 @@ class Settings:
     rate_burst: int = 20
     rate_global: int = 200
     rate_read: int = 600
+    rate_worker: int = 600
     rate_table_size: int = 10_000
     trusted_proxies: tuple = ()
     max_content_length: int = 512 * 1024
@@ -83,6 +87,13 @@ class Settings:
     sqlite_path: str = "levqor.db"
     job_ttl: int = 86_400
     max_jobs: int = 100_000
+    worker_threads: int = 4
+    job_timeout: int = 300
+    job_max_attempts: int = 3
+    job_backoff: float = 2.0
+    job_backoff_cap: float = 300.0
+    job_priority_aging: float = 60.0
+    workflows: tuple = ()
     log_level: str = "INFO"
     public_dir: str = os.path.join(HERE, "public")
 
@@ -113,12 +124,20 @@ class Settings:
             rate_burst=_int(env, "RATE_BURST", 20, 1, 10**9),
             rate_global=_int(env, "RATE_GLOBAL", 200, 1, 10**9),
             rate_read=_int(env, "RATE_READ", 600, 1, 10**9),
+            rate_worker=_int(env, "RATE_WORKER", 600, 1, 10**9),
             trusted_proxies=proxies,
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 512 * 1024, 1024, 64 * 1024 * 1024),
             cors_origins=_list(env, "CORS_ORIGINS", ("https://levqor.ai",)),
             sqlite_path=env.get("SQLITE_PATH", "").strip() or "levqor.db",
             job_ttl=_int(env, "JOB_TTL", 86_400, 1, 365 * 86_400),
             max_jobs=_int(env, "MAX_JOBS", 100_000, 1, 10**8),
+            worker_threads=_int(env, "WORKER_THREADS", 4, 0, 256),
+            job_timeout=_int(env, "JOB_TIMEOUT", 300, 1, 7 * 86_400),
+            job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 3, 1, 100),
+            job_backoff=_int(env, "JOB_BACKOFF", 2, 0, 3600),
+            job_backoff_cap=_int(env, "JOB_BACKOFF_CAP", 300, 0, 86_400),
+            job_priority_aging=_int(env, "JOB_PRIORITY_AGING", 60, 1, 86_400),
+            workflows=_list(env, "LEVQOR_WORKFLOWS"),
             log_level=level,
         )
 
@@ -286,21 +305,27 @@ class TokenBuckets:
 class RateLimiter:
     """Writes: RATE_BURST a minute per client IP and RATE_GLOBAL overall.
     Reads: RATE_READ a minute per client IP, so polling a job's status never
-    eats into the budget for submitting jobs. Over a limit: 429, with
-    Retry-After and the RateLimit-* headers of the emptiest bucket."""
+    eats into the budget for submitting jobs. The external worker protocol
+    (claim, heartbeat, complete, fail) polls too: RATE_WORKER per IP. Over a
+    limit: 429, with Retry-After and the RateLimit-* headers of the emptiest
+    bucket."""
 
-    def __init__(self, app, settings, clock=time.monotonic):
+    def __init__(self, app, settings, router, clock=time.monotonic):
         self.app = app
         self.settings = settings
+        self.router = router
         self.buckets = TokenBuckets(settings.rate_table_size, clock)
 
     def __call__(self, environ, start_response):
         ip = environ["levqor.client_ip"]
         s = self.settings
-        if environ["REQUEST_METHOD"] in WRITE_METHODS:
-            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
-        else:
+        method = environ["REQUEST_METHOD"]
+        if method not in WRITE_METHODS:
             limits = ((("r", ip), s.rate_read),)
+        elif self.router.is_worker(method, environ.get("PATH_INFO") or "/"):
+            limits = ((("k", ip), s.rate_worker),)
+        else:
+            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
         refused = self.buckets.take(limits)
         if refused is not None:
             limit, remaining, reset, retry_after = refused
@@ -463,16 +488,29 @@ class AccessLog:
 
 
 class Services:
-    """What handlers reach through ``request.app``: settings, stores, log."""
+    """What handlers reach through ``request.app``: settings, stores, the
+    job engine, the log."""
 
-    def __init__(self, settings, log):
+    def __init__(self, settings, log, registry):
         self.settings = settings
         self.log = log
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
         self.db = Database(settings.sqlite_path)
         self.users = UserStore(self.db)
-        self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl)
+        self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl, settings.job_priority_aging)
         self.recorder = Recorder(self.db, log)
+        self.engine = engine.Engine(
+            self.jobs, registry, log, threads=settings.worker_threads,
+            timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,
+            backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
+            on_finish=[lambda job: self.recorder.count("finished")])
+        # Workflows' payload schemas, compiled once.
+        self.payload_validators = {}
+        for name in registry.names():
+            schema = registry.get(name).schema
+            if schema is not None:
+                jsonschema.Draft202012Validator.check_schema(schema)
+                self.payload_validators[name] = jsonschema.Draft202012Validator(schema)
         self.started_at = time.time()
         self.pid = None  # the process whose background threads are running
         self._lock = threading.Lock()
@@ -489,9 +527,12 @@ class Services:
             self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.log.start()
             self.recorder.start()
+            self.engine.start()
             self.pid = os.getpid()
 
-    def stop(self):
+    def stop(self, grace=25.0):
+        """Let running jobs finish within ``grace`` seconds, then write what is buffered."""
+        self.engine.stop(grace)
         self.recorder.stop()
         self.log.stop()
 
@@ -506,8 +547,8 @@ class Levqor:
     def start(self):
         self.services.start()
 
-    def stop(self):
-        self.services.stop()
+    def stop(self, grace=25.0):
+        self.services.stop(grace)
 
     def __call__(self, environ, start_response):
         if self.services.pid != os.getpid():
@@ -518,8 +559,13 @@ class Levqor:
         return self.wsgi(environ, start_response)
 
 
-def create_app(settings=None, log_stream=None):
-    """Assemble Levqor. Middleware runs top to bottom on the way in."""
+def create_app(settings=None, log_stream=None, registry=None):
+    """Assemble Levqor. Middleware runs top to bottom on the way in.
+
+    ``registry`` holds the workflows this process runs (default: the
+    built-ins and those of the LEVQOR_WORKFLOWS modules); an embedding app
+    can register its own on ``engine.registry`` before calling this.
+    """
     settings = settings or Settings.from_env()
     log = JsonLog(log_stream or sys.stdout, settings.log_level)
     if not settings.api_keys and not settings.api_keys_next:
@@ -527,9 +573,15 @@ def create_app(settings=None, log_stream=None):
             raise ConfigError("LEVQOR_ENV=production needs API_KEYS: refusing to start without them")
         log.warning("OPEN DEVELOPMENT MODE: no API_KEYS are set, so every request is allowed. "
                     "Set API_KEYS before exposing this service.")
-    services = Services(settings, log)
+    if registry is None:
+        try:
+            engine.import_workflows(settings.workflows)
+        except ImportError as exc:
+            raise ConfigError(f"LEVQOR_WORKFLOWS: cannot import {exc.name}: {exc}") from None
+        registry = engine.registry
+    services = Services(settings, log, registry.copy())
     wsgi = Api(services)
-    wsgi = RateLimiter(wsgi, settings)
+    wsgi = RateLimiter(wsgi, settings, ROUTER)
     wsgi = ErrorGuard(wsgi, log)
     wsgi = SecureHeaders(wsgi, settings)
     wsgi = AccessLog(wsgi, settings, log)

@@ -8,6 +8,7 @@ get plain dicts back and storage failures as ``StorageError`` with a kind
 
 import collections
 import contextlib
+import heapq
 import json
 import os
 import sqlite3
@@ -51,7 +52,12 @@ MIGRATIONS = [
         auth_writes INTEGER NOT NULL DEFAULT 0
     );
     """,
+    """
+    ALTER TABLE minutes ADD COLUMN finished INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
+# What the Recorder counts per minute: columns of the minutes table.
+COUNTERS = ("jobs", "auth_writes", "finished")
 
 USER_COLUMNS = ("id", "email", "name", "locale", "currency", "meta", "created_at", "updated_at")
 
@@ -297,10 +303,11 @@ class Recorder:
             if len(self._rows) < self.MAX_PENDING:
                 self._rows.append((round(now, 3), key_fp, method, path, status, request_id))
 
-    def count_job(self):
+    def count(self, column):
+        assert column in COUNTERS
         minute = int(self.clock() // 60)
         with self._lock:
-            self._counts[minute, "jobs"] += 1
+            self._counts[minute, column] += 1
 
     # -- the writer ----------------------------------------------------------
 
@@ -339,19 +346,20 @@ class Recorder:
         this_minute = int(self.clock() // 60)
         if not rows and not counts and this_minute == self._beat_minute:
             return  # nothing new, and this minute's heartbeat is written
-        minutes = {this_minute: [0, 0]}
+        minutes = {this_minute: dict.fromkeys(COUNTERS, 0)}
         for (minute, column), n in counts.items():
-            minutes.setdefault(minute, [0, 0])[column == "auth_writes"] += n
+            minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
         try:
             with self.db.write() as conn:
                 conn.executemany(
                     "INSERT INTO audit_log (ts, key_fp, method, path, status, request_id)"
                     " VALUES (?, ?, ?, ?, ?, ?)", rows)
                 conn.executemany(
-                    "INSERT INTO minutes (minute, jobs, auth_writes) VALUES (?, ?, ?)"
-                    " ON CONFLICT(minute) DO UPDATE SET jobs = jobs + excluded.jobs,"
-                    " auth_writes = auth_writes + excluded.auth_writes",
-                    [(m, j, w) for m, (j, w) in minutes.items()])
+                    f"INSERT INTO minutes (minute, {', '.join(COUNTERS)})"
+                    f" VALUES (:minute, {', '.join(':' + c for c in COUNTERS)})"
+                    " ON CONFLICT(minute) DO UPDATE SET "
+                    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
+                    [{"minute": m, **c} for m, c in minutes.items()])
             self._beat_minute = this_minute
         except Exception:
             with self._lock:  # put it back for the next try, newest last
@@ -377,9 +385,9 @@ class Recorder:
         uptime = 100.0 * up / (this_minute - start + 1)
 
         midnight_minute = int((now - now % 86400) // 60)
-        jobs_today = self.db.query(
-            "SELECT COALESCE(SUM(jobs), 0) AS n FROM minutes WHERE minute >= ?",
-            (midnight_minute,))[0]["n"] + self._pending("jobs", midnight_minute)
+        today = self.db.query(
+            "SELECT COALESCE(SUM(jobs), 0) AS jobs, COALESCE(SUM(finished), 0) AS finished"
+            " FROM minutes WHERE minute >= ?", (midnight_minute,))[0]
 
         day_ago = now - 86400
         writes = self.db.query(
@@ -392,7 +400,8 @@ class Recorder:
         coverage = 100.0 if writes == 0 else min(100.0, 100.0 * audited / writes)
         return {
             "uptime_rolling_7d": round(min(uptime, 100.0), 2),
-            "jobs_today": jobs_today,
+            "jobs_today": today["jobs"] + self._pending("jobs", midnight_minute),
+            "finished_today": today["finished"] + self._pending("finished", midnight_minute),
             "audit_coverage": round(coverage, 2),
             "last_updated": int(now),
         }
@@ -411,7 +420,16 @@ class QueueFull(Exception):
     """The job store holds as many jobs as it may."""
 
 
-JOB_FINAL = frozenset({"succeeded", "failed"})
+class IdempotencyMismatch(Exception):
+    """An Idempotency-Key already used, within its lifetime, for another body."""
+
+
+JOB_FINAL = frozenset({"succeeded", "failed", "canceled"})
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+PRIORITIES = ("high", "normal", "low")
+# How far ahead of a low job each priority starts, in units of the aging step:
+# a waiting job overtakes a fresher one of the next priority up after one step.
+PRIORITY_HEAD_START = {"high": 2, "normal": 1, "low": 0}
 
 
 class MemoryJobStore:
@@ -424,17 +442,36 @@ class MemoryJobStore:
     by accident. Finished jobs are kept ``ttl`` seconds, then dropped; at
     most ``max_jobs`` are held at once.
 
-    The interface (add, get, update, counts) is what a durable store must
-    offer to replace this one.
+    It is also the queue. A queued job waits in a heap per workflow, ordered
+    by when it became ready less its priority's head start (``aging`` seconds
+    per level), so high goes before normal before low, first in first out
+    within a priority, and a job that has waited ``aging`` seconds longer
+    than another overtakes it whatever their priorities: low never starves.
+    A job waiting out a retry backoff sits in a second heap by ``not_before``.
+
+    Its methods (add, get, update, claim, expired, counts, page) are the
+    interface a durable store must offer to replace it. Every change is a
+    compare-and-set: ``update`` applies only when the job still has the
+    ``expect``ed values, which is how a late worker loses a race cleanly.
     """
 
-    def __init__(self, max_jobs=100_000, ttl=86_400, clock=time.time):
+    def __init__(self, max_jobs=100_000, ttl=86_400, aging=60.0, clock=time.time):
         self.max_jobs = max_jobs
         self.ttl = ttl
+        self.aging = aging
         self.clock = clock
         self._lock = threading.Lock()
-        self._jobs = {}
+        self._jobs = {}                       # job_id -> job, in creation order
+        self._ready = {}                      # workflow -> heap of (score, seq, job_id, version)
+        self._delayed = []                    # heap of (not_before, seq, job_id, version)
+        self._running = set()
         self._finished = collections.deque()  # (finished_at, job_id), oldest first
+        self._idempotency = {}                # (key_fp, key) -> (body_hash, job_id, expires)
+        self._idempotency_order = collections.deque()  # (expires, (key_fp, key))
+        self._counts = collections.Counter()  # (status, priority) -> n
+        self._seq = 0
+
+    # -- bookkeeping, always under the lock -----------------------------------
 
     def _purge(self, now):
         cutoff = now - self.ttl
@@ -443,36 +480,157 @@ class MemoryJobStore:
             _, job_id = finished.popleft()
             job = self._jobs.get(job_id)
             # A job retried after it finished has a newer finish time: keep it.
-            if job is not None and job["status"] in JOB_FINAL and job["updated_at"] <= cutoff:
+            if job is not None and job["status"] in JOB_FINAL and job["finished_at"] <= cutoff:
                 del self._jobs[job_id]
+                self._counts[job["status"], job["priority"]] -= 1
+        order = self._idempotency_order
+        while order and order[0][0] <= now:
+            _, scope = order.popleft()
+            entry = self._idempotency.get(scope)
+            if entry is not None and entry[2] <= now:
+                del self._idempotency[scope]
 
-    def add(self, job):
+    def _enqueue(self, job, now):
+        job["queue_version"] = job.get("queue_version", 0) + 1
+        entry_tail = (job["seq"], job["job_id"], job["queue_version"])
+        if job["not_before"] > now:
+            heapq.heappush(self._delayed, (job["not_before"], *entry_tail))
+        else:
+            ready_at = max(job["not_before"], job["queued_at"])
+            score = ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging
+            heapq.heappush(self._ready.setdefault(job["workflow"], []), (score, *entry_tail))
+
+    def _live(self, entry):
+        job = self._jobs.get(entry[2])
+        return job if job is not None and job["status"] == "queued" \
+            and job["queue_version"] == entry[3] else None
+
+    def _promote(self, now):
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            entry = heapq.heappop(delayed)
+            job = self._live(entry)
+            if job is not None:
+                job["not_before"] = now
+                self._enqueue(job, now)
+
+    def _set(self, job, changes, now):
+        old_status = job["status"]
+        job.update(changes)
+        new_status = job["status"]
+        if new_status != old_status:
+            self._counts[old_status, job["priority"]] -= 1
+            self._counts[new_status, job["priority"]] += 1
+            self._running.discard(job["job_id"])
+            if new_status == "running":
+                self._running.add(job["job_id"])
+            elif new_status in JOB_FINAL:
+                self._finished.append((job["finished_at"], job["job_id"]))
+        if new_status == "queued" and ("not_before" in changes or old_status != "queued"):
+            self._enqueue(job, now)
+
+    # -- the interface ----------------------------------------------------------
+
+    def add(self, job, idempotency=None):
+        """Store a new job; returns (job, created).
+
+        ``idempotency`` is (key_fp, key, body_hash, ttl): if that key was used
+        within ttl for the same body, the job it made is returned instead
+        (created False); for another body, IdempotencyMismatch. Checked and
+        recorded under the one lock, so concurrent duplicates make one job.
+        """
         with self._lock:
-            self._purge(self.clock())
+            now = self.clock()
+            self._purge(now)
+            if idempotency is not None:
+                key_fp, key, body_hash, ttl = idempotency
+                entry = self._idempotency.get((key_fp, key))
+                if entry is not None and entry[2] > now and entry[1] in self._jobs:
+                    if entry[0] != body_hash:
+                        raise IdempotencyMismatch(key)
+                    return dict(self._jobs[entry[1]]), False
             if len(self._jobs) >= self.max_jobs:
                 raise QueueFull("the job store is full")
-            self._jobs[job["job_id"]] = dict(job)
+            self._seq += 1
+            job = dict(job, seq=self._seq, queued_at=job["created_at"])
+            self._jobs[job["job_id"]] = job
+            self._counts[job["status"], job["priority"]] += 1
+            if job["status"] == "queued":
+                self._enqueue(job, now)
+            if idempotency is not None:
+                self._idempotency[key_fp, key] = (body_hash, job["job_id"], now + ttl)
+                self._idempotency_order.append((now + ttl, (key_fp, key)))
+            return dict(job), True
 
     def get(self, job_id):
         with self._lock:
             job = self._jobs.get(job_id)
             return dict(job) if job is not None else None
 
-    def update(self, job_id, **changes):
-        """Apply changes to a job; returns the new copy, or None if absent."""
+    def update(self, job_id, expect=None, **changes):
+        """Apply changes if the job has the ``expect``ed values; the new copy, or None."""
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None:
+            if job is None or any(job.get(k) != v for k, v in (expect or {}).items()):
                 return None
-            job.update(changes)
-            if changes.get("status") in JOB_FINAL:
-                self._finished.append((job["updated_at"], job_id))
+            self._set(job, changes, self.clock())
             return dict(job)
 
-    def counts(self):
+    def claim(self, workflows, changes_for):
+        """Take the best ready job among ``workflows`` (None: any) and apply
+        ``changes_for(job)`` to it (it must make the job running); the new
+        copy, or None when nothing is waiting."""
         with self._lock:
-            counts = collections.Counter(job["status"] for job in self._jobs.values())
-        return {status: counts.get(status, 0) for status in ("queued", "running", "succeeded", "failed")}
+            now = self.clock()
+            self._promote(now)
+            best = None
+            for workflow in (self._ready if workflows is None else workflows):
+                heap = self._ready.get(workflow)
+                while heap and self._live(heap[0]) is None:
+                    heapq.heappop(heap)  # canceled, or queued again since
+                if heap and (best is None or heap[0] < best[0]):
+                    best = (heap[0], heap)
+            if best is None:
+                return None
+            job = self._jobs[heapq.heappop(best[1])[2]]
+            self._set(job, changes_for(job), now)
+            return dict(job)
+
+    def expired(self, now):
+        """Running jobs whose lease (or timeout) ran out by ``now``."""
+        with self._lock:
+            jobs = (self._jobs[i] for i in self._running)
+            return [dict(j) for j in jobs if j["lease_expires_at"] is not None
+                    and j["lease_expires_at"] <= now]
+
+    def next_due(self):
+        """When the next delayed job becomes ready, or None."""
+        with self._lock:
+            return self._delayed[0][0] if self._delayed else None
+
+    def counts(self):
+        """Jobs held by status, and queued jobs by priority."""
+        with self._lock:
+            counts = self._counts
+            by_status = {s: sum(counts[s, p] for p in PRIORITIES) for s in JOB_STATUSES}
+            queued = {p: counts["queued", p] for p in PRIORITIES}
+        return {"by_status": by_status, "queued_by_priority": queued}
+
+    def page(self, key_fp, status=None, workflow=None, limit=20, before_seq=None):
+        """Up to ``limit`` jobs made with ``key_fp``, newest first, older than
+        ``before_seq``; and whether more follow."""
+        found = []
+        with self._lock:
+            for job in reversed(self._jobs.values()):
+                if before_seq is not None and job["seq"] >= before_seq:
+                    continue
+                if job["key_fp"] != key_fp or (status and job["status"] != status) \
+                        or (workflow and job["workflow"] != workflow):
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append(dict(job))
+        return found, False
 
     def __len__(self):
         with self._lock:

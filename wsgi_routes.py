@@ -8,6 +8,7 @@ owns nothing that lives between requests: stores, settings and the clock
 come from ``request.app`` (``levqor.Services``).
 """
 
+import base64
 import email.utils
 import hashlib
 import hmac
@@ -21,7 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import jsonschema
 from jsonschema.exceptions import best_match
 
-from storage import QueueFull
+from engine import JobError, status_view
+from storage import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
 
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 VERSION = "1.0.0"
@@ -233,6 +235,14 @@ LOCALE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}$"
 CURRENCIES = ["GBP", "USD", "EUR"]
 MAX_META_BYTES = 16 * 1024
 
+PROGRESS = {
+    "type": "object",
+    "properties": {"fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                   "note": {"type": "string", "maxLength": 200}},
+    "required": ["fraction"],
+    "additionalProperties": False,
+}
+
 PROFILE_PROPERTIES = {
     "name": {"type": "string", "maxLength": 200},
     "locale": {"type": "string", "maxLength": 35, "pattern": LOCALE_PATTERN},
@@ -257,6 +267,40 @@ SCHEMAS = {
         "properties": {"result": {}},
         "additionalProperties": False,
     },
+    "claim": {
+        "type": "object",
+        "properties": {
+            "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
+                          "items": {"type": "string", "minLength": 1, "maxLength": 128}},
+            "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+        },
+        "required": ["workflows"],
+        "additionalProperties": False,
+    },
+    "heartbeat": {
+        "type": "object",
+        "properties": {
+            "lease_token": {"type": "string", "maxLength": 64},
+            "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "progress": PROGRESS,
+        },
+        "required": ["lease_token"],
+        "additionalProperties": False,
+    },
+    "complete": {
+        "type": "object",
+        "properties": {"lease_token": {"type": "string", "maxLength": 64}, "result": {}},
+        "required": ["lease_token", "result"],
+        "additionalProperties": False,
+    },
+    "fail": {
+        "type": "object",
+        "properties": {"lease_token": {"type": "string", "maxLength": 64},
+                       "error": {"type": "string", "minLength": 1, "maxLength": 1000},
+                       "retryable": {"type": "boolean"}},
+        "required": ["lease_token", "error"],
+        "additionalProperties": False,
+    },
     "user_upsert": {
         "type": "object",
         "properties": {"email": {"type": "string", "maxLength": 320}, **PROFILE_PROPERTIES},
@@ -271,9 +315,11 @@ SCHEMAS = {
     },
 }
 
-_PY_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+_PY_TYPES = {"object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
+             "integer": (int,), "number": (int, float)}
 _FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
-                  "maxLength", "pattern", "format", "minProperties", "maxProperties"}
+                  "maxLength", "pattern", "format", "minProperties", "maxProperties", "items",
+                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum"}
 
 
 def _all_of(checks):
@@ -298,10 +344,31 @@ def fast_check(schema):
         return None
     checks = []
     if "type" in schema:
-        py_type = _PY_TYPES.get(schema["type"])
-        if py_type is None:
+        py_types = _PY_TYPES.get(schema["type"])
+        if py_types is None:
             return None
-        checks.append(lambda v: type(v) is py_type)  # exact: a bool is not an int
+        checks.append(lambda v: type(v) in py_types)  # exact: a bool is not an int
+    if "minimum" in schema:
+        low_n = schema["minimum"]
+        checks.append(lambda v: type(v) not in (int, float) or v >= low_n)
+    if "maximum" in schema:
+        high_n = schema["maximum"]
+        checks.append(lambda v: type(v) not in (int, float) or v <= high_n)
+    if "items" in schema:
+        item_check = fast_check(schema["items"])
+        if item_check is None:
+            return None
+        checks.append(lambda v: type(v) is not list or all(item_check(i) for i in v))
+    if "minItems" in schema:
+        low_i = schema["minItems"]
+        checks.append(lambda v: type(v) is not list or len(v) >= low_i)
+    if "maxItems" in schema:
+        high_i = schema["maxItems"]
+        checks.append(lambda v: type(v) is not list or len(v) <= high_i)
+    if schema.get("uniqueItems"):
+        # Only strings are compared here; anything else goes to jsonschema.
+        checks.append(lambda v: type(v) is not list or (all(type(i) is str for i in v)
+                                                       and len(set(v)) == len(v)))
     if "enum" in schema:
         if not all(type(e) is str for e in schema["enum"]):
             return None
@@ -366,14 +433,20 @@ _ERROR_TEXT = {
 }
 
 
-def validate(name, instance):
-    """Raise 400 validation_failed naming the failing field, or return the instance."""
-    if FAST_CHECKS[name](instance):
-        return instance
-    error = best_match(VALIDATORS[name].iter_errors(instance))
+def validate(name, instance, validator=None, prefix=()):
+    """Raise 400 validation_failed naming the failing field, or return the instance.
+
+    ``name`` picks one of SCHEMAS; or pass a compiled ``validator`` (a
+    workflow's payload schema), whose field paths are put under ``prefix``.
+    """
+    if validator is None:
+        if FAST_CHECKS[name](instance):
+            return instance
+        validator = VALIDATORS[name]
+    error = best_match(validator.iter_errors(instance))
     if error is None:
         return instance
-    path = [str(p) for p in error.absolute_path]
+    path = [*prefix, *(str(p) for p in error.absolute_path)]
     if error.validator == "required":
         path += [next(p for p in error.validator_value if p not in error.instance)]
     elif error.validator == "additionalProperties":
@@ -387,6 +460,9 @@ def validate(name, instance):
     elif error.validator in ("minLength", "maxLength"):
         bound = "at least" if error.validator == "minLength" else "at most"
         text = f"must be {bound} {error.validator_value} characters"
+    elif error.validator in ("minimum", "maximum", "minItems", "maxItems"):
+        bound = "at least" if error.validator.startswith("min") else "at most"
+        text = f"must be {bound} {error.validator_value}" + (" items" if "Items" in error.validator else "")
     else:
         text = _ERROR_TEXT.get(error.validator, error.message[:200])
     raise HTTPError(400, "validation_failed", f"{field or 'body'}: {text}", field=field)
@@ -463,7 +539,10 @@ def health(req):
 
 
 def metrics(req):
-    return respond(req.app.recorder.metrics())
+    body = req.app.recorder.metrics()
+    counts = req.app.jobs.counts()
+    body.update(queue_depth=counts["queued_by_priority"], running=counts["by_status"]["running"])
+    return respond(body)
 
 
 def ops_health(req):
@@ -474,66 +553,159 @@ def ops_health(req):
     except Exception as exc:  # the point of this endpoint is to report, not to fail
         checks["database"] = f"failing: {type(exc).__name__}"
     checks["recorder"] = "ok" if app.recorder.running else "stopped"
+    checks["workers"] = "ok" if app.engine.running else "stopped"
     ok = all(v == "ok" for v in checks.values())
+    counts = app.jobs.counts()
     return respond({
         "ok": ok,
         "ts": int(time.time()),
         "checks": checks,
-        "jobs": app.jobs.counts(),
+        "jobs": counts["by_status"],
+        "queue_depth": counts["queued_by_priority"],
+        "workflows": sorted(app.engine.registry.names()),
         "audit_pending": app.recorder.pending(),
         "uptime_seconds": int(time.time() - app.started_at),
         "version": VERSION,
     }, 200 if ok else 503)
 
 
-def _job_view(job):
-    return {k: job[k] for k in ("job_id", "status", "created_at", "updated_at", "workflow",
-                                "priority", "result", "error")}
+# -- jobs ------------------------------------------------------------------------
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+IDEMPOTENCY_TTL = 86_400
+_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409}
+
+
+def _job_call(method, job_id, *args, **kwargs):
+    """Run an engine call, its JobError answered with the matching status."""
+    if not _JOB_ID.match(job_id):
+        raise not_found("job", job_id=job_id)
+    try:
+        return method(job_id, *args, **kwargs)
+    except JobError as exc:
+        extra = {"job_id": job_id} if exc.code == "not_found" else {}
+        raise HTTPError(_JOB_ERRORS[exc.code], exc.code, exc.message, **extra)
 
 
 def intake(req):
+    app = req.app
     body = validate("intake", req.json())
-    now = round(time.time(), 3)
-    job = {
-        "job_id": os.urandom(16).hex(),  # 128 random bits: ids are unguessable
-        "status": "queued",
-        "workflow": body["workflow"],
-        "payload": body["payload"],
-        "priority": body.get("priority", "normal"),
-        "callback_url": body.get("callback_url"),
-        "key_fp": req.key_fp,
-        "created_at": now,
-        "updated_at": now,
-        "result": None,
-        "error": None,
-    }
+    payload_validator = app.payload_validators.get(body["workflow"])
+    if payload_validator is not None:
+        validate(None, body["payload"], payload_validator, prefix=("payload",))
+    idempotency = None
+    idem_key = req.environ.get("HTTP_IDEMPOTENCY_KEY")
+    if idem_key is not None:
+        if not _IDEMPOTENCY_KEY.match(idem_key):
+            raise HTTPError(400, "invalid_idempotency_key",
+                            "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+        idempotency = (req.key_fp, idem_key, digest.hexdigest(), IDEMPOTENCY_TTL)
+    job = app.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
+                             body.get("callback_url"), req.key_fp)
     try:
-        req.app.jobs.add(job)
+        job, created = app.engine.submit(job, idempotency)
     except QueueFull:
         raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
                         [("Retry-After", "30")])
-    req.app.recorder.count_job()
-    return respond({"job_id": job["job_id"], "status": "queued"}, 202,
-                   [("Location", f"/api/v1/status/{job['job_id']}")])
-
-
-def _find_job(req, job_id):
-    job = req.app.jobs.get(job_id) if _JOB_ID.match(job_id) else None
-    if job is None:
-        raise not_found("job", job_id=job_id)
-    return job
+    except IdempotencyMismatch:
+        raise HTTPError(422, "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request body")
+    headers = [("Location", f"/api/v1/status/{job['job_id']}")]
+    if created:
+        app.recorder.count("jobs")
+    else:
+        headers.append(("Idempotent-Replayed", "true"))
+    # A replay answers exactly what the first request was answered.
+    return respond({"job_id": job["job_id"], "status": "queued"}, 202, headers)
 
 
 def job_status(req, job_id):
-    return respond(_job_view(_find_job(req, job_id)))
+    return respond(status_view(_job_call(req.app.engine.get, job_id)))
 
 
 def dev_complete(req, job_id):
     body = validate("dev_complete", req.json(optional=True))
-    _find_job(req, job_id)
-    req.app.jobs.update(job_id, status="succeeded", result=body.get("result", {"ok": True}),
-                        error=None, updated_at=round(time.time(), 3))
+    job = _job_call(req.app.engine.get, job_id)
+    now = req.app.engine.now()
+    done = req.app.jobs.update(job_id, status="succeeded", result=body.get("result", {"ok": True}),
+                               error=None, updated_at=now, finished_at=now, lease_token=None,
+                               lease_expires_at=None)
+    if job["status"] not in JOB_FINAL:
+        req.app.engine.finished(done)
     return respond({"ok": True})
+
+
+def job_cancel(req, job_id):
+    return respond({"job": status_view(_job_call(req.app.engine.cancel, job_id))})
+
+
+def job_retry(req, job_id):
+    return respond({"job": status_view(_job_call(req.app.engine.retry, job_id))})
+
+
+def job_claim(req):
+    body = validate("claim", req.json())
+    job = req.app.engine.claim(body["workflows"], body.get("lease_seconds", 60))
+    if job is None:
+        return 204, [], b""
+    return respond({"job": {"job_id": job["job_id"], "workflow": job["workflow"],
+                            "payload": job["payload"], "priority": job["priority"],
+                            "attempt": job["attempts"], "max_attempts": job["max_attempts"],
+                            "lease_token": job["lease_token"],
+                            "lease_expires_at": job["lease_expires_at"]}})
+
+
+def job_heartbeat(req, job_id):
+    body = validate("heartbeat", req.json())
+    job = _job_call(req.app.engine.heartbeat, job_id, body["lease_token"],
+                    body.get("lease_seconds"), body.get("progress"))
+    return respond({"job_id": job_id, "lease_expires_at": job["lease_expires_at"],
+                    "cancel_requested": job["cancel_requested"]})
+
+
+def job_complete(req, job_id):
+    body = validate("complete", req.json())
+    job = _job_call(req.app.engine.report, job_id, body["lease_token"], result=body["result"])
+    return respond({"job": status_view(job)})
+
+
+def job_fail(req, job_id):
+    body = validate("fail", req.json())
+    job = _job_call(req.app.engine.report, job_id, body["lease_token"], error=body["error"],
+                    retryable=body.get("retryable", True))
+    return respond({"job": status_view(job)})
+
+
+def _query_int(req, name, default, low, high):
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise HTTPError(400, "invalid_query", f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def job_list(req):
+    query = req.query
+    limit = _query_int(req, "limit", 20, 1, 100)
+    status = query.get("status") or None
+    if status is not None and status not in JOB_STATUSES:
+        raise HTTPError(400, "invalid_query", "status must be one of " + ", ".join(JOB_STATUSES))
+    before = None
+    if query.get("cursor"):
+        try:
+            before = int(base64.urlsafe_b64decode(query["cursor"].encode("ascii") + b"==").decode())
+        except (ValueError, UnicodeError):
+            raise HTTPError(400, "invalid_cursor", "the cursor is not one this service gave")
+    jobs, more = req.app.jobs.page(req.key_fp, status, query.get("workflow") or None, limit, before)
+    cursor = None
+    if more:
+        cursor = base64.urlsafe_b64encode(str(jobs[-1]["seq"]).encode()).decode().rstrip("=")
+    return respond({"jobs": [status_view(j) for j in jobs], "next_cursor": cursor})
+
+
+# -- users -------------------------------------------------------------------------
 
 
 def _normalise_email(raw):
@@ -676,7 +848,8 @@ USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
 
 # (method, pattern, handler, access, flags). <name> matches one path segment,
 # <path:name> the rest of the path. Flags: "audit" writes an audit row,
-# "dev" serves only while dev endpoints are on.
+# "dev" serves only while dev endpoints are on, "worker" is the external
+# worker protocol (rate-limited by RATE_WORKER, not the write burst).
 ROUTES = [
     ("GET", "/", root, PUBLIC, ()),
     ("GET", "/health", health, PUBLIC, ()),
@@ -685,6 +858,13 @@ ROUTES = [
     ("GET", "/api/v1/status/<job_id>", job_status, PUBLIC, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
     ("GET", "/api/v1/ops/health", ops_health, KEY, ()),
+    ("GET", "/api/v1/jobs", job_list, KEY, ()),
+    ("POST", "/api/v1/jobs/claim", job_claim, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/<job_id>/heartbeat", job_heartbeat, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/<job_id>/complete", job_complete, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/<job_id>/fail", job_fail, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/<job_id>/cancel", job_cancel, KEY, ("audit",)),
+    ("POST", "/api/v1/jobs/<job_id>/retry", job_retry, KEY, ("audit",)),
     ("POST", "/api/v1/users/upsert", user_upsert, KEY, ("audit",)),
     ("GET", "/api/v1/users", user_lookup, USER_READ, ()),
     ("GET", "/api/v1/users/<user_id>", user_get, USER_READ, ()),
@@ -696,15 +876,16 @@ ROUTES = [
 
 
 class Route:
-    __slots__ = ("method", "pattern", "handler", "access", "audit", "dev")
+    __slots__ = ("method", "pattern", "handler", "access", "audit", "dev", "worker")
 
     def __init__(self, method, pattern, handler, access, flags):
-        unknown = set(flags) - {"audit", "dev"}
+        unknown = set(flags) - {"audit", "dev", "worker"}
         if unknown or access not in (PUBLIC, KEY, USER_READ):
             raise ValueError(f"route {method} {pattern}: bad access or flags")
         self.method, self.pattern, self.handler, self.access = method, pattern, handler, access
         self.audit = "audit" in flags
         self.dev = "dev" in flags
+        self.worker = "worker" in flags
 
 
 _PARAM = re.compile(r"<(?:(path):)?([a-z_][a-z0-9_]*)>")
@@ -760,6 +941,12 @@ class Router:
             return None, None
         params, methods = self.dynamic[int(m.lastgroup[1:])]
         return methods, {name: m.group(group) for group, name in params}
+
+    def is_worker(self, method, path):
+        """Whether method and path name a route of the external worker protocol."""
+        methods, _ = self.methods_for(path)
+        route = methods.get(method) if methods else None
+        return route is not None and route.worker
 
     @staticmethod
     def allow(methods):

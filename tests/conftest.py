@@ -86,11 +86,27 @@ class Client:
         return self.request("POST", path, json=json, **kw)
 
 
-def make_app(tmp_path, log=None, **env):
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self, start=1_800_000_000.0):
+        self.t = start
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, seconds):
+        self.t += seconds
+
+
+def make_app(tmp_path, log=None, registry=None, **env):
     """A fresh Levqor on its own SQLite file; env holds settings by name."""
     env.setdefault("SQLITE_PATH", str(tmp_path / "levqor.db"))
+    # No pool threads: in-process tests run jobs themselves (engine.run_next).
+    env.setdefault("WORKER_THREADS", "0")
     settings = levqor.Settings.from_env({k: str(v) for k, v in env.items()})
-    return levqor.create_app(settings, log_stream=log if log is not None else io.StringIO())
+    return levqor.create_app(settings, log_stream=log if log is not None else io.StringIO(),
+                             registry=registry)
 
 
 @pytest.fixture

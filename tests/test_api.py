@@ -19,7 +19,7 @@ def test_health_gives_integer_unix_time(client):
 
 
 def test_intake_then_status(client):
-    r = client.post("/api/v1/intake", {"workflow": "demo.flow", "payload": {"a": 1},
+    r = client.post("/api/v1/intake", {"workflow": "report.build", "payload": {"a": 1},
                                        "priority": "high", "callback_url": "https://example.com/cb"})
     assert r.status == 202
     body = r.json()
@@ -28,7 +28,9 @@ def test_intake_then_status(client):
     status = client.get(f"/api/v1/status/{body['job_id']}").json()
     assert status["job_id"] == body["job_id"]
     assert status["status"] == "queued"
-    assert status["workflow"] == "demo.flow" and status["priority"] == "high"
+    assert status["workflow"] == "report.build" and status["priority"] == "high"
+    assert status["attempts"] == 0 and status["max_attempts"] == 3 and status["progress"] is None
+    assert status["started_at"] is None and status["finished_at"] is None
     assert status["result"] is None and status["error"] is None
     assert status["created_at"] <= status["updated_at"]
     # The payload and callback URL are the client's business, not every poller's.

@@ -10,16 +10,23 @@ TRICKY = [
     None, True, False, 0, 1, 1.0, -1, "", "x", "low", "LOW", "urgent", [], [1], {}, {"a": None},
     "https://example.com/x", "http://", "ftp://example.com", "https://exa mple.com",
     "https://example.com:99999/", "en-GB", "english", "GBP", "JPY", "x" * 129, "x" * 2049,
+    0.5, 1.5, 3600, 3601, -0.0, 2.0, ["a", "a"], ["a", 1], [["a"]], {"fraction": 2},
+    {"fraction": 0.3}, {"fraction": True}, list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
     {str(i): i for i in range(101)}, "\ud800", "a@b.com",
 ]
 FIELDS = ["workflow", "payload", "callback_url", "priority", "result", "email", "name",
-          "locale", "currency", "meta", "extra"]
+          "locale", "currency", "meta", "extra", "workflows", "lease_seconds", "lease_token",
+          "progress", "error", "retryable"]
 VALID = {
     "intake": {"workflow": "w", "payload": {}, "priority": "high", "callback_url": "https://a.io/"},
     "dev_complete": {"result": {"ok": True}},
     "user_upsert": {"email": "a@b.com", "name": "A", "locale": "en-GB", "currency": "EUR",
                     "meta": {"k": 1}},
     "user_patch": {"name": "A", "meta": {}},
+    "claim": {"workflows": ["a", "b"], "lease_seconds": 30},
+    "heartbeat": {"lease_token": "t", "lease_seconds": 5, "progress": {"fraction": 0.5, "note": "n"}},
+    "complete": {"lease_token": "t", "result": [1, 2]},
+    "fail": {"lease_token": "t", "error": "boom", "retryable": False},
 }
 
 
@@ -44,6 +51,8 @@ def mutations(seed, base, count):
 def test_fast_check_is_never_more_lenient_than_jsonschema(name):
     validator = wsgi_routes.VALIDATORS[name]
     fast = wsgi_routes.FAST_CHECKS[name]
+    if wsgi_routes.fast_check(wsgi_routes.SCHEMAS[name]) is None:
+        pytest.skip("this schema always goes to jsonschema")
     agreed = 0
     for doc in [VALID[name], *TRICKY, *mutations(name, VALID[name], 3000)]:
         if fast(doc):
@@ -58,6 +67,6 @@ def test_valid_bodies_take_the_fast_path(name):
 
 
 def test_unknown_keywords_fall_back_to_jsonschema():
-    assert wsgi_routes.fast_check({"type": "integer"}) is None
-    assert wsgi_routes.fast_check({"type": "object", "properties": {"n": {"minimum": 1}}}) is None
+    assert wsgi_routes.fast_check({"type": "null"}) is None
+    assert wsgi_routes.fast_check({"type": "object", "properties": {"n": {"multipleOf": 2}}}) is None
     assert wsgi_routes.fast_check({"enum": [1, 2]}) is None

@@ -84,8 +84,10 @@ def test_a_held_write_lock_answers_503_storage_busy(tmp_path):
 # -- the in-memory job store ------------------------------------------------------
 
 
-def job(job_id, status="queued", at=0.0):
-    return {"job_id": job_id, "status": status, "created_at": at, "updated_at": at}
+def job(job_id, status="queued", at=0.0, priority="normal", workflow="w"):
+    return {"job_id": job_id, "status": status, "created_at": at, "updated_at": at,
+            "finished_at": at if status in storage.JOB_FINAL else None, "priority": priority,
+            "workflow": workflow, "not_before": at, "key_fp": "k", "lease_expires_at": None}
 
 
 def test_job_store_hands_out_copies():
@@ -101,7 +103,7 @@ def test_finished_jobs_leave_after_ttl():
     store = storage.MemoryJobStore(ttl=60, clock=lambda: now[0])
     store.add(job("done", at=1000.0))
     store.add(job("waiting", at=1000.0))
-    store.update("done", status="succeeded", updated_at=1000.0)
+    store.update("done", status="succeeded", updated_at=1000.0, finished_at=1000.0)
     now[0] = 1059.0
     store.add(job("later", at=now[0]))
     assert store.get("done") is not None
@@ -109,6 +111,7 @@ def test_finished_jobs_leave_after_ttl():
     store.add(job("later2", at=now[0]))
     assert store.get("done") is None
     assert store.get("waiting") is not None  # unfinished jobs are never dropped by age
+    assert store.counts()["by_status"]["succeeded"] == 0
 
 
 def test_full_store_answers_503_queue_full(tmp_path):
@@ -121,11 +124,23 @@ def test_full_store_answers_503_queue_full(tmp_path):
     app.stop()
 
 
-def test_job_counts_by_status():
+def test_job_counts_by_status_and_priority():
     store = storage.MemoryJobStore()
-    for i, status in enumerate(["queued", "queued", "running", "failed"]):
-        store.add(job(str(i), status))
-    assert store.counts() == {"queued": 2, "running": 1, "succeeded": 0, "failed": 1}
+    for i, (status, priority) in enumerate([("queued", "high"), ("queued", "low"),
+                                            ("running", "low"), ("failed", "normal")]):
+        store.add(job(str(i), status, priority=priority))
+    counts = store.counts()
+    assert counts["by_status"] == {"queued": 2, "running": 1, "succeeded": 0, "failed": 1,
+                                   "canceled": 0}
+    assert counts["queued_by_priority"] == {"high": 1, "normal": 0, "low": 1}
+
+
+def test_update_is_compare_and_set():
+    store = storage.MemoryJobStore()
+    store.add(job("a"))
+    assert store.update("a", expect={"status": "running"}, status="failed") is None
+    assert store.update("a", expect={"status": "queued"}, status="canceled",
+                        finished_at=1.0)["status"] == "canceled"
 
 
 # -- metrics from the heartbeat -----------------------------------------------------
@@ -158,12 +173,12 @@ def test_jobs_today_resets_at_utc_midnight(tmp_path):
     midnight = 1_800_000_000 - 1_800_000_000 % 86400
     now = [midnight - 30.0]
     rec = recorder_at(tmp_path, lambda: now[0])
-    rec.count_job()
-    rec.count_job()
+    rec.count("jobs")
+    rec.count("jobs")
     rec.flush()
     assert rec.metrics()["jobs_today"] == 2
     now[0] = midnight + 30.0
-    rec.count_job()
+    rec.count("jobs")
     assert rec.metrics()["jobs_today"] == 1
 
 

@@ -1,0 +1,523 @@
+"""Levqor's job engine: workflows, the worker pool, retries, timeouts,
+cancellation and leases for external workers.
+
+A workflow is a Python callable ``fn(payload, ctx) -> result`` registered
+under a name. Jobs of a registered workflow run in this process's pool of
+worker threads; jobs of any other workflow wait for an external worker to
+claim them over HTTP. Both follow the same rules: an attempt holds a lease
+(a token and an expiry); a result is accepted only with the current token;
+a failure is retried with exponential backoff and jitter until the attempts
+run out; a lease that runs out ends the attempt.
+
+This module owns the rules, not the storage (the job store in ``storage``)
+and not HTTP (``wsgi_routes`` maps ``JobError`` codes to statuses). Its
+clock and random source are injectable, and ``run_next()`` and ``tick()``
+do one step each, so tests drive it without threads or sleeps.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import random
+import re
+import threading
+import time
+import traceback
+
+from storage import JOB_FINAL
+
+# ---------------------------------------------------------------------------
+# Workflows
+# ---------------------------------------------------------------------------
+
+
+class PermanentFailure(Exception):
+    """Raised by a workflow (or ``ctx.fail``) for a failure no retry can mend."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workflow:
+    name: str
+    fn: object
+    timeout: float = None        # seconds; None: the engine's default
+    max_attempts: int = None     # None: the engine's default
+    backoff: float = None        # first retry delay in seconds; doubles each time
+    schema: dict = None          # JSON schema for the payload, checked at intake
+
+
+class Registry:
+    """Workflows by name. ``workflow`` is its decorator:
+
+        @registry.workflow("report.build", timeout=120, max_attempts=5)
+        def build(payload, ctx): ...
+    """
+
+    NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+    def __init__(self):
+        self._workflows = {}
+
+    def register(self, name, fn, **options):
+        if not self.NAME.match(name):
+            raise ValueError(f"workflow name {name!r}: letters, digits and . _ : - only")
+        self._workflows[name] = Workflow(name, fn, **options)
+        return fn
+
+    def workflow(self, name, **options):
+        return lambda fn: self.register(name, fn, **options)
+
+    def get(self, name):
+        return self._workflows.get(name)
+
+    def names(self):
+        return list(self._workflows)
+
+    def copy(self):
+        other = Registry()
+        other._workflows = dict(self._workflows)
+        return other
+
+
+# Operators' modules (LEVQOR_WORKFLOWS) register here, as do the built-ins.
+registry = Registry()
+workflow = registry.workflow
+
+
+def import_workflows(modules):
+    """Import each module named in LEVQOR_WORKFLOWS; they register as they load."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+# ---------------------------------------------------------------------------
+# What a running workflow sees
+# ---------------------------------------------------------------------------
+
+
+class JobContext:
+    """Handed to a workflow with its payload: the job's identity, a cancel
+    flag to check in long work, progress reporting and permanent failure."""
+
+    def __init__(self, engine, job):
+        self.engine = engine
+        self.job_id = job["job_id"]
+        self.attempt = job["attempts"]
+        self.workflow = job["workflow"]
+        self._token = job["lease_token"]
+        self._cancel = threading.Event()
+
+    @property
+    def cancelled(self):
+        """True once the job was cancelled or ran past its timeout: stop soon."""
+        return self._cancel.is_set()
+
+    def sleep(self, seconds):
+        """Wait up to ``seconds``; returns early, True, if the job is cancelled."""
+        return self._cancel.wait(seconds)
+
+    def progress(self, fraction, note=None):
+        fraction = min(1.0, max(0.0, float(fraction)))
+        self.engine.store.update(self.job_id, expect={"lease_token": self._token},
+                                 progress={"fraction": round(fraction, 4),
+                                           "note": None if note is None else str(note)[:200]},
+                                 updated_at=self.engine.now())
+
+    def fail(self, message):
+        """Fail the job now, with no retry."""
+        raise PermanentFailure(message)
+
+
+# ---------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------
+
+
+class JobError(Exception):
+    """A request the job's state does not allow: code is not_found, conflict
+    or lease_lost."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+STATUS_VIEW = ("job_id", "status", "created_at", "updated_at", "workflow", "priority",
+               "attempts", "max_attempts", "started_at", "finished_at", "progress",
+               "result", "error")
+
+
+def status_view(job):
+    """What a client may see of a job: not its payload, callback URL or lease."""
+    return {k: job[k] for k in STATUS_VIEW}
+
+
+def new_token():
+    return os.urandom(16).hex()
+
+
+class Engine:
+    def __init__(self, store, registry, log, *, threads=4, timeout=300.0, max_attempts=3,
+                 backoff=2.0, backoff_cap=300.0, clock=time.time, rng=None, on_finish=()):
+        self.store = store
+        self.on_finish = list(on_finish)  # called with each job that reaches a final state
+        self.registry = registry
+        self.log = log
+        self.threads = threads
+        self.default_timeout = timeout
+        self.default_attempts = max_attempts
+        self.default_backoff = backoff
+        self.backoff_cap = backoff_cap
+        self.now = clock
+        self.rng = rng or random.Random()
+        self._contexts = {}  # job_id -> JobContext of in-process attempts
+        self._contexts_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads = []
+
+    # -- options -----------------------------------------------------------------
+
+    def _options(self, name):
+        wf = self.registry.get(name)
+        timeout = wf.timeout if wf and wf.timeout is not None else self.default_timeout
+        attempts = wf.max_attempts if wf and wf.max_attempts is not None else self.default_attempts
+        backoff = wf.backoff if wf and wf.backoff is not None else self.default_backoff
+        return timeout, attempts, backoff
+
+    def backoff_delay(self, workflow_name, attempt):
+        """Delay before the retry that follows ``attempt``: exponential, capped,
+        with "equal jitter" (between half and all of it), so that jobs that
+        failed together do not all come back together."""
+        base = min(self.backoff_cap, self._options(workflow_name)[2] * 2 ** (attempt - 1))
+        return base / 2 + self.rng.uniform(0, base / 2)
+
+    # -- intake and the client's controls ----------------------------------------------
+
+    def new_job(self, workflow, payload, priority, callback_url, key_fp):
+        now = self.now()
+        return {
+            "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
+            "priority": priority, "callback_url": callback_url, "key_fp": key_fp,
+            "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
+            "attempts": 0, "max_attempts": self._options(workflow)[1], "not_before": now,
+            "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
+            "cancel_requested": False, "progress": None, "result": None, "error": None,
+        }
+
+    def submit(self, job, idempotency=None):
+        """Store a new job (see MemoryJobStore.add) and wake a worker."""
+        job, created = self.store.add(job, idempotency)
+        if created:
+            self._notify()
+        return job, created
+
+    def get(self, job_id):
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobError("not_found", "job not found")
+        return job
+
+    def cancel(self, job_id):
+        """Queued: canceled at once. Running: flagged; it ends canceled when
+        its handler notices, its worker reports, or its lease runs out."""
+        for _ in range(3):  # a race with a worker changes the status: look again
+            job = self.get(job_id)
+            now = self.now()
+            if job["status"] in JOB_FINAL:
+                raise JobError("conflict", f"the job is already {job['status']}")
+            if job["status"] == "queued":
+                done = self.store.update(job_id, expect={"status": "queued"}, status="canceled",
+                                         updated_at=now, finished_at=now)
+                if done is not None:
+                    self.finished(done)
+            else:
+                done = self.store.update(job_id, expect={"status": "running",
+                                                         "lease_token": job["lease_token"]},
+                                         cancel_requested=True, updated_at=now)
+                if done is not None:
+                    self._signal(job_id)
+            if done is not None:
+                return done
+        raise JobError("conflict", "the job is changing state; try again")
+
+    def retry(self, job_id):
+        """A failed or canceled job goes back to the queue with fresh attempts."""
+        job = self.get(job_id)
+        if job["status"] not in ("failed", "canceled"):
+            raise JobError("conflict", f"only failed or canceled jobs can be retried, not {job['status']}")
+        now = self.now()
+        done = self.store.update(
+            job_id, expect={"status": job["status"], "finished_at": job["finished_at"]},
+            status="queued", attempts=0, error=None, result=None, progress=None,
+            cancel_requested=False, started_at=None, finished_at=None, runner=None,
+            lease_token=None, lease_expires_at=None, not_before=now, queued_at=now, updated_at=now)
+        if done is None:
+            raise JobError("conflict", "the job is changing state; try again")
+        self._notify()
+        return done
+
+    # -- attempts: shared by in-process and external workers ----------------------------------
+
+    def _start_attempt(self, runner, lease_seconds):
+        token = new_token()
+        now = self.now()
+
+        def changes(job):
+            seconds = lease_seconds if lease_seconds is not None else self._options(job["workflow"])[0]
+            return {"status": "running", "runner": runner, "lease_token": token,
+                    "lease_seconds": seconds, "lease_expires_at": now + seconds,
+                    "attempts": job["attempts"] + 1,
+                    "started_at": now, "updated_at": now, "progress": None}
+        return changes
+
+    def _finish(self, job, token, **changes):
+        """End the attempt holding ``token``; None if it no longer holds the job."""
+        now = self.now()
+        if changes.get("status") in JOB_FINAL:
+            changes["finished_at"] = now
+        changes.update(updated_at=now, lease_token=None, lease_expires_at=None)
+        done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token},
+                                 **changes)
+        if done is not None:
+            with self._contexts_lock:
+                self._contexts.pop(job["job_id"], None)
+            if done["status"] == "queued":
+                self._notify()
+            else:
+                self.finished(done)
+        return done
+
+    def finished(self, job):
+        for hook in self.on_finish:
+            try:
+                hook(job)
+            except Exception:  # a hook's fault must not undo the job's outcome
+                self.log.error("on_finish hook failed", job_id=job["job_id"],
+                               traceback=traceback.format_exc())
+
+    def succeed(self, job, token, result):
+        if job["cancel_requested"]:
+            return self._finish(job, token, status="canceled")
+        return self._finish(job, token, status="succeeded", result=result, error=None,
+                            progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")})
+
+    def fail(self, job, token, error_type, message, retryable=True):
+        """A failed attempt: retried after backoff while attempts remain, else final."""
+        if job["cancel_requested"]:
+            return self._finish(job, token, status="canceled")
+        message = str(message)[:500]
+        if retryable and job["attempts"] < job["max_attempts"]:
+            now = self.now()
+            delay = self.backoff_delay(job["workflow"], job["attempts"])
+            return self._finish(job, token, status="queued", not_before=now + delay, queued_at=now,
+                                error={"type": error_type, "message": message,
+                                       "attempts": job["attempts"], "retry_in": round(delay, 3)})
+        return self._finish(job, token, status="failed",
+                            error={"type": error_type, "message": message, "attempts": job["attempts"]})
+
+    def tick(self):
+        """End every attempt whose lease or timeout has run out. In-process
+        jobs past their timeout fail with ``timeout`` (their thread is told
+        to stop; a late result is discarded). External jobs whose lease ran
+        out without a heartbeat go back to the queue, the attempt counted,
+        or fail with ``lease_expired`` after the last one."""
+        now = self.now()
+        for job in self.store.expired(now):
+            token = job["lease_token"]
+            self._signal(job["job_id"])  # first: finishing forgets the attempt's context
+            if job["cancel_requested"]:
+                self._finish(job, token, status="canceled")
+            elif job["runner"] == "local":
+                timeout = self._options(job["workflow"])[0]
+                done = self._finish(job, token, status="failed", error={
+                    "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
+                    "attempts": job["attempts"]})
+                if done is not None:
+                    self.log.warning("job timed out", job_id=job["job_id"], workflow=job["workflow"])
+            elif job["attempts"] < job["max_attempts"]:
+                self._finish(job, token, status="queued", not_before=now, queued_at=now,
+                             error={"type": "lease_expired", "message": "the worker stopped reporting",
+                                    "attempts": job["attempts"]})
+            else:
+                self._finish(job, token, status="failed", error={
+                    "type": "lease_expired", "message": "the worker stopped reporting",
+                    "attempts": job["attempts"]})
+
+    # -- external workers ----------------------------------------------------------------
+
+    def claim(self, workflows, lease_seconds):
+        return self.store.claim(workflows, self._start_attempt("external", lease_seconds))
+
+    def _leased(self, job_id, token):
+        job = self.get(job_id)
+        if job["status"] != "running" or job["lease_token"] != token:
+            raise JobError("lease_lost", "this lease is no longer valid: the job was re-leased, "
+                                         "finished or canceled")
+        return job
+
+    def heartbeat(self, job_id, token, lease_seconds=None, progress=None):
+        """Extend the lease by ``lease_seconds`` (default: as long as claimed)."""
+        job = self._leased(job_id, token)
+        seconds = lease_seconds or job["lease_seconds"]
+        changes = {"lease_expires_at": self.now() + seconds, "lease_seconds": seconds,
+                   "updated_at": self.now()}
+        if progress is not None:
+            changes["progress"] = progress
+        done = self.store.update(job_id, expect={"status": "running", "lease_token": token}, **changes)
+        if done is None:
+            raise JobError("lease_lost", "this lease is no longer valid")
+        return done
+
+    def report(self, job_id, token, result=None, error=None, retryable=True):
+        """An external worker's outcome: a result, or an error message."""
+        job = self._leased(job_id, token)
+        if error is None:
+            done = self.succeed(job, token, result)
+        else:
+            done = self.fail(job, token, "worker_error", error, retryable)
+        if done is None:
+            raise JobError("lease_lost", "this lease is no longer valid")
+        return done
+
+    # -- the in-process pool -----------------------------------------------------------------
+
+    def run_next(self):
+        """Claim one job of a registered workflow and run it here; False if none waits."""
+        job = self.store.claim(self.registry.names(), self._start_attempt("local", None))
+        if job is None:
+            return False
+        ctx = JobContext(self, job)
+        with self._contexts_lock:
+            self._contexts[job["job_id"]] = ctx
+        if job["cancel_requested"]:
+            ctx._cancel.set()
+        token = job["lease_token"]
+        try:
+            result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
+        except PermanentFailure as exc:
+            done = self.fail(self.store.get(job["job_id"]) or job, token, "permanent_failure",
+                             exc, retryable=False)
+        except Exception as exc:
+            self.log.warning("job attempt failed", job_id=job["job_id"], workflow=job["workflow"],
+                             attempt=job["attempts"], traceback=traceback.format_exc())
+            done = self.fail(self.store.get(job["job_id"]) or job, token, type(exc).__name__, exc)
+        else:
+            try:
+                json.dumps(result, allow_nan=False)  # it must be storable and sendable
+            except (TypeError, ValueError) as exc:
+                done = self.fail(self.store.get(job["job_id"]) or job, token, "invalid_result",
+                                 f"the result is not JSON: {exc}", retryable=False)
+            else:
+                done = self.succeed(self.store.get(job["job_id"]) or job, token, result)
+        if done is None:
+            self.log.info("late result discarded", job_id=job["job_id"], workflow=job["workflow"])
+        with self._contexts_lock:
+            self._contexts.pop(job["job_id"], None)
+        return True
+
+    def _signal(self, job_id):
+        with self._contexts_lock:
+            ctx = self._contexts.get(job_id)
+        if ctx is not None:
+            ctx._cancel.set()
+
+    def _notify(self):
+        with self._wake:
+            self._wake.notify()
+
+    def _worker(self):
+        while not self._stopping.is_set():
+            try:
+                if self.run_next():
+                    continue
+            except Exception:  # the pool outlives any one job's surprise
+                self.log.error("worker loop error", traceback=traceback.format_exc())
+            with self._wake:
+                if self._stopping.is_set():  # checked under the lock: no lost wake-up
+                    return
+                due = self.store.next_due()
+                wait = 1.0 if due is None else min(1.0, max(0.0, due - self.now()))
+                self._wake.wait(wait)
+
+    def _sweeper(self):
+        while not self._stopping.wait(0.25):
+            try:
+                self.tick()
+            except Exception:
+                self.log.error("sweeper error", traceback=traceback.format_exc())
+
+    @property
+    def running(self):
+        """Whether the sweeper (and the pool, if any) is alive."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def start(self):
+        if self._threads:
+            return
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self._worker, name=f"levqor-job-{i}", daemon=True)
+                         for i in range(self.threads)]
+        self._threads.append(threading.Thread(target=self._sweeper, name="levqor-sweeper", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def stop(self, grace=25.0):
+        """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._threads = []
+        with self._contexts_lock:
+            unfinished = list(self._contexts)
+        counts = self.store.counts()["by_status"]
+        self.log.warning("job engine stopped", running_abandoned=unfinished,
+                         queued_left=counts["queued"])
+
+
+# ---------------------------------------------------------------------------
+# Built-in workflows
+# ---------------------------------------------------------------------------
+
+
+@workflow("echo", timeout=10)
+def echo(payload, ctx):
+    """Returns its payload."""
+    return payload
+
+
+@workflow("sleep", timeout=90, schema={
+    "type": "object",
+    "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 60}},
+    "required": ["seconds"]})
+def sleep(payload, ctx):
+    """Waits ``seconds`` (at most 60), stopping early if cancelled."""
+    if ctx.sleep(payload["seconds"]):
+        return {"slept": False}
+    return {"slept": payload["seconds"]}
+
+
+_WORD = re.compile(r"\w+")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+
+
+@workflow("demo.flow", timeout=30)
+def demo_flow(payload, ctx):
+    """A deterministic summary of the payload: its keys, the size of each
+    value as JSON, and word and character counts of its string fields."""
+    fields = {}
+    for key in sorted(payload):
+        value = payload[key]
+        entry = {"type": _JSON_TYPES.get(type(value), "number"),
+                 "json_bytes": len(json.dumps(value, separators=(",", ":")).encode())}
+        if isinstance(value, str):
+            entry["words"] = len(_WORD.findall(value))
+            entry["chars"] = len(value)
+        fields[key] = entry
+    ctx.progress(1.0, "summarised")
+    return {"keys": sorted(payload), "field_count": len(payload), "fields": fields,
+            "total_words": sum(f.get("words", 0) for f in fields.values())}

@@ -1,0 +1,541 @@
+"""The job engine, driven step by step: a fake clock, no sleeps, no threads."""
+
+import io
+import threading
+
+import pytest
+
+import engine
+import storage
+from conftest import KEY, Client, FakeClock, make_app
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def _add(self, level):
+        return lambda msg, **fields: self.lines.append((level, msg, fields))
+
+    def __getattr__(self, level):
+        return self._add(level)
+
+
+def make_engine(registry=None, clock=None, **options):
+    clock = clock or FakeClock()
+    store = storage.MemoryJobStore(aging=60, clock=clock)
+    eng = engine.Engine(store, registry or engine.Registry(), Log(), clock=clock,
+                        rng=__import__("random").Random(7), **options)
+    return eng, clock
+
+
+def submit(eng, workflow="w", priority="normal", payload=None):
+    job, _ = eng.submit(eng.new_job(workflow, payload or {}, priority, None, "k"))
+    return job["job_id"]
+
+
+def claim_order(eng, workflows=("w",)):
+    order = []
+    while True:
+        job = eng.claim(list(workflows), 60)
+        if job is None:
+            return order
+        order.append(job["job_id"])
+
+
+# -- the queue ------------------------------------------------------------------------
+
+
+def test_high_before_normal_before_low_and_fifo_within_a_priority():
+    eng, clock = make_engine()
+    ids = {}
+    for name, priority in [("l1", "low"), ("n1", "normal"), ("h1", "high"), ("n2", "normal"),
+                           ("h2", "high"), ("l2", "low")]:
+        ids[submit(eng, priority=priority)] = name
+        clock.advance(0.001)
+    assert [ids[i] for i in claim_order(eng)] == ["h1", "h2", "n1", "n2", "l1", "l2"]
+
+
+def test_a_waiting_low_job_overtakes_fresh_high_ones():
+    eng, clock = make_engine()
+    old_low = submit(eng, priority="low")
+    clock.advance(121)  # two aging steps of 60 s: it now outranks any new high job
+    fresh_high = submit(eng, priority="high")
+    assert claim_order(eng) == [old_low, fresh_high]
+
+
+def test_low_does_not_starve_under_a_steady_stream_of_high():
+    eng, clock = make_engine()
+    low = submit(eng, priority="low")
+    served = []
+    for _ in range(400):  # a new high job every second, one job served per second
+        submit(eng, priority="high")
+        clock.advance(1)
+        served.append(eng.claim(["w"], 60)["job_id"])
+        if served[-1] == low:
+            break
+    assert served[-1] == low and len(served) <= 125
+
+
+def test_claim_only_takes_the_named_workflows():
+    eng, _ = make_engine()
+    a = submit(eng, workflow="a")
+    assert eng.claim(["b"], 60) is None
+    assert eng.claim(["b", "a"], 60)["job_id"] == a
+
+
+# -- in-process runs ------------------------------------------------------------------------
+
+
+def test_a_registered_workflow_runs_and_succeeds():
+    reg = engine.Registry()
+    reg.register("add", lambda p, ctx: {"sum": p["a"] + p["b"], "attempt": ctx.attempt})
+    eng, _ = make_engine(reg)
+    job_id = submit(eng, "add", payload={"a": 2, "b": 3})
+    assert eng.run_next() is True
+    job = eng.get(job_id)
+    assert job["status"] == "succeeded" and job["result"] == {"sum": 5, "attempt": 1}
+    assert job["attempts"] == 1 and job["finished_at"] is not None
+    assert eng.run_next() is False
+
+
+def test_unregistered_workflows_wait_for_external_workers():
+    eng, _ = make_engine(engine.Registry())
+    job_id = submit(eng, "elsewhere")
+    assert eng.run_next() is False
+    assert eng.get(job_id)["status"] == "queued"
+
+
+def test_exceptions_are_retried_with_exponential_backoff_then_fail():
+    reg = engine.Registry()
+    calls = []
+
+    def flaky(payload, ctx):
+        calls.append(ctx.attempt)
+        raise RuntimeError(f"boom {ctx.attempt}")
+
+    reg.register("flaky", flaky, max_attempts=3, backoff=2.0)
+    eng, clock = make_engine(reg)
+    job_id = submit(eng, "flaky")
+    delays = []
+    for attempt in (1, 2):
+        assert eng.run_next()
+        job = eng.get(job_id)
+        assert job["status"] == "queued" and job["error"]["attempts"] == attempt
+        delay = job["not_before"] - clock()
+        delays.append(delay)
+        base = 2.0 * 2 ** (attempt - 1)
+        assert base / 2 <= delay <= base  # equal jitter: between half and all of it
+        assert eng.run_next() is False  # not before its time
+        clock.advance(delay)
+    assert eng.run_next()
+    job = eng.get(job_id)
+    assert job["status"] == "failed" and calls == [1, 2, 3]
+    assert job["error"] == {"type": "RuntimeError", "message": "boom 3", "attempts": 3}
+    assert "Traceback" not in str(job["error"])
+
+
+def test_backoff_is_capped():
+    eng, _ = make_engine(backoff=2.0, backoff_cap=10.0)
+    assert all(5.0 <= eng.backoff_delay("w", 20) <= 10.0 for _ in range(50))
+
+
+def test_permanent_failure_skips_retries():
+    reg = engine.Registry()
+    reg.register("strict", lambda p, ctx: ctx.fail("bad input, will never work"))
+    eng, _ = make_engine(reg)
+    job_id = submit(eng, "strict")
+    eng.run_next()
+    job = eng.get(job_id)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert job["error"]["type"] == "permanent_failure"
+
+
+def test_a_result_that_is_not_json_fails_permanently():
+    reg = engine.Registry()
+    reg.register("odd", lambda p, ctx: {"when": object()})
+    eng, _ = make_engine(reg)
+    job_id = submit(eng, "odd")
+    eng.run_next()
+    assert eng.get(job_id)["error"]["type"] == "invalid_result"
+
+
+def test_timeout_fails_the_job_sets_cancelled_and_discards_the_late_result():
+    reg = engine.Registry()
+    started, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def slow(payload, ctx):
+        started.set()
+        release.wait(10)
+        seen["cancelled"] = ctx.cancelled
+        return {"late": True}
+
+    reg.register("slow", slow, timeout=5)
+    eng, clock = make_engine(reg)
+    job_id = submit(eng, "slow")
+    runner = threading.Thread(target=eng.run_next)
+    runner.start()
+    assert started.wait(10)
+    clock.advance(4.9)
+    eng.tick()
+    assert eng.get(job_id)["status"] == "running"
+    clock.advance(0.2)
+    eng.tick()
+    job = eng.get(job_id)
+    assert job["status"] == "failed" and job["error"]["type"] == "timeout"
+    release.set()
+    runner.join(10)
+    assert seen["cancelled"] is True
+    job = eng.get(job_id)
+    assert job["status"] == "failed" and job["result"] is None
+
+
+def test_progress_is_reported():
+    reg = engine.Registry()
+    reg.register("steps", lambda p, ctx: ctx.progress(0.5, "half way") or "done")
+    eng, _ = make_engine(reg)
+    job_id = submit(eng, "steps")
+    eng.run_next()
+    assert eng.get(job_id)["progress"] == {"fraction": 1.0, "note": "half way"}
+
+
+# -- cancellation and retry ------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_at_once():
+    eng, _ = make_engine()
+    job_id = submit(eng)
+    assert eng.cancel(job_id)["status"] == "canceled"
+    assert eng.claim(["w"], 60) is None
+    with pytest.raises(engine.JobError) as err:
+        eng.cancel(job_id)
+    assert err.value.code == "conflict"
+
+
+def test_cancel_a_running_job_ends_it_when_the_handler_notices():
+    reg = engine.Registry()
+    started = threading.Event()
+    reg.register("sleepy", lambda p, ctx: started.set() or ctx.sleep(30) or "finished")
+    eng, _ = make_engine(reg)
+    job_id = submit(eng, "sleepy")
+    runner = threading.Thread(target=eng.run_next)
+    runner.start()
+    assert started.wait(10)
+    assert eng.cancel(job_id)["cancel_requested"] is True
+    runner.join(10)
+    assert not runner.is_alive()
+    assert eng.get(job_id)["status"] == "canceled"
+
+
+def test_cancel_a_running_job_that_ignores_it_ends_at_its_timeout():
+    eng, clock = make_engine()
+    job_id = submit(eng)
+    job = eng.claim(["w"], 30)
+    eng.cancel(job_id)
+    clock.advance(31)
+    eng.tick()
+    assert eng.get(job_id)["status"] == "canceled"
+    with pytest.raises(engine.JobError):
+        eng.report(job_id, job["lease_token"], result=1)
+
+
+def test_retry_requeues_failed_and_canceled_jobs_only():
+    eng, _ = make_engine()
+    job_id = submit(eng)
+    with pytest.raises(engine.JobError):
+        eng.retry(job_id)  # still queued
+    eng.cancel(job_id)
+    job = eng.retry(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
+    assert eng.claim(["w"], 60)["job_id"] == job_id
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+def test_lease_expiry_requeues_then_fails_after_the_last_attempt():
+    eng, clock = make_engine(max_attempts=2)
+    job_id = submit(eng)
+    first = eng.claim(["w"], 10)
+    clock.advance(11)
+    eng.tick()
+    job = eng.get(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 1
+    assert job["error"]["type"] == "lease_expired"
+    second = eng.claim(["w"], 10)
+    assert second["attempts"] == 2
+    # The first lease's token can no longer touch the job.
+    with pytest.raises(engine.JobError) as err:
+        eng.report(job_id, first["lease_token"], result="stale")
+    assert err.value.code == "lease_lost"
+    clock.advance(11)
+    eng.tick()
+    assert eng.get(job_id)["status"] == "failed"
+
+
+def test_heartbeats_keep_a_lease_alive():
+    eng, clock = make_engine()
+    job_id = submit(eng)
+    job = eng.claim(["w"], 10)
+    for _ in range(5):
+        clock.advance(8)
+        eng.heartbeat(job_id, job["lease_token"], progress={"fraction": 0.2})
+        eng.tick()
+    assert eng.get(job_id)["status"] == "running"
+    assert eng.report(job_id, job["lease_token"], result={"ok": 1})["status"] == "succeeded"
+
+
+def test_a_worker_failure_is_retried_unless_not_retryable():
+    eng, clock = make_engine()
+    job_id = submit(eng)
+    job = eng.claim(["w"], 10)
+    assert eng.report(job_id, job["lease_token"], error="flaky upstream")["status"] == "queued"
+    clock.advance(10)
+    job = eng.claim(["w"], 10)
+    done = eng.report(job_id, job["lease_token"], error="bad data", retryable=False)
+    assert done["status"] == "failed" and done["error"]["message"] == "bad data"
+
+
+# -- over HTTP --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    app = make_app(tmp_path, API_KEYS=KEY)
+    clock = FakeClock()
+    app.services.engine.now = clock
+    app.services.jobs.clock = clock
+    app.clock = clock
+    yield app
+    app.stop()
+
+
+def post(client, path, body=None, **kw):
+    return client.post(path, body if body is not None else {}, key=KEY, **kw)
+
+
+def test_seed_flow_ends_succeeded_with_demo_flow(api):
+    c = Client(api)
+    job_id = post(c, "/api/v1/intake", {"workflow": "demo.flow",
+                                       "payload": {"title": "Hello world", "n": 3}}).json()["job_id"]
+    assert api.services.engine.run_next()
+    status = c.get(f"/api/v1/status/{job_id}").json()
+    assert status["status"] == "succeeded" and status["attempts"] == 1
+    assert status["result"]["keys"] == ["n", "title"]
+    assert status["result"]["fields"]["title"] == {"type": "string", "json_bytes": 13,
+                                                   "words": 2, "chars": 11}
+
+
+def test_echo_and_sleep_payload_schema(api):
+    c = Client(api)
+    r = post(c, "/api/v1/intake", {"workflow": "sleep", "payload": {"seconds": 61}})
+    assert r.status == 400 and r.json()["field"] == "payload/seconds"
+    job_id = post(c, "/api/v1/intake", {"workflow": "echo", "payload": {"x": [1]}}).json()["job_id"]
+    api.services.engine.run_next()
+    assert c.get(f"/api/v1/status/{job_id}").json()["result"] == {"x": [1]}
+
+
+def test_external_worker_protocol(api):
+    c = Client(api)
+    assert post(c, "/api/v1/jobs/claim", {"workflows": ["ext"]}).status == 204
+    job_id = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {"q": 1}}).json()["job_id"]
+    r = post(c, "/api/v1/jobs/claim", {"workflows": ["ext"], "lease_seconds": 30})
+    assert r.status == 200
+    job = r.json()["job"]
+    assert job["job_id"] == job_id and job["payload"] == {"q": 1} and job["attempt"] == 1
+    assert job["lease_expires_at"] == pytest.approx(api.clock() + 30)
+    token = job["lease_token"]
+    assert c.get(f"/api/v1/status/{job_id}").json()["status"] == "running"
+    r = post(c, f"/api/v1/jobs/{job_id}/heartbeat", {"lease_token": token,
+                                                    "progress": {"fraction": 0.5, "note": "half"}})
+    assert r.status == 200 and r.json()["cancel_requested"] is False
+    assert c.get(f"/api/v1/status/{job_id}").json()["progress"] == {"fraction": 0.5, "note": "half"}
+    r = post(c, f"/api/v1/jobs/{job_id}/heartbeat", {"lease_token": "0" * 32})
+    assert r.status == 409 and r.json()["error"] == "lease_lost"
+    r = post(c, f"/api/v1/jobs/{job_id}/complete", {"lease_token": token, "result": {"a": 42}})
+    assert r.status == 200 and r.json()["job"]["status"] == "succeeded"
+    r = post(c, f"/api/v1/jobs/{job_id}/complete", {"lease_token": token, "result": {"a": 43}})
+    assert r.status == 409 and r.json()["error"] == "lease_lost"
+    assert c.get(f"/api/v1/status/{job_id}").json()["result"] == {"a": 42}
+    r = post(c, f"/api/v1/jobs/{'0' * 32}/complete", {"lease_token": token, "result": 1})
+    assert r.status == 404
+
+
+def test_worker_protocol_errors(api):
+    c = Client(api)
+    job_id = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {}}).json()["job_id"]
+    for body in ({}, {"workflows": []}, {"workflows": "ext"}, {"workflows": ["ext"], "lease_seconds": 0},
+                 {"workflows": ["ext"], "lease_seconds": 3601}, {"workflows": ["ext", "ext"]}):
+        assert post(c, "/api/v1/jobs/claim", body).json()["error"] == "validation_failed", body
+    token = post(c, "/api/v1/jobs/claim", {"workflows": ["ext"]}).json()["job"]["lease_token"]
+    r = post(c, f"/api/v1/jobs/{job_id}/fail", {"lease_token": token})
+    assert r.status == 400 and r.json()["field"] == "error"
+    r = post(c, f"/api/v1/jobs/{job_id}/fail", {"lease_token": token, "error": "nope",
+                                               "retryable": False})
+    assert r.json()["job"]["status"] == "failed"
+    assert c.post("/api/v1/jobs/claim", {"workflows": ["ext"]}).status == 401
+
+
+def test_cancel_and_retry_endpoints(api):
+    c = Client(api)
+    job_id = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {}}).json()["job_id"]
+    r = post(c, f"/api/v1/jobs/{job_id}/cancel")
+    assert r.status == 200 and r.json()["job"]["status"] == "canceled"
+    r = post(c, f"/api/v1/jobs/{job_id}/cancel")
+    assert r.status == 409 and r.json()["error"] == "conflict"
+    r = post(c, f"/api/v1/jobs/{job_id}/retry")
+    assert r.status == 200 and r.json()["job"]["status"] == "queued"
+    assert post(c, f"/api/v1/jobs/{job_id}/retry").status == 409
+    assert post(c, f"/api/v1/jobs/{'a' * 32}/cancel").status == 404
+    assert post(c, "/api/v1/jobs/not-an-id/retry").status == 404
+
+
+def test_cancel_running_external_job_is_reported_on_heartbeat(api):
+    c = Client(api)
+    job_id = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {}}).json()["job_id"]
+    token = post(c, "/api/v1/jobs/claim", {"workflows": ["ext"]}).json()["job"]["lease_token"]
+    assert post(c, f"/api/v1/jobs/{job_id}/cancel").json()["job"]["status"] == "running"
+    assert post(c, f"/api/v1/jobs/{job_id}/heartbeat", {"lease_token": token}).json()["cancel_requested"]
+    r = post(c, f"/api/v1/jobs/{job_id}/complete", {"lease_token": token, "result": 1})
+    assert r.json()["job"]["status"] == "canceled"
+
+
+# -- idempotency ------------------------------------------------------------------------------
+
+
+def test_idempotent_replay_and_mismatch(api):
+    c = Client(api)
+    body = {"workflow": "ext", "payload": {"n": 1}}
+    first = post(c, "/api/v1/intake", body, headers={"Idempotency-Key": "order-42"})
+    again = post(c, "/api/v1/intake", {"payload": {"n": 1}, "workflow": "ext"},
+                 headers={"Idempotency-Key": "order-42"})
+    assert first.status == again.status == 202
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    r = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {"n": 2}},
+             headers={"Idempotency-Key": "order-42"})
+    assert r.status == 422 and r.json()["error"] == "idempotency_key_reused"
+    assert len(api.services.jobs) == 1
+    api.clock.advance(86_401)  # a day later the key is free again
+    assert post(c, "/api/v1/intake", body, headers={"Idempotency-Key": "order-42"}).json()[
+        "job_id"] != first.json()["job_id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\xe9", "tab\there"])
+def test_bad_idempotency_keys_are_refused(api, key):
+    r = post(Client(api), "/api/v1/intake", {"workflow": "ext", "payload": {}},
+             headers={"Idempotency-Key": key})
+    assert r.status == 400 and r.json()["error"] == "invalid_idempotency_key"
+
+
+def test_idempotency_is_scoped_to_the_api_key(tmp_path):
+    app = make_app(tmp_path, API_KEYS=f"{KEY},other-key-0123456789abcdef")
+    c = Client(app)
+    body = {"workflow": "ext", "payload": {}}
+    a = c.post("/api/v1/intake", body, key=KEY, headers={"Idempotency-Key": "k1"}).json()
+    b = c.post("/api/v1/intake", body, key="other-key-0123456789abcdef",
+               headers={"Idempotency-Key": "k1"}).json()
+    assert a["job_id"] != b["job_id"]
+    app.stop()
+
+
+def test_concurrent_identical_requests_make_one_job(api):
+    c = Client(api)
+    barrier = threading.Barrier(20)
+    ids, statuses = [], []
+
+    def go():
+        barrier.wait()
+        r = post(c, "/api/v1/intake", {"workflow": "ext", "payload": {"v": 1}},
+                 headers={"Idempotency-Key": "race"})
+        statuses.append(r.status)
+        ids.append(r.json()["job_id"])
+
+    threads = [threading.Thread(target=go) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == [202] * 20 and len(set(ids)) == 1 and len(api.services.jobs) == 1
+
+
+# -- listing ----------------------------------------------------------------------------------
+
+
+def test_listing_is_newest_first_paginated_and_per_key(tmp_path):
+    other = "other-key-0123456789abcdef"
+    app = make_app(tmp_path, API_KEYS=f"{KEY},{other}")
+    c = Client(app)
+    mine = [c.post("/api/v1/intake", {"workflow": "ext" if i % 2 else "w", "payload": {}},
+                   key=KEY).json()["job_id"] for i in range(7)]
+    c.post("/api/v1/intake", {"workflow": "ext", "payload": {}}, key=other)
+    seen, cursor = [], None
+    while True:
+        r = c.get("/api/v1/jobs?limit=3" + (f"&cursor={cursor}" if cursor else ""), key=KEY)
+        assert r.status == 200
+        seen += [j["job_id"] for j in r.json()["jobs"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == mine[::-1]
+    r = c.get("/api/v1/jobs?workflow=ext", key=KEY).json()
+    assert [j["job_id"] for j in r["jobs"]] == [mine[5], mine[3], mine[1]]
+    assert c.get("/api/v1/jobs?status=running", key=KEY).json() == {"jobs": [], "next_cursor": None}
+    assert len(c.get("/api/v1/jobs", key=other).json()["jobs"]) == 1
+    for bad in ("limit=0", "limit=101", "limit=x", "status=done", "cursor=%%%", "cursor=YWJj"):
+        assert c.get(f"/api/v1/jobs?{bad}", key=KEY).status == 400, bad
+    assert c.get("/api/v1/jobs").status == 401
+    app.stop()
+
+
+def test_metrics_and_ops_health_reflect_the_engine(api):
+    c = Client(api)
+    for priority in ("high", "high", "low"):
+        post(c, "/api/v1/intake", {"workflow": "ext", "payload": {}, "priority": priority})
+    job_id = post(c, "/api/v1/intake", {"workflow": "echo", "payload": {}}).json()["job_id"]
+    api.services.engine.run_next()
+    assert c.get(f"/api/v1/status/{job_id}").json()["status"] == "succeeded"
+    metrics = c.get("/public/metrics").json()
+    assert metrics["queue_depth"] == {"high": 2, "normal": 0, "low": 1}
+    assert metrics["running"] == 0 and metrics["finished_today"] == 1 and metrics["jobs_today"] == 4
+    ops = c.get("/api/v1/ops/health", key=KEY).json()
+    assert ops["jobs"]["succeeded"] == 1 and ops["queue_depth"]["high"] == 2
+    assert {"echo", "sleep", "demo.flow"} <= set(ops["workflows"])
+
+
+def test_operator_workflow_modules_are_imported(tmp_path, monkeypatch):
+    (tmp_path / "my_flows.py").write_text(
+        "import engine\n"
+        "@engine.workflow('my.double')\n"
+        "def double(payload, ctx):\n"
+        "    return payload['n'] * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = make_app(tmp_path, LEVQOR_WORKFLOWS="my_flows")
+    c = Client(app)
+    job_id = c.post("/api/v1/intake", {"workflow": "my.double", "payload": {"n": 21}}).json()["job_id"]
+    app.services.engine.run_next()
+    assert c.get(f"/api/v1/status/{job_id}").json()["result"] == 42
+    app.stop()
+
+
+def test_unimportable_workflow_module_refuses_to_start(tmp_path):
+    import levqor
+    with pytest.raises(levqor.ConfigError, match="LEVQOR_WORKFLOWS"):
+        make_app(tmp_path, LEVQOR_WORKFLOWS="no_such_module_anywhere")
+
+
+def test_pool_threads_run_jobs_and_stop_cleanly(tmp_path):
+    log = io.StringIO()
+    app = make_app(tmp_path, log=log, WORKER_THREADS=2)
+    c = Client(app)
+    ids = [c.post("/api/v1/intake", {"workflow": "echo", "payload": {"i": i}}).json()["job_id"]
+           for i in range(10)]
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            c.get(f"/api/v1/status/{i}").json()["status"] != "succeeded" for i in ids):
+        time.sleep(0.02)
+    assert all(c.get(f"/api/v1/status/{i}").json()["result"] == {"i": n} for n, i in enumerate(ids))
+    app.stop(grace=5)
+    assert "job engine stopped" in log.getvalue()
