@@ -10,6 +10,7 @@ first check that failed and what it saw.
 
 import os
 import sys
+import time
 import uuid
 
 import requests
@@ -24,11 +25,19 @@ class CheckFailed(Exception):
 
 
 def call(method, path, key=True, **kwargs):
+    """One request; a 429 is waited out (Retry-After) and tried again, as a
+    polite client would: the full run makes more writes than one minute's
+    default budget."""
     headers = kwargs.pop("headers", {})
     if key and API_KEY:
         headers["X-Api-Key"] = API_KEY
-    return requests.request(method, BASE_URL + path, headers=headers, timeout=TIMEOUT,
-                            allow_redirects=False, **kwargs)
+    for _ in range(5):
+        r = requests.request(method, BASE_URL + path, headers=headers, timeout=TIMEOUT,
+                             allow_redirects=False, **kwargs)
+        if r.status_code != 429:
+            return r
+        time.sleep(min(60, int(r.headers.get("Retry-After", "1"))))
+    return r
 
 
 def expect(name, response, status, *fields, error=None):
@@ -63,21 +72,54 @@ def run():
            "uptime_rolling_7d", "jobs_today", "audit_coverage", "last_updated")
     expect("ops health", call("GET", "/api/v1/ops/health"), 200, "ok", "ts", "checks", "jobs")
 
-    # Jobs
+    # Jobs: an in-process workflow runs to the end on its own
     job = {"workflow": "demo.flow", "payload": {"text": "validate levqor"}, "priority": "high",
            "callback_url": "https://example.com/levqor-callback"}
     body = expect("intake", call("POST", "/api/v1/intake", json=job), 202, "job_id", "status")
     job_id = body["job_id"]
     check("intake", body["status"] == "queued", body)
-    body = expect("status", call("GET", f"/api/v1/status/{job_id}"), 200,
-                  "job_id", "status", "created_at", "result", "error")
-    check("status", body["job_id"] == job_id, body)
+    deadline = time.monotonic() + 15
+    while True:
+        body = expect("status", call("GET", f"/api/v1/status/{job_id}"), 200,
+                      "job_id", "status", "created_at", "result", "error", "attempts", "progress")
+        if body["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    check("demo.flow ends succeeded", body["status"] == "succeeded"
+          and body["result"]["total_words"] == 2, body)
+
+    # A workflow with no handler here waits for an external worker
+    external = {"workflow": "validate.external", "payload": {"n": 1}}
+    job_id = expect("intake external", call("POST", "/api/v1/intake", json=external), 202,
+                    "job_id")["job_id"]
     done = call("POST", f"/api/v1/_dev/complete/{job_id}", json={"result": {"validated": True}})
     if done.status_code != 404:  # dev endpoints are off in production
         expect("dev complete", done, 200, "ok")
         body = expect("status after complete", call("GET", f"/api/v1/status/{job_id}"), 200, "status")
         check("status after complete", body["status"] == "succeeded"
               and body["result"] == {"validated": True}, body)
+    job_id = call("POST", "/api/v1/intake", json=external).json()["job_id"]
+    body = expect("cancel", call("POST", f"/api/v1/jobs/{job_id}/cancel"), 200, "job")
+    check("cancel", body["job"]["status"] == "canceled", body)
+    expect("cancel twice", call("POST", f"/api/v1/jobs/{job_id}/cancel"), 409, error="conflict")
+    body = expect("retry", call("POST", f"/api/v1/jobs/{job_id}/retry"), 200, "job")
+    check("retry", body["job"]["status"] == "queued", body)
+    claimed = call("POST", "/api/v1/jobs/claim", json={"workflows": ["validate.external"]})
+    body = expect("claim", claimed, 200, "job")
+    token = body["job"]["lease_token"]
+    expect("heartbeat", call("POST", f"/api/v1/jobs/{body['job']['job_id']}/heartbeat",
+                             json={"lease_token": token}), 200, "lease_expires_at")
+    body = expect("complete", call("POST", f"/api/v1/jobs/{body['job']['job_id']}/complete",
+                                   json={"lease_token": token, "result": {"ok": 1}}), 200, "job")
+    check("complete", body["job"]["status"] == "succeeded", body)
+    body = expect("list jobs", call("GET", "/api/v1/jobs?limit=5"), 200, "jobs", "next_cursor")
+    check("list jobs", len(body["jobs"]) >= 1, body)
+    key = f"validate-{uuid.uuid4().hex}"
+    first = call("POST", "/api/v1/intake", json=external, headers={"Idempotency-Key": key})
+    again = call("POST", "/api/v1/intake", json=external, headers={"Idempotency-Key": key})
+    check("idempotent replay", first.status_code == again.status_code == 202
+          and first.json()["job_id"] == again.json()["job_id"]
+          and again.headers.get("Idempotent-Replayed") == "true", again.text)
     expect("unknown job", call("GET", f"/api/v1/status/{'0' * 32}"), 404, error="not_found")
     expect("intake without payload", call("POST", "/api/v1/intake", json={"workflow": "x"}), 400,
            "field", error="validation_failed")

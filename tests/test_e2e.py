@@ -139,3 +139,60 @@ def test_production_without_keys_does_not_start(tmp_path):
     else:
         srv.stop()
         raise AssertionError("gunicorn served without API keys in production")
+
+
+def test_external_worker_and_in_process_workflows_side_by_side(tmp_path):
+    """Through real gunicorn: scripts/example_worker.py claims, heartbeats and
+    completes 'uppercase' jobs while the pool runs demo.flow jobs beside it."""
+    srv = Server(tmp_path, API_KEYS=KEY, RATE_BURST=1000, RATE_GLOBAL=1000).start()
+    try:
+        session = requests.Session()
+        session.headers["X-Api-Key"] = KEY
+
+        def submit(workflow, payload):
+            r = session.post(srv.url + "/api/v1/intake", json={"workflow": workflow,
+                                                               "payload": payload}, timeout=5)
+            assert r.status_code == 202, r.text
+            return r.json()["job_id"]
+
+        external = [submit("uppercase", {"word": f"hello {i}"}) for i in range(8)]
+        failing = submit("uppercase", {"fail": True})
+        local = [submit("demo.flow", {"text": f"some words number {i}"}) for i in range(8)]
+        worker = subprocess.Popen(
+            [sys.executable, "scripts/example_worker.py", "uppercase", "--lease", "3",
+             "--idle-exit", "2"], cwd=ROOT, env={**os.environ, "BASE_URL": srv.url, "API_KEY": KEY},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0, out
+
+        def status(job_id):
+            return session.get(srv.url + f"/api/v1/status/{job_id}", timeout=5).json()
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(status(j)["status"] != "succeeded" for j in local):
+            time.sleep(0.1)
+        for i, job_id in enumerate(external):
+            s = status(job_id)
+            assert s["status"] == "succeeded" and s["result"] == {"word": f"HELLO {i}"}, s
+        s = status(failing)
+        assert s["status"] == "failed" and "asked to fail" in s["error"]["message"]
+        for job_id in local:
+            s = status(job_id)
+            assert s["status"] == "succeeded" and s["result"]["total_words"] == 4, s
+        assert "worker stopped after 9 jobs" in out
+    finally:
+        srv.stop()
+
+
+def test_sigterm_lets_a_running_job_finish(tmp_path):
+    srv = Server(tmp_path, API_KEYS=KEY).start()
+    r = requests.post(srv.url + "/api/v1/intake", json={"workflow": "sleep", "payload": {"seconds": 1}},
+                      headers={"X-Api-Key": KEY}, timeout=5)
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 10
+    while requests.get(srv.url + f"/api/v1/status/{job_id}", timeout=5).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    srv.stop()  # SIGTERM
+    log = srv.log()
+    assert '"msg":"job engine stopped"' in log and '"running_abandoned":[]' in log, log
