@@ -145,7 +145,7 @@ class JobError(Exception):
 
 STATUS_VIEW = ("job_id", "status", "created_at", "updated_at", "workflow", "priority",
                "attempts", "max_attempts", "started_at", "finished_at", "progress",
-               "result", "error")
+               "result", "error", "callback")
 
 
 def status_view(job):
@@ -204,6 +204,7 @@ class Engine:
             "attempts": 0, "max_attempts": self._options(workflow)[1], "not_before": now,
             "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
             "cancel_requested": False, "progress": None, "result": None, "error": None,
+            "callback": None, "callback_id": None, "callback_body": None,
         }
 
     def submit(self, job, idempotency=None):

@@ -23,7 +23,9 @@ from json.encoder import encode_basestring_ascii as _esc
 
 import jsonschema
 
+import callbacks
 import engine
+from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
 from storage import Database, MemoryJobStore, Recorder, StorageError, UserStore
 from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body
 
@@ -70,6 +72,21 @@ def _keys(environ, name):
     return keys
 
 
+def _secrets(environ):
+    found = []
+    for name in ("CALLBACK_SECRET", "CALLBACK_SECRET_NEXT"):
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                callbacks.parse_secret(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            found.append(value)
+    if len(found) == 1 and environ.get("CALLBACK_SECRET_NEXT", "").strip():
+        raise ConfigError("CALLBACK_SECRET_NEXT is set without CALLBACK_SECRET")
+    return tuple(found)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     env: str = "development"
@@ -94,6 +111,9 @@ class Settings:
     job_backoff_cap: float = 300.0
     job_priority_aging: float = 60.0
     workflows: tuple = ()
+    callback_secrets: tuple = ()  # CALLBACK_SECRET, then CALLBACK_SECRET_NEXT
+    callback_allow_private: bool = False
+    callback_threads: int = 2
     log_level: str = "INFO"
     public_dir: str = os.path.join(HERE, "public")
 
@@ -138,6 +158,9 @@ class Settings:
             job_backoff_cap=_int(env, "JOB_BACKOFF_CAP", 300, 0, 86_400),
             job_priority_aging=_int(env, "JOB_PRIORITY_AGING", 60, 1, 86_400),
             workflows=_list(env, "LEVQOR_WORKFLOWS"),
+            callback_secrets=_secrets(env),
+            callback_allow_private=_flag(env, "CALLBACK_ALLOW_PRIVATE"),
+            callback_threads=_int(env, "CALLBACK_THREADS", 2, 1, 64),
             log_level=level,
         )
 
@@ -499,11 +522,14 @@ class Services:
         self.users = UserStore(self.db)
         self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl, settings.job_priority_aging)
         self.recorder = Recorder(self.db, log)
+        self.callbacks = callbacks.Callbacks(
+            self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
+            threads=settings.callback_threads, view=engine.status_view)
         self.engine = engine.Engine(
             self.jobs, registry, log, threads=settings.worker_threads,
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
-            on_finish=[lambda job: self.recorder.count("finished")])
+            on_finish=[lambda job: self.recorder.count("finished"), self.callbacks.on_finish])
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():
@@ -528,11 +554,13 @@ class Services:
             self.log.start()
             self.recorder.start()
             self.engine.start()
+            self.callbacks.start()
             self.pid = os.getpid()
 
     def stop(self, grace=25.0):
         """Let running jobs finish within ``grace`` seconds, then write what is buffered."""
         self.engine.stop(grace)
+        self.callbacks.stop()
         self.recorder.stop()
         self.log.stop()
 
@@ -573,6 +601,10 @@ def create_app(settings=None, log_stream=None, registry=None):
             raise ConfigError("LEVQOR_ENV=production needs API_KEYS: refusing to start without them")
         log.warning("OPEN DEVELOPMENT MODE: no API_KEYS are set, so every request is allowed. "
                     "Set API_KEYS before exposing this service.")
+    if not settings.callback_secrets:
+        log.info("callbacks are not sent: no CALLBACK_SECRET is set")
+    if settings.callback_allow_private:
+        log.warning("CALLBACK_ALLOW_PRIVATE=1: callbacks may reach private and loopback addresses")
     if registry is None:
         try:
             engine.import_workflows(settings.workflows)

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import jsonschema
 from jsonschema.exceptions import best_match
 
+import callbacks
 from engine import JobError, status_view
 from storage import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
 
@@ -590,6 +591,10 @@ def _job_call(method, job_id, *args, **kwargs):
 def intake(req):
     app = req.app
     body = validate("intake", req.json())
+    if "callback_url" in body:
+        problem = callbacks.url_problem(body["callback_url"], app.settings.callback_allow_private)
+        if problem is not None:
+            raise HTTPError(400, "validation_failed", f"callback_url: {problem}", field="callback_url")
     payload_validator = app.payload_validators.get(body["workflow"])
     if payload_validator is not None:
         validate(None, body["payload"], payload_validator, prefix=("payload",))
@@ -642,6 +647,15 @@ def job_cancel(req, job_id):
 
 def job_retry(req, job_id):
     return respond({"job": status_view(_job_call(req.app.engine.retry, job_id))})
+
+
+def job_redeliver(req, job_id):
+    job = _job_call(req.app.engine.get, job_id)
+    if job["status"] not in JOB_FINAL:
+        raise HTTPError(409, "conflict", "only a finished job has a notification to send")
+    if not job.get("callback_url"):
+        raise HTTPError(409, "conflict", "the job has no callback_url")
+    return respond({"job": status_view(req.app.callbacks.redeliver(job))})
 
 
 def job_claim(req):
@@ -865,6 +879,7 @@ ROUTES = [
     ("POST", "/api/v1/jobs/<job_id>/fail", job_fail, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/cancel", job_cancel, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/retry", job_retry, KEY, ("audit",)),
+    ("POST", "/api/v1/jobs/<job_id>/callback/redeliver", job_redeliver, KEY, ("audit",)),
     ("POST", "/api/v1/users/upsert", user_upsert, KEY, ("audit",)),
     ("GET", "/api/v1/users", user_lookup, USER_READ, ()),
     ("GET", "/api/v1/users/<user_id>", user_get, USER_READ, ()),
