@@ -282,9 +282,20 @@ class Callbacks:
         job = self.store.get(job_id)
         if job is None or job.get("callback_id") != event_id:
             return  # the job is gone, or a newer event replaced this one
-        state = dict(job["callback"])
+        state = job["callback"]
+        now = self.clock()
+        if state["state"] != "pending" or (job.get("callback_sending_until") or 0) > now:
+            return  # done already, or another process is sending it right now
+        # Take the attempt: with a shared store, two processes may both have
+        # it scheduled; the compare-and-set lets one of them send.
+        taken = self.store.update(job_id, expect={"callback_id": event_id, "callback": state,
+                                                  "callback_sending_until": job.get("callback_sending_until")},
+                                  callback_sending_until=now + TIMEOUT + 5)
+        if taken is None:
+            return
+        state = dict(state)
         body = job["callback_body"].encode()
-        stamp = int(self.clock())
+        stamp = int(now)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "Levqor-Webhooks/1.0",
@@ -315,7 +326,8 @@ class Callbacks:
             if status in (429, 503) and _retry_after(retry_after) is not None:
                 delay = max(delay, _retry_after(retry_after))
             state["next_attempt_at"] = self.clock() + delay
-        if self.store.update(job_id, expect={"callback_id": event_id}, callback=state) is None:
+        if self.store.update(job_id, expect={"callback_id": event_id}, callback=state,
+                             callback_sending_until=None) is None:
             return
         if state["next_attempt_at"] is not None:
             self._schedule(state["next_attempt_at"], job_id, event_id)
@@ -357,6 +369,8 @@ class Callbacks:
     def start(self):
         if self._workers or not self.enabled:
             return
+        for job_id, event_id, due in self.store.pending_callbacks():
+            self._schedule(due or self.clock(), job_id, event_id)
         self._stopping.clear()
         self._workers = [threading.Thread(target=self._worker, name=f"levqor-callback-{i}",
                                           daemon=True) for i in range(self.threads)]

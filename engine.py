@@ -159,8 +159,10 @@ def new_token():
 
 class Engine:
     def __init__(self, store, registry, log, *, threads=4, timeout=300.0, max_attempts=3,
-                 backoff=2.0, backoff_cap=300.0, clock=time.time, rng=None, on_finish=()):
+                 backoff=2.0, backoff_cap=300.0, local_lease=30.0, clock=time.time, rng=None,
+                 on_finish=()):
         self.store = store
+        self.local_lease = local_lease  # seconds an in-process attempt holds, renewed as it runs
         self.on_finish = list(on_finish)  # called with each job that reaches a final state
         self.registry = registry
         self.log = log
@@ -203,8 +205,10 @@ class Engine:
             "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
             "attempts": 0, "max_attempts": self._options(workflow)[1], "not_before": now,
             "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
+            "deadline_at": None,
             "cancel_requested": False, "progress": None, "result": None, "error": None,
             "callback": None, "callback_id": None, "callback_body": None,
+            "callback_sending_until": None,
         }
 
     def submit(self, job, idempotency=None):
@@ -253,7 +257,8 @@ class Engine:
             job_id, expect={"status": job["status"], "finished_at": job["finished_at"]},
             status="queued", attempts=0, error=None, result=None, progress=None,
             cancel_requested=False, started_at=None, finished_at=None, runner=None,
-            lease_token=None, lease_expires_at=None, not_before=now, queued_at=now, updated_at=now)
+            lease_token=None, lease_expires_at=None, deadline_at=None, not_before=now, queued_at=now,
+            updated_at=now)
         if done is None:
             raise JobError("conflict", "the job is changing state; try again")
         self._notify()
@@ -262,23 +267,47 @@ class Engine:
     # -- attempts: shared by in-process and external workers ----------------------------------
 
     def _start_attempt(self, runner, lease_seconds):
+        """The changes that make a claimed job running.
+
+        An external worker's lease is what it asked for. An in-process
+        attempt has a deadline (its timeout) and a short lease that this
+        process's sweeper renews while the attempt runs: if the process
+        dies, the lease runs out long before the timeout would, and the job
+        comes back by the usual lease rules (with a durable store, in any
+        process).
+        """
         token = new_token()
         now = self.now()
 
         def changes(job):
-            seconds = lease_seconds if lease_seconds is not None else self._options(job["workflow"])[0]
+            if runner == "local":
+                deadline = now + self._options(job["workflow"])[0]
+                seconds = min(self.local_lease, deadline - now)
+            else:
+                deadline, seconds = None, lease_seconds
             return {"status": "running", "runner": runner, "lease_token": token,
                     "lease_seconds": seconds, "lease_expires_at": now + seconds,
-                    "attempts": job["attempts"] + 1,
+                    "deadline_at": deadline, "attempts": job["attempts"] + 1,
                     "started_at": now, "updated_at": now, "progress": None}
         return changes
+
+    def _renew_local_leases(self, now):
+        with self._contexts_lock:
+            running = list(self._contexts.values())
+        for ctx in running:
+            job = self.store.get(ctx.job_id)
+            if job is None or job["lease_token"] != ctx._token or job["deadline_at"] is None:
+                continue
+            if job["lease_expires_at"] - now < self.local_lease / 2:
+                self.store.update(ctx.job_id, expect={"lease_token": ctx._token},
+                                  lease_expires_at=min(job["deadline_at"], now + self.local_lease))
 
     def _finish(self, job, token, **changes):
         """End the attempt holding ``token``; None if it no longer holds the job."""
         now = self.now()
         if changes.get("status") in JOB_FINAL:
             changes["finished_at"] = now
-        changes.update(updated_at=now, lease_token=None, lease_expires_at=None)
+        changes.update(updated_at=now, lease_token=None, lease_expires_at=None, deadline_at=None)
         done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token},
                                  **changes)
         if done is not None:
@@ -325,12 +354,13 @@ class Engine:
         out without a heartbeat go back to the queue, the attempt counted,
         or fail with ``lease_expired`` after the last one."""
         now = self.now()
+        self._renew_local_leases(now)
         for job in self.store.expired(now):
             token = job["lease_token"]
             self._signal(job["job_id"])  # first: finishing forgets the attempt's context
             if job["cancel_requested"]:
                 self._finish(job, token, status="canceled")
-            elif job["runner"] == "local":
+            elif job["deadline_at"] is not None and job["deadline_at"] <= now:
                 timeout = self._options(job["workflow"])[0]
                 done = self._finish(job, token, status="failed", error={
                     "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
@@ -341,6 +371,7 @@ class Engine:
                 self._finish(job, token, status="queued", not_before=now, queued_at=now,
                              error={"type": "lease_expired", "message": "the worker stopped reporting",
                                     "attempts": job["attempts"]})
+                self.log.warning("lease expired; job queued again", job_id=job["job_id"])
             else:
                 self._finish(job, token, status="failed", error={
                     "type": "lease_expired", "message": "the worker stopped reporting",
@@ -443,9 +474,13 @@ class Engine:
                 self._wake.wait(wait)
 
     def _sweeper(self):
+        sweeps = 0
         while not self._stopping.wait(0.25):
+            sweeps += 1
             try:
                 self.tick()
+                if sweeps % 20 == 0:  # every five seconds: retention
+                    self.store.purge(self.now())
             except Exception:
                 self.log.error("sweeper error", traceback=traceback.format_exc())
 

@@ -1,11 +1,17 @@
 """Gunicorn settings for Levqor: `gunicorn levqor:app` reads this file.
 
-Why one worker: jobs live in the memory of the process that accepted them
-(storage.MemoryJobStore). With two workers, a job submitted through one
-would be invisible to a status poll answered by the other. So Levqor runs
-one process with several threads; SQLite and the threads share the work.
-Raise WEB_CONCURRENCY only when you know every request for a job reaches the
-worker that holds it.
+How many workers depends on where jobs live (JOB_STORE):
+
+- memory (the default): one worker. Jobs live in the memory of the process
+  that accepted them; with two workers, a job submitted through one would
+  be invisible to a status poll answered by the other. So Levqor runs one
+  process with several threads.
+- sqlite: one worker per core. Jobs live in the SQLite database that every
+  worker opens, claims are atomic transactions, so any worker can serve
+  any job, and Python's one-core-per-process limit no longer caps the
+  service.
+
+WEB_CONCURRENCY overrides either default.
 """
 
 import os
@@ -17,7 +23,8 @@ _env = os.environ.get("LEVQOR_ENV", "development").strip().lower()
 # told otherwise, so it listens on loopback only.
 _host = os.environ.get("HOST") or ("0.0.0.0" if _env == "production" else "127.0.0.1")
 bind = f"{_host}:{int(os.environ.get('PORT', '5000'))}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+_job_store = os.environ.get("JOB_STORE", "memory").strip().lower()
+workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1 if _job_store == "sqlite" else 1))
 threads = int(os.environ.get("THREADS", "4"))
 worker_class = "gthread"
 timeout = 30

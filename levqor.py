@@ -26,7 +26,7 @@ import jsonschema
 import callbacks
 import engine
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
-from storage import Database, MemoryJobStore, Recorder, StorageError, UserStore
+from storage import Database, MemoryJobStore, Recorder, SqliteJobStore, StorageError, UserStore
 from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -62,6 +62,13 @@ def _list(environ, name, default=()):
 
 def _flag(environ, name):
     return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _choice(environ, name, choices):
+    value = environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def _keys(environ, name):
@@ -102,6 +109,7 @@ class Settings:
     max_content_length: int = 512 * 1024
     cors_origins: tuple = ("https://levqor.ai",)
     sqlite_path: str = "levqor.db"
+    job_store: str = "memory"
     job_ttl: int = 86_400
     max_jobs: int = 100_000
     worker_threads: int = 4
@@ -110,6 +118,7 @@ class Settings:
     job_backoff: float = 2.0
     job_backoff_cap: float = 300.0
     job_priority_aging: float = 60.0
+    job_lease: int = 30
     workflows: tuple = ()
     callback_secrets: tuple = ()  # CALLBACK_SECRET, then CALLBACK_SECRET_NEXT
     callback_allow_private: bool = False
@@ -149,6 +158,7 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 512 * 1024, 1024, 64 * 1024 * 1024),
             cors_origins=_list(env, "CORS_ORIGINS", ("https://levqor.ai",)),
             sqlite_path=env.get("SQLITE_PATH", "").strip() or "levqor.db",
+            job_store=_choice(env, "JOB_STORE", ("memory", "sqlite")),
             job_ttl=_int(env, "JOB_TTL", 86_400, 1, 365 * 86_400),
             max_jobs=_int(env, "MAX_JOBS", 100_000, 1, 10**8),
             worker_threads=_int(env, "WORKER_THREADS", 4, 0, 256),
@@ -157,6 +167,7 @@ class Settings:
             job_backoff=_int(env, "JOB_BACKOFF", 2, 0, 3600),
             job_backoff_cap=_int(env, "JOB_BACKOFF_CAP", 300, 0, 86_400),
             job_priority_aging=_int(env, "JOB_PRIORITY_AGING", 60, 1, 86_400),
+            job_lease=_int(env, "JOB_LEASE", 30, 1, 3600),
             workflows=_list(env, "LEVQOR_WORKFLOWS"),
             callback_secrets=_secrets(env),
             callback_allow_private=_flag(env, "CALLBACK_ALLOW_PRIVATE"),
@@ -240,7 +251,8 @@ class JsonLog:
     def emit(self, level, msg, **fields):
         if self.LEVELS[level] < self.threshold:
             return
-        self._write(json.dumps({"time": self._stamp(), "level": level, "msg": msg, **fields},
+        self._write(json.dumps({"time": self._stamp(), "level": level, "msg": msg, **fields,
+                                "pid": os.getpid()},
                                separators=(",", ":"), default=str) + "\n",
                     urgent=self.LEVELS[level] >= 30)
 
@@ -253,7 +265,7 @@ class JsonLog:
             f'{{"time":"{self._stamp()}","level":"INFO","msg":"request",'
             f'"request_id":{_esc(request_id)},"method":{_esc(method)},"path":{_esc(path)},'
             f'"status":{status},"duration_ms":{duration_ms:.3f},"client_ip":{_esc(client_ip)},'
-            f'"user_agent":{_esc(user_agent)}}}\n')
+            f'"user_agent":{_esc(user_agent)},"pid":{os.getpid()}}}\n')
 
     def info(self, msg, **fields):
         self.emit("INFO", msg, **fields)
@@ -520,7 +532,11 @@ class Services:
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
         self.db = Database(settings.sqlite_path)
         self.users = UserStore(self.db)
-        self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl, settings.job_priority_aging)
+        if settings.job_store == "sqlite":
+            self.jobs = SqliteJobStore(self.db, settings.max_jobs, settings.job_ttl,
+                                       settings.job_priority_aging)
+        else:
+            self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl, settings.job_priority_aging)
         self.recorder = Recorder(self.db, log)
         self.callbacks = callbacks.Callbacks(
             self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
@@ -529,7 +545,7 @@ class Services:
             self.jobs, registry, log, threads=settings.worker_threads,
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
-            on_finish=[lambda job: self.recorder.count("finished"), self.callbacks.on_finish])
+            local_lease=settings.job_lease, on_finish=[lambda job: self.recorder.count("finished"), self.callbacks.on_finish])
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():

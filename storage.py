@@ -21,7 +21,8 @@ import uuid
 # ---------------------------------------------------------------------------
 
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
-# Append only: a released migration is never edited.
+# Append only: a released migration is never edited. Statements are split on
+# semicolons, so comments in them must not hold one.
 MIGRATIONS = [
     """
     CREATE TABLE users (
@@ -54,6 +55,38 @@ MIGRATIONS = [
     """,
     """
     ALTER TABLE minutes ADD COLUMN finished INTEGER NOT NULL DEFAULT 0;
+    """,
+    """
+    -- The durable job store (JOB_STORE=sqlite). The whole job is kept as
+    -- JSON in data, and the columns beside it are copies that the queue,
+    -- the sweeps and the listings search by.
+    CREATE TABLE jobs (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id           TEXT NOT NULL UNIQUE,
+        status           TEXT NOT NULL,
+        workflow         TEXT NOT NULL,
+        priority         TEXT NOT NULL,
+        key_fp           TEXT NOT NULL,
+        score            REAL NOT NULL,
+        not_before       REAL NOT NULL,
+        lease_expires_at REAL,
+        finished_at      REAL,
+        data             TEXT NOT NULL
+    );
+    CREATE INDEX jobs_queue ON jobs(workflow, score) WHERE status = 'queued';
+    CREATE INDEX jobs_due ON jobs(not_before) WHERE status = 'queued';
+    CREATE INDEX jobs_leases ON jobs(lease_expires_at) WHERE status = 'running';
+    CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX jobs_owner ON jobs(key_fp, seq);
+    CREATE TABLE idempotency (
+        key_fp    TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        body_hash TEXT NOT NULL,
+        job_id    TEXT NOT NULL,
+        expires   REAL NOT NULL,
+        PRIMARY KEY (key_fp, key)
+    );
+    CREATE INDEX idempotency_expires ON idempotency(expires);
     """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
@@ -511,7 +544,6 @@ class MemoryJobStore:
             entry = heapq.heappop(delayed)
             job = self._live(entry)
             if job is not None:
-                job["not_before"] = now
                 self._enqueue(job, now)
 
     def _set(self, job, changes, now):
@@ -632,6 +664,179 @@ class MemoryJobStore:
                 found.append(dict(job))
         return found, False
 
+    def purge(self, now):
+        """Drop finished jobs past their time (add() does it too)."""
+        with self._lock:
+            self._purge(now)
+
+    def pending_callbacks(self):
+        return []  # nothing outlives the process that would have sent it
+
     def __len__(self):
         with self._lock:
             return len(self._jobs)
+
+
+class SqliteJobStore:
+    """Jobs in the SQLite database, shared by every process that opens it.
+
+    The same interface and rules as MemoryJobStore, made durable: an
+    acknowledged intake is committed before it is answered, and every
+    change, claims included, is one short ``BEGIN IMMEDIATE`` transaction, so
+    two processes can never both move a job from queued to running. Leases,
+    retries and timeouts are timestamps in the table, so any process's sweep
+    finds a job whose worker died. Finished jobs past ``ttl`` are purged in
+    small batches (``purge``), so no purge holds the database for long.
+    """
+
+    PURGE_BATCH = 500
+
+    def __init__(self, db, max_jobs=100_000, ttl=86_400, aging=60.0, clock=time.time):
+        self.db = db
+        self.max_jobs = max_jobs
+        self.ttl = ttl
+        self.aging = aging
+        self.clock = clock
+        self._held = (0.0, 0)  # (when counted, jobs held): a count of a big table is not free
+
+    def _columns(self, job):
+        ready_at = max(job["not_before"], job["queued_at"])
+        return {"job_id": job["job_id"], "status": job["status"], "workflow": job["workflow"],
+                "priority": job["priority"], "key_fp": job["key_fp"],
+                "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
+                "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
+                "finished_at": job.get("finished_at"),
+                "data": json.dumps(job, separators=(",", ":"))}
+
+    def _load(self, conn, job_id):
+        row = conn.execute("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else dict(json.loads(row["data"]), seq=row["seq"])
+
+    def _save(self, conn, job):
+        cols = self._columns(job)
+        conn.execute("UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
+                     " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
+                     " data = :data WHERE job_id = :job_id", cols)
+
+    def _count(self, now):
+        counted_at, held = self._held
+        if now - counted_at > 1.0:
+            held = self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
+            self._held = (now, held)
+        return held
+
+    def add(self, job, idempotency=None):
+        now = self.clock()
+        if self._count(now) >= self.max_jobs:
+            self.purge(now)
+            self._held = (0.0, 0)
+            if self._count(now) >= self.max_jobs:
+                raise QueueFull("the job store is full")
+        with self.db.write() as conn:
+            if idempotency is not None:
+                key_fp, key, body_hash, ttl = idempotency
+                row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_fp = ?"
+                                   " AND key = ? AND expires > ?", (key_fp, key, now)).fetchone()
+                existing = row and self._load(conn, row["job_id"])
+                if existing:
+                    if row["body_hash"] != body_hash:
+                        raise IdempotencyMismatch(key)
+                    return existing, False
+            job = dict(job, queued_at=job["created_at"])
+            cols = self._columns(job)
+            cursor = conn.execute(
+                f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})", cols)
+            job["seq"] = cursor.lastrowid
+            if idempotency is not None:
+                conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                             (key_fp, key, body_hash, job["job_id"], now + ttl))
+        return job, True
+
+    def get(self, job_id):
+        rows = self.db.query("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,))
+        return dict(json.loads(rows[0]["data"]), seq=rows[0]["seq"]) if rows else None
+
+    def update(self, job_id, expect=None, **changes):
+        with self.db.write() as conn:
+            job = self._load(conn, job_id)
+            if job is None or any(job.get(k) != v for k, v in (expect or {}).items()):
+                return None
+            job.update(changes)
+            self._save(conn, job)
+        return job
+
+    def claim(self, workflows, changes_for):
+        now = self.clock()
+        with self.db.write() as conn:
+            sql = "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= ?"
+            params = [now]
+            if workflows is not None:
+                if not workflows:
+                    return None
+                sql += f" AND workflow IN ({', '.join('?' * len(workflows))})"
+                params += list(workflows)
+            row = conn.execute(sql + " ORDER BY score, seq LIMIT 1", params).fetchone()
+            if row is None:
+                return None
+            job = self._load(conn, row["job_id"])
+            job.update(changes_for(job))
+            self._save(conn, job)
+        return job
+
+    def expired(self, now):
+        rows = self.db.query("SELECT seq, data FROM jobs WHERE status = 'running'"
+                             " AND lease_expires_at <= ?", (now,))
+        return [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+
+    def next_due(self):
+        rows = self.db.query("SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued'"
+                             " AND not_before > ?", (self.clock(),))
+        return rows[0]["t"]
+
+    def counts(self):
+        rows = self.db.query("SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority")
+        by_status = dict.fromkeys(JOB_STATUSES, 0)
+        queued = dict.fromkeys(PRIORITIES, 0)
+        for r in rows:
+            by_status[r["status"]] += r["n"]
+            if r["status"] == "queued":
+                queued[r["priority"]] += r["n"]
+        return {"by_status": by_status, "queued_by_priority": queued}
+
+    def page(self, key_fp, status=None, workflow=None, limit=20, before_seq=None):
+        sql, params = "SELECT seq, data FROM jobs WHERE key_fp = ?", [key_fp]
+        for column, value in (("status", status), ("workflow", workflow)):
+            if value:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            params.append(before_seq)
+        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", params + [limit + 1])
+        jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+        return jobs[:limit], len(jobs) > limit
+
+    def pending_callbacks(self):
+        """(job_id, callback_id, next_attempt_at) of deliveries still to make,
+        for a process that starts after another stopped mid-schedule."""
+        rows = self.db.query(
+            "SELECT json_extract(data, '$.job_id') AS job_id,"
+            " json_extract(data, '$.callback_id') AS callback_id,"
+            " json_extract(data, '$.callback.next_attempt_at') AS due FROM jobs"
+            " WHERE finished_at IS NOT NULL AND json_extract(data, '$.callback.state') = 'pending'")
+        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows]
+
+    def purge(self, now):
+        """Delete one small batch of finished jobs past ``ttl``, and expired
+        idempotency keys; returns how many jobs went."""
+        cutoff = now - self.ttl
+        with self.db.write() as conn:
+            gone = conn.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
+                " AND finished_at <= ? LIMIT ?)", (cutoff, self.PURGE_BATCH)).rowcount
+            conn.execute("DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
+                         " WHERE expires <= ? LIMIT ?)", (now, self.PURGE_BATCH))
+        return gone
+
+    def __len__(self):
+        return self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]

@@ -98,9 +98,21 @@ class Log:
         return lambda *a, **k: None
 
 
+STORE = {}
+
+
+@pytest.fixture(autouse=True, params=["memory", "sqlite"])
+def store_kind(request, tmp_path):
+    STORE.update(kind=request.param, path=tmp_path)
+    return request.param
+
+
 def setup(url, secrets=(SECRET,), allow_private=True, post=callbacks.post, finish_status="succeeded"):
     clock = FakeClock()
-    store = storage.MemoryJobStore(clock=clock)
+    if STORE["kind"] == "sqlite":
+        store = storage.SqliteJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
+    else:
+        store = storage.MemoryJobStore(clock=clock)
     eng = engine.Engine(store, engine.Registry(), Log(), clock=clock)
     cbs = callbacks.Callbacks(store, Log(), secrets, allow_private, clock=clock, post=post,
                               view=engine.status_view)
@@ -340,7 +352,8 @@ def test_any_forbidden_answer_refuses_the_name():
 
 
 def test_status_view_and_redeliver(tmp_path, receiver):
-    app = make_app(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1")
+    app = make_app(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1",
+                   JOB_STORE=STORE["kind"])
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "echo", "payload": {"a": 1},
                                        "callback_url": receiver.url + "/hook"}, key=KEY).json()["job_id"]
@@ -364,7 +377,7 @@ def test_status_view_and_redeliver(tmp_path, receiver):
 
 
 def test_canceled_jobs_notify_too(tmp_path, receiver):
-    app = make_app(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1")
+    app = make_app(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1", JOB_STORE=STORE["kind"])
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "ext", "payload": {},
                                        "callback_url": receiver.url + "/hook"}).json()["job_id"]
@@ -375,7 +388,8 @@ def test_canceled_jobs_notify_too(tmp_path, receiver):
 
 
 def test_end_to_end_through_gunicorn(tmp_path, receiver):
-    srv = Server(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1").start()
+    srv = Server(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1",
+                 JOB_STORE=STORE["kind"]).start()
     try:
         r = requests.post(srv.url + "/api/v1/intake", headers={"X-Api-Key": KEY}, timeout=5,
                           json={"workflow": "demo.flow", "payload": {"text": "call me back"},

@@ -7,7 +7,7 @@ import pytest
 
 import engine
 import storage
-from conftest import KEY, Client, FakeClock, make_app
+from conftest import KEY, Client, FakeClock, make_app  # noqa: F401
 
 
 class Log:
@@ -21,9 +21,30 @@ class Log:
         return self._add(level)
 
 
+# Every test here runs once on each job store: the same suite, not a copy.
+STORE = {}
+
+
+@pytest.fixture(autouse=True, params=["memory", "sqlite"])
+def store_kind(request, tmp_path):
+    STORE.update(kind=request.param, path=tmp_path)
+    return request.param
+
+
+def new_store(clock):
+    if STORE["kind"] == "sqlite":
+        return storage.SqliteJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
+                                      clock=clock)
+    return storage.MemoryJobStore(aging=60, clock=clock)
+
+
+def app_for(tmp_path, **env):
+    return make_app(tmp_path, JOB_STORE=STORE["kind"], **env)
+
+
 def make_engine(registry=None, clock=None, **options):
     clock = clock or FakeClock()
-    store = storage.MemoryJobStore(aging=60, clock=clock)
+    store = new_store(clock)
     eng = engine.Engine(store, registry or engine.Registry(), Log(), clock=clock,
                         rng=__import__("random").Random(7), **options)
     return eng, clock
@@ -191,6 +212,43 @@ def test_timeout_fails_the_job_sets_cancelled_and_discards_the_late_result():
     assert job["status"] == "failed" and job["result"] is None
 
 
+def test_a_local_attempt_renews_its_lease_while_it_runs():
+    reg = engine.Registry()
+    started, release = threading.Event(), threading.Event()
+    reg.register("long", lambda p, ctx: started.set() or release.wait(10) and "done", timeout=100)
+    eng, clock = make_engine(reg, local_lease=10)
+    job_id = submit(eng, "long")
+    runner = threading.Thread(target=eng.run_next)
+    runner.start()
+    assert started.wait(10)
+    for _ in range(5):  # 40 s: four leases' worth, renewed on each sweep
+        clock.advance(8)
+        eng.tick()
+        assert eng.get(job_id)["status"] == "running"
+    release.set()
+    runner.join(10)
+    assert eng.get(job_id)["status"] == "succeeded"
+
+
+def test_a_local_attempt_whose_process_died_comes_back_by_lease():
+    reg = engine.Registry()
+    reg.register("long", lambda p, ctx: "done", timeout=100)
+    eng, clock = make_engine(reg, local_lease=10)
+    job_id = submit(eng, "long")
+    # The attempt starts in a process that then dies: nobody renews its lease.
+    eng.store.claim(["long"], eng._start_attempt("local", None))
+    survivor = engine.Engine(eng.store, reg, Log(), clock=clock, local_lease=10)
+    clock.advance(9)
+    survivor.tick()
+    assert survivor.get(job_id)["status"] == "running"
+    clock.advance(2)
+    survivor.tick()
+    job = survivor.get(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 1
+    assert job["error"]["type"] == "lease_expired"
+    assert survivor.run_next() and survivor.get(job_id)["status"] == "succeeded"
+
+
 def test_progress_is_reported():
     reg = engine.Registry()
     reg.register("steps", lambda p, ctx: ctx.progress(0.5, "half way") or "done")
@@ -302,7 +360,7 @@ def test_a_worker_failure_is_retried_unless_not_retryable():
 
 @pytest.fixture
 def api(tmp_path):
-    app = make_app(tmp_path, API_KEYS=KEY)
+    app = app_for(tmp_path, API_KEYS=KEY)
     clock = FakeClock()
     app.services.engine.now = clock
     app.services.jobs.clock = clock
@@ -430,7 +488,7 @@ def test_bad_idempotency_keys_are_refused(api, key):
 
 
 def test_idempotency_is_scoped_to_the_api_key(tmp_path):
-    app = make_app(tmp_path, API_KEYS=f"{KEY},other-key-0123456789abcdef")
+    app = app_for(tmp_path, API_KEYS=f"{KEY},other-key-0123456789abcdef")
     c = Client(app)
     body = {"workflow": "ext", "payload": {}}
     a = c.post("/api/v1/intake", body, key=KEY, headers={"Idempotency-Key": "k1"}).json()
@@ -465,7 +523,7 @@ def test_concurrent_identical_requests_make_one_job(api):
 
 def test_listing_is_newest_first_paginated_and_per_key(tmp_path):
     other = "other-key-0123456789abcdef"
-    app = make_app(tmp_path, API_KEYS=f"{KEY},{other}")
+    app = app_for(tmp_path, API_KEYS=f"{KEY},{other}")
     c = Client(app)
     mine = [c.post("/api/v1/intake", {"workflow": "ext" if i % 2 else "w", "payload": {}},
                    key=KEY).json()["job_id"] for i in range(7)]
@@ -511,7 +569,7 @@ def test_operator_workflow_modules_are_imported(tmp_path, monkeypatch):
         "def double(payload, ctx):\n"
         "    return payload['n'] * 2\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    app = make_app(tmp_path, LEVQOR_WORKFLOWS="my_flows")
+    app = app_for(tmp_path, LEVQOR_WORKFLOWS="my_flows")
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "my.double", "payload": {"n": 21}}).json()["job_id"]
     app.services.engine.run_next()
@@ -522,12 +580,12 @@ def test_operator_workflow_modules_are_imported(tmp_path, monkeypatch):
 def test_unimportable_workflow_module_refuses_to_start(tmp_path):
     import levqor
     with pytest.raises(levqor.ConfigError, match="LEVQOR_WORKFLOWS"):
-        make_app(tmp_path, LEVQOR_WORKFLOWS="no_such_module_anywhere")
+        app_for(tmp_path, LEVQOR_WORKFLOWS="no_such_module_anywhere")
 
 
 def test_pool_threads_run_jobs_and_stop_cleanly(tmp_path):
     log = io.StringIO()
-    app = make_app(tmp_path, log=log, WORKER_THREADS=2)
+    app = app_for(tmp_path, log=log, WORKER_THREADS=2)
     c = Client(app)
     ids = [c.post("/api/v1/intake", {"workflow": "echo", "payload": {"i": i}}).json()["job_id"]
            for i in range(10)]
