@@ -8,6 +8,7 @@ get plain dicts back and storage failures as ``StorageError`` with a kind
 
 import collections
 import contextlib
+import fcntl
 import heapq
 import json
 import os
@@ -130,12 +131,14 @@ class Database:
         self._local = threading.local()
         self._migrated_in = None  # pid that has run the migrations
         self._lock = threading.Lock()
-        # One writer at a time in this process. SQLite allows one anyway; a
-        # thread that finds the lock taken inside SQLite sleeps in steps of
-        # milliseconds (its busy handler), while one waiting here is woken
-        # the moment the writer is done. busy_timeout still covers writers
-        # in other processes.
+        # One writer at a time. SQLite allows one anyway, but a writer that
+        # finds SQLite's lock taken sleeps in steps of milliseconds (its busy
+        # handler), while one waiting on these locks is woken the moment the
+        # writer is done: a thread lock within the process, and an flock on
+        # a file beside the database across processes (several gunicorn
+        # workers). busy_timeout still covers writers that take neither.
         self._write_lock = threading.Lock()
+        self._flock = None  # (pid, fd) of this process's lock file
 
     def connection(self):
         local = self._local
@@ -182,10 +185,27 @@ class Database:
             raise
 
     @contextlib.contextmanager
+    def _writer(self):
+        """Hold the write locks: this process's, then the one shared by all."""
+        with self._write_lock:
+            if self.path == ":memory:":
+                yield
+                return
+            if self._flock is None or self._flock[0] != os.getpid():
+                fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
+                self._flock = (os.getpid(), fd)
+            fd = self._flock[1]
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
     def write(self):
         """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
         conn = self.connection()
-        with self._write_lock:
+        with self._writer():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
@@ -207,7 +227,7 @@ class Database:
         SQLite commits it when it has run to completion, which fetchall()
         ensures before we answer.
         """
-        with self._write_lock:
+        with self._writer():
             return self.query(sql, params)
 
     def checkpoint(self):
@@ -732,24 +752,25 @@ class SqliteJobStore:
             self._held = (0.0, 0)
             if self._count(now) >= self.max_jobs:
                 raise QueueFull("the job store is full")
+        job = dict(job, queued_at=job["created_at"])
+        cols = self._columns(job)
+        insert = (f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                  " RETURNING seq")
+        if idempotency is None:  # PERF: one statement, its own transaction
+            job["seq"] = self.db.write_one(insert, cols)[0]["seq"]
+            return job, True
+        key_fp, key, body_hash, ttl = idempotency
         with self.db.write() as conn:
-            if idempotency is not None:
-                key_fp, key, body_hash, ttl = idempotency
-                row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_fp = ?"
-                                   " AND key = ? AND expires > ?", (key_fp, key, now)).fetchone()
-                existing = row and self._load(conn, row["job_id"])
-                if existing:
-                    if row["body_hash"] != body_hash:
-                        raise IdempotencyMismatch(key)
-                    return existing, False
-            job = dict(job, queued_at=job["created_at"])
-            cols = self._columns(job)
-            cursor = conn.execute(
-                f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})", cols)
-            job["seq"] = cursor.lastrowid
-            if idempotency is not None:
-                conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
-                             (key_fp, key, body_hash, job["job_id"], now + ttl))
+            row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_fp = ?"
+                               " AND key = ? AND expires > ?", (key_fp, key, now)).fetchone()
+            existing = row and self._load(conn, row["job_id"])
+            if existing:
+                if row["body_hash"] != body_hash:
+                    raise IdempotencyMismatch(key)
+                return existing, False
+            job["seq"] = conn.execute(insert, cols).fetchone()["seq"]
+            conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                         (key_fp, key, body_hash, job["job_id"], now + ttl))
         return job, True
 
     def get(self, job_id):

@@ -51,11 +51,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(app, env, workdir, name):
+def start(app, env, workdir, name, workers=1):
     port = free_port()
     log = open(os.path.join(workdir, f"{name}.log"), "wb")
     full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1",
-                "WEB_CONCURRENCY": "1", "THREADS": os.environ.get("BENCH_THREADS", "4")}
+                "WEB_CONCURRENCY": str(workers), "THREADS": os.environ.get("BENCH_THREADS", "4")}
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
                             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -132,25 +132,38 @@ def main():
     workdir = tempfile.mkdtemp(prefix="levqor-bench-")
     big = "1000000000"
     levqor_env = {"LEVQOR_ENV": "production", "API_KEYS": KEY,
-                  "SQLITE_PATH": os.path.join(workdir, "levqor.db"),
                   "RATE_BURST": big, "RATE_GLOBAL": big, "RATE_READ": big}
-    servers = {}
+    cores = os.cpu_count() or 1
+    # name -> (app, env, workers). The first Levqor is the headline: the
+    # defaults (jobs in memory, one worker); the others are JOB_STORE=sqlite.
+    apps = {
+        "floor": ("bench.floor:app", {}, 1),
+        "levqor": ("levqor:app", levqor_env, 1),
+        "sqlite ×1": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, 1),
+        f"sqlite ×{cores}": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, cores),
+    }
+    servers, ids = {}, {}
     try:
-        servers["levqor"] = start("levqor:app", levqor_env, workdir, "levqor")
-        servers["floor"] = start("bench.floor:app", {}, workdir, "floor")
-        url = servers["levqor"][1]
-        ids = {"job_id": call(url, "POST", "/api/v1/intake", ENDPOINTS[3][3])["job_id"],
-               "user_id": call(url, "POST", "/api/v1/users/upsert",
-                               '{"email":"bench-reader@example.com","name":"Reader"}')["user"]["id"]}
+        for name, (app, env, workers) in apps.items():
+            env = dict(env, SQLITE_PATH=os.path.join(workdir, f"{len(servers)}.db")) if env else env
+            servers[name] = start(app, env, workdir, f"app{len(servers)}", workers)
+        for name, (_, url) in servers.items():
+            if name == "floor":
+                ids[name] = {"job_id": "0" * 32, "user_id": "0" * 32}
+                continue
+            ids[name] = {"job_id": call(url, "POST", "/api/v1/intake", ENDPOINTS[3][3])["job_id"],
+                         "user_id": call(url, "POST", "/api/v1/users/upsert",
+                                         '{"email":"bench-reader@example.com","name":"Reader"}')["user"]["id"]}
         samples = {(name, app): [] for name, *_ in ENDPOINTS for app in servers}
+        names = list(servers)
         for round_no in range(args.rounds):
             for i, (name, method, path, body, _) in enumerate(ENDPOINTS):
-                order = ["levqor", "floor"] if (round_no + i) % 2 == 0 else ["floor", "levqor"]
-                for app in order:
-                    result = wrk(servers[app][1], method, path.format(**ids), body, args.seconds,
+                shift = (round_no + i) % len(names)
+                for app in names[shift:] + names[:shift]:  # each app first in turn
+                    result = wrk(servers[app][1], method, path.format(**ids[app]), body, args.seconds,
                                  round_no)
                     samples[name, app].append(result)
-                    print(f"round {round_no + 1}/{args.rounds} {name:28} {app:6} "
+                    print(f"round {round_no + 1}/{args.rounds} {name:28} {app:10} "
                           f"{result['rps']:8.0f} req/s  p50 {result['p50']:.2f} ms  "
                           f"p99 {result['p99']:.2f} ms", flush=True)
     finally:
@@ -162,9 +175,12 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def median(name, app, key):
+        return statistics.median(s[key] for s in samples[name, app])
+
     rows = []
     for name, _, _, _, target in ENDPOINTS:
-        med = {app: {k: statistics.median(s[k] for s in samples[name, app]) for k in ("rps", "p50", "p99")}
+        med = {app: {k: median(name, app, k) for k in ("rps", "p50", "p99")}
                for app in ("levqor", "floor")}
         ratio = med["levqor"]["rps"] / med["floor"]["rps"]
         p99_ratio = med["levqor"]["p99"] / med["floor"]["p99"]
@@ -179,7 +195,8 @@ def main():
         f"- setup: 1 gunicorn worker, gthread, 4 threads, for both apps; `wrk -t1 -c8`, "
         f"{args.rounds} rounds of {args.seconds} s per endpoint and app, apps alternating; medians",
         "- Levqor: LEVQOR_ENV=production with an API key; rate limits raised out of the way, "
-        "everything else on (auth, limiter, validation, headers, audit, JSON access log to a file)",
+        "everything else on (auth, limiter, validation, headers, audit, JSON access log to a file); "
+        "the main table is the default setup, jobs in memory and one worker",
         "",
         "| endpoint | floor req/s | Levqor req/s | ratio | target | floor p50 / p99 ms | Levqor p50 / p99 ms | p99 ratio (≤ 2) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -193,6 +210,17 @@ def main():
             f"{p99_ratio:.2f} {'✅' if p99_ratio <= P99_LIMIT else '❌'} |")
     missed = [name for name, _, ratio, target, p99 in rows if ratio < target or p99 > P99_LIMIT]
     lines += ["", "Targets missed: " + (", ".join(missed) if missed else "none"), ""]
+    others = [a for a in servers if a not in ("floor", "levqor")]
+    lines += ["With jobs in SQLite (`JOB_STORE=sqlite`): req/s, and the ratio to the same "
+              "run's floor (one worker):", "",
+              "| endpoint | floor | Levqor, memory ×1 | " + " | ".join(f"Levqor, {a}" for a in others) + " |",
+              "|---|---:|---:|" + "---:|" * len(others)]
+    for name, *_ in ENDPOINTS:
+        floor = median(name, "floor", "rps")
+        cells = [f"{median(name, a, 'rps'):.0f} ({median(name, a, 'rps') / floor:.2f})"
+                 for a in ["levqor", *others]]
+        lines.append(f"| {name} | {floor:.0f} | " + " | ".join(cells) + " |")
+    lines.append("")
     micro = subprocess.run([sys.executable, os.path.join(HERE, "micro.py"), "-n", "300" if args.smoke else "5000"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines += ["In-process cost, through the WSGI callable with no server (`bench/micro.py`):", "",
