@@ -16,6 +16,7 @@ do one step each, so tests drive it without threads or sleeps.
 """
 
 import dataclasses
+import decimal
 import importlib
 import json
 import os
@@ -25,7 +26,8 @@ import threading
 import time
 import traceback
 
-from storage import JOB_FINAL
+import costs
+from storage import JOB_FINAL, BudgetExceeded
 
 # ---------------------------------------------------------------------------
 # Workflows
@@ -34,6 +36,14 @@ from storage import JOB_FINAL
 
 class PermanentFailure(Exception):
     """Raised by a workflow (or ``ctx.fail``) for a failure no retry can mend."""
+
+    error_type = "permanent_failure"
+
+
+class BudgetFailure(PermanentFailure):
+    """A charge that would take the job past its cost cap."""
+
+    error_type = "budget_exceeded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,7 @@ class Workflow:
     max_attempts: int = None     # None: the engine's default
     backoff: float = None        # first retry delay in seconds; doubles each time
     schema: dict = None          # JSON schema for the payload, checked at intake
+    max_cost: int = None         # default cost cap in micro-dollars; None: MAX_COST_PER_JOB
 
 
 class Registry:
@@ -127,6 +138,15 @@ class JobContext:
         """Fail the job now, with no retry."""
         raise PermanentFailure(message)
 
+    def charge(self, usd, note=None):
+        """Record ``usd`` dollars spent by this job. Past the job's cost cap,
+        nothing is recorded and the job fails with ``budget_exceeded``."""
+        self.engine.charge(self.job_id, costs.to_micro(usd, decimal.ROUND_CEILING), note)
+
+    def budget_left(self):
+        """Micro-dollars this job may still spend."""
+        return self.engine.budget_left(self.job_id)
+
 
 # ---------------------------------------------------------------------------
 # The engine
@@ -150,7 +170,9 @@ STATUS_VIEW = ("job_id", "status", "created_at", "updated_at", "workflow", "prio
 
 def status_view(job):
     """What a client may see of a job: not its payload, callback URL or lease."""
-    return {k: job[k] for k in STATUS_VIEW}
+    view = {k: job[k] for k in STATUS_VIEW}
+    view["cost"] = {"max": costs.to_usd(job["max_cost"]), "spent": costs.to_usd(job["cost_spent"])}
+    return view
 
 
 def new_token():
@@ -160,8 +182,10 @@ def new_token():
 class Engine:
     def __init__(self, store, registry, log, *, threads=4, timeout=300.0, max_attempts=3,
                  backoff=2.0, backoff_cap=300.0, local_lease=30.0, clock=time.time, rng=None,
-                 on_finish=()):
+                 on_finish=(), guardrails=None):
         self.store = store
+        self.guardrails = guardrails  # costs.Guardrails; None: every charge is refused
+        self.llm = None  # llm.Client for the llm.chat workflow, when configured
         self.local_lease = local_lease  # seconds an in-process attempt holds, renewed as it runs
         self.on_finish = list(on_finish)  # called with each job that reaches a final state
         self.registry = registry
@@ -197,7 +221,11 @@ class Engine:
 
     # -- intake and the client's controls ----------------------------------------------
 
-    def new_job(self, workflow, payload, priority, callback_url, key_fp):
+    def default_cap(self, workflow):
+        wf = self.registry.get(workflow)
+        return wf.max_cost if wf is not None else None
+
+    def new_job(self, workflow, payload, priority, callback_url, key_fp, max_cost=0):
         now = self.now()
         return {
             "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
@@ -208,7 +236,7 @@ class Engine:
             "deadline_at": None,
             "cancel_requested": False, "progress": None, "result": None, "error": None,
             "callback": None, "callback_id": None, "callback_body": None,
-            "callback_sending_until": None,
+            "callback_sending_until": None, "max_cost": max_cost, "cost_spent": 0,
         }
 
     def submit(self, job, idempotency=None):
@@ -377,6 +405,33 @@ class Engine:
                     "type": "lease_expired", "message": "the worker stopped reporting",
                     "attempts": job["attempts"]})
 
+    # -- money -----------------------------------------------------------------------------
+
+    def charge(self, job_id, micro, note=None):
+        """Spend micro-dollars for a job: BudgetFailure past its cap."""
+        if self.guardrails is None:
+            raise BudgetFailure("this service records no costs")
+        try:
+            spent = self.guardrails.charge(job_id, micro, note)
+        except BudgetExceeded:
+            raise BudgetFailure(f"a charge of {costs.to_usd(micro)} would pass the job's cost cap") from None
+        self.store.update(job_id, cost_spent=spent)
+        return spent
+
+    def budget_left(self, job_id):
+        job = self.get(job_id)
+        return max(0, job["max_cost"] - (self.guardrails.ledger.spent(job_id) if self.guardrails else 0))
+
+    def _report_cost(self, job, token, cost):
+        """An external worker's running total for the job: charge what is new."""
+        if cost is None:
+            return
+        try:
+            self.charge(job["job_id"], costs.to_micro(cost, decimal.ROUND_CEILING) - job["cost_spent"])
+        except BudgetFailure as exc:
+            self.fail(job, token, "budget_exceeded", exc, retryable=False)
+            raise JobError("budget_exceeded", str(exc)) from None
+
     # -- external workers ----------------------------------------------------------------
 
     def claim(self, workflows, lease_seconds):
@@ -389,9 +444,10 @@ class Engine:
                                          "finished or canceled")
         return job
 
-    def heartbeat(self, job_id, token, lease_seconds=None, progress=None):
+    def heartbeat(self, job_id, token, lease_seconds=None, progress=None, cost=None):
         """Extend the lease by ``lease_seconds`` (default: as long as claimed)."""
         job = self._leased(job_id, token)
+        self._report_cost(job, token, cost)
         seconds = lease_seconds or job["lease_seconds"]
         changes = {"lease_expires_at": self.now() + seconds, "lease_seconds": seconds,
                    "updated_at": self.now()}
@@ -402,8 +458,11 @@ class Engine:
             raise JobError("lease_lost", "this lease is no longer valid")
         return done
 
-    def report(self, job_id, token, result=None, error=None, retryable=True):
-        """An external worker's outcome: a result, or an error message."""
+    def report(self, job_id, token, result=None, error=None, retryable=True, cost=None):
+        """An external worker's outcome: a result, or an error message; with
+        ``cost``, the job's total spend so far in dollars."""
+        job = self._leased(job_id, token)
+        self._report_cost(job, token, cost)
         job = self._leased(job_id, token)
         if error is None:
             done = self.succeed(job, token, result)
@@ -429,7 +488,7 @@ class Engine:
         try:
             result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
         except PermanentFailure as exc:
-            done = self.fail(self.store.get(job["job_id"]) or job, token, "permanent_failure",
+            done = self.fail(self.store.get(job["job_id"]) or job, token, exc.error_type,
                              exc, retryable=False)
         except Exception as exc:
             self.log.warning("job attempt failed", job_id=job["job_id"], workflow=job["workflow"],
@@ -520,13 +579,14 @@ class Engine:
 # ---------------------------------------------------------------------------
 
 
-@workflow("echo", timeout=10)
+# The built-ins spend nothing, so they reserve nothing (max_cost=0).
+@workflow("echo", timeout=10, max_cost=0)
 def echo(payload, ctx):
     """Returns its payload."""
     return payload
 
 
-@workflow("sleep", timeout=90, schema={
+@workflow("sleep", timeout=90, max_cost=0, schema={
     "type": "object",
     "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 60}},
     "required": ["seconds"]})
@@ -541,7 +601,7 @@ _WORD = re.compile(r"\w+")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
 
-@workflow("demo.flow", timeout=30)
+@workflow("demo.flow", timeout=30, max_cost=0)
 def demo_flow(payload, ctx):
     """A deterministic summary of the payload: its keys, the size of each
     value as JSON, and word and character counts of its string fields."""

@@ -24,9 +24,12 @@ from json.encoder import encode_basestring_ascii as _esc
 import jsonschema
 
 import callbacks
+import costs
 import engine
+import llm
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
-from storage import Database, MemoryJobStore, Recorder, SqliteJobStore, StorageError, UserStore
+from storage import (Database, KeyStore, Ledger, MemoryJobStore, Recorder, SqliteJobStore,
+                     StorageError, UserStore)
 from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -62,6 +65,14 @@ def _list(environ, name, default=()):
 
 def _flag(environ, name):
     return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _money(environ, name, default):
+    raw = environ.get(name, "").strip() or default
+    try:
+        return costs.to_micro(raw)
+    except (ValueError, ArithmeticError):
+        raise ConfigError(f"{name} must be an amount of dollars, like 0.35, not {raw!r}") from None
 
 
 def _choice(environ, name, choices):
@@ -123,6 +134,11 @@ class Settings:
     callback_secrets: tuple = ()  # CALLBACK_SECRET, then CALLBACK_SECRET_NEXT
     callback_allow_private: bool = False
     callback_threads: int = 2
+    max_cost_per_job: int = 350_000       # micro-dollars
+    max_cost_per_day: int = 10_000_000
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str = ""
+    model_prices: str = ""                # path of a JSON file
     log_level: str = "INFO"
     public_dir: str = os.path.join(HERE, "public")
 
@@ -172,6 +188,11 @@ class Settings:
             callback_secrets=_secrets(env),
             callback_allow_private=_flag(env, "CALLBACK_ALLOW_PRIVATE"),
             callback_threads=_int(env, "CALLBACK_THREADS", 2, 1, 64),
+            max_cost_per_job=_money(env, "MAX_COST_PER_JOB", "0.35"),
+            max_cost_per_day=_money(env, "MAX_COST_PER_DAY", "10"),
+            openai_base_url=env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1",
+            openai_api_key=env.get("OPENAI_API_KEY", "").strip(),
+            model_prices=env.get("MODEL_PRICES", "").strip(),
             log_level=level,
         )
 
@@ -432,7 +453,7 @@ class SecureHeaders:
         self.api_headers = common + [("Content-Security-Policy", API_CSP)]
         self.html_headers = common + [("Content-Security-Policy", HTML_CSP)]
         self.origins = frozenset(settings.cors_origins)
-        self.preflight = [("Access-Control-Allow-Methods", "GET, POST, PATCH, OPTIONS"),
+        self.preflight = [("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
                           ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Api-Key"),
                           ("Access-Control-Max-Age", "600")]
 
@@ -541,11 +562,23 @@ class Services:
         self.callbacks = callbacks.Callbacks(
             self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
             threads=settings.callback_threads, view=engine.status_view)
+        self.ledger = Ledger(self.db)
+        self.key_store = KeyStore(self.db)
+        self.key_buckets = TokenBuckets(settings.rate_table_size)
+        self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
+                                           settings.max_cost_per_day)
         self.engine = engine.Engine(
             self.jobs, registry, log, threads=settings.worker_threads,
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
-            local_lease=settings.job_lease, on_finish=[lambda job: self.recorder.count("finished"), self.callbacks.on_finish])
+            local_lease=settings.job_lease, guardrails=self.guardrails,
+            on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
+        if settings.openai_api_key and settings.model_prices:
+            try:
+                prices = llm.load_prices(settings.model_prices)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"MODEL_PRICES: {exc}") from None
+            self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():
@@ -556,6 +589,10 @@ class Services:
         self.started_at = time.time()
         self.pid = None  # the process whose background threads are running
         self._lock = threading.Lock()
+
+    def _finished(self, job):
+        self.recorder.count("finished")
+        self.recorder.outcome(job)
 
     def start(self):
         """Open the database and start the background writer, once per process.

@@ -6,9 +6,11 @@ get plain dicts back and storage failures as ``StorageError`` with a kind
 (``busy`` or ``full``) that the web layer turns into 503 or 507.
 """
 
+import base64
 import collections
 import contextlib
 import fcntl
+import hashlib
 import heapq
 import json
 import os
@@ -88,6 +90,47 @@ MIGRATIONS = [
         PRIMARY KEY (key_fp, key)
     );
     CREATE INDEX idempotency_expires ON idempotency(expires);
+    """,
+    """
+    -- Every reservation, charge and release of money, in micro-dollars.
+    -- day is the UTC day whose budget the row counts against (the day the
+    -- job was accepted). Spend is the sum of charges, and what a day has
+    -- used is the sum of all its rows.
+    CREATE TABLE ledger (
+        id       INTEGER PRIMARY KEY,
+        ts       REAL NOT NULL,
+        day      TEXT NOT NULL,
+        job_id   TEXT NOT NULL,
+        key_id   TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        amount   INTEGER NOT NULL,
+        kind     TEXT NOT NULL CHECK (kind IN ('reserve', 'charge', 'release')),
+        note     TEXT
+    );
+    CREATE INDEX ledger_day ON ledger(day, key_id);
+    CREATE INDEX ledger_job ON ledger(job_id);
+    -- Managed API keys: only a SHA-256 digest of each secret is kept.
+    CREATE TABLE api_keys (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        role            TEXT NOT NULL CHECK (role IN ('client', 'worker')),
+        prefix          TEXT NOT NULL,
+        digest          BLOB NOT NULL UNIQUE,
+        daily_budget    INTEGER,
+        rate_per_minute INTEGER,
+        created_at      REAL NOT NULL,
+        last_used_at    REAL,
+        revoked_at      REAL
+    );
+    -- Finished jobs counted per UTC day, workflow, key and outcome.
+    CREATE TABLE job_outcomes (
+        day      TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        key_id   TEXT NOT NULL,
+        status   TEXT NOT NULL,
+        n        INTEGER NOT NULL,
+        PRIMARY KEY (day, workflow, key_id, status)
+    );
     """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
@@ -341,6 +384,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._rows = []
         self._counts = collections.Counter()  # (minute, column) -> n, not yet written
+        self._outcomes = collections.Counter()  # (day, workflow, key_id, status) -> n
         self._beat_minute = None  # the last minute with a heartbeat written
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -355,6 +399,12 @@ class Recorder:
             self._counts[minute, "auth_writes"] += 1
             if len(self._rows) < self.MAX_PENDING:
                 self._rows.append((round(now, 3), key_fp, method, path, status, request_id))
+
+    def outcome(self, job):
+        """Count a finished job for the usage report (by day, workflow, key, status)."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
+        with self._lock:
+            self._outcomes[day, job["workflow"], job["key_fp"], job["status"]] += 1
 
     def count(self, column):
         assert column in COUNTERS
@@ -396,8 +446,9 @@ class Recorder:
         with self._lock:
             rows, self._rows = self._rows, []
             counts, self._counts = self._counts, collections.Counter()
+            outcomes, self._outcomes = self._outcomes, collections.Counter()
         this_minute = int(self.clock() // 60)
-        if not rows and not counts and this_minute == self._beat_minute:
+        if not rows and not counts and not outcomes and this_minute == self._beat_minute:
             return  # nothing new, and this minute's heartbeat is written
         minutes = {this_minute: dict.fromkeys(COUNTERS, 0)}
         for (minute, column), n in counts.items():
@@ -413,11 +464,16 @@ class Recorder:
                     " ON CONFLICT(minute) DO UPDATE SET "
                     + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
                     [{"minute": m, **c} for m, c in minutes.items()])
+                conn.executemany(
+                    "INSERT INTO job_outcomes VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO UPDATE SET n = n + excluded.n",
+                    [(*k, n) for k, n in outcomes.items()])
             self._beat_minute = this_minute
         except Exception:
             with self._lock:  # put it back for the next try, newest last
                 self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
                 self._counts.update(counts)
+                self._outcomes.update(outcomes)
             raise
 
     # -- what /public/metrics shows -------------------------------------------
@@ -462,6 +518,180 @@ class Recorder:
     def pending(self):
         with self._lock:
             return len(self._rows)
+
+
+# ---------------------------------------------------------------------------
+# Money: the ledger, and managed API keys
+# ---------------------------------------------------------------------------
+
+
+class BudgetExceeded(Exception):
+    """A reservation or charge that does not fit: ``state`` says which budget."""
+
+    def __init__(self, state):
+        super().__init__(f"the {state['scope']} budget is exhausted")
+        self.state = state
+
+
+def utc_day(ts):
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+class Ledger:
+    """Reservations, charges and releases in integer micro-dollars.
+
+    Every check of a budget and the row it allows are one BEGIN IMMEDIATE
+    transaction, so no number of concurrent requests can take a budget past
+    its limit. A job's cap is reserved against its day at intake; each charge
+    turns part of the reservation into spend (a charge row and an equal
+    release row); ``settle`` releases what is left when the job ends. So a
+    day's use is always the sum of its rows, and spend the sum of charges.
+    """
+
+    def __init__(self, db, clock=time.time):
+        self.db = db
+        self.clock = clock
+
+    @staticmethod
+    def _used(conn, day, key_id=None):
+        sql, params = "SELECT COALESCE(SUM(amount), 0) AS used FROM ledger WHERE day = ?", [day]
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
+        return conn.execute(sql, params).fetchone()["used"]
+
+    def reserve(self, job, amount, limits):
+        """Reserve ``amount`` for a job against today's ``limits``: a list of
+        (scope, key_id or None for the whole service, limit). BudgetExceeded
+        names the first that would be passed; nothing is written then."""
+        now = self.clock()
+        day = utc_day(now)
+        with self.db.write() as conn:
+            for scope, key_id, limit in limits:
+                used = self._used(conn, day, key_id)
+                if used + amount > limit:
+                    raise BudgetExceeded({"scope": scope, "limit": limit, "used": used,
+                                          "requested": amount, "day": day})
+            conn.execute("INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
+                         " VALUES (?, ?, ?, ?, ?, ?, 'reserve', 'job cap')",
+                         (now, day, job["job_id"], job["key_fp"], job["workflow"], amount))
+        return day
+
+    def _job_state(self, conn, job_id):
+        row = conn.execute(
+            "SELECT MIN(day) AS day, MIN(key_id) AS key_id, MIN(workflow) AS workflow,"
+            " COALESCE(SUM(amount), 0) AS outstanding,"
+            " COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0) AS spent"
+            " FROM ledger WHERE job_id = ?", (job_id,)).fetchone()
+        # What is still reserved: all rows less the charges.
+        row["reserved"] = row["outstanding"] - row["spent"]
+        return row
+
+    def charge(self, job_id, amount, note=None):
+        """Spend ``amount`` from the job's reservation; BudgetExceeded (and
+        nothing recorded) if it is more than what the reservation has left."""
+        now = self.clock()
+        with self.db.write() as conn:
+            state = self._job_state(conn, job_id)
+            if state["day"] is None or amount > state["reserved"]:
+                raise BudgetExceeded({"scope": "job", "limit": state["spent"] + state["reserved"],
+                                      "used": state["spent"], "requested": amount})
+            for kind, value in (("charge", amount), ("release", -amount)):
+                conn.execute("INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (now, state["day"], job_id, state["key_id"], state["workflow"], value,
+                              kind, note and str(note)[:200]))
+        return state["spent"] + amount
+
+    def settle(self, job_id, note):
+        """Release what is left of a job's reservation; returns what it spent."""
+        now = self.clock()
+        with self.db.write() as conn:
+            state = self._job_state(conn, job_id)
+            if state["reserved"] > 0:
+                conn.execute("INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
+                             " VALUES (?, ?, ?, ?, ?, ?, 'release', ?)",
+                             (now, state["day"], job_id, state["key_id"], state["workflow"],
+                              -state["reserved"], note))
+        return state["spent"]
+
+    def spent(self, job_id):
+        rows = self.db.query("SELECT COALESCE(SUM(amount), 0) AS s FROM ledger"
+                             " WHERE job_id = ? AND kind = 'charge'", (job_id,))
+        return rows[0]["s"]
+
+    def used_today(self, key_id=None):
+        with self.db.write() as conn:  # a consistent read of the day so far
+            return self._used(conn, utc_day(self.clock()), key_id)
+
+    def usage(self, first_day, last_day, group_by, key_id=None):
+        """Spend and outstanding reservations per group, with job outcomes."""
+        column = {"day": "day", "workflow": "workflow", "key": "key_id"}[group_by]
+        where, params = "day BETWEEN ? AND ?", [first_day, last_day]
+        if key_id is not None:
+            where += " AND key_id = ?"
+            params.append(key_id)
+        groups = {}
+        for row in self.db.query(
+                f"SELECT {column} AS g, COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0)"
+                f" AS spend, COALESCE(SUM(CASE WHEN kind != 'charge' THEN amount END), 0) AS reserved"
+                f" FROM ledger WHERE {where} GROUP BY g", params):
+            groups[row["g"]] = {"spend": row["spend"], "reserved": row["reserved"], "jobs": {}}
+        for row in self.db.query(f"SELECT {column} AS g, status, SUM(n) AS n FROM job_outcomes"
+                                 f" WHERE {where} GROUP BY g, status", params):
+            entry = groups.setdefault(row["g"], {"spend": 0, "reserved": 0, "jobs": {}})
+            entry["jobs"][row["status"]] = row["n"]
+        return groups
+
+
+class KeyStore:
+    """Managed API keys (``lq_...``), held as SHA-256 digests only."""
+
+    COLUMNS = ("id", "name", "role", "prefix", "daily_budget", "rate_per_minute", "created_at",
+               "last_used_at", "revoked_at")
+
+    def __init__(self, db, clock=time.time):
+        self.db = db
+        self.clock = clock
+        self._touched = {}  # key id -> when last_used_at was last written
+
+    def create(self, name, role, daily_budget=None, rate_per_minute=None):
+        """A new key; returns (record, secret). The secret is never stored."""
+        secret = "lq_" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+        record = {"id": "key_" + os.urandom(8).hex(), "name": name, "role": role,
+                  "prefix": secret[:11], "daily_budget": daily_budget,
+                  "rate_per_minute": rate_per_minute, "created_at": round(self.clock(), 3),
+                  "last_used_at": None, "revoked_at": None}
+        self.db.write_one(
+            f"INSERT INTO api_keys ({', '.join(self.COLUMNS)}, digest)"
+            f" VALUES ({', '.join(':' + c for c in self.COLUMNS)}, :digest)",
+            dict(record, digest=hashlib.sha256(secret.encode()).digest()))
+        return record, secret
+
+    def lookup(self, secret):
+        """The live key with this secret, or None. The digest is the index:
+        what the lookup's time depends on is a hash the caller cannot steer."""
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+        rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys"
+                             " WHERE digest = ? AND revoked_at IS NULL", (digest,))
+        if not rows:
+            return None
+        key = rows[0]
+        now = self.clock()
+        # PERF: last_used_at is written at most once a minute per key.
+        if now - self._touched.get(key["id"], 0) > 60:
+            self._touched[key["id"]] = now
+            self.db.write_one("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (round(now, 3), key["id"]))
+        return key
+
+    def list(self):
+        return self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")
+
+    def revoke(self, key_id):
+        rows = self.db.write_one(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
+            f" RETURNING {', '.join(self.COLUMNS)}", (round(self.clock(), 3), key_id))
+        return rows[0] if rows else None
 
 
 # ---------------------------------------------------------------------------

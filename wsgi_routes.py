@@ -9,6 +9,7 @@ come from ``request.app`` (``levqor.Services``).
 """
 
 import base64
+import datetime
 import email.utils
 import hashlib
 import hmac
@@ -23,8 +24,9 @@ import jsonschema
 from jsonschema.exceptions import best_match
 
 import callbacks
+from costs import to_micro, to_usd
 from engine import JobError, status_view
-from storage import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
+from storage import JOB_FINAL, JOB_STATUSES, BudgetExceeded, IdempotencyMismatch, QueueFull, utc_day
 
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 VERSION = "1.0.0"
@@ -132,14 +134,16 @@ def parse_json(raw):
 class Request:
     """A thin view over the WSGI environ; query and JSON body parsed lazily, once."""
 
-    __slots__ = ("environ", "app", "method", "path", "key_fp", "_query", "_json")
+    __slots__ = ("environ", "app", "method", "path", "key_fp", "role", "key", "_query", "_json")
 
     def __init__(self, environ, app):
         self.environ = environ
         self.app = app
         self.method = environ["REQUEST_METHOD"]
         self.path = environ.get("PATH_INFO") or "/"
-        self.key_fp = None  # fingerprint of the key that authenticated this request
+        self.key_fp = None  # who: an API key's fingerprint, a managed key's id, or "open"
+        self.role = None    # admin, client or worker
+        self.key = None     # the managed key's record, if one was used
         self._query = None
         self._json = _MISSING
 
@@ -244,6 +248,9 @@ PROGRESS = {
     "additionalProperties": False,
 }
 
+# Dollars: a job's running total, as an external worker reports it.
+COST = {"type": "number", "minimum": 0, "maximum": 1_000_000}
+
 PROFILE_PROPERTIES = {
     "name": {"type": "string", "maxLength": 200},
     "locale": {"type": "string", "maxLength": 35, "pattern": LOCALE_PATTERN},
@@ -259,6 +266,7 @@ SCHEMAS = {
             "payload": {"type": "object"},
             "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url"},
             "priority": {"enum": ["low", "normal", "high"]},
+            "max_cost": {"type": "number", "minimum": 0},
         },
         "required": ["workflow", "payload"],
         "additionalProperties": False,
@@ -284,13 +292,15 @@ SCHEMAS = {
             "lease_token": {"type": "string", "maxLength": 64},
             "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
             "progress": PROGRESS,
+            "cost": COST,
         },
         "required": ["lease_token"],
         "additionalProperties": False,
     },
     "complete": {
         "type": "object",
-        "properties": {"lease_token": {"type": "string", "maxLength": 64}, "result": {}},
+        "properties": {"lease_token": {"type": "string", "maxLength": 64}, "result": {},
+                       "cost": COST},
         "required": ["lease_token", "result"],
         "additionalProperties": False,
     },
@@ -298,8 +308,19 @@ SCHEMAS = {
         "type": "object",
         "properties": {"lease_token": {"type": "string", "maxLength": 64},
                        "error": {"type": "string", "minLength": 1, "maxLength": 1000},
-                       "retryable": {"type": "boolean"}},
+                       "retryable": {"type": "boolean"}, "cost": COST},
         "required": ["lease_token", "error"],
+        "additionalProperties": False,
+    },
+    "key_create": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "role": {"enum": ["client", "worker"]},
+            "daily_budget": {"type": "number", "minimum": 0, "maximum": 1_000_000},
+            "rate_per_minute": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        },
+        "required": ["name", "role"],
         "additionalProperties": False,
     },
     "user_upsert": {
@@ -505,19 +526,32 @@ class KeyRing:
 
 
 def authenticate(req):
-    """Check X-Api-Key; 401 when missing, 403 when wrong. Open mode lets all in."""
-    keys = req.app.keys
-    if not keys:
-        req.key_fp = "open"
-        return
+    """Check X-Api-Key and set who is calling (``key_fp``), in what ``role``.
+
+    ``lq_`` keys are managed keys (client or worker); any other is one of the
+    operator's API_KEYS (admin). Missing: 401; not ours, or revoked: 403.
+    With no API_KEYS configured (open development mode) a caller without a
+    managed key is let in as admin.
+    """
+    app = req.app
     presented = req.environ.get("HTTP_X_API_KEY")
+    if presented and presented.startswith("lq_"):
+        key = app.key_store.lookup(presented)
+        if key is not None:
+            req.key_fp, req.role, req.key = key["id"], key["role"], key
+            return
+    elif presented and app.keys:
+        fp = app.keys.check(presented)
+        if fp is not None:
+            req.key_fp, req.role = fp, "admin"
+            return
+    if not app.keys:
+        req.key_fp, req.role = "open", "admin"
+        return
     if not presented:
         raise HTTPError(401, "unauthorized", "an API key is required (X-Api-Key header)",
                         [("WWW-Authenticate", 'ApiKey header="X-Api-Key"')])
-    fp = keys.check(presented)
-    if fp is None:
-        raise HTTPError(403, "forbidden", "the API key is not valid")
-    req.key_fp = fp
+    raise HTTPError(403, "forbidden", "the API key is not valid")
 
 
 # ---------------------------------------------------------------------------
@@ -574,7 +608,7 @@ def ops_health(req):
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 IDEMPOTENCY_TTL = 86_400
-_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409}
+_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409}
 
 
 def _job_call(method, job_id, *args, **kwargs):
@@ -606,16 +640,26 @@ def intake(req):
                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
         idempotency = (req.key_fp, idem_key, digest.hexdigest(), IDEMPOTENCY_TTL)
-    job = app.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
-                             body.get("callback_url"), req.key_fp)
     try:
-        job, created = app.engine.submit(job, idempotency)
+        cap = app.guardrails.cap(body.get("max_cost"), app.engine.default_cap(body["workflow"]))
+    except ValueError as exc:
+        raise HTTPError(422, "cost_cap_exceeded", f"max_cost: {exc}", field="max_cost")
+    job = app.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
+                             body.get("callback_url"), req.key_fp, cap)
+    _reserve(req, job)
+    try:
+        submitted, created = app.engine.submit(job, idempotency)
     except QueueFull:
+        app.guardrails.settle(job, "intake refused: queue full")
         raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
                         [("Retry-After", "30")])
     except IdempotencyMismatch:
+        app.guardrails.settle(job, "intake refused: idempotency key reused")
         raise HTTPError(422, "idempotency_key_reused",
                         "this Idempotency-Key was used with a different request body")
+    if not created:
+        app.guardrails.settle(job, "idempotent replay")
+    job = submitted
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
     if created:
         app.recorder.count("jobs")
@@ -623,6 +667,24 @@ def intake(req):
         headers.append(("Idempotent-Replayed", "true"))
     # A replay answers exactly what the first request was answered.
     return respond({"job_id": job["job_id"], "status": "queued"}, 202, headers)
+
+
+def _reserve(req, job):
+    """Reserve the job's cap against today's budgets; 429 if one would be passed."""
+    try:
+        req.app.guardrails.reserve(job, req.key)
+    except BudgetExceeded as exc:
+        retry_after, state = req.app.guardrails.refusal(exc)
+        raise HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
+                        [("Retry-After", str(retry_after))], budget=state)
+
+
+def _own_job(req, job_id):
+    """A job the caller may act on: clients only their own (others: 404)."""
+    job = _job_call(req.app.engine.get, job_id)
+    if req.role == "client" and job["key_fp"] != req.key_fp:
+        raise not_found("job", job_id=job_id)
+    return job
 
 
 def job_status(req, job_id):
@@ -642,15 +704,24 @@ def dev_complete(req, job_id):
 
 
 def job_cancel(req, job_id):
+    _own_job(req, job_id)
     return respond({"job": status_view(_job_call(req.app.engine.cancel, job_id))})
 
 
 def job_retry(req, job_id):
-    return respond({"job": status_view(_job_call(req.app.engine.retry, job_id))})
+    job = _own_job(req, job_id)
+    if job["status"] in ("failed", "canceled"):
+        _reserve(req, job)  # the job's cap again, against today's budgets
+    try:
+        return respond({"job": status_view(_job_call(req.app.engine.retry, job_id))})
+    except HTTPError:
+        if job["status"] in ("failed", "canceled"):
+            req.app.guardrails.settle(job, "retry refused")
+        raise
 
 
 def job_redeliver(req, job_id):
-    job = _job_call(req.app.engine.get, job_id)
+    job = _own_job(req, job_id)
     if job["status"] not in JOB_FINAL:
         raise HTTPError(409, "conflict", "only a finished job has a notification to send")
     if not job.get("callback_url"):
@@ -673,21 +744,22 @@ def job_claim(req):
 def job_heartbeat(req, job_id):
     body = validate("heartbeat", req.json())
     job = _job_call(req.app.engine.heartbeat, job_id, body["lease_token"],
-                    body.get("lease_seconds"), body.get("progress"))
+                    body.get("lease_seconds"), body.get("progress"), body.get("cost"))
     return respond({"job_id": job_id, "lease_expires_at": job["lease_expires_at"],
                     "cancel_requested": job["cancel_requested"]})
 
 
 def job_complete(req, job_id):
     body = validate("complete", req.json())
-    job = _job_call(req.app.engine.report, job_id, body["lease_token"], result=body["result"])
+    job = _job_call(req.app.engine.report, job_id, body["lease_token"], result=body["result"],
+                    cost=body.get("cost"))
     return respond({"job": status_view(job)})
 
 
 def job_fail(req, job_id):
     body = validate("fail", req.json())
     job = _job_call(req.app.engine.report, job_id, body["lease_token"], error=body["error"],
-                    retryable=body.get("retryable", True))
+                    retryable=body.get("retryable", True), cost=body.get("cost"))
     return respond({"job": status_view(job)})
 
 
@@ -717,6 +789,72 @@ def job_list(req):
     if more:
         cursor = base64.urlsafe_b64encode(str(jobs[-1]["seq"]).encode()).decode().rstrip("=")
     return respond({"jobs": [status_view(j) for j in jobs], "next_cursor": cursor})
+
+
+# -- money and keys ------------------------------------------------------------------
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _day(req, name, default):
+    raw = req.query.get(name) or default
+    try:
+        if not _DAY.match(raw):
+            raise ValueError
+        return datetime.date.fromisoformat(raw)
+    except ValueError:
+        raise HTTPError(400, "invalid_query", f"{name} must be a date, YYYY-MM-DD")
+
+
+def usage(req):
+    today = utc_day(req.app.engine.now())
+    first, last = _day(req, "from", today), _day(req, "to", today)
+    if first > last or (last - first).days > 366:
+        raise HTTPError(400, "invalid_query", "from must not be after to, nor more than 366 days before it")
+    group_by = req.query.get("group_by") or "day"
+    if group_by not in ("day", "workflow", "key"):
+        raise HTTPError(400, "invalid_query", "group_by must be day, workflow or key")
+    scope = None if req.role == "admin" else req.key_fp  # a client sees its own
+    groups = req.app.ledger.usage(first.isoformat(), last.isoformat(), group_by, scope)
+    rows = [{group_by: name, "spend": to_usd(g["spend"]), "reserved": to_usd(g["reserved"]),
+             "jobs": g["jobs"]} for name, g in sorted(groups.items())]
+    return respond({"from": first.isoformat(), "to": last.isoformat(), "group_by": group_by,
+                    "groups": rows,
+                    "totals": {"spend": to_usd(sum(g["spend"] for g in groups.values())),
+                               "reserved": to_usd(sum(g["reserved"] for g in groups.values()))}})
+
+
+def _key_view(key, spent_today=0):
+    view = {k: key[k] for k in ("id", "name", "role", "prefix", "created_at", "last_used_at",
+                                "rate_per_minute", "revoked_at")}
+    view.update(daily_budget=to_usd(key["daily_budget"]), spend_today=to_usd(spent_today),
+                revoked=key["revoked_at"] is not None)
+    return view
+
+
+def key_create(req):
+    body = validate("key_create", req.json())
+    budget = body.get("daily_budget")
+    record, secret = req.app.key_store.create(body["name"], body["role"],
+                                              None if budget is None else to_micro(budget),
+                                              body.get("rate_per_minute"))
+    # The secret is shown this once; only its digest is kept.
+    return respond({**_key_view(record), "key": secret}, 201,
+                   [("Location", f"/api/v1/keys/{record['id']}"), ("Cache-Control", "no-store")])
+
+
+def key_list(req):
+    today = utc_day(req.app.engine.now())
+    spent = req.app.ledger.usage(today, today, "key")
+    return respond({"keys": [_key_view(k, spent.get(k["id"], {}).get("spend", 0))
+                             for k in req.app.key_store.list()]})
+
+
+def key_revoke(req, key_id):
+    key = req.app.key_store.revoke(key_id)
+    if key is None:
+        raise not_found("key", key_id=key_id)
+    return respond({"revoked": True, "key": _key_view(key)})
 
 
 # -- users -------------------------------------------------------------------------
@@ -863,7 +1001,9 @@ USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
 # (method, pattern, handler, access, flags). <name> matches one path segment,
 # <path:name> the rest of the path. Flags: "audit" writes an audit row,
 # "dev" serves only while dev endpoints are on, "worker" is the external
-# worker protocol (rate-limited by RATE_WORKER, not the write burst).
+# worker protocol (rate-limited by RATE_WORKER, not the write burst, and the
+# only routes a worker key may call), "admin" is for the operator's keys only.
+# Every other keyed route is for admin and client keys.
 ROUTES = [
     ("GET", "/", root, PUBLIC, ()),
     ("GET", "/health", health, PUBLIC, ()),
@@ -871,7 +1011,7 @@ ROUTES = [
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
     ("GET", "/api/v1/status/<job_id>", job_status, PUBLIC, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
-    ("GET", "/api/v1/ops/health", ops_health, KEY, ()),
+    ("GET", "/api/v1/ops/health", ops_health, KEY, ("admin",)),
     ("GET", "/api/v1/jobs", job_list, KEY, ()),
     ("POST", "/api/v1/jobs/claim", job_claim, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/heartbeat", job_heartbeat, KEY, ("audit", "worker")),
@@ -880,6 +1020,10 @@ ROUTES = [
     ("POST", "/api/v1/jobs/<job_id>/cancel", job_cancel, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/retry", job_retry, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/callback/redeliver", job_redeliver, KEY, ("audit",)),
+    ("GET", "/api/v1/usage", usage, KEY, ()),
+    ("POST", "/api/v1/keys", key_create, KEY, ("audit", "admin")),
+    ("GET", "/api/v1/keys", key_list, KEY, ("admin",)),
+    ("DELETE", "/api/v1/keys/<key_id>", key_revoke, KEY, ("audit", "admin")),
     ("POST", "/api/v1/users/upsert", user_upsert, KEY, ("audit",)),
     ("GET", "/api/v1/users", user_lookup, USER_READ, ()),
     ("GET", "/api/v1/users/<user_id>", user_get, USER_READ, ()),
@@ -891,16 +1035,18 @@ ROUTES = [
 
 
 class Route:
-    __slots__ = ("method", "pattern", "handler", "access", "audit", "dev", "worker")
+    __slots__ = ("method", "pattern", "handler", "access", "audit", "dev", "worker", "roles")
 
     def __init__(self, method, pattern, handler, access, flags):
-        unknown = set(flags) - {"audit", "dev", "worker"}
+        unknown = set(flags) - {"audit", "dev", "worker", "admin"}
         if unknown or access not in (PUBLIC, KEY, USER_READ):
             raise ValueError(f"route {method} {pattern}: bad access or flags")
         self.method, self.pattern, self.handler, self.access = method, pattern, handler, access
         self.audit = "audit" in flags
         self.dev = "dev" in flags
         self.worker = "worker" in flags
+        self.roles = ({"admin"} if "admin" in flags else
+                      {"admin", "worker"} if self.worker else {"admin", "client"})
 
 
 _PARAM = re.compile(r"<(?:(path):)?([a-z_][a-z0-9_]*)>")
@@ -1005,6 +1151,16 @@ class Api:
         if route.access == KEY or (route.access == USER_READ
                                    and not self.services.settings.public_user_reads):
             authenticate(req)
+            if req.role not in route.roles:
+                raise HTTPError(403, "forbidden", f"a {req.role} key may not use this endpoint")
+            rate = req.key and req.key["rate_per_minute"]
+            if rate:
+                refused = self.services.key_buckets.take(((("key", req.key_fp), rate),))
+                if refused is not None:
+                    raise HTTPError(429, "rate_limited", "this key's rate limit is reached",
+                                    [("Retry-After", str(refused[3])),
+                                     ("RateLimit-Limit", str(rate)), ("RateLimit-Remaining", "0"),
+                                     ("RateLimit-Reset", str(refused[2]))])
         if not route.audit:
             status, headers, body = route.handler(req, **params)
         else:

@@ -15,7 +15,7 @@ from conftest import KEY, Server, _children
 
 HEADERS = {"X-Api-Key": KEY}
 FAST = {"API_KEYS": KEY, "JOB_STORE": "sqlite", "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000,
-        "RATE_READ": 100_000, "RATE_WORKER": 100_000}
+        "RATE_READ": 100_000, "RATE_WORKER": 100_000, "MAX_COST_PER_DAY": 1_000_000}
 
 
 def intake(srv, session, workflow, payload=None):

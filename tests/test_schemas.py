@@ -10,13 +10,14 @@ TRICKY = [
     None, True, False, 0, 1, 1.0, -1, "", "x", "low", "LOW", "urgent", [], [1], {}, {"a": None},
     "https://example.com/x", "http://", "ftp://example.com", "https://exa mple.com",
     "https://example.com:99999/", "en-GB", "english", "GBP", "JPY", "x" * 129, "x" * 2049,
-    0.5, 1.5, 3600, 3601, -0.0, 2.0, ["a", "a"], ["a", 1], [["a"]], {"fraction": 2},
+    0.5, 1.5, 3600, 3601, -0.0, 2.0, -1, 1_000_001, "client", "admin", ["a", "a"], ["a", 1], [["a"]], {"fraction": 2},
     {"fraction": 0.3}, {"fraction": True}, list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
     {str(i): i for i in range(101)}, "\ud800", "a@b.com",
 ]
 FIELDS = ["workflow", "payload", "callback_url", "priority", "result", "email", "name",
           "locale", "currency", "meta", "extra", "workflows", "lease_seconds", "lease_token",
-          "progress", "error", "retryable"]
+          "progress", "error", "retryable", "cost", "max_cost", "role", "daily_budget",
+          "rate_per_minute"]
 VALID = {
     "intake": {"workflow": "w", "payload": {}, "priority": "high", "callback_url": "https://a.io/"},
     "dev_complete": {"result": {"ok": True}},
@@ -26,7 +27,8 @@ VALID = {
     "claim": {"workflows": ["a", "b"], "lease_seconds": 30},
     "heartbeat": {"lease_token": "t", "lease_seconds": 5, "progress": {"fraction": 0.5, "note": "n"}},
     "complete": {"lease_token": "t", "result": [1, 2]},
-    "fail": {"lease_token": "t", "error": "boom", "retryable": False},
+    "fail": {"lease_token": "t", "error": "boom", "retryable": False, "cost": 0.25},
+    "key_create": {"name": "ci", "role": "worker", "daily_budget": 2.5, "rate_per_minute": 60},
 }
 
 

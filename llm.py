@@ -1,0 +1,128 @@
+"""The built-in ``llm.chat`` workflow: one call to an OpenAI-compatible
+``POST {OPENAI_BASE_URL}/chat/completions``, paid for within the job's cap.
+
+Before the call it works out the worst case, a conservative estimate of the
+prompt's tokens plus ``max_tokens`` at the model's prices, and fails the job
+with ``budget_exceeded`` without calling if that does not fit what the job
+may still spend. After the call it charges the real cost from the answer's
+``usage``. Prices come from the operator's MODEL_PRICES file; a model
+without a price is refused. Only the standard library's HTTP client is used.
+"""
+
+import decimal
+import json
+import math
+import socket
+import urllib.error
+import urllib.request
+
+import engine
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+class TransientError(Exception):
+    """A failure worth another attempt (429, 5xx, timeouts): the engine retries it."""
+
+
+def load_prices(path):
+    """{model: (input, output)} in dollars per million tokens, as Decimals."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError("MODEL_PRICES must be a JSON object of models")
+    prices = {}
+    for model, price in raw.items():
+        try:
+            prices[model] = (decimal.Decimal(str(price["input"])), decimal.Decimal(str(price["output"])))
+        except (TypeError, KeyError, decimal.InvalidOperation):
+            raise ValueError(f"MODEL_PRICES: {model!r} needs numeric input and output prices") from None
+        if min(prices[model]) < 0:
+            raise ValueError(f"MODEL_PRICES: {model!r} has a negative price")
+    return prices
+
+
+def micro_cost(prices, prompt_tokens, completion_tokens):
+    """Micro-dollars for the tokens: dollars per million tokens is exactly
+    micro-dollars per token. Rounded up."""
+    cost = prices[0] * prompt_tokens + prices[1] * completion_tokens
+    return int(cost.to_integral_value(decimal.ROUND_CEILING))
+
+
+def estimate_prompt_tokens(messages):
+    """An over-estimate: a token per 3 characters (real text averages about
+    4) plus framing per message."""
+    chars = sum(len(str(m.get("content", ""))) + len(str(m.get("role", ""))) for m in messages)
+    return math.ceil(chars / 3) + 8 * len(messages) + 16
+
+
+class Client:
+    def __init__(self, base_url, api_key, prices, timeout=60):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.prices = prices
+        self.timeout = timeout
+
+    def complete(self, body):
+        request = urllib.request.Request(
+            self.base_url + "/chat/completions", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read(4 * 1024 * 1024))
+        except urllib.error.HTTPError as exc:
+            if exc.code == 429 or exc.code >= 500:
+                raise TransientError(f"the model API answered {exc.code}") from None
+            raise engine.PermanentFailure(f"the model API refused the request: HTTP {exc.code}") from None
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+            raise TransientError(f"the model API could not be reached: {exc}") from None
+        except ValueError:
+            raise TransientError("the model API answered something that is not JSON") from None
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 200},
+        "messages": {
+            "type": "array", "minItems": 1, "maxItems": 500,
+            "items": {"type": "object", "required": ["role", "content"],
+                      "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+        },
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200_000},
+    },
+    "required": ["model", "messages"],
+    "additionalProperties": False,
+}
+
+
+@engine.workflow("llm.chat", timeout=120, schema=SCHEMA)
+def chat(payload, ctx):
+    client = ctx.engine.llm
+    if client is None:
+        ctx.fail("llm.chat is not configured: set OPENAI_API_KEY and MODEL_PRICES")
+    prices = client.prices.get(payload["model"])
+    if prices is None:
+        ctx.fail(f"model {payload['model']!r} has no price in MODEL_PRICES")
+    max_tokens = payload.get("max_tokens", DEFAULT_MAX_TOKENS)
+    worst = micro_cost(prices, estimate_prompt_tokens(payload["messages"]), max_tokens)
+    left = ctx.budget_left()
+    if worst > left:
+        raise engine.BudgetFailure(f"the worst case, {worst / 1e6:.6f} dollars, does not fit the "
+                                   f"{left / 1e6:.6f} dollars left of the job's cost cap")
+    answer = client.complete({"model": payload["model"], "messages": payload["messages"],
+                              "max_tokens": max_tokens})
+    usage = answer.get("usage") or {}
+    try:
+        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        cost = micro_cost(prices, prompt, completion)
+    except (KeyError, TypeError, ValueError):
+        prompt = completion = None
+        cost = worst  # no usage reported: charge the worst case, never less
+    ctx.charge(decimal.Decimal(cost) / 1_000_000, f"{payload['model']}: {prompt} + {completion} tokens")
+    try:
+        message = answer["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        raise TransientError("the model API's answer has no message") from None
+    return {"message": message, "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+            "cost": round(cost / 1_000_000, 6)}
