@@ -1,0 +1,421 @@
+"""Cost guardrails, the ledger, managed keys and usage, and llm.chat against
+a fake OpenAI-compatible server on loopback."""
+
+import decimal
+import http.server
+import json
+import threading
+
+import pytest
+import requests
+
+import costs
+import engine
+import storage
+import wsgi_routes
+from conftest import KEY, Client, FakeClock, Server, make_app
+
+DAY = 86_400
+
+
+def money_app(tmp_path, clock=None, **env):
+    app = make_app(tmp_path, API_KEYS=KEY, **env)
+    if clock is not None:
+        for part in (app.services.engine, app.services.ledger, app.services.guardrails):
+            setattr(part, "now" if part is app.services.engine else "clock", clock)
+        app.services.jobs.clock = clock
+    return app
+
+
+def intake(c, key=KEY, **body):
+    return c.post("/api/v1/intake", {"workflow": "ext", "payload": {}, **body}, key=key)
+
+
+# -- exact money ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("usd, micro", [(0.35, 350_000), ("10", 10_000_000), (0.1 + 0.2, 300_000),
+                                        (1e-6, 1), (0, 0), (123456.789012, 123_456_789_012)])
+def test_dollars_become_exact_micro_dollars(usd, micro):
+    assert costs.to_micro(usd) == micro
+
+
+def test_charges_round_up_never_down():
+    assert costs.to_micro(0.0000001, decimal.ROUND_CEILING) == 1
+
+
+@pytest.mark.parametrize("bad", [-1, "nan", "inf", "abc"])
+def test_bad_amounts_are_refused(bad):
+    with pytest.raises((ValueError, decimal.InvalidOperation)):
+        costs.to_micro(bad)
+
+
+def test_ten_thousand_small_charges_add_up_exactly(tmp_path):
+    ledger = storage.Ledger(storage.Database(str(tmp_path / "l.db")))
+    job = {"job_id": "j" * 32, "key_fp": "k", "workflow": "w"}
+    ledger.reserve(job, costs.to_micro(1), [("service", None, costs.to_micro(10))])
+    for _ in range(10_000):
+        ledger.charge(job["job_id"], costs.to_micro(0.0001, decimal.ROUND_CEILING))
+    assert ledger.spent(job["job_id"]) == 1_000_000  # $1.000000 exactly: 0.0001 is not a binary float
+    with pytest.raises(storage.BudgetExceeded):
+        ledger.charge(job["job_id"], 1)
+    assert ledger.settle(job["job_id"], "done") == 1_000_000
+    assert ledger.used_today() == 1_000_000
+    # The running totals agree with the rows they summarise.
+    rows = ledger.db.query("SELECT SUM(amount) AS s FROM ledger")[0]["s"]
+    assert rows == 1_000_000
+
+
+# -- per-job caps ------------------------------------------------------------------------
+
+
+def test_max_cost_over_the_global_cap_is_422(tmp_path):
+    app = money_app(tmp_path, MAX_COST_PER_JOB="0.5")
+    r = intake(Client(app), max_cost=0.51)
+    assert r.status == 422 and r.json()["error"] == "cost_cap_exceeded"
+    assert intake(Client(app), max_cost=0.5).status == 202
+    app.stop()
+
+
+def test_a_charge_past_the_cap_fails_the_job_and_records_nothing_past_it(tmp_path):
+    reg = engine.Registry()
+
+    def spender(payload, ctx):
+        for i in range(100):
+            ctx.charge(0.07, f"step {i}")
+        return "never"
+
+    reg.register("spender", spender)
+    app = make_app(tmp_path, API_KEYS=KEY, registry=reg)
+    c = Client(app)
+    job_id = c.post("/api/v1/intake", {"workflow": "spender", "payload": {}, "max_cost": 0.3},
+                    key=KEY).json()["job_id"]
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "failed" and view["error"]["type"] == "budget_exceeded"
+    assert view["error"]["attempts"] == 1  # no retry
+    assert view["cost"] == {"max": 0.3, "spent": 0.28}  # four charges of 0.07 fit, the fifth did not
+    assert app.services.ledger.spent(job_id) == 280_000
+    assert app.services.ledger.used_today() == 280_000  # the rest of the reservation is released
+    app.stop()
+
+
+def test_a_zero_cap_job_reserves_nothing_and_may_spend_nothing(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    job_id = intake(c, max_cost=0).json()["job_id"]
+    assert app.services.ledger.used_today() == 0
+    token = c.post("/api/v1/jobs/claim", {"workflows": ["ext"]}, key=KEY).json()["job"]["lease_token"]
+    r = c.post(f"/api/v1/jobs/{job_id}/complete", {"lease_token": token, "result": 1, "cost": 0.01}, key=KEY)
+    assert r.status == 409 and r.json()["error"] == "budget_exceeded"
+    assert c.get(f"/api/v1/status/{job_id}").json()["status"] == "failed"
+    app.stop()
+
+
+def test_external_workers_report_a_running_total(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    job_id = intake(c, max_cost=0.2).json()["job_id"]
+    token = c.post("/api/v1/jobs/claim", {"workflows": ["ext"]}, key=KEY).json()["job"]["lease_token"]
+    for total in (0.05, 0.05, 0.12):  # a repeated total charges nothing twice
+        assert c.post(f"/api/v1/jobs/{job_id}/heartbeat", {"lease_token": token, "cost": total},
+                      key=KEY).status == 200
+    r = c.post(f"/api/v1/jobs/{job_id}/complete", {"lease_token": token, "result": {}, "cost": 0.15}, key=KEY)
+    assert r.json()["job"]["cost"] == {"max": 0.2, "spent": 0.15}
+    assert app.services.ledger.used_today() == 150_000
+    app.stop()
+
+
+def test_builtin_workflows_reserve_nothing(tmp_path):
+    app = money_app(tmp_path, MAX_COST_PER_DAY="0.01")
+    c = Client(app)
+    assert all(c.post("/api/v1/intake", {"workflow": "echo", "payload": {}}, key=KEY).status == 202
+               for _ in range(20))
+    app.stop()
+
+
+# -- daily budgets ----------------------------------------------------------------------
+
+
+def test_daily_budget_at_the_boundary_then_release_then_midnight(tmp_path):
+    clock = FakeClock(1_800_000_000 - 1_800_000_000 % DAY + DAY - 3600)  # 23:00 UTC
+    app = money_app(tmp_path, clock, MAX_COST_PER_DAY="1.00")
+    c = Client(app)
+    ids = [intake(c, max_cost=0.25).json()["job_id"] for _ in range(4)]  # exactly $1.00 reserved
+    r = intake(c, max_cost=0.01)
+    assert r.status == 429 and r.json()["error"] == "budget_exceeded"
+    assert int(r.headers["retry-after"]) == 3600
+    assert r.json()["budget"] == {"scope": "service", "day": storage.utc_day(clock()), "limit": 1.0,
+                                  "used": 1.0, "requested": 0.01, "resets_in": 3600}
+    # A job that spends 0.10 and ends gives back the other 0.15 of its reservation.
+    token = c.post("/api/v1/jobs/claim", {"workflows": ["ext"]}, key=KEY).json()["job"]
+    c.post(f"/api/v1/jobs/{token['job_id']}/complete",
+           {"lease_token": token["lease_token"], "result": 1, "cost": 0.10}, key=KEY)
+    assert intake(c, max_cost=0.15).status == 202
+    assert intake(c, max_cost=0.000001).status == 429
+    clock.advance(3600)  # midnight UTC: a new day, a new budget
+    assert intake(c, max_cost=0.25).status == 202
+    assert len(ids) == 4
+    app.stop()
+
+
+def test_a_managed_keys_daily_budget(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    secret = c.post("/api/v1/keys", {"name": "tenant", "role": "client", "daily_budget": 0.5},
+                    key=KEY).json()["key"]
+    assert intake(c, key=secret, max_cost=0.3).status == 202
+    r = intake(c, key=secret, max_cost=0.3)
+    assert r.status == 429 and r.json()["budget"]["scope"] == "key"
+    assert intake(c, max_cost=0.3).status == 202  # the admin key is not held to it
+    app.stop()
+
+
+def test_a_thousand_concurrent_intakes_against_a_budget_for_ten(tmp_path):
+    srv = Server(tmp_path, API_KEYS=KEY, JOB_STORE="sqlite", WEB_CONCURRENCY=2, MAX_COST_PER_DAY="1.00",
+                 RATE_BURST=100_000, RATE_GLOBAL=100_000).start()
+    try:
+        statuses = []
+        lock = threading.Lock()
+
+        def fire(n):
+            s = requests.Session()
+            for _ in range(n):
+                r = s.post(srv.url + "/api/v1/intake", headers={"X-Api-Key": KEY}, timeout=30,
+                           json={"workflow": "ext", "payload": {}, "max_cost": 0.1})
+                with lock:
+                    statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=fire, args=(50,)) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(statuses) == 1000
+        assert statuses.count(202) == 10 and statuses.count(429) == 990
+    finally:
+        srv.stop()
+
+
+# -- usage and the ledger ----------------------------------------------------------------
+
+
+def test_usage_equals_the_ledger(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    client_key = c.post("/api/v1/keys", {"name": "c", "role": "client"}, key=KEY).json()
+    spends = [(KEY, "ext", 0.1), (client_key["key"], "ext", 0.05), (client_key["key"], "other", 0.02)]
+    for key, workflow, spend in spends:
+        job_id = c.post("/api/v1/intake", {"workflow": workflow, "payload": {}, "max_cost": 0.2},
+                        key=key).json()["job_id"]
+        job = c.post("/api/v1/jobs/claim", {"workflows": [workflow]}, key=KEY).json()["job"]
+        c.post(f"/api/v1/jobs/{job_id}/complete", {"lease_token": job["lease_token"], "result": 1,
+                                                  "cost": spend}, key=KEY)
+    intake(c, max_cost=0.2)  # still running: reserved, not spent
+    app.services.recorder.flush()
+    rows = app.services.db.query("SELECT kind, SUM(amount) AS s FROM ledger GROUP BY kind")
+    ledger = {r["kind"]: r["s"] for r in rows}
+    body = c.get("/api/v1/usage?group_by=workflow", key=KEY).json()
+    assert body["totals"] == {"spend": costs.to_usd(ledger["charge"]),
+                              "reserved": costs.to_usd(ledger["reserve"] + ledger["release"])}
+    assert body["totals"] == {"spend": 0.17, "reserved": 0.2}
+    by_workflow = {g["workflow"]: g for g in body["groups"]}
+    assert by_workflow["ext"]["spend"] == 0.15 and by_workflow["ext"]["jobs"] == {"succeeded": 2}
+    mine = c.get("/api/v1/usage?group_by=key", key=client_key["key"]).json()
+    assert [g["key"] for g in mine["groups"]] == [client_key["id"]] and mine["totals"]["spend"] == 0.07
+    for bad in ("from=2026-13-01", "from=yesterday", "group_by=month", "from=2026-02-01&to=2026-01-01",
+                "from=2020-01-01&to=2026-01-01"):
+        assert c.get(f"/api/v1/usage?{bad}", key=KEY).status == 400, bad
+    app.stop()
+
+
+# -- managed keys and roles ---------------------------------------------------------------
+
+
+def test_keys_are_created_listed_and_revoked(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    r = c.post("/api/v1/keys", {"name": "ci worker", "role": "worker", "rate_per_minute": 100}, key=KEY)
+    assert r.status == 201
+    created = r.json()
+    secret = created["key"]
+    assert secret.startswith("lq_") and len(secret) >= 43 and created["prefix"] == secret[:11]
+    listed = c.get("/api/v1/keys", key=KEY).json()["keys"]
+    assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0]
+    assert listed[0]["revoked"] is False and listed[0]["spend_today"] == 0
+    for stored in tmp_path.glob("levqor.db*"):
+        assert secret.encode() not in stored.read_bytes()
+    assert c.post("/api/v1/jobs/claim", {"workflows": ["x"]}, key=secret).status == 204
+    assert c.request("DELETE", f"/api/v1/keys/{created['id']}", key=KEY).json()["revoked"] is True
+    r = c.post("/api/v1/jobs/claim", {"workflows": ["x"]}, key=secret)
+    assert r.status == 403 and r.json()["error"] == "forbidden"
+    assert c.request("DELETE", "/api/v1/keys/key_nope", key=KEY).status == 404
+    for body in ({"name": "x", "role": "admin"}, {"name": "", "role": "client"}, {"role": "client"},
+                 {"name": "x", "role": "client", "daily_budget": -1}):
+        assert c.post("/api/v1/keys", body, key=KEY).status == 400, body
+    app.stop()
+
+
+def test_every_keyed_route_checks_the_role(tmp_path):
+    app = money_app(tmp_path, RATE_BURST=10_000, RATE_GLOBAL=10_000)
+    c = Client(app)
+    keys = {role: c.post("/api/v1/keys", {"name": role, "role": role}, key=KEY).json()["key"]
+            for role in ("client", "worker")}
+    keys["admin"] = KEY
+    checked = 0
+    for method, pattern, _, access, flags in wsgi_routes.ROUTES:
+        if access == wsgi_routes.PUBLIC:
+            continue
+        path = pattern.replace("<job_id>", "0" * 32).replace("<user_id>", "0" * 32) \
+            .replace("<key_id>", "key_0")
+        allowed = {"admin"} | ({"worker"} if "worker" in flags else
+                               set() if "admin" in flags else {"client"})
+        for role, key in keys.items():
+            r = c.request(method, path, json={} if method in ("POST", "PATCH") else None, key=key)
+            forbidden = r.status == 403 and r.json()["message"].startswith(f"a {role} key")
+            assert forbidden == (role not in allowed), (method, pattern, role, r)
+            checked += 1
+    assert checked == 3 * sum(1 for r in wsgi_routes.ROUTES if r[3] != wsgi_routes.PUBLIC)
+
+
+def test_clients_cannot_touch_each_others_jobs(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    a, b = (c.post("/api/v1/keys", {"name": n, "role": "client"}, key=KEY).json()["key"] for n in "ab")
+    job_id = intake(c, key=a, max_cost=0).json()["job_id"]
+    assert c.post(f"/api/v1/jobs/{job_id}/cancel", {}, key=b).status == 404
+    assert c.get("/api/v1/jobs", key=b).json()["jobs"] == []
+    assert c.post(f"/api/v1/jobs/{job_id}/cancel", {}, key=a).status == 200
+    app.stop()
+
+
+def test_a_keys_rate_per_minute_applies(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    secret = c.post("/api/v1/keys", {"name": "slow", "role": "client", "rate_per_minute": 2},
+                    key=KEY).json()["key"]
+    statuses = [c.get("/api/v1/jobs", key=secret).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert c.get("/api/v1/jobs", key=KEY).status == 200
+    app.stop()
+
+
+# -- llm.chat ---------------------------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible /chat/completions on 127.0.0.1."""
+
+    def __init__(self):
+        self.requests = []
+        self.answers = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, self.headers.get("Authorization"), body))
+                status, answer = fake.answers.pop(0) if fake.answers else (200, {
+                    "choices": [{"message": {"role": "assistant", "content": "Hello!"}}],
+                    "usage": {"prompt_tokens": 1000, "completion_tokens": 500}})
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def openai(tmp_path):
+    fake = FakeOpenAI()
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"tiny-model": {"input": 0.5, "output": 1.5}}))
+    fake.env = {"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "sk-test", "MODEL_PRICES": str(prices)}
+    yield fake
+    fake.close()
+
+
+def chat(c, max_cost=0.35, **payload):
+    body = {"model": "tiny-model", "messages": [{"role": "user", "content": "Say hello"}], **payload}
+    return c.post("/api/v1/intake", {"workflow": "llm.chat", "payload": body, "max_cost": max_cost}, key=KEY)
+
+
+def test_llm_chat_charges_what_the_call_cost(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env)
+    c = Client(app)
+    job_id = chat(c, max_tokens=600).json()["job_id"]
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "succeeded", view
+    # 1000 tokens in at $0.5/M and 500 out at $1.5/M: $0.00125 exactly
+    assert view["result"]["cost"] == 0.00125 and view["cost"]["spent"] == 0.00125
+    assert view["result"]["message"]["content"] == "Hello!"
+    path, auth, sent = openai.requests[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and sent["max_tokens"] == 600
+    assert app.services.ledger.used_today() == 1250
+    app.stop()
+
+
+def test_llm_chat_refuses_before_calling_when_the_worst_case_does_not_fit(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env)
+    c = Client(app)
+    # 100,000 output tokens at $1.5/M could cost $0.15: more than the $0.01 cap.
+    job_id = chat(c, max_cost=0.01, max_tokens=100_000).json()["job_id"]
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "failed" and view["error"]["type"] == "budget_exceeded"
+    assert openai.requests == [] and view["cost"]["spent"] == 0
+    app.stop()
+
+
+def test_llm_chat_refuses_a_model_without_a_price(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env)
+    c = Client(app)
+    job_id = chat(c, model="unpriced").json()["job_id"]
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "failed" and "no price" in view["error"]["message"]
+    assert openai.requests == []
+    app.stop()
+
+
+def test_llm_chat_retries_transient_errors(tmp_path, openai):
+    clock = FakeClock()
+    app = money_app(tmp_path, clock, **openai.env)
+    c = Client(app)
+    openai.answers = [(429, {"error": "slow down"}), (503, {"error": "busy"})]
+    job_id = chat(c).json()["job_id"]
+    for _ in range(3):
+        app.services.engine.run_next()
+        clock.advance(600)
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "succeeded" and view["attempts"] == 3 and len(openai.requests) == 3
+    app.stop()
+
+
+def test_llm_chat_payload_is_validated_at_intake(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env)
+    r = Client(app).post("/api/v1/intake", {"workflow": "llm.chat", "payload": {"model": "tiny-model"}},
+                         key=KEY)
+    assert r.status == 400 and r.json()["field"] == "payload/messages"
+    app.stop()
+
+
+@pytest.mark.parametrize("content", ['{"m": {"input": "x", "output": 1}}', "[]", "{nope"])
+def test_malformed_price_files_refuse_to_start(tmp_path, content):
+    import levqor
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(levqor.ConfigError, match="MODEL_PRICES"):
+        make_app(tmp_path, OPENAI_API_KEY="sk", MODEL_PRICES=str(path))
