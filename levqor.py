@@ -551,7 +551,7 @@ class Services:
         self.settings = settings
         self.log = log
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
-        self.db = Database(settings.sqlite_path)
+        self.db = Database(settings.sqlite_path, shared=settings.job_store == "sqlite")
         self.users = UserStore(self.db)
         if settings.job_store == "sqlite":
             self.jobs = SqliteJobStore(self.db, settings.max_jobs, settings.job_ttl,

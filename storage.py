@@ -185,8 +185,9 @@ class Database:
     reused (the pid is checked). Every connection sets its pragmas at open.
     """
 
-    def __init__(self, path, busy_timeout_ms=5000):
+    def __init__(self, path, busy_timeout_ms=5000, shared=False):
         self.path = path
+        self.shared = shared  # several processes write (JOB_STORE=sqlite): lock across them
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._migrated_in = None  # pid that has run the migrations
@@ -248,7 +249,9 @@ class Database:
     def _writer(self):
         """Hold the write locks: this process's, then the one shared by all."""
         with self._write_lock:
-            if self.path == ":memory:":
+            if not self.shared:
+                # PERF: flock gives up the GIL twice; with one writing process
+                # the thread lock is all it takes.
                 yield
                 return
             if self._flock is None or self._flock[0] != os.getpid():

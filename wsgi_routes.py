@@ -24,6 +24,7 @@ import jsonschema
 from jsonschema.exceptions import best_match
 
 import callbacks
+import openapi
 from costs import to_micro, to_usd
 from engine import JobError, status_view
 from storage import JOB_FINAL, JOB_STATUSES, BudgetExceeded, IdempotencyMismatch, QueueFull, utc_day
@@ -567,6 +568,11 @@ def root(req):
     return respond({"ok": True, "service": "levqor-backend", "version": VERSION})
 
 
+def openapi_document(req):
+    return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(OPENAPI_BODY))),
+                 ("Cache-Control", "public, max-age=300")], OPENAPI_BODY
+
+
 def health(req):
     # PERF: the hottest endpoint; the same bytes json_body would make.
     body = b'{"ok":true,"ts":%d}' % int(time.time())
@@ -1006,6 +1012,7 @@ USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
 # Every other keyed route is for admin and client keys.
 ROUTES = [
     ("GET", "/", root, PUBLIC, ()),
+    ("GET", "/openapi.json", openapi_document, PUBLIC, ()),
     ("GET", "/health", health, PUBLIC, ()),
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
@@ -1128,6 +1135,8 @@ class Router:
 
 
 ROUTER = Router(ROUTES)
+# Built once, from the route table and the schemas the validators use.
+OPENAPI_BODY = json_body(openapi.build(ROUTES, SCHEMAS))
 
 
 class Api:

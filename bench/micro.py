@@ -59,7 +59,8 @@ def main():
         "RATE_BURST": big, "RATE_GLOBAL": big, "RATE_READ": big})
     app = levqor.create_app(settings, log_stream=Discard())
     app.start()
-    intake_body = b'{"workflow":"demo.flow","payload":{"text":"benchmark me","n":1},"priority":"normal"}'
+    intake_body = (b'{"workflow":"bench.external","payload":{"text":"benchmark me","n":1},'
+                   b'"priority":"normal","max_cost":0}')
     b"".join(app(environ("POST", "/api/v1/intake", intake_body), start_response))
     job_id = next(iter(app.services.jobs._jobs))
     _, user = app.services.users.upsert("reader@example.com", {"name": "Reader"})

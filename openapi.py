@@ -1,0 +1,213 @@
+"""Levqor's OpenAPI 3.1 document, built from the route table and the same
+JSON schemas the validators use: one source of truth.
+
+``build(routes, schemas, payload_schemas)`` is called once by
+``wsgi_routes``; this module only describes. What each route answers is
+written here, beside the route's (method, pattern); ``tests/test_openapi.py``
+fails when a route exists in the router but not here, or the reverse.
+"""
+
+import copy
+
+VERSION = "1.0.0"
+
+OBJ = {"type": "object"}
+NUM = {"type": "number"}
+STR = {"type": "string"}
+NULLABLE_NUM = {"type": ["number", "null"]}
+NULLABLE_STR = {"type": ["string", "null"]}
+
+
+def ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(required=(), **properties):
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+JOB_STATUS = obj(
+    ("job_id", "status", "created_at", "updated_at", "workflow", "priority", "attempts",
+     "max_attempts", "result", "error", "progress", "callback", "cost"),
+    job_id=STR, status={"enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+    created_at=NUM, updated_at=NUM, workflow=STR, priority={"enum": ["low", "normal", "high"]},
+    attempts={"type": "integer"}, max_attempts={"type": "integer"}, started_at=NULLABLE_NUM,
+    finished_at=NULLABLE_NUM, result={},
+    error={"type": ["object", "null"]}, progress={"type": ["object", "null"]},
+    callback={"type": ["object", "null"]},
+    cost=obj(("max", "spent"), max=NUM, spent=NUM))
+USER = obj(("id", "email", "name", "locale", "currency", "meta", "created_at", "updated_at"),
+           id=STR, email=STR, name=NULLABLE_STR, locale=NULLABLE_STR,
+           currency={"enum": ["GBP", "USD", "EUR", None]}, meta=OBJ, created_at=NUM, updated_at=NUM)
+KEY = obj(("id", "name", "role", "prefix", "created_at", "revoked"), id=STR, name=STR,
+          role={"enum": ["client", "worker"]}, prefix=STR, created_at=NUM,
+          last_used_at=NULLABLE_NUM, revoked_at=NULLABLE_NUM, revoked={"type": "boolean"},
+          daily_budget=NULLABLE_NUM, rate_per_minute={"type": ["integer", "null"]},
+          spend_today=NUM)
+
+RESPONSES = {
+    "Error": {
+        "type": "object",
+        "description": "Every error, from every endpoint, has this shape.",
+        "properties": {"error": STR, "message": STR, "request_id": STR, "field": STR},
+        "required": ["error", "message", "request_id"],
+    },
+    "Root": obj(("ok", "service", "version"), ok={"const": True}, service=STR, version=STR),
+    "OpenAPI": obj(("openapi", "paths"), openapi=STR, paths=OBJ),
+    "Health": obj(("ok", "ts"), ok={"const": True}, ts={"type": "integer"}),
+    "Metrics": obj(("uptime_rolling_7d", "jobs_today", "audit_coverage", "last_updated"),
+                   uptime_rolling_7d=NUM, jobs_today={"type": "integer"}, audit_coverage=NUM,
+                   last_updated={"type": "integer"}, finished_today={"type": "integer"},
+                   queue_depth=COUNTS, running={"type": "integer"}),
+    "OpsHealth": obj(("ok", "ts", "checks", "jobs"), ok={"type": "boolean"}, ts={"type": "integer"},
+                     checks={"type": "object"}, jobs=COUNTS, queue_depth=COUNTS),
+    "Accepted": obj(("job_id", "status"), job_id=STR, status={"const": "queued"}),
+    "JobStatus": JOB_STATUS,
+    "JobEnvelope": obj(("job",), job=ref("JobStatus")),
+    "JobList": obj(("jobs", "next_cursor"), jobs={"type": "array", "items": ref("JobStatus")},
+                   next_cursor=NULLABLE_STR),
+    "Claimed": obj(("job",), job=obj(("job_id", "workflow", "payload", "attempt", "lease_token",
+                                      "lease_expires_at"),
+                                     job_id=STR, workflow=STR, payload=OBJ, attempt={"type": "integer"},
+                                     lease_token=STR, lease_expires_at=NUM)),
+    "Heartbeat": obj(("job_id", "lease_expires_at", "cancel_requested"), job_id=STR,
+                     lease_expires_at=NUM, cancel_requested={"type": "boolean"}),
+    "Ok": obj(("ok",), ok={"const": True}),
+    "User": USER,
+    "UserCreated": obj(("created", "user"), created={"const": True}, user=ref("User")),
+    "UserUpdated": obj(("updated", "user"), updated={"const": True}, user=ref("User")),
+    "Usage": obj(("from", "to", "group_by", "groups", "totals"), groups={"type": "array"},
+                 totals=obj(("spend", "reserved"), spend=NUM, reserved=NUM)),
+    "Key": KEY,
+    "KeyCreated": {"allOf": [ref("Key"), obj(("key",), key=STR)]},
+    "KeyList": obj(("keys",), keys={"type": "array", "items": ref("Key")}),
+    "KeyRevoked": obj(("revoked", "key"), revoked={"const": True}, key=ref("Key")),
+}
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def query(name, schema, description):
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+# (method, pattern) -> summary, request body (a SCHEMAS name, "optional:" + name, or None),
+# success responses {status: (description, schema or None)}, query parameters.
+ROUTE_DOCS = {
+    ("GET", "/"): ("Service identity", None, {200: ("The service", "Root")}),
+    ("GET", "/openapi.json"): ("This document", None, {200: ("OpenAPI 3.1", "OpenAPI")}),
+    ("GET", "/health"): ("Liveness", None, {200: ("Up", "Health")}),
+    ("GET", "/public/metrics"): ("Measured uptime, jobs today, audit coverage", None,
+                                 {200: ("Metrics", "Metrics")}),
+    ("POST", "/api/v1/intake"): ("Submit a job", "intake",
+                                 {202: ("Accepted (or replayed, with Idempotent-Replayed)", "Accepted")}),
+    ("GET", "/api/v1/status/<job_id>"): ("A job's status", None, {200: ("The job", "JobStatus")}),
+    ("POST", "/api/v1/_dev/complete/<job_id>"): ("Mark a job succeeded (development only)",
+                                                 "optional:dev_complete", {200: ("Done", "Ok")}),
+    ("GET", "/api/v1/ops/health"): ("Operational checks (admin)", None,
+                                    {200: ("Healthy", "OpsHealth"), 503: ("A check fails", "OpsHealth")}),
+    ("GET", "/api/v1/jobs"): ("The caller's jobs, newest first", None, {200: ("A page", "JobList")},
+                              [query("status", {"enum": ["queued", "running", "succeeded", "failed",
+                                                          "canceled"]}, "only jobs in this state"),
+                               query("workflow", STR, "only this workflow"),
+                               query("limit", {"type": "integer", "minimum": 1, "maximum": 100},
+                                     "page size, default 20"),
+                               query("cursor", STR, "next_cursor of the previous page")]),
+    ("POST", "/api/v1/jobs/claim"): ("Claim the next job (external worker)", "claim",
+                                     {200: ("A job and its lease", "Claimed"), 204: ("Nothing waits", None)}),
+    ("POST", "/api/v1/jobs/<job_id>/heartbeat"): ("Extend a lease", "heartbeat",
+                                                  {200: ("Extended", "Heartbeat")}),
+    ("POST", "/api/v1/jobs/<job_id>/complete"): ("Report a result", "complete",
+                                                 {200: ("The job", "JobEnvelope")}),
+    ("POST", "/api/v1/jobs/<job_id>/fail"): ("Report a failure", "fail", {200: ("The job", "JobEnvelope")}),
+    ("POST", "/api/v1/jobs/<job_id>/cancel"): ("Cancel a job", None, {200: ("The job", "JobEnvelope")}),
+    ("POST", "/api/v1/jobs/<job_id>/retry"): ("Retry a failed or canceled job", None,
+                                              {200: ("The job", "JobEnvelope")}),
+    ("POST", "/api/v1/jobs/<job_id>/callback/redeliver"): ("Send a finished job's callback again", None,
+                                                           {200: ("The job", "JobEnvelope")}),
+    ("GET", "/api/v1/usage"): ("Spend, reservations and outcomes", None, {200: ("Usage", "Usage")},
+                               [query("from", {"type": "string", "format": "date"}, "first UTC day"),
+                                query("to", {"type": "string", "format": "date"}, "last UTC day"),
+                                query("group_by", {"enum": ["day", "workflow", "key"]}, "default day")]),
+    ("POST", "/api/v1/keys"): ("Create a managed key (admin)", "key_create",
+                               {201: ("The key, with its secret shown once", "KeyCreated")}),
+    ("GET", "/api/v1/keys"): ("List managed keys (admin)", None, {200: ("The keys", "KeyList")}),
+    ("DELETE", "/api/v1/keys/<key_id>"): ("Revoke a managed key (admin)", None,
+                                          {200: ("Revoked", "KeyRevoked")}),
+    ("POST", "/api/v1/users/upsert"): ("Create or update a user by email", "user_upsert",
+                                       {201: ("Created", "UserCreated"), 200: ("Updated", "UserUpdated")}),
+    ("GET", "/api/v1/users"): ("Look a user up by email", None, {200: ("The user", "User")},
+                               [dict(query("email", STR, "the address"), required=True)]),
+    ("GET", "/api/v1/users/<user_id>"): ("A user", None, {200: ("The user", "User")}),
+    ("PATCH", "/api/v1/users/<user_id>"): ("Update a user", "user_patch", {200: ("Updated", "UserUpdated")}),
+    ("GET", "/robots.txt"): ("robots.txt", None, {200: ("The file", "text/plain")}),
+    ("GET", "/.well-known/security.txt"): ("security.txt (RFC 9116)", None, {200: ("The file", "text/plain")}),
+    ("GET", "/public/<path:path>"): ("Legal and FAQ pages and their assets", None,
+                                     {200: ("The file", "text/html"), 304: ("Not modified", None)}),
+}
+
+ERRORS = {400: "Malformed or invalid input", 401: "No API key", 403: "Key not valid, or role not allowed",
+          404: "No such thing", 405: "Method not allowed", 409: "Not in a state that allows this",
+          411: "Content-Length required", 413: "Body too large", 415: "Body is not JSON",
+          422: "Idempotency key reused, or max_cost over the cap",
+          429: "Rate limit or daily budget reached", 500: "Unexpected error",
+          503: "Queue full or storage busy", 507: "Disk full"}
+
+
+def openapi_path(pattern):
+    return pattern.replace("<path:path>", "{path}").replace("<", "{").replace(">", "}")
+
+
+def build(routes, schemas, keyed=lambda access: access != "public"):
+    """The document, for ``routes`` as in wsgi_routes.ROUTES and ``schemas``
+    as in wsgi_routes.SCHEMAS."""
+    components = {name: copy.deepcopy(schema) for name, schema in schemas.items()}
+    components.update(copy.deepcopy(RESPONSES))
+    paths = {}
+    for method, pattern, handler, access, flags in routes:
+        summary, body, success, *extra = ROUTE_DOCS[method, pattern]
+        op = {"operationId": handler.__name__, "summary": summary, "responses": {}}
+        params = [{"name": name.split(":")[-1], "in": "path", "required": True, "schema": STR}
+                  for name in _params(pattern)]
+        params += extra[0] if extra else []
+        if params:
+            op["parameters"] = params
+        if body:
+            optional = body.startswith("optional:")
+            op["requestBody"] = {"required": not optional, "content": {
+                "application/json": {"schema": ref(body.removeprefix("optional:"))}}}
+        if keyed(access):
+            op["security"] = [{"ApiKey": []}]
+        for status, (description, schema) in success.items():
+            response = {"description": description}
+            if schema in RESPONSES:
+                response["content"] = {"application/json": {"schema": ref(schema)}}
+            elif schema is not None:
+                response["content"] = {schema: {"schema": STR}}
+            op["responses"][str(status)] = response
+        for status, description in ERRORS.items():
+            op["responses"].setdefault(str(status), {
+                "description": description,
+                "content": {"application/json": {"schema": ref("Error")}}})
+        paths.setdefault(openapi_path(pattern), {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Levqor", "version": VERSION,
+                 "description": "Job orchestration for AI automation, with validation and cost "
+                                "guardrails. Errors share one shape: the Error schema."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
+        },
+    }
+
+
+def _params(pattern):
+    names, rest = [], pattern
+    while "<" in rest:
+        rest = rest[rest.index("<") + 1:]
+        names.append(rest[:rest.index(">")])
+    return names
