@@ -46,7 +46,38 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 
 
+# Slow clients. The gthread worker gives a connection a thread while it reads
+# the request, and reads with no timeout: a client that trickles its headers
+# or body holds a thread as long as it likes, and a few such clients stall
+# the service. Each read of a request is bounded to READ_TIMEOUT seconds of
+# silence; past it the connection is dropped (a body read inside Levqor
+# answers 408). In production, a reverse proxy that buffers whole requests
+# (nginx does by default) is the complete answer: see the README.
+READ_TIMEOUT = float(os.environ.get("READ_TIMEOUT", "5"))
+
+
+def _bound_request_reads(log):
+    from gunicorn.http import errors, unreader
+
+    original = getattr(unreader.SocketUnreader, "chunk", None)
+    if original is None or getattr(original, "levqor_bounded", False):
+        log.warning("levqor: cannot bound request reads in this gunicorn version")
+        return
+
+    def chunk(self, *args, **kwargs):
+        self.sock.settimeout(READ_TIMEOUT)
+        try:
+            return original(self, *args, **kwargs)
+        except TimeoutError:
+            # gunicorn treats this as the client going away: the connection is closed.
+            raise errors.NoMoreData() from None
+
+    chunk.levqor_bounded = True
+    unreader.SocketUnreader.chunk = chunk
+
+
 def post_worker_init(worker):
+    _bound_request_reads(worker.log)
     # Open the database and start the background writer in the worker, after
     # the fork, so that the uptime heartbeat runs even before the first request.
     start = getattr(worker.wsgi, "start", None)

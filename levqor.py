@@ -120,6 +120,7 @@ class Settings:
     max_content_length: int = 512 * 1024
     cors_origins: tuple = ("https://levqor.ai",)
     sqlite_path: str = "levqor.db"
+    sqlite_busy_timeout: int = 5000  # ms a write waits for another process's lock
     job_store: str = "memory"
     job_ttl: int = 86_400
     max_jobs: int = 100_000
@@ -174,6 +175,7 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 512 * 1024, 1024, 64 * 1024 * 1024),
             cors_origins=_list(env, "CORS_ORIGINS", ("https://levqor.ai",)),
             sqlite_path=env.get("SQLITE_PATH", "").strip() or "levqor.db",
+            sqlite_busy_timeout=_int(env, "SQLITE_BUSY_TIMEOUT_MS", 5000, 10, 600_000),
             job_store=_choice(env, "JOB_STORE", ("memory", "sqlite")),
             job_ttl=_int(env, "JOB_TTL", 86_400, 1, 365 * 86_400),
             max_jobs=_int(env, "MAX_JOBS", 100_000, 1, 10**8),
@@ -551,7 +553,8 @@ class Services:
         self.settings = settings
         self.log = log
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
-        self.db = Database(settings.sqlite_path, shared=settings.job_store == "sqlite")
+        self.db = Database(settings.sqlite_path, settings.sqlite_busy_timeout,
+                           shared=settings.job_store == "sqlite")
         self.users = UserStore(self.db)
         if settings.job_store == "sqlite":
             self.jobs = SqliteJobStore(self.db, settings.max_jobs, settings.job_ttl,

@@ -187,13 +187,17 @@ class Request:
                 return b""
             raise HTTPError(411, "length_required", "a request body needs a Content-Length")
         self._check_content_type()
+        try:
+            # No length to trust when chunked: read one byte past the cap.
+            raw = environ["wsgi.input"].read(limit + 1 if chunked and not length else length)
+        except OSError:  # a client that stopped sending (the server's read timeout)
+            raise HTTPError(408, "request_timeout", "the request body did not arrive in time")
+        except Exception:  # the server could not parse the framing (bad chunks)
+            raise HTTPError(400, "bad_request", "the request body's framing is malformed")
         if chunked and not length:
-            # No length to trust: read one byte past the cap and refuse at the cap.
-            raw = environ["wsgi.input"].read(limit + 1)
             if len(raw) > limit:
                 raise HTTPError(413, "payload_too_large", f"request body is over {limit} bytes")
             return raw
-        raw = environ["wsgi.input"].read(length)
         if len(raw) != length:
             raise HTTPError(400, "incomplete_body", "request body is shorter than its Content-Length")
         return raw
