@@ -169,7 +169,13 @@ def post(url, headers, body, allow_private, getaddrinfo=socket.getaddrinfo,
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
     addresses = resolve(parts.hostname, port, allow_private, getaddrinfo)
-    sock = connect((addresses[0], port), timeout)
+    for i, address in enumerate(addresses):  # every one of them was checked
+        try:
+            sock = connect((address, port), timeout)
+            break
+        except OSError:
+            if i == len(addresses) - 1:
+                raise
     # A deadline for the whole attempt: per-read timeouts alone would let a
     # server that drips a byte at a time hold a delivery thread for ever.
     watchdog = threading.Timer(timeout, _shut, args=(sock,))

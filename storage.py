@@ -210,25 +210,40 @@ class Database:
         return conn
 
     def _open(self):
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
-                                   isolation_level=None, check_same_thread=True)
-            conn.row_factory = _dict_row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            # PERF: the Recorder thread checkpoints the WAL every second, so a
-            # request never pays for copying it back (a stall of tens of ms).
-            # This is only the backstop should that thread not run.
-            conn.execute("PRAGMA wal_autocheckpoint = 10000")
-        except sqlite3.OperationalError as exc:
-            raise (_translate(exc) or exc) from exc
+        # One thread of this process opens at a time: the first open of a new
+        # file switches it to WAL, which needs the file to itself.
         with self._lock:
-            if self._migrated_in != os.getpid():
-                self._migrate(conn)
-                self._migrated_in = os.getpid()
+            try:
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000,
+                                       isolation_level=None, check_same_thread=True)
+                conn.row_factory = _dict_row
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                self._wal(conn)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                # PERF: the Recorder thread checkpoints the WAL every second, so a
+                # request never pays for copying it back (a stall of tens of ms).
+                # This is only the backstop should that thread not run.
+                conn.execute("PRAGMA wal_autocheckpoint = 10000")
+                if self._migrated_in != os.getpid():
+                    self._migrate(conn)
+                    self._migrated_in = os.getpid()
+            except sqlite3.OperationalError as exc:
+                raise (_translate(exc) or exc) from exc
         return conn
+
+    def _wal(self, conn):
+        """Switch to WAL. Another process switching the same new file at the
+        same moment makes SQLite answer busy at once, without waiting: retry."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if _translate(exc) is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _migrate(self, conn):
         # BEGIN IMMEDIATE so that two processes starting at once migrate once.

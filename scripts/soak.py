@@ -63,7 +63,8 @@ class Receiver:
                 self.end_headers()
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/soak"
+        # By name: intake refuses literal addresses in callback URLs.
+        self.url = f"http://localhost:{self.server.server_address[1]}/soak"
         threading.Thread(target=self.server.serve_forever, args=(0.1,), daemon=True).start()
 
 

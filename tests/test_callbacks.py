@@ -79,6 +79,8 @@ class Receiver:
         self.server = Srv(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # Intake accepts names, not literal addresses: the same listener by name.
+        self.named_url = f"http://localhost:{self.port}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self):
@@ -356,7 +358,7 @@ def test_status_view_and_redeliver(tmp_path, receiver):
                    JOB_STORE=STORE["kind"])
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "echo", "payload": {"a": 1},
-                                       "callback_url": receiver.url + "/hook"}, key=KEY).json()["job_id"]
+                                       "callback_url": receiver.named_url + "/hook"}, key=KEY).json()["job_id"]
     assert c.get(f"/api/v1/status/{job_id}").json()["callback"] is None
     r = c.post(f"/api/v1/jobs/{job_id}/callback/redeliver", {}, key=KEY)
     assert r.status == 409  # not finished yet
@@ -380,7 +382,7 @@ def test_canceled_jobs_notify_too(tmp_path, receiver):
     app = make_app(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1", JOB_STORE=STORE["kind"])
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "ext", "payload": {},
-                                       "callback_url": receiver.url + "/hook"}).json()["job_id"]
+                                       "callback_url": receiver.named_url + "/hook"}).json()["job_id"]
     c.post(f"/api/v1/jobs/{job_id}/cancel", {})
     app.services.callbacks.run_due()
     assert json.loads(receiver.hits[0][2])["type"] == "job.canceled"
@@ -393,7 +395,7 @@ def test_end_to_end_through_gunicorn(tmp_path, receiver):
     try:
         r = requests.post(srv.url + "/api/v1/intake", headers={"X-Api-Key": KEY}, timeout=5,
                           json={"workflow": "demo.flow", "payload": {"text": "call me back"},
-                                "callback_url": receiver.url + "/levqor"})
+                                "callback_url": receiver.named_url + "/levqor"})
         job_id = r.json()["job_id"]
         deadline = time.monotonic() + 20
         while not receiver.hits and time.monotonic() < deadline:
