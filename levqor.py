@@ -30,7 +30,7 @@ import llm
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
 from storage import (Database, KeyStore, Ledger, MemoryJobStore, Recorder, SqliteJobStore,
                      StorageError, UserStore)
-from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body
+from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body, openapi_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 
@@ -582,6 +582,7 @@ class Services:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"MODEL_PRICES: {exc}") from None
             self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
+        self.openapi_body = openapi_body(settings.max_cost_per_job)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():

@@ -155,6 +155,10 @@ ERRORS = {400: "Malformed or invalid input", 401: "No API key", 403: "Key not va
           422: "Idempotency key reused, or max_cost over the cap",
           429: "Rate limit or daily budget reached", 500: "Unexpected error",
           503: "Queue full or storage busy", 507: "Disk full"}
+# Refused by gunicorn's HTTP parser before Levqor sees the request: its own
+# small HTML page, not the Error shape.
+SERVER_ERRORS = {414: "Request line too long (gunicorn's limit)",
+                 431: "Request headers too large (gunicorn's limits)"}
 
 
 def openapi_path(pattern):
@@ -192,6 +196,9 @@ def build(routes, schemas, keyed=lambda access: access != "public"):
             op["responses"].setdefault(str(status), {
                 "description": description,
                 "content": {"application/json": {"schema": ref("Error")}}})
+        for status, description in SERVER_ERRORS.items():
+            op["responses"][str(status)] = {"description": description,
+                                            "content": {"text/html": {"schema": STR}}}
         paths.setdefault(openapi_path(pattern), {})[method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -953,8 +953,8 @@ class MemoryJobStore:
             for job in reversed(self._jobs.values()):
                 if before_seq is not None and job["seq"] >= before_seq:
                     continue
-                if job["key_fp"] != key_fp or (status and job["status"] != status) \
-                        or (workflow and job["workflow"] != workflow):
+                if job["key_fp"] != key_fp or (status is not None and job["status"] != status) \
+                        or (workflow is not None and job["workflow"] != workflow):
                     continue
                 if len(found) == limit:
                     return found, True
@@ -1104,7 +1104,7 @@ class SqliteJobStore:
     def page(self, key_fp, status=None, workflow=None, limit=20, before_seq=None):
         sql, params = "SELECT seq, data FROM jobs WHERE key_fp = ?", [key_fp]
         for column, value in (("status", status), ("workflow", workflow)):
-            if value:
+            if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)
         if before_seq is not None:

@@ -162,6 +162,9 @@ class Request:
                                   max_num_fields=MAX_QUERY_FIELDS, errors="strict")
             except (ValueError, UnicodeDecodeError):
                 raise HTTPError(400, "invalid_query", "the query string cannot be parsed")
+            repeated = sorted(k for k, v in parsed.items() if len(v) > 1)
+            if repeated:  # which one would count is anyone's guess: refuse them all
+                raise HTTPError(400, "invalid_query", f"query parameter {repeated[0]!r} is repeated")
             self._query = {k: v[0] for k, v in parsed.items()}
         return self._query
 
@@ -584,8 +587,9 @@ def root(req):
 
 
 def openapi_document(req):
-    return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(OPENAPI_BODY))),
-                 ("Cache-Control", "public, max-age=300")], OPENAPI_BODY
+    body = req.app.openapi_body
+    return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                 ("Cache-Control", "public, max-age=300")], body
 
 
 def health(req):
@@ -787,8 +791,8 @@ def job_fail(req, job_id):
 
 
 def _query_int(req, name, default, low, high):
-    raw = req.query.get(name)
-    if raw is None or raw == "":
+    raw = req.query.get(name)  # present but empty is a value, and not a number
+    if raw is None:
         return default
     if not raw.isdigit() or not low <= int(raw) <= high:
         raise HTTPError(400, "invalid_query", f"{name} must be a whole number from {low} to {high}")
@@ -798,16 +802,16 @@ def _query_int(req, name, default, low, high):
 def job_list(req):
     query = req.query
     limit = _query_int(req, "limit", 20, 1, 100)
-    status = query.get("status") or None
+    status = query.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise HTTPError(400, "invalid_query", "status must be one of " + ", ".join(JOB_STATUSES))
     before = None
-    if query.get("cursor"):
+    if "cursor" in query:
         # Opaque to clients; in fact the position to continue below.
         if not _CURSOR.match(query["cursor"]):
             raise HTTPError(400, "invalid_cursor", "the cursor is not one this service gave")
         before = int(query["cursor"])
-    jobs, more = req.app.jobs.page(req.key_fp, status, query.get("workflow") or None, limit, before)
+    jobs, more = req.app.jobs.page(req.key_fp, status, query.get("workflow"), limit, before)
     cursor = str(jobs[-1]["seq"]) if more else None
     return respond({"jobs": [status_view(j) for j in jobs], "next_cursor": cursor})
 
@@ -818,7 +822,7 @@ _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _day(req, name, default):
-    raw = req.query.get(name) or default
+    raw = req.query.get(name, default)
     try:
         if not _DAY.match(raw):
             raise ValueError
@@ -832,7 +836,7 @@ def usage(req):
     # A range from after to is simply empty; a long one costs no more than
     # the ledger rows it holds (the query is an index range).
     first, last = _day(req, "from", today), _day(req, "to", today)
-    group_by = req.query.get("group_by") or "day"
+    group_by = req.query.get("group_by", "day")
     if group_by not in ("day", "workflow", "key"):
         raise HTTPError(400, "invalid_query", "group_by must be day, workflow or key")
     scope = None if req.role == "admin" else req.key_fp  # a client sees its own
@@ -1150,8 +1154,14 @@ class Router:
 
 
 ROUTER = Router(ROUTES)
-# Built once, from the route table and the schemas the validators use.
-OPENAPI_BODY = json_body(openapi.build(ROUTES, SCHEMAS))
+
+
+def openapi_body(max_cost_per_job):
+    """The OpenAPI document, from the route table and the schemas the
+    validators use, with this service's cost cap (built once per app)."""
+    schemas = dict(SCHEMAS, intake=json.loads(json.dumps(SCHEMAS["intake"])))
+    schemas["intake"]["properties"]["max_cost"]["maximum"] = max_cost_per_job / 1_000_000
+    return json_body(openapi.build(ROUTES, schemas))
 
 
 class Api:

@@ -176,6 +176,11 @@ def test_too_many_query_fields_is_400(client):
     assert_error(client.get(f"/api/v1/users?email=a@b.com&{query}"), 400, "invalid_query")
 
 
+def test_repeated_query_parameters_are_400(client):
+    r = client.get("/api/v1/users?email=a@b.com&email=c@d.com")
+    assert_error(r, 400, "invalid_query")
+
+
 def test_hostile_email_query_is_just_not_found(client):
     r = client.get("/api/v1/users?email=%27%20OR%201%3D1%20--")
     assert_error(r, 404, "not_found")
