@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 KEY = "bench-key-0123456789abcdef0123"
 
-os.environ.setdefault("API_KEYS", KEY)  # quiet the module-level app's open-mode warning
+os.environ.setdefault("API_KEYS", KEY)  # quiet the module-level app's start-up lines
+os.environ.setdefault("LOG_LEVEL", "WARNING")
 import levqor  # noqa: E402
 
 
