@@ -13,6 +13,7 @@ import email.utils
 import hashlib
 import hmac
 import json
+import operator
 import os
 import re
 import time
@@ -359,6 +360,17 @@ SCHEMAS = {
 
 _PY_TYPES = {"object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
              "integer": (int,), "number": (int, float)}
+# keyword -> (the types it bounds, what is measured, how it compares)
+_BOUNDS = {
+    "minimum": ((int, float), lambda v: v, operator.ge),
+    "maximum": ((int, float), lambda v: v, operator.le),
+    "minLength": ((str,), len, operator.ge),
+    "maxLength": ((str,), len, operator.le),
+    "minItems": ((list,), len, operator.ge),
+    "maxItems": ((list,), len, operator.le),
+    "minProperties": ((dict,), len, operator.ge),
+    "maxProperties": ((dict,), len, operator.le),
+}
 _FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
                   "maxLength", "pattern", "format", "minProperties", "maxProperties", "items",
                   "minItems", "maxItems", "uniqueItems", "minimum", "maximum"}
@@ -390,23 +402,15 @@ def fast_check(schema):
         if py_types is None:
             return None
         checks.append(lambda v: type(v) in py_types)  # exact: a bool is not an int
-    if "minimum" in schema:
-        low_n = schema["minimum"]
-        checks.append(lambda v: type(v) not in (int, float) or v >= low_n)
-    if "maximum" in schema:
-        high_n = schema["maximum"]
-        checks.append(lambda v: type(v) not in (int, float) or v <= high_n)
+    for keyword, (types, measure, compare) in _BOUNDS.items():
+        if keyword in schema:
+            checks.append(lambda v, t=types, m=measure, c=compare, b=schema[keyword]:
+                          type(v) not in t or c(m(v), b))
     if "items" in schema:
         item_check = fast_check(schema["items"])
         if item_check is None:
             return None
         checks.append(lambda v: type(v) is not list or all(item_check(i) for i in v))
-    if "minItems" in schema:
-        low_i = schema["minItems"]
-        checks.append(lambda v: type(v) is not list or len(v) >= low_i)
-    if "maxItems" in schema:
-        high_i = schema["maxItems"]
-        checks.append(lambda v: type(v) is not list or len(v) <= high_i)
     if schema.get("uniqueItems"):
         # Only strings are compared here; anything else goes to jsonschema.
         checks.append(lambda v: type(v) is not list or (all(type(i) is str for i in v)
@@ -416,24 +420,12 @@ def fast_check(schema):
             return None
         allowed = frozenset(schema["enum"])
         checks.append(lambda v: type(v) is str and v in allowed)
-    if "minLength" in schema:
-        low = schema["minLength"]
-        checks.append(lambda v: type(v) is not str or len(v) >= low)
-    if "maxLength" in schema:
-        high = schema["maxLength"]
-        checks.append(lambda v: type(v) is not str or len(v) <= high)
     if "pattern" in schema:
         search = re.compile(schema["pattern"]).search
         checks.append(lambda v: type(v) is not str or search(v) is not None)
     if "format" in schema:
         fmt = schema["format"]
         checks.append(lambda v: FORMATS.conforms(v, fmt))
-    if "minProperties" in schema:
-        low_p = schema["minProperties"]
-        checks.append(lambda v: type(v) is not dict or len(v) >= low_p)
-    if "maxProperties" in schema:
-        high_p = schema["maxProperties"]
-        checks.append(lambda v: type(v) is not dict or len(v) <= high_p)
     if {"properties", "required", "additionalProperties"} & set(schema):
         props = {k: fast_check(sub) for k, sub in schema.get("properties", {}).items()}
         extra_ok = schema.get("additionalProperties", True)
