@@ -79,7 +79,7 @@ def rss_kib(master_pid):
                 if int(f.read().rsplit(")", 1)[1].split()[1]) != master_pid:
                     continue
             with open(f"/proc/{entry}/status") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         except (OSError, ValueError, StopIteration):
             pass
     return total

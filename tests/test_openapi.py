@@ -7,7 +7,6 @@ import jsonschema
 
 import openapi
 import wsgi_routes
-from conftest import Client
 
 
 def document(client):
