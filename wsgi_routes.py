@@ -1176,22 +1176,14 @@ class Api:
             raise HTTPError(404, "not_found", "no such endpoint")
         if route.access == KEY or (route.access == USER_READ
                                    and not self.services.settings.public_user_reads):
-            authenticate(req)
-            if req.role not in route.roles:
-                raise HTTPError(403, "forbidden", f"a {req.role} key may not use this endpoint")
-            rate = req.key and req.key["rate_per_minute"]
-            if rate:
-                refused = self.services.key_buckets.take(((("key", req.key_fp), rate),))
-                if refused is not None:
-                    raise HTTPError(429, "rate_limited", "this key's rate limit is reached",
-                                    [("Retry-After", str(refused[3])),
-                                     ("RateLimit-Limit", str(rate)), ("RateLimit-Remaining", "0"),
-                                     ("RateLimit-Reset", str(refused[2]))])
+            authenticate(req)  # unauthenticated requests are refused here, unaudited
         if not route.audit:
+            self._admit(req, route)
             status, headers, body = route.handler(req, **params)
         else:
             status = 500
             try:
+                self._admit(req, route)  # a refusal for role or rate is audited too
                 status, headers, body = route.handler(req, **params)
             except HTTPError as exc:
                 status = exc.status
@@ -1201,3 +1193,17 @@ class Api:
                                              req.request_id)
         start_response(STATUS_LINES[status], headers)
         return [] if req.method == "HEAD" else [body]
+
+    def _admit(self, req, route):
+        """An authenticated caller's role, and its managed key's rate limit."""
+        if req.role is None:
+            return  # a public route
+        if req.role not in route.roles:
+            raise HTTPError(403, "forbidden", f"a {req.role} key may not use this endpoint")
+        rate = req.key and req.key["rate_per_minute"]
+        if rate:
+            refused = self.services.key_buckets.take(((("key", req.key_fp), rate),))
+            if refused is not None:
+                raise HTTPError(429, "rate_limited", "this key's rate limit is reached",
+                                [("Retry-After", str(refused[3])), ("RateLimit-Limit", str(rate)),
+                                 ("RateLimit-Remaining", "0"), ("RateLimit-Reset", str(refused[2]))])

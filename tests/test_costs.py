@@ -279,6 +279,18 @@ def test_every_keyed_route_checks_the_role(tmp_path):
     assert checked == 3 * sum(1 for r in wsgi_routes.ROUTES if r[3] != wsgi_routes.PUBLIC)
 
 
+def test_a_write_refused_for_its_role_is_audited(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    worker = c.post("/api/v1/keys", {"name": "w", "role": "worker"}, key=KEY).json()
+    assert intake(c, key=worker["key"]).status == 403
+    app.services.recorder.flush()
+    rows = app.services.db.query("SELECT key_fp, path, status FROM audit_log WHERE key_fp = ?",
+                                 (worker["id"],))
+    assert rows == [{"key_fp": worker["id"], "path": "/api/v1/intake", "status": 403}]
+    app.stop()
+
+
 def test_clients_cannot_touch_each_others_jobs(tmp_path):
     app = money_app(tmp_path)
     c = Client(app)
