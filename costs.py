@@ -15,7 +15,7 @@ in ``storage.Ledger``; this module holds the policy and the conversions.
 import decimal
 import time
 
-from storage import BudgetExceeded, utc_day
+from storage import utc_day
 
 MICRO = decimal.Decimal(1_000_000)
 
@@ -82,12 +82,10 @@ class Guardrails:
         """What an intake refused by a daily budget is told (429 body fields)."""
         state = exc.state
         now = self.clock()
-        return seconds_to_midnight(now), {
+        resets_in = seconds_to_midnight(now)
+        return resets_in, {
             "scope": state["scope"], "day": state.get("day", utc_day(now)),
             "limit": to_usd(state["limit"]), "used": to_usd(state["used"]),
-            "requested": to_usd(state["requested"]),
-            "resets_in": seconds_to_midnight(now),
+            "requested": to_usd(state["requested"]), "resets_in": resets_in,
         }
 
-
-__all__ = ["BudgetExceeded", "Guardrails", "to_micro", "to_usd"]

@@ -85,9 +85,6 @@ RESPONSES = {
     "KeyRevoked": obj(("revoked", "key"), revoked={"const": True}, key=ref("Key")),
 }
 
-JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
-
-
 def query(name, schema, description):
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 

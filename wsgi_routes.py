@@ -148,9 +148,6 @@ class Request:
         self._query = None
         self._json = _MISSING
 
-    def header(self, name, default=None):
-        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
-
     @property
     def request_id(self):
         return self.environ.get("levqor.request_id", "-")

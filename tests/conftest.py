@@ -86,6 +86,17 @@ class Client:
         return self.request("POST", path, json=json, **kw)
 
 
+def wait_until(condition, seconds, step=0.05):
+    """Call condition() until it is true or ``seconds`` have passed; its last
+    value. Every wait in the suite is bounded by this, so none can hang."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
 class FakeClock:
     """Time that moves only when a test says so."""
 

@@ -18,7 +18,7 @@ import requests
 import callbacks
 import engine
 import storage
-from conftest import KEY, Client, FakeClock, Server, make_app
+from conftest import KEY, Client, FakeClock, Server, make_app, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"levqor-test-secret-0123456789").decode()
 NEXT_SECRET = "whsec_" + base64.b64encode(b"levqor-next-secret-9876543210").decode()
@@ -397,19 +397,15 @@ def test_end_to_end_through_gunicorn(tmp_path, receiver):
                           json={"workflow": "demo.flow", "payload": {"text": "call me back"},
                                 "callback_url": receiver.named_url + "/levqor"})
         job_id = r.json()["job_id"]
-        deadline = time.monotonic() + 20
-        while not receiver.hits and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: receiver.hits, 20)
         path, headers, body = receiver.hits[0]
         assert path == "/levqor" and independent_verify(SECRET, headers, body)
         event = callbacks.verify_webhook(SECRET, headers, body)
         assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job_id
         assert event["data"]["result"]["total_words"] == 3
-        while time.monotonic() < deadline:
+        def delivered():
             view = requests.get(srv.url + f"/api/v1/status/{job_id}", timeout=5).json()
-            if view["callback"]["state"] == "delivered":
-                break
-            time.sleep(0.05)
-        assert view["callback"]["state"] == "delivered"
+            return view["callback"]["state"] == "delivered"
+        assert wait_until(delivered, 20)
     finally:
         srv.stop()

@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from conftest import KEY, Server, _children
+from conftest import KEY, Server, _children, wait_until
 
 HEADERS = {"X-Api-Key": KEY}
 FAST = {"API_KEYS": KEY, "JOB_STORE": "sqlite", "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000,
@@ -81,10 +81,7 @@ def test_two_workers_share_jobs_and_each_runs_exactly_once(tmp_path):
 
         # In-process jobs too: the pools of both workers take them, once each.
         local = [intake(srv, session, "echo", {"i": i}) for i in range(40)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(status(srv, session, j)["status"] != "succeeded"
-                                                  for j in local):
-            time.sleep(0.1)
+        wait_until(lambda: all(status(srv, session, j)["status"] == "succeeded" for j in local), 30, 0.1)
         assert all(status(srv, session, j)["attempts"] == 1 for j in local)
 
         # A job submitted through one worker is cancellable through the other.
@@ -126,9 +123,7 @@ def test_kill_9_loses_no_acknowledged_job_and_leases_bring_running_ones_back(tmp
     threads = [threading.Thread(target=writer) for _ in range(3)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
-    while len(acknowledged) < 150 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(acknowledged) >= 150, 20, 0.02)
     srv.kill()
     stop.set()
     for t in threads:
@@ -141,9 +136,7 @@ def test_kill_9_loses_no_acknowledged_job_and_leases_bring_running_ones_back(tmp
         missing = [j for j in acknowledged if status(again, session, j).get("status") != "queued"]
         assert missing == []
         # The job that was running when the server died comes back when its lease runs out...
-        deadline = time.monotonic() + 15
-        while status(again, session, held_id)["status"] != "queued" and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: status(again, session, held_id)["status"] == "queued", 15, 0.1)
         s = status(again, session, held_id)
         assert s["status"] == "queued" and s["attempts"] == 1 and s["error"]["type"] == "lease_expired"
         # ...and the old lease cannot touch it.
@@ -161,10 +154,7 @@ def test_a_worker_process_that_dies_mid_job_is_recovered(tmp_path):
     try:
         session = requests.Session()
         job_id = intake(srv, session, "sleep", {"seconds": 30})
-        deadline = time.monotonic() + 10
-        while status(srv, session, job_id)["status"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert wait_until(lambda: status(srv, session, job_id)["status"] == "running", 10)
         for pid in _children(srv.proc.pid):  # the worker, not the master: gunicorn starts another
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -190,10 +180,8 @@ def test_finished_jobs_are_purged_after_their_ttl(tmp_path):
     try:
         session = requests.Session()
         ids = [intake(srv, session, "echo") for _ in range(5)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(
-                session.get(srv.url + f"/api/v1/status/{j}", timeout=5).status_code != 404 for j in ids):
-            time.sleep(0.2)
+        wait_until(lambda: all(session.get(srv.url + f"/api/v1/status/{j}", timeout=5).status_code == 404
+                               for j in ids), 30, 0.2)
         assert all(session.get(srv.url + f"/api/v1/status/{j}", timeout=5).status_code == 404 for j in ids)
     finally:
         srv.stop()

@@ -5,11 +5,10 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import requests
 
-from conftest import KEY, ROOT, Server
+from conftest import KEY, ROOT, Server, wait_until
 
 
 def run_script(args, env, timeout=60):
@@ -39,9 +38,7 @@ def test_gunicorn_serves_head_options_and_json_errors(server):
     r = requests.post(server.url + "/api/v1/intake", data=b"x" * 600_000,
                       headers={"X-Api-Key": KEY, "Content-Type": "application/json"}, timeout=5)
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
-    deadline = time.monotonic() + 5  # access lines are written every quarter second
-    while '"path":"/nope"' not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: '"path":"/nope"' in server.log(), 5)  # access lines go out every 0.25 s
     log = server.log()
     assert '"path":"/nope"' in log and KEY not in log
 
@@ -69,9 +66,7 @@ def test_kill_9_loses_no_acknowledged_upsert(tmp_path):
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
-    while len(acknowledged) < 200 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(acknowledged) >= 200, 20, 0.02)
     server.kill()
     stop.set()
     for t in threads:
@@ -168,9 +163,7 @@ def test_external_worker_and_in_process_workflows_side_by_side(tmp_path):
         def status(job_id):
             return session.get(srv.url + f"/api/v1/status/{job_id}", timeout=5).json()
 
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(status(j)["status"] != "succeeded" for j in local):
-            time.sleep(0.1)
+        wait_until(lambda: all(status(j)["status"] == "succeeded" for j in local), 20, 0.1)
         for i, job_id in enumerate(external):
             s = status(job_id)
             assert s["status"] == "succeeded" and s["result"] == {"word": f"HELLO {i}"}, s
@@ -189,10 +182,8 @@ def test_sigterm_lets_a_running_job_finish(tmp_path):
     r = requests.post(srv.url + "/api/v1/intake", json={"workflow": "sleep", "payload": {"seconds": 1}},
                       headers={"X-Api-Key": KEY}, timeout=5)
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 10
-    while requests.get(srv.url + f"/api/v1/status/{job_id}", timeout=5).json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_until(lambda: requests.get(srv.url + f"/api/v1/status/{job_id}",
+                                           timeout=5).json()["status"] == "running", 10, 0.02)
     srv.stop()  # SIGTERM
     log = srv.log()
     assert '"msg":"job engine stopped"' in log and '"running_abandoned":[]' in log, log

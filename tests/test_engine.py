@@ -7,7 +7,7 @@ import pytest
 
 import engine
 import storage
-from conftest import KEY, Client, FakeClock, make_app  # noqa: F401
+from conftest import KEY, Client, FakeClock, make_app, wait_until  # noqa: F401
 
 
 class Log:
@@ -589,11 +589,8 @@ def test_pool_threads_run_jobs_and_stop_cleanly(tmp_path):
     c = Client(app)
     ids = [c.post("/api/v1/intake", {"workflow": "echo", "payload": {"i": i}}).json()["job_id"]
            for i in range(10)]
-    import time
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-            c.get(f"/api/v1/status/{i}").json()["status"] != "succeeded" for i in ids):
-        time.sleep(0.02)
+    wait_until(lambda: all(c.get(f"/api/v1/status/{i}").json()["status"] == "succeeded" for i in ids),
+               10, 0.02)
     assert all(c.get(f"/api/v1/status/{i}").json()["result"] == {"i": n} for n, i in enumerate(ids))
     app.stop(grace=5)
     assert "job engine stopped" in log.getvalue()

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from conftest import KEY, Server, _children
+from conftest import KEY, Server, _children, wait_until
 
 HEADERS = {"X-Api-Key": KEY}
 LOAD = {"API_KEYS": KEY, "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000, "MAX_COST_PER_DAY": 100_000}
@@ -50,9 +50,7 @@ def test_kill_9_under_write_load_loses_no_user_job_or_ledger_row(tmp_path):
     threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 20
-    while len(users) + len(jobs) < 300 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(users) + len(jobs) >= 300, 20, 0.02)
     srv.kill()
     stop.set()
     for t in threads:
