@@ -15,8 +15,6 @@ in ``storage.Ledger``; this module holds the policy and the conversions.
 import decimal
 import time
 
-from storage import utc_day
-
 MICRO = decimal.Decimal(1_000_000)
 
 
@@ -34,6 +32,18 @@ def to_micro(usd, rounding=decimal.ROUND_HALF_UP):
 
 def to_usd(micro):
     return round(micro / 1_000_000, 6) if micro is not None else None
+
+
+def utc_day(ts):
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+class BudgetExceeded(Exception):
+    """A reservation or charge that does not fit: ``state`` says which budget."""
+
+    def __init__(self, state):
+        super().__init__(f"the {state['scope']} budget is exhausted")
+        self.state = state
 
 
 def seconds_to_midnight(now):
@@ -64,7 +74,7 @@ class Guardrails:
             return
         limits = [("service", None, self.max_per_day)]
         if key is not None and key.get("daily_budget") is not None:
-            limits.append(("key", job["key_fp"], key["daily_budget"]))
+            limits.append(("key", job["key_id"], key["daily_budget"]))
         self.ledger.reserve(job, job["max_cost"], limits)
 
     def charge(self, job_id, micro, note=None):

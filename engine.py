@@ -27,7 +27,8 @@ import time
 import traceback
 
 import costs
-from storage import JOB_FINAL, BudgetExceeded
+from costs import BudgetExceeded
+from jobstore import JOB_FINAL
 
 # ---------------------------------------------------------------------------
 # Workflows
@@ -119,12 +120,12 @@ class JobContext:
         self._cancel = threading.Event()
 
     @property
-    def cancelled(self):
-        """True once the job was cancelled or ran past its timeout: stop soon."""
+    def canceled(self):
+        """True once the job was canceled or ran past its timeout: stop soon."""
         return self._cancel.is_set()
 
     def sleep(self, seconds):
-        """Wait up to ``seconds``; returns early, True, if the job is cancelled."""
+        """Wait up to ``seconds``; returns early, True, if the job is canceled."""
         return self._cancel.wait(seconds)
 
     def progress(self, fraction, note=None):
@@ -182,11 +183,13 @@ def new_token():
 class Engine:
     def __init__(self, store, registry, log, *, threads=4, timeout=300.0, max_attempts=3,
                  backoff=2.0, backoff_cap=300.0, local_lease=30.0, clock=time.time, rng=None,
-                 on_finish=(), guardrails=None):
+                 on_finish=(), guardrails=None, sweep_interval=0.25, purge_interval=5.0):
         self.store = store
         self.guardrails = guardrails  # costs.Guardrails; None: every charge is refused
         self.llm = None  # llm.Client for the llm.chat workflow, when configured
         self.local_lease = local_lease  # seconds an in-process attempt holds, renewed as it runs
+        self.sweep_interval = sweep_interval  # seconds between lease sweeps (tick)
+        self.purge_interval = purge_interval  # seconds between retention purges
         self.on_finish = list(on_finish)  # called with each job that reaches a final state
         self.registry = registry
         self.log = log
@@ -225,11 +228,11 @@ class Engine:
         wf = self.registry.get(workflow)
         return wf.max_cost if wf is not None else None
 
-    def new_job(self, workflow, payload, priority, callback_url, key_fp, max_cost=0):
+    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0):
         now = self.now()
         return {
             "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
-            "priority": priority, "callback_url": callback_url, "key_fp": key_fp,
+            "priority": priority, "callback_url": callback_url, "key_id": key_id,
             "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
             "attempts": 0, "max_attempts": self._options(workflow)[1], "not_before": now,
             "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
@@ -291,6 +294,31 @@ class Engine:
             raise JobError("conflict", "the job is changing state; try again")
         self._notify()
         return done
+
+    def complete_for_dev(self, job_id, result):
+        """Development only (the seed's ``_dev/complete``): the job succeeds
+        with ``result`` whatever its state, as one compare-and-set; a running
+        in-process attempt is told to stop and its late result is discarded."""
+        for _ in range(3):  # a race with a worker changes the job: look again
+            job = self.get(job_id)
+            now = self.now()
+            done = self.store.update(
+                job_id, expect={"status": job["status"], "lease_token": job["lease_token"]},
+                status="succeeded", result=result, error=None, updated_at=now, finished_at=now,
+                lease_token=None, lease_expires_at=None, deadline_at=None)
+            if done is not None:
+                if job["status"] not in JOB_FINAL:
+                    self._signal(job_id)
+                    self.finished(done)
+                return done
+        raise JobError("conflict", "the job is changing state; try again")
+
+    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
+        """A page of the jobs made with ``key_id``, newest first (see the store's ``page``)."""
+        return self.store.page(key_id, status, workflow, limit, before_seq)
+
+    def counts(self):
+        return self.store.counts()
 
     # -- attempts: shared by in-process and external workers ----------------------------------
 
@@ -533,12 +561,12 @@ class Engine:
                 self._wake.wait(wait)
 
     def _sweeper(self):
-        sweeps = 0
-        while not self._stopping.wait(0.25):
-            sweeps += 1
+        next_purge = time.monotonic() + self.purge_interval
+        while not self._stopping.wait(self.sweep_interval):
             try:
                 self.tick()
-                if sweeps % 20 == 0:  # every five seconds: retention
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + self.purge_interval
                     self.store.purge(self.now())
             except Exception:
                 self.log.error("sweeper error", traceback=traceback.format_exc())
@@ -591,7 +619,7 @@ def echo(payload, ctx):
     "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 60}},
     "required": ["seconds"]})
 def sleep(payload, ctx):
-    """Waits ``seconds`` (at most 60), stopping early if cancelled."""
+    """Waits ``seconds`` (at most 60), stopping early if canceled."""
     if ctx.sleep(payload["seconds"]):
         return {"slept": False}
     return {"slept": payload["seconds"]}

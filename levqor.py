@@ -1,24 +1,22 @@
 """Levqor: a job orchestration backend for AI automation, as one WSGI app.
 
-This module reads the configuration, writes the log, holds the middleware,
-and assembles them in ``create_app()``. The module-level ``app`` is the WSGI
-callable, so ``gunicorn levqor:app`` serves it and any other WSGI server can
-embed it. Routes and handlers live in ``wsgi_routes``; what is kept, in
-``storage``.
+This module reads the configuration, writes the log, and assembles the
+services and the middleware in ``create_app()``. The module-level ``app`` is
+the WSGI callable, built on first use, so ``gunicorn levqor:app`` serves it,
+any other WSGI server can embed it, and importing this module has no side
+effect. Routes and handlers live in ``wsgi_routes``, the middleware in
+``middleware``, what is kept in the stores (``storage``, ``jobstore``,
+``ledger``, ``recorder``).
 """
 
-import collections
 import dataclasses
 import ipaddress
 import json
-import math
 import os
-import random
 import re
 import sys
 import threading
 import time
-import traceback
 from json.encoder import encode_basestring_ascii as _esc
 
 import jsonschema
@@ -27,10 +25,13 @@ import callbacks
 import costs
 import engine
 import llm
+import middleware
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
-from storage import (Database, KeyStore, Ledger, MemoryJobStore, Recorder, SqliteJobStore,
-                     StorageError, UserStore)
-from wsgi_routes import ROUTER, STATUS_LINES, Api, HTTPError, KeyRing, json_body, openapi_body
+from jobstore import MemoryJobStore, SqliteJobStore
+from ledger import Ledger
+from recorder import Recorder
+from storage import Database, KeyStore, UserStore
+from wsgi_routes import ROUTER, Api, KeyRing, openapi_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 
@@ -43,105 +44,183 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the service refuses to start."""
 
 
-def _int(environ, name, default, low, high):
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
-    return value
+# Parsers: text (already stripped) -> value, or ValueError saying what is wrong.
+
+def whole(low, high):
+    def parse(raw):
+        # ASCII digits only: int() would take Arabic-Indic digits too.
+        if not re.fullmatch(r"-?[0-9]{1,18}", raw):
+            raise ValueError(f"must be a whole number, not {raw!r}")
+        if not low <= int(raw) <= high:
+            raise ValueError(f"must be between {low} and {high}, not {raw}")
+        return int(raw)
+    return parse
 
 
-def _list(environ, name, default=()):
-    raw = environ.get(name)
-    if raw is None:
-        return tuple(default)
+def seconds(low, high):
+    def parse(raw):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, not {raw!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"must be between {low} and {high}, not {raw}")
+        return value
+    return parse
+
+
+def choice(*choices):
+    def parse(raw):
+        if raw.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {raw!r}")
+        return raw.lower()
+    return parse
+
+
+def text(raw):
+    return raw
+
+
+def lower(raw):
+    return raw.lower()
+
+
+def flag(raw):
+    return raw.lower() in ("1", "true", "yes", "on")
+
+
+def names(raw):
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-def _flag(environ, name):
-    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _money(environ, name, default):
-    raw = environ.get(name, "").strip() or default
-    try:
-        return costs.to_micro(raw)
-    except (ValueError, ArithmeticError):
-        raise ConfigError(f"{name} must be an amount of dollars, like 0.35, not {raw!r}") from None
-
-
-def _choice(environ, name, choices):
-    value = environ.get(name, "").strip().lower() or choices[0]
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-    return value
-
-
-def _keys(environ, name):
-    keys = _list(environ, name)
+def api_keys(raw):
+    keys = names(raw)
     for key in keys:
         if not key.isascii() or not key.isprintable() or len(key) < 16:
-            raise ConfigError(f"{name}: every key must be at least 16 printable ASCII characters")
+            raise ValueError("every key must be at least 16 printable ASCII characters")
     return keys
 
 
-def _secrets(environ):
-    found = []
-    for name in ("CALLBACK_SECRET", "CALLBACK_SECRET_NEXT"):
-        value = environ.get(name, "").strip()
-        if value:
-            try:
-                callbacks.parse_secret(value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-            found.append(value)
-    if len(found) == 1 and environ.get("CALLBACK_SECRET_NEXT", "").strip():
-        raise ConfigError("CALLBACK_SECRET_NEXT is set without CALLBACK_SECRET")
-    return tuple(found)
+def money(raw):
+    try:
+        return costs.to_micro(raw)
+    except (ValueError, ArithmeticError):
+        raise ValueError(f"must be an amount of dollars, like 0.35, not {raw!r}") from None
+
+
+def networks(raw):
+    return tuple(ipaddress.ip_network(p, strict=False) for p in names(raw))
+
+
+def secret(raw):
+    if raw:
+        callbacks.parse_secret(raw)
+    return raw
+
+
+# Every setting: (field, environment variable, parser, default as the
+# variable would spell it). Unset or blank means the default, except for a
+# list, where blank is the empty list. This table is the one place a default
+# is written; gunicorn.conf.py reads its settings through it too.
+SETTINGS = (
+    ("env", "LEVQOR_ENV", lower, "development"),
+    ("api_keys", "API_KEYS", api_keys, ""),
+    ("api_keys_next", "API_KEYS_NEXT", api_keys, ""),
+    ("public_user_reads", "PUBLIC_USER_READS", flag, "0"),
+    ("rate_burst", "RATE_BURST", whole(1, 10**9), "20"),
+    ("rate_global", "RATE_GLOBAL", whole(1, 10**9), "200"),
+    ("rate_read", "RATE_READ", whole(1, 10**9), "600"),
+    ("rate_worker", "RATE_WORKER", whole(1, 10**9), "600"),
+    ("rate_table_size", "RATE_TABLE_SIZE", whole(16, 10**7), "10000"),
+    ("trusted_proxies", "TRUSTED_PROXIES", networks, ""),
+    ("max_content_length", "MAX_CONTENT_LENGTH", whole(1024, 64 * 1024 * 1024), "524288"),
+    ("cors_origins", "CORS_ORIGINS", names, "https://levqor.ai"),
+    ("sqlite_path", "SQLITE_PATH", text, "levqor.db"),
+    ("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT_MS", whole(10, 600_000), "5000"),
+    ("job_store", "JOB_STORE", choice("memory", "sqlite"), "memory"),
+    ("job_ttl", "JOB_TTL", whole(1, 365 * 86_400), "86400"),
+    ("max_jobs", "MAX_JOBS", whole(1, 10**8), "100000"),
+    ("worker_threads", "WORKER_THREADS", whole(0, 256), "4"),
+    ("job_timeout", "JOB_TIMEOUT", whole(1, 7 * 86_400), "300"),
+    ("job_max_attempts", "JOB_MAX_ATTEMPTS", whole(1, 100), "3"),
+    ("job_backoff", "JOB_BACKOFF", whole(0, 3600), "2"),
+    ("job_backoff_cap", "JOB_BACKOFF_CAP", whole(0, 86_400), "300"),
+    ("job_priority_aging", "JOB_PRIORITY_AGING", whole(1, 86_400), "60"),
+    ("job_lease", "JOB_LEASE", whole(1, 3600), "30"),
+    ("sweep_interval", "SWEEP_INTERVAL", seconds(0.01, 60), "0.25"),
+    ("purge_interval", "PURGE_INTERVAL", seconds(0.01, 3600), "5"),
+    ("workflows", "LEVQOR_WORKFLOWS", names, ""),
+    ("callback_secret", "CALLBACK_SECRET", secret, ""),
+    ("callback_secret_next", "CALLBACK_SECRET_NEXT", secret, ""),
+    ("callback_allow_private", "CALLBACK_ALLOW_PRIVATE", flag, "0"),
+    ("callback_threads", "CALLBACK_THREADS", whole(1, 64), "2"),
+    ("max_cost_per_job", "MAX_COST_PER_JOB", money, "0.35"),
+    ("max_cost_per_day", "MAX_COST_PER_DAY", money, "10"),
+    ("openai_base_url", "OPENAI_BASE_URL", text, "https://api.openai.com/v1"),
+    ("openai_api_key", "OPENAI_API_KEY", text, ""),
+    ("model_prices", "MODEL_PRICES", text, ""),  # path of a JSON file
+    ("log_level", "LOG_LEVEL", choice("debug", "info", "warning", "error"), "info"),
+    ("public_dir", "LEVQOR_PUBLIC_DIR", text, os.path.join(HERE, "public")),
+    # Read by gunicorn.conf.py: the server around the app.
+    ("host", "HOST", text, ""),  # blank: 0.0.0.0 in production, else 127.0.0.1
+    ("port", "PORT", whole(1, 65535), "5000"),
+    ("web_concurrency", "WEB_CONCURRENCY", whole(0, 256), "0"),  # 0: by JOB_STORE
+    ("threads", "THREADS", whole(1, 256), "4"),
+    ("read_timeout", "READ_TIMEOUT", seconds(0.1, 3600), "5"),
+    ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
+                                                        "critical"), "info"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    env: str = "development"
-    api_keys: tuple = ()
-    api_keys_next: tuple = ()
-    public_user_reads: bool = False
-    rate_burst: int = 20
-    rate_global: int = 200
-    rate_read: int = 600
-    rate_worker: int = 600
-    rate_table_size: int = 10_000
-    trusted_proxies: tuple = ()
-    max_content_length: int = 512 * 1024
-    cors_origins: tuple = ("https://levqor.ai",)
-    sqlite_path: str = "levqor.db"
-    sqlite_busy_timeout: int = 5000  # ms a write waits for another process's lock
-    job_store: str = "memory"
-    job_ttl: int = 86_400
-    max_jobs: int = 100_000
-    worker_threads: int = 4
-    job_timeout: int = 300
-    job_max_attempts: int = 3
-    job_backoff: float = 2.0
-    job_backoff_cap: float = 300.0
-    job_priority_aging: float = 60.0
-    job_lease: int = 30
-    workflows: tuple = ()
-    callback_secrets: tuple = ()  # CALLBACK_SECRET, then CALLBACK_SECRET_NEXT
-    callback_allow_private: bool = False
-    callback_threads: int = 2
-    max_cost_per_job: int = 350_000       # micro-dollars
-    max_cost_per_day: int = 10_000_000
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: str = ""
-    model_prices: str = ""                # path of a JSON file
-    log_level: str = "INFO"
-    public_dir: str = os.path.join(HERE, "public")
+    """Every setting Levqor reads, one field per row of SETTINGS; nothing
+    else looks at os.environ. Build one with ``Settings.from_env()``."""
+
+    env: str
+    api_keys: tuple
+    api_keys_next: tuple
+    public_user_reads: bool
+    rate_burst: int
+    rate_global: int
+    rate_read: int
+    rate_worker: int
+    rate_table_size: int
+    trusted_proxies: tuple
+    max_content_length: int
+    cors_origins: tuple
+    sqlite_path: str
+    sqlite_busy_timeout: int     # ms a write waits for another process's lock
+    job_store: str
+    job_ttl: int
+    max_jobs: int
+    worker_threads: int
+    job_timeout: int
+    job_max_attempts: int
+    job_backoff: int
+    job_backoff_cap: int
+    job_priority_aging: int
+    job_lease: int
+    sweep_interval: float        # seconds between the engine's lease sweeps
+    purge_interval: float        # seconds between retention purges
+    workflows: tuple
+    callback_secret: str
+    callback_secret_next: str
+    callback_allow_private: bool
+    callback_threads: int
+    max_cost_per_job: int        # micro-dollars
+    max_cost_per_day: int
+    openai_base_url: str
+    openai_api_key: str
+    model_prices: str
+    log_level: str
+    public_dir: str
+    host: str
+    port: int
+    web_concurrency: int
+    threads: int
+    read_timeout: float
+    gunicorn_log_level: str
 
     @property
     def production(self):
@@ -151,53 +230,44 @@ class Settings:
     def dev_endpoints(self):
         return not self.production
 
+    @property
+    def callback_secrets(self):
+        """CALLBACK_SECRET, then CALLBACK_SECRET_NEXT: the keys deliveries are signed with."""
+        return tuple(s for s in (self.callback_secret, self.callback_secret_next) if s)
+
+    @property
+    def bind(self):
+        # Open development mode must not listen on every interface.
+        host = self.host or ("0.0.0.0" if self.production else "127.0.0.1")
+        return f"{host}:{self.port}"
+
+    @property
+    def workers(self):
+        """gunicorn worker processes: one with the memory job store (jobs
+        live in one process's memory), one per core with SQLite."""
+        if self.web_concurrency:
+            return self.web_concurrency
+        return (os.cpu_count() or 1) if self.job_store == "sqlite" else 1
+
     @classmethod
     def from_env(cls, environ=None):
-        """Every setting Levqor reads; nothing else looks at os.environ."""
         env = os.environ if environ is None else environ
-        try:
-            proxies = tuple(ipaddress.ip_network(p, strict=False) for p in _list(env, "TRUSTED_PROXIES"))
-        except ValueError as exc:
-            raise ConfigError(f"TRUSTED_PROXIES: {exc}") from None
-        level = env.get("LOG_LEVEL", "INFO").strip().upper()
-        if level not in JsonLog.LEVELS:
-            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(JsonLog.LEVELS)}")
-        return cls(
-            env=env.get("LEVQOR_ENV", "development").strip().lower() or "development",
-            api_keys=_keys(env, "API_KEYS"),
-            api_keys_next=_keys(env, "API_KEYS_NEXT"),
-            public_user_reads=_flag(env, "PUBLIC_USER_READS"),
-            rate_burst=_int(env, "RATE_BURST", 20, 1, 10**9),
-            rate_global=_int(env, "RATE_GLOBAL", 200, 1, 10**9),
-            rate_read=_int(env, "RATE_READ", 600, 1, 10**9),
-            rate_worker=_int(env, "RATE_WORKER", 600, 1, 10**9),
-            trusted_proxies=proxies,
-            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 512 * 1024, 1024, 64 * 1024 * 1024),
-            cors_origins=_list(env, "CORS_ORIGINS", ("https://levqor.ai",)),
-            sqlite_path=env.get("SQLITE_PATH", "").strip() or "levqor.db",
-            sqlite_busy_timeout=_int(env, "SQLITE_BUSY_TIMEOUT_MS", 5000, 10, 600_000),
-            job_store=_choice(env, "JOB_STORE", ("memory", "sqlite")),
-            job_ttl=_int(env, "JOB_TTL", 86_400, 1, 365 * 86_400),
-            max_jobs=_int(env, "MAX_JOBS", 100_000, 1, 10**8),
-            worker_threads=_int(env, "WORKER_THREADS", 4, 0, 256),
-            job_timeout=_int(env, "JOB_TIMEOUT", 300, 1, 7 * 86_400),
-            job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 3, 1, 100),
-            job_backoff=_int(env, "JOB_BACKOFF", 2, 0, 3600),
-            job_backoff_cap=_int(env, "JOB_BACKOFF_CAP", 300, 0, 86_400),
-            job_priority_aging=_int(env, "JOB_PRIORITY_AGING", 60, 1, 86_400),
-            job_lease=_int(env, "JOB_LEASE", 30, 1, 3600),
-            workflows=_list(env, "LEVQOR_WORKFLOWS"),
-            callback_secrets=_secrets(env),
-            callback_allow_private=_flag(env, "CALLBACK_ALLOW_PRIVATE"),
-            callback_threads=_int(env, "CALLBACK_THREADS", 2, 1, 64),
-            max_cost_per_job=_money(env, "MAX_COST_PER_JOB", "0.35"),
-            max_cost_per_day=_money(env, "MAX_COST_PER_DAY", "10"),
-            openai_base_url=env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1",
-            openai_api_key=env.get("OPENAI_API_KEY", "").strip(),
-            model_prices=env.get("MODEL_PRICES", "").strip(),
-            log_level=level,
-        )
+        values = {}
+        for field, variable, parse, default in SETTINGS:
+            raw = env.get(variable)
+            if raw is None or (not raw.strip() and parse is not names):
+                raw = default
+            try:
+                values[field] = parse(raw.strip())
+            except ValueError as exc:
+                raise ConfigError(f"{variable} {exc}") from None
+        if values["callback_secret_next"] and not values["callback_secret"]:
+            raise ConfigError("CALLBACK_SECRET_NEXT is set without CALLBACK_SECRET")
+        values["log_level"] = values["log_level"].upper()
+        return cls(**values)
 
+
+assert [f.name for f in dataclasses.fields(Settings)] == [row[0] for row in SETTINGS]
 
 # ---------------------------------------------------------------------------
 # Logging: one JSON object per line
@@ -301,252 +371,12 @@ class JsonLog:
 
 
 # ---------------------------------------------------------------------------
-# Middleware, innermost first. create_app() stacks them in this order.
-# ---------------------------------------------------------------------------
-
-WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
-
-
-class TokenBuckets:
-    """Token buckets, refilled continuously at ``rate`` tokens a minute.
-
-    The table keeps the ``size`` most recently used buckets; one evicted is
-    simply full again when it comes back, which costs an abuser nothing it
-    did not already have. The global bucket lives apart and is never evicted.
-    """
-
-    def __init__(self, size, clock=time.monotonic):
-        self.size = size
-        self.clock = clock
-        self._buckets = collections.OrderedDict()  # key -> [tokens, last refill]
-        self._global = None
-        self._lock = threading.Lock()
-
-    def take(self, limits):
-        """Take one token from each (key, rate) bucket, all or none.
-
-        Returns None when allowed; otherwise (limit, remaining, reset,
-        retry_after) of the emptiest bucket, times in whole seconds.
-        """
-        now = self.clock()
-        buckets = self._buckets
-        with self._lock:
-            low = None
-            for key, rate in limits:
-                if key is None:
-                    bucket = self._global
-                    if bucket is None:
-                        bucket = self._global = [float(rate), now]
-                else:
-                    bucket = buckets.get(key)
-                    if bucket is None:
-                        bucket = buckets[key] = [float(rate), now]
-                        if len(buckets) > self.size:
-                            buckets.popitem(last=False)
-                    else:
-                        buckets.move_to_end(key)
-                tokens = bucket[0] + (now - bucket[1]) * rate / 60.0
-                bucket[0] = tokens if tokens < rate else float(rate)
-                bucket[1] = now
-                if low is None or bucket[0] < low[0][0]:
-                    low = (bucket, rate)
-            if low[0][0] >= 1.0:
-                for key, rate in limits:
-                    (self._global if key is None else buckets[key])[0] -= 1.0
-                return None
-            tokens, rate = low[0][0], low[1]
-        per_second = rate / 60.0
-        return (rate, int(tokens), math.ceil((rate - tokens) / per_second),
-                math.ceil((1.0 - tokens) / per_second))
-
-
-class RateLimiter:
-    """Writes: RATE_BURST a minute per client IP and RATE_GLOBAL overall.
-    Reads: RATE_READ a minute per client IP, so polling a job's status never
-    eats into the budget for submitting jobs. The external worker protocol
-    (claim, heartbeat, complete, fail) polls too: RATE_WORKER per IP. Over a
-    limit: 429, with Retry-After and the RateLimit-* headers of the emptiest
-    bucket."""
-
-    def __init__(self, app, settings, router, clock=time.monotonic):
-        self.app = app
-        self.settings = settings
-        self.router = router
-        self.buckets = TokenBuckets(settings.rate_table_size, clock)
-
-    def __call__(self, environ, start_response):
-        ip = environ["levqor.client_ip"]
-        s = self.settings
-        method = environ["REQUEST_METHOD"]
-        if method not in WRITE_METHODS:
-            limits = ((("r", ip), s.rate_read),)
-        elif self.router.is_worker(method, environ.get("PATH_INFO") or "/"):
-            limits = ((("k", ip), s.rate_worker),)
-        else:
-            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
-        refused = self.buckets.take(limits)
-        if refused is not None:
-            limit, remaining, reset, retry_after = refused
-            raise HTTPError(429, "rate_limited", f"too many requests; retry in {retry_after} s",
-                            [("Retry-After", str(retry_after)), ("RateLimit-Limit", str(limit)),
-                             ("RateLimit-Remaining", str(remaining)), ("RateLimit-Reset", str(reset))])
-        return self.app(environ, start_response)
-
-
-class ErrorGuard:
-    """The one place errors become responses.
-
-    An HTTPError becomes its JSON body; a storage failure becomes 503 or 507;
-    anything else is logged with its traceback and the request id, and the
-    client gets a generic 500 that leaks nothing. KeyboardInterrupt and
-    SystemExit pass through.
-    """
-
-    def __init__(self, app, log):
-        self.app = app
-        self.log = log
-
-    def __call__(self, environ, start_response):
-        try:
-            return self.app(environ, start_response)
-        except HTTPError as exc:
-            error = exc
-        except StorageError as exc:
-            if exc.kind == "busy":
-                error = HTTPError(503, "storage_busy", str(exc), [("Retry-After", "1")])
-            else:
-                error = HTTPError(507, "insufficient_storage", str(exc), [("Retry-After", "60")])
-            self.log.warning("storage unavailable", request_id=environ["levqor.request_id"],
-                             kind=exc.kind)
-        except Exception:
-            self.log.error("unhandled exception", request_id=environ["levqor.request_id"],
-                           method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
-                           traceback=traceback.format_exc())
-            error = HTTPError(500, "internal_error",
-                              "an unexpected error occurred; quote the request id when reporting it")
-        body = json_body(error.body(environ["levqor.request_id"]))
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                   *error.headers]
-        start_response(STATUS_LINES[error.status], headers)
-        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
-
-
-API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-HTML_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'none'; "
-            "base-uri 'none'; form-action 'none'")
-EXPOSED = "X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Location"
-
-
-class SecureHeaders:
-    """Adds the headers every response carries, errors and files included:
-    security headers, a CSP fit for JSON or HTML, the request id, and CORS
-    for origins listed in CORS_ORIGINS (matched exactly, never a pattern)."""
-
-    def __init__(self, app, settings):
-        self.app = app
-        common = [("X-Content-Type-Options", "nosniff"),
-                  ("X-Frame-Options", "DENY"),
-                  ("Referrer-Policy", "strict-origin-when-cross-origin"),
-                  ("Permissions-Policy", "geolocation=(), microphone=(), camera=()"),
-                  ("Vary", "Origin")]
-        if settings.production:
-            common.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
-        # PERF: built once; each response copies one of two lists.
-        self.api_headers = common + [("Content-Security-Policy", API_CSP)]
-        self.html_headers = common + [("Content-Security-Policy", HTML_CSP)]
-        self.origins = frozenset(settings.cors_origins)
-        self.preflight = [("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
-                          ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Api-Key"),
-                          ("Access-Control-Max-Age", "600")]
-
-    def __call__(self, environ, start_response):
-        origin = environ.get("HTTP_ORIGIN")
-
-        def add_headers(status, headers, exc_info=None):
-            # PERF: every response of ours names its Content-Type first, so
-            # one look decides the CSP. A 304 (static files only) has no type
-            # but must repeat the page's CSP: caches merge its headers into the
-            # stored page's.
-            html = status[0] == "3" or (bool(headers) and headers[0][1].startswith("text/html"))
-            headers.extend(self.html_headers if html else self.api_headers)
-            headers.append(("X-Request-ID", environ["levqor.request_id"]))
-            if origin is not None and origin in self.origins:
-                headers.append(("Access-Control-Allow-Origin", origin))
-                headers.append(("Access-Control-Expose-Headers", EXPOSED))
-                if (environ["REQUEST_METHOD"] == "OPTIONS"
-                        and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ):
-                    headers.extend(self.preflight)
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, add_headers)
-
-
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class AccessLog:
-    """Outermost: gives each request an id and a client IP, and logs one
-    line when it is answered.
-
-    The client IP is REMOTE_ADDR. X-Forwarded-For is believed only when the
-    peer is one of TRUSTED_PROXIES, and then only up to the first address
-    (from the right) that is not itself a trusted proxy: anything a client
-    wrote further left is its own claim, and gains it nothing.
-    """
-
-    def __init__(self, app, settings, log):
-        self.app = app
-        self.log = log
-        self.proxies = settings.trusted_proxies
-
-    def _trusted(self, addr):
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.proxies)
-
-    def client_ip(self, environ):
-        peer = environ.get("REMOTE_ADDR") or "-"
-        if not self.proxies or not self._trusted(peer):
-            return peer
-        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-        for hop in reversed(hops):
-            if not self._trusted(hop):
-                try:
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    return peer  # garbage in the header: fall back to who we can see
-        return peer
-
-    def __call__(self, environ, start_response):
-        started = time.perf_counter()
-        rid = environ.get("HTTP_X_REQUEST_ID")
-        if rid is None or not _SANE_REQUEST_ID.match(rid):
-            rid = "%032x" % random.getrandbits(128)  # PERF: os.urandom gives up the GIL
-        environ["levqor.request_id"] = rid
-        environ["levqor.client_ip"] = ip = self.client_ip(environ)
-        status = []
-
-        def capture(line, headers, exc_info=None):
-            status.append(line)
-            return start_response(line, headers, exc_info)
-
-        body = self.app(environ, capture)
-        self.log.access(rid, environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                        int(status[-1][:3]) if status else 0,
-                        (time.perf_counter() - started) * 1000,
-                        ip, environ.get("HTTP_USER_AGENT", "")[:256])
-        return body
-
-
-# ---------------------------------------------------------------------------
 # Assembly
 # ---------------------------------------------------------------------------
 
 
 class Services:
-    """What handlers reach through ``request.app``: settings, stores, the
+    """What handlers reach through ``request.services``: settings, stores, the
     job engine, the log."""
 
     def __init__(self, settings, log, registry):
@@ -567,7 +397,7 @@ class Services:
             threads=settings.callback_threads, view=engine.status_view)
         self.ledger = Ledger(self.db)
         self.key_store = KeyStore(self.db)
-        self.key_buckets = TokenBuckets(settings.rate_table_size)
+        self.key_buckets = middleware.TokenBuckets(settings.rate_table_size)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
                                            settings.max_cost_per_day)
         self.engine = engine.Engine(
@@ -575,6 +405,7 @@ class Services:
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
             local_lease=settings.job_lease, guardrails=self.guardrails,
+            sweep_interval=settings.sweep_interval, purge_interval=settings.purge_interval,
             on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
         if settings.openai_api_key and settings.model_prices:
             try:
@@ -670,11 +501,18 @@ def create_app(settings=None, log_stream=None, registry=None):
         registry = engine.registry
     services = Services(settings, log, registry.copy())
     wsgi = Api(services)
-    wsgi = RateLimiter(wsgi, settings, ROUTER)
-    wsgi = ErrorGuard(wsgi, log)
-    wsgi = SecureHeaders(wsgi, settings)
-    wsgi = AccessLog(wsgi, settings, log)
+    wsgi = middleware.RateLimiter(wsgi, settings, ROUTER)
+    wsgi = middleware.ErrorGuard(wsgi, log)
+    wsgi = middleware.SecureHeaders(wsgi, settings)
+    wsgi = middleware.AccessLog(wsgi, settings, log)
     return Levqor(wsgi, services)
 
 
-app = create_app()
+def __getattr__(name):
+    """``levqor.app``, built from the environment on first use (PEP 562), so
+    that importing this module reads no setting and opens nothing."""
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,13 @@
 """Levqor's OpenAPI 3.1 document, built from the route table and the same
 JSON schemas the validators use: one source of truth.
 
-``build(routes, schemas, payload_schemas)`` is called once by
-``wsgi_routes``; this module only describes. What each route answers is
+``build(routes, schemas, version)`` is called once per app by
+``wsgi_routes.openapi_body``; this module only describes. What each route answers is
 written here, beside the route's (method, pattern); ``tests/test_openapi.py``
 fails when a route exists in the router but not here, or the reverse.
 """
 
 import copy
-
-VERSION = "1.0.0"
 
 OBJ = {"type": "object"}
 NUM = {"type": "number"}
@@ -162,9 +160,9 @@ def openapi_path(pattern):
     return pattern.replace("<path:path>", "{path}").replace("<", "{").replace(">", "}")
 
 
-def build(routes, schemas, keyed=lambda access: access != "public"):
+def build(routes, schemas, version, keyed=lambda access: access != "public"):
     """The document, for ``routes`` as in wsgi_routes.ROUTES and ``schemas``
-    as in wsgi_routes.SCHEMAS."""
+    as in schemas.SCHEMAS, describing service version ``version``."""
     components = {name: copy.deepcopy(schema) for name, schema in schemas.items()}
     components.update(copy.deepcopy(RESPONSES))
     paths = {}
@@ -199,7 +197,7 @@ def build(routes, schemas, keyed=lambda access: access != "public"):
         paths.setdefault(openapi_path(pattern), {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Levqor", "version": VERSION,
+        "info": {"title": "Levqor", "version": version,
                  "description": "Job orchestration for AI automation, with validation and cost "
                                 "guardrails. Errors share one shape: the Error schema."},
         "servers": [{"url": "/"}],

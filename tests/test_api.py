@@ -2,7 +2,7 @@
 
 import time
 
-from conftest import KEY, make_app, Client
+from support import KEY, make_app, Client
 
 
 def test_root_names_the_service(client):

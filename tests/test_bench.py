@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")

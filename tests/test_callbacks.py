@@ -17,8 +17,9 @@ import requests
 
 import callbacks
 import engine
+import jobstore
 import storage
-from conftest import KEY, Client, FakeClock, Server, make_app, wait_until
+from support import KEY, Client, FakeClock, Server, make_app, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"levqor-test-secret-0123456789").decode()
 NEXT_SECRET = "whsec_" + base64.b64encode(b"levqor-next-secret-9876543210").decode()
@@ -112,9 +113,9 @@ def store_kind(request, tmp_path):
 def setup(url, secrets=(SECRET,), allow_private=True, post=callbacks.post, finish_status="succeeded"):
     clock = FakeClock()
     if STORE["kind"] == "sqlite":
-        store = storage.SqliteJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
+        store = jobstore.SqliteJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
     else:
-        store = storage.MemoryJobStore(clock=clock)
+        store = jobstore.MemoryJobStore(clock=clock)
     eng = engine.Engine(store, engine.Registry(), Log(), clock=clock)
     cbs = callbacks.Callbacks(store, Log(), secrets, allow_private, clock=clock, post=post,
                               view=engine.status_view)
@@ -389,6 +390,7 @@ def test_canceled_jobs_notify_too(tmp_path, receiver):
     app.stop()
 
 
+@pytest.mark.server
 def test_end_to_end_through_gunicorn(tmp_path, receiver):
     srv = Server(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1",
                  JOB_STORE=STORE["kind"]).start()

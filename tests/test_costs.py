@@ -11,9 +11,10 @@ import requests
 
 import costs
 import engine
+import ledger
 import storage
 import wsgi_routes
-from conftest import KEY, Client, FakeClock, Server, make_app
+from support import KEY, Client, FakeClock, Server, make_app
 
 DAY = 86_400
 
@@ -51,18 +52,18 @@ def test_bad_amounts_are_refused(bad):
 
 
 def test_ten_thousand_small_charges_add_up_exactly(tmp_path):
-    ledger = storage.Ledger(storage.Database(str(tmp_path / "l.db")))
-    job = {"job_id": "j" * 32, "key_fp": "k", "workflow": "w"}
-    ledger.reserve(job, costs.to_micro(1), [("service", None, costs.to_micro(10))])
+    book = ledger.Ledger(storage.Database(str(tmp_path / "l.db")))
+    job = {"job_id": "j" * 32, "key_id": "k", "workflow": "w"}
+    book.reserve(job, costs.to_micro(1), [("service", None, costs.to_micro(10))])
     for _ in range(10_000):
-        ledger.charge(job["job_id"], costs.to_micro(0.0001, decimal.ROUND_CEILING))
-    assert ledger.spent(job["job_id"]) == 1_000_000  # $1.000000 exactly: 0.0001 is not a binary float
-    with pytest.raises(storage.BudgetExceeded):
-        ledger.charge(job["job_id"], 1)
-    assert ledger.settle(job["job_id"], "done") == 1_000_000
-    assert ledger.used_today() == 1_000_000
+        book.charge(job["job_id"], costs.to_micro(0.0001, decimal.ROUND_CEILING))
+    assert book.spent(job["job_id"]) == 1_000_000  # $1.000000 exactly: 0.0001 is not a binary float
+    with pytest.raises(costs.BudgetExceeded):
+        book.charge(job["job_id"], 1)
+    assert book.settle(job["job_id"], "done") == 1_000_000
+    assert book.used_today() == 1_000_000
     # The running totals agree with the rows they summarise.
-    rows = ledger.db.query("SELECT SUM(amount) AS s FROM ledger")[0]["s"]
+    rows = book.db.query("SELECT SUM(amount) AS s FROM ledger")[0]["s"]
     assert rows == 1_000_000
 
 
@@ -145,7 +146,7 @@ def test_daily_budget_at_the_boundary_then_release_then_midnight(tmp_path):
     r = intake(c, max_cost=0.01)
     assert r.status == 429 and r.json()["error"] == "budget_exceeded"
     assert int(r.headers["retry-after"]) == 3600
-    assert r.json()["budget"] == {"scope": "service", "day": storage.utc_day(clock()), "limit": 1.0,
+    assert r.json()["budget"] == {"scope": "service", "day": costs.utc_day(clock()), "limit": 1.0,
                                   "used": 1.0, "requested": 0.01, "resets_in": 3600}
     # A job that spends 0.10 and ends gives back the other 0.15 of its reservation.
     token = c.post("/api/v1/jobs/claim", {"workflows": ["ext"]}, key=KEY).json()["job"]
@@ -171,6 +172,7 @@ def test_a_managed_keys_daily_budget(tmp_path):
     app.stop()
 
 
+@pytest.mark.server
 def test_a_thousand_concurrent_intakes_against_a_budget_for_ten(tmp_path):
     srv = Server(tmp_path, API_KEYS=KEY, JOB_STORE="sqlite", WEB_CONCURRENCY=2, MAX_COST_PER_DAY="1.00",
                  RATE_BURST=100_000, RATE_GLOBAL=100_000).start()
@@ -285,9 +287,9 @@ def test_a_write_refused_for_its_role_is_audited(tmp_path):
     worker = c.post("/api/v1/keys", {"name": "w", "role": "worker"}, key=KEY).json()
     assert intake(c, key=worker["key"]).status == 403
     app.services.recorder.flush()
-    rows = app.services.db.query("SELECT key_fp, path, status FROM audit_log WHERE key_fp = ?",
+    rows = app.services.db.query("SELECT key_id, path, status FROM audit_log WHERE key_id = ?",
                                  (worker["id"],))
-    assert rows == [{"key_fp": worker["id"], "path": "/api/v1/intake", "status": 403}]
+    assert rows == [{"key_id": worker["id"], "path": "/api/v1/intake", "status": 403}]
     app.stop()
 
 

@@ -9,9 +9,12 @@ import sqlite3
 import threading
 import time
 
+import pytest
 import requests
 
-from conftest import KEY, Server, _children, wait_until
+from support import KEY, Server, children, wait_until
+
+pytestmark = pytest.mark.server
 
 HEADERS = {"X-Api-Key": KEY}
 FAST = {"API_KEYS": KEY, "JOB_STORE": "sqlite", "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000,
@@ -155,7 +158,7 @@ def test_a_worker_process_that_dies_mid_job_is_recovered(tmp_path):
         session = requests.Session()
         job_id = intake(srv, session, "sleep", {"seconds": 30})
         assert wait_until(lambda: status(srv, session, job_id)["status"] == "running", 10)
-        for pid in _children(srv.proc.pid):  # the worker, not the master: gunicorn starts another
+        for pid in children(srv.proc.pid):  # the worker, not the master: gunicorn starts another
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         seen = None
@@ -176,7 +179,7 @@ def test_a_worker_process_that_dies_mid_job_is_recovered(tmp_path):
 
 
 def test_finished_jobs_are_purged_after_their_ttl(tmp_path):
-    srv = Server(tmp_path, JOB_TTL=1, **FAST).start()
+    srv = Server(tmp_path, JOB_TTL=1, PURGE_INTERVAL=0.2, **FAST).start()
     try:
         session = requests.Session()
         ids = [intake(srv, session, "echo") for _ in range(5)]

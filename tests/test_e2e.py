@@ -6,9 +6,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import requests
 
-from conftest import KEY, ROOT, Server, wait_until
+from support import KEY, ROOT, Server, wait_until
+
+pytestmark = pytest.mark.server
 
 
 def run_script(args, env, timeout=60):

@@ -6,8 +6,9 @@ import threading
 import pytest
 
 import engine
+import jobstore
 import storage
-from conftest import KEY, Client, FakeClock, make_app, wait_until  # noqa: F401
+from support import KEY, Client, FakeClock, make_app, wait_until  # noqa: F401
 
 
 class Log:
@@ -33,9 +34,9 @@ def store_kind(request, tmp_path):
 
 def new_store(clock):
     if STORE["kind"] == "sqlite":
-        return storage.SqliteJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
+        return jobstore.SqliteJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
                                       clock=clock)
-    return storage.MemoryJobStore(aging=60, clock=clock)
+    return jobstore.MemoryJobStore(aging=60, clock=clock)
 
 
 def app_for(tmp_path, **env):
@@ -181,7 +182,7 @@ def test_a_result_that_is_not_json_fails_permanently():
     assert eng.get(job_id)["error"]["type"] == "invalid_result"
 
 
-def test_timeout_fails_the_job_sets_cancelled_and_discards_the_late_result():
+def test_timeout_fails_the_job_sets_canceled_and_discards_the_late_result():
     reg = engine.Registry()
     started, release = threading.Event(), threading.Event()
     seen = {}
@@ -189,7 +190,7 @@ def test_timeout_fails_the_job_sets_cancelled_and_discards_the_late_result():
     def slow(payload, ctx):
         started.set()
         release.wait(10)
-        seen["cancelled"] = ctx.cancelled
+        seen["canceled"] = ctx.canceled
         return {"late": True}
 
     reg.register("slow", slow, timeout=5)
@@ -207,7 +208,7 @@ def test_timeout_fails_the_job_sets_cancelled_and_discards_the_late_result():
     assert job["status"] == "failed" and job["error"]["type"] == "timeout"
     release.set()
     runner.join(10)
-    assert seen["cancelled"] is True
+    assert seen["canceled"] is True
     job = eng.get(job_id)
     assert job["status"] == "failed" and job["result"] is None
 

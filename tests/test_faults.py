@@ -7,9 +7,12 @@ import sqlite3
 import threading
 import time
 
+import pytest
 import requests
 
-from conftest import KEY, Server, _children, wait_until
+from support import KEY, Server, children, wait_until
+
+pytestmark = pytest.mark.server
 
 HEADERS = {"X-Api-Key": KEY}
 LOAD = {"API_KEYS": KEY, "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000, "MAX_COST_PER_DAY": 100_000}
@@ -99,7 +102,7 @@ def test_a_full_disk_is_507_and_the_service_recovers(tmp_path):
         assert s.post(srv.url + "/api/v1/users/upsert", json={"email": "first@example.com"}, timeout=5).status_code == 201
         # Cap the size of any file the worker writes just above what the
         # database files hold now: the next big writes find the disk "full".
-        worker = _children(srv.proc.pid)[0]
+        worker = children(srv.proc.pid)[0]
         sizes = [p.stat().st_size for p in tmp_path.glob("levqor.db*")]
         limit = max(sizes) + 64 * 1024
         resource.prlimit(worker, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))

@@ -7,7 +7,9 @@ import threading
 import pytest
 import requests
 
-from conftest import KEY, Server
+from support import KEY, Server
+
+pytestmark = pytest.mark.server
 
 K = f"X-Api-Key: {KEY}\r\n".encode()
 JSON = b"Content-Type: application/json\r\n"
@@ -75,6 +77,7 @@ def test_abuse(server, case, data, status):
     assert line.startswith(f"HTTP/1.1 {status} ".encode()), (case, line)
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off_and_cannot_hold_the_service(server):
     """More trickling clients than threads. Each holds a thread for at most
     a few READ_TIMEOUTs (1 s here), then is let go: the requests that queued

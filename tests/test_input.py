@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import Client, make_app
+from support import Client, make_app
 
 INTAKE = "/api/v1/intake"
 UPSERT = "/api/v1/users/upsert"

@@ -7,7 +7,11 @@ import shutil
 import subprocess
 import sys
 
-from conftest import KEY, Server
+import pytest
+
+from support import KEY, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def test_schemathesis_finds_nothing(tmp_path):

@@ -9,8 +9,9 @@ import os
 import pytest
 
 import levqor
+import middleware
 import wsgi_routes
-from conftest import KEY, NEXT_KEY, Client, make_app
+from support import KEY, NEXT_KEY, Client, make_app
 
 INTAKE = "/api/v1/intake"
 JOB = {"workflow": "w", "payload": {}}
@@ -79,8 +80,8 @@ def test_keys_are_never_logged_or_stored(tmp_path):
     assert KEY not in log.getvalue() and "attacker-guess" not in log.getvalue()
     for stored in tmp_path.glob("levqor.db*"):  # the database, its WAL and shm
         assert KEY.encode() not in stored.read_bytes()
-    rows = app.services.db.query("SELECT key_fp, method, path, status FROM audit_log")
-    assert rows == [{"key_fp": wsgi_routes.fingerprint(KEY), "method": "POST",
+    rows = app.services.db.query("SELECT key_id, method, path, status FROM audit_log")
+    assert rows == [{"key_id": wsgi_routes.fingerprint(KEY), "method": "POST",
                      "path": INTAKE, "status": 202}]
     app.stop()
 
@@ -149,7 +150,7 @@ def test_read_limit_is_separate_and_generous(tmp_path):
 
 def test_buckets_refill_over_time():
     now = [1000.0]
-    buckets = levqor.TokenBuckets(100, clock=lambda: now[0])
+    buckets = middleware.TokenBuckets(100, clock=lambda: now[0])
     limits = ((("w", "ip"), 60),)  # one token a second
     assert all(buckets.take(limits) is None for _ in range(60))
     limit, remaining, reset, retry_after = buckets.take(limits)
@@ -160,7 +161,7 @@ def test_buckets_refill_over_time():
 
 
 def test_bucket_table_is_bounded():
-    buckets = levqor.TokenBuckets(50)
+    buckets = middleware.TokenBuckets(50)
     for i in range(1000):
         buckets.take(((("r", f"ip{i}"), 10),))
     assert len(buckets._buckets) == 50

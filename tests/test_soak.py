@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
-from conftest import KEY, ROOT, Server
+import pytest
+
+from support import KEY, ROOT, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 SECRET = "whsec_" + base64.b64encode(b"soak-test-secret-0123456789ab").decode()
 

@@ -6,8 +6,10 @@ import threading
 
 import pytest
 
+import jobstore
+import recorder
 import storage
-from conftest import Client, make_app
+from support import Client, make_app
 
 
 def test_schema_is_versioned_and_migrates_once(tmp_path):
@@ -86,12 +88,12 @@ def test_a_held_write_lock_answers_503_storage_busy(tmp_path):
 
 def job(job_id, status="queued", at=0.0, priority="normal", workflow="w"):
     return {"job_id": job_id, "status": status, "created_at": at, "updated_at": at,
-            "finished_at": at if status in storage.JOB_FINAL else None, "priority": priority,
-            "workflow": workflow, "not_before": at, "key_fp": "k", "lease_expires_at": None}
+            "finished_at": at if status in jobstore.JOB_FINAL else None, "priority": priority,
+            "workflow": workflow, "not_before": at, "key_id": "k", "lease_expires_at": None}
 
 
 def test_job_store_hands_out_copies():
-    store = storage.MemoryJobStore()
+    store = jobstore.MemoryJobStore()
     store.add(job("a"))
     got = store.get("a")
     got["status"] = "tampered"
@@ -100,7 +102,7 @@ def test_job_store_hands_out_copies():
 
 def test_finished_jobs_leave_after_ttl():
     now = [1000.0]
-    store = storage.MemoryJobStore(ttl=60, clock=lambda: now[0])
+    store = jobstore.MemoryJobStore(ttl=60, clock=lambda: now[0])
     store.add(job("done", at=1000.0))
     store.add(job("waiting", at=1000.0))
     store.update("done", status="succeeded", updated_at=1000.0, finished_at=1000.0)
@@ -125,7 +127,7 @@ def test_full_store_answers_503_queue_full(tmp_path):
 
 
 def test_job_counts_by_status_and_priority():
-    store = storage.MemoryJobStore()
+    store = jobstore.MemoryJobStore()
     for i, (status, priority) in enumerate([("queued", "high"), ("queued", "low"),
                                             ("running", "low"), ("failed", "normal")]):
         store.add(job(str(i), status, priority=priority))
@@ -136,7 +138,7 @@ def test_job_counts_by_status_and_priority():
 
 
 def test_update_is_compare_and_set():
-    store = storage.MemoryJobStore()
+    store = jobstore.MemoryJobStore()
     store.add(job("a"))
     assert store.update("a", expect={"status": "running"}, status="failed") is None
     assert store.update("a", expect={"status": "queued"}, status="canceled",
@@ -148,7 +150,7 @@ def test_update_is_compare_and_set():
 
 def recorder_at(tmp_path, clock):
     db = storage.Database(str(tmp_path / "m.db"))
-    return storage.Recorder(db, log=None, clock=clock)
+    return recorder.Recorder(db, log=None, clock=clock)
 
 
 def test_uptime_is_the_share_of_minutes_with_a_heartbeat(tmp_path):

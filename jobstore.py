@@ -1,0 +1,402 @@
+"""Where jobs live: the job vocabulary (statuses, priorities, the errors a
+store raises) and the two job stores, in memory and in SQLite, which keep
+one contract (``contracts.JobStore``)."""
+
+import collections
+import heapq
+import json
+import threading
+import time
+
+class QueueFull(Exception):
+    """The job store holds as many jobs as it may."""
+
+
+class IdempotencyMismatch(Exception):
+    """An Idempotency-Key already used, within its lifetime, for another body."""
+
+
+JOB_FINAL = frozenset({"succeeded", "failed", "canceled"})
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+PRIORITIES = ("high", "normal", "low")
+# How far ahead of a low job each priority starts, in units of the aging step:
+# a waiting job overtakes a fresher one of the next priority up after one step.
+PRIORITY_HEAD_START = {"high": 2, "normal": 1, "low": 0}
+
+
+class MemoryJobStore:
+    """Jobs in a dict behind one lock, in this process only.
+
+    Jobs live in the memory of the process that accepted them: a restart
+    loses them, and a second gunicorn worker cannot see them (which is why
+    gunicorn.conf.py runs one worker by default). Every access holds the lock
+    briefly and hands out copies, so callers can never change a stored job
+    by accident. Finished jobs are kept ``ttl`` seconds, then dropped; at
+    most ``max_jobs`` are held at once.
+
+    It is also the queue. A queued job waits in a heap per workflow, ordered
+    by when it became ready less its priority's head start (``aging`` seconds
+    per level), so high goes before normal before low, first in first out
+    within a priority, and a job that has waited ``aging`` seconds longer
+    than another overtakes it whatever their priorities: low never starves.
+    A job waiting out a retry backoff sits in a second heap by ``not_before``.
+
+    Its methods (add, get, update, claim, expired, counts, page) are the
+    interface a durable store must offer to replace it. Every change is a
+    compare-and-set: ``update`` applies only when the job still has the
+    ``expect``ed values, which is how a late worker loses a race cleanly.
+    """
+
+    def __init__(self, max_jobs=100_000, ttl=86_400, aging=60.0, clock=time.time):
+        self.max_jobs = max_jobs
+        self.ttl = ttl
+        self.aging = aging
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._jobs = {}                       # job_id -> job, in creation order
+        self._ready = {}                      # workflow -> heap of (score, seq, job_id, version)
+        self._delayed = []                    # heap of (not_before, seq, job_id, version)
+        self._running = set()
+        self._finished = collections.deque()  # (finished_at, job_id), oldest first
+        self._idempotency = {}                # (key_id, key) -> (body_hash, job_id, expires)
+        self._idempotency_order = collections.deque()  # (expires, (key_id, key))
+        self._counts = collections.Counter()  # (status, priority) -> n
+        self._seq = 0
+
+    # -- bookkeeping, always under the lock -----------------------------------
+
+    def _purge(self, now):
+        cutoff = now - self.ttl
+        finished = self._finished
+        while finished and finished[0][0] <= cutoff:
+            _, job_id = finished.popleft()
+            job = self._jobs.get(job_id)
+            # A job retried after it finished has a newer finish time: keep it.
+            if job is not None and job["status"] in JOB_FINAL and job["finished_at"] <= cutoff:
+                del self._jobs[job_id]
+                self._counts[job["status"], job["priority"]] -= 1
+        order = self._idempotency_order
+        while order and order[0][0] <= now:
+            _, scope = order.popleft()
+            entry = self._idempotency.get(scope)
+            if entry is not None and entry[2] <= now:
+                del self._idempotency[scope]
+
+    def _enqueue(self, job, now):
+        job["queue_version"] = job.get("queue_version", 0) + 1
+        entry_tail = (job["seq"], job["job_id"], job["queue_version"])
+        if job["not_before"] > now:
+            heapq.heappush(self._delayed, (job["not_before"], *entry_tail))
+        else:
+            ready_at = max(job["not_before"], job["queued_at"])
+            score = ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging
+            heapq.heappush(self._ready.setdefault(job["workflow"], []), (score, *entry_tail))
+
+    def _live(self, entry):
+        job = self._jobs.get(entry[2])
+        return job if job is not None and job["status"] == "queued" \
+            and job["queue_version"] == entry[3] else None
+
+    def _promote(self, now):
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            entry = heapq.heappop(delayed)
+            job = self._live(entry)
+            if job is not None:
+                self._enqueue(job, now)
+
+    def _set(self, job, changes, now):
+        old_status = job["status"]
+        job.update(changes)
+        new_status = job["status"]
+        if new_status != old_status:
+            self._counts[old_status, job["priority"]] -= 1
+            self._counts[new_status, job["priority"]] += 1
+            self._running.discard(job["job_id"])
+            if new_status == "running":
+                self._running.add(job["job_id"])
+            elif new_status in JOB_FINAL:
+                self._finished.append((job["finished_at"], job["job_id"]))
+        if new_status == "queued" and ("not_before" in changes or old_status != "queued"):
+            self._enqueue(job, now)
+
+    # -- the interface ----------------------------------------------------------
+
+    def add(self, job, idempotency=None):
+        """Store a new job; returns (job, created).
+
+        ``idempotency`` is (key_id, key, body_hash, ttl): if that key was used
+        within ttl for the same body, the job it made is returned instead
+        (created False); for another body, IdempotencyMismatch. Checked and
+        recorded under the one lock, so concurrent duplicates make one job.
+        """
+        with self._lock:
+            now = self.clock()
+            self._purge(now)
+            if idempotency is not None:
+                key_id, key, body_hash, ttl = idempotency
+                entry = self._idempotency.get((key_id, key))
+                if entry is not None and entry[2] > now and entry[1] in self._jobs:
+                    if entry[0] != body_hash:
+                        raise IdempotencyMismatch(key)
+                    return dict(self._jobs[entry[1]]), False
+            if len(self._jobs) >= self.max_jobs:
+                raise QueueFull("the job store is full")
+            self._seq += 1
+            job = dict(job, seq=self._seq, queued_at=job["created_at"])
+            self._jobs[job["job_id"]] = job
+            self._counts[job["status"], job["priority"]] += 1
+            if job["status"] == "queued":
+                self._enqueue(job, now)
+            if idempotency is not None:
+                self._idempotency[key_id, key] = (body_hash, job["job_id"], now + ttl)
+                self._idempotency_order.append((now + ttl, (key_id, key)))
+            return dict(job), True
+
+    def get(self, job_id):
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return dict(job) if job is not None else None
+
+    def update(self, job_id, expect=None, **changes):
+        """Apply changes if the job has the ``expect``ed values; the new copy, or None."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or any(job.get(k) != v for k, v in (expect or {}).items()):
+                return None
+            self._set(job, changes, self.clock())
+            return dict(job)
+
+    def claim(self, workflows, changes_for):
+        """Take the best ready job among ``workflows`` (None: any) and apply
+        ``changes_for(job)`` to it (it must make the job running); the new
+        copy, or None when nothing is waiting."""
+        with self._lock:
+            now = self.clock()
+            self._promote(now)
+            best = None
+            for workflow in (self._ready if workflows is None else workflows):
+                heap = self._ready.get(workflow)
+                while heap and self._live(heap[0]) is None:
+                    heapq.heappop(heap)  # canceled, or queued again since
+                if heap and (best is None or heap[0] < best[0]):
+                    best = (heap[0], heap)
+            if best is None:
+                return None
+            job = self._jobs[heapq.heappop(best[1])[2]]
+            self._set(job, changes_for(job), now)
+            return dict(job)
+
+    def expired(self, now):
+        """Running jobs whose lease (or timeout) ran out by ``now``."""
+        with self._lock:
+            jobs = (self._jobs[i] for i in self._running)
+            return [dict(j) for j in jobs if j["lease_expires_at"] is not None
+                    and j["lease_expires_at"] <= now]
+
+    def next_due(self):
+        """When the next delayed job becomes ready, or None."""
+        with self._lock:
+            return self._delayed[0][0] if self._delayed else None
+
+    def counts(self):
+        """Jobs held by status, and queued jobs by priority."""
+        with self._lock:
+            counts = self._counts
+            by_status = {s: sum(counts[s, p] for p in PRIORITIES) for s in JOB_STATUSES}
+            queued = {p: counts["queued", p] for p in PRIORITIES}
+        return {"by_status": by_status, "queued_by_priority": queued}
+
+    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
+        """Up to ``limit`` jobs made with ``key_id``, newest first, older than
+        ``before_seq``; and whether more follow."""
+        found = []
+        with self._lock:
+            for job in reversed(self._jobs.values()):
+                if before_seq is not None and job["seq"] >= before_seq:
+                    continue
+                if job["key_id"] != key_id or (status is not None and job["status"] != status) \
+                        or (workflow is not None and job["workflow"] != workflow):
+                    continue
+                if len(found) == limit:
+                    return found, True
+                found.append(dict(job))
+        return found, False
+
+    def purge(self, now):
+        """Drop finished jobs past their time (add() does it too)."""
+        with self._lock:
+            self._purge(now)
+
+    def pending_callbacks(self):
+        return []  # nothing outlives the process that would have sent it
+
+    def __len__(self):
+        with self._lock:
+            return len(self._jobs)
+
+
+class SqliteJobStore:
+    """Jobs in the SQLite database, shared by every process that opens it.
+
+    The same interface and rules as MemoryJobStore, made durable: an
+    acknowledged intake is committed before it is answered, and every
+    change, claims included, is one short ``BEGIN IMMEDIATE`` transaction, so
+    two processes can never both move a job from queued to running. Leases,
+    retries and timeouts are timestamps in the table, so any process's sweep
+    finds a job whose worker died. Finished jobs past ``ttl`` are purged in
+    small batches (``purge``), so no purge holds the database for long.
+    """
+
+    PURGE_BATCH = 500
+
+    def __init__(self, db, max_jobs=100_000, ttl=86_400, aging=60.0, clock=time.time):
+        self.db = db
+        self.max_jobs = max_jobs
+        self.ttl = ttl
+        self.aging = aging
+        self.clock = clock
+        self._held = (0.0, 0)  # (when counted, jobs held): a count of a big table is not free
+
+    def _columns(self, job):
+        ready_at = max(job["not_before"], job["queued_at"])
+        return {"job_id": job["job_id"], "status": job["status"], "workflow": job["workflow"],
+                "priority": job["priority"], "key_id": job["key_id"],
+                "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
+                "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
+                "finished_at": job.get("finished_at"),
+                "data": json.dumps(job, separators=(",", ":"))}
+
+    def _load(self, conn, job_id):
+        row = conn.execute("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else dict(json.loads(row["data"]), seq=row["seq"])
+
+    def _save(self, conn, job):
+        cols = self._columns(job)
+        conn.execute("UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
+                     " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
+                     " data = :data WHERE job_id = :job_id", cols)
+
+    def _count(self, now):
+        counted_at, held = self._held
+        if now - counted_at > 1.0:
+            held = self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
+            self._held = (now, held)
+        return held
+
+    def add(self, job, idempotency=None):
+        now = self.clock()
+        if self._count(now) >= self.max_jobs:
+            self.purge(now)
+            self._held = (0.0, 0)
+            if self._count(now) >= self.max_jobs:
+                raise QueueFull("the job store is full")
+        job = dict(job, queued_at=job["created_at"])
+        cols = self._columns(job)
+        insert = (f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                  " RETURNING seq")
+        if idempotency is None:  # PERF: one statement, its own transaction
+            job["seq"] = self.db.write_one(insert, cols)[0]["seq"]
+            return job, True
+        key_id, key, body_hash, ttl = idempotency
+        with self.db.write() as conn:
+            row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
+                               " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
+            existing = row and self._load(conn, row["job_id"])
+            if existing:
+                if row["body_hash"] != body_hash:
+                    raise IdempotencyMismatch(key)
+                return existing, False
+            job["seq"] = conn.execute(insert, cols).fetchone()["seq"]
+            conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                         (key_id, key, body_hash, job["job_id"], now + ttl))
+        return job, True
+
+    def get(self, job_id):
+        rows = self.db.query("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,))
+        return dict(json.loads(rows[0]["data"]), seq=rows[0]["seq"]) if rows else None
+
+    def update(self, job_id, expect=None, **changes):
+        with self.db.write() as conn:
+            job = self._load(conn, job_id)
+            if job is None or any(job.get(k) != v for k, v in (expect or {}).items()):
+                return None
+            job.update(changes)
+            self._save(conn, job)
+        return job
+
+    def claim(self, workflows, changes_for):
+        now = self.clock()
+        with self.db.write() as conn:
+            sql = "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= ?"
+            params = [now]
+            if workflows is not None:
+                if not workflows:
+                    return None
+                sql += f" AND workflow IN ({', '.join('?' * len(workflows))})"
+                params += list(workflows)
+            row = conn.execute(sql + " ORDER BY score, seq LIMIT 1", params).fetchone()
+            if row is None:
+                return None
+            job = self._load(conn, row["job_id"])
+            job.update(changes_for(job))
+            self._save(conn, job)
+        return job
+
+    def expired(self, now):
+        rows = self.db.query("SELECT seq, data FROM jobs WHERE status = 'running'"
+                             " AND lease_expires_at <= ?", (now,))
+        return [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+
+    def next_due(self):
+        rows = self.db.query("SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued'"
+                             " AND not_before > ?", (self.clock(),))
+        return rows[0]["t"]
+
+    def counts(self):
+        rows = self.db.query("SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority")
+        by_status = dict.fromkeys(JOB_STATUSES, 0)
+        queued = dict.fromkeys(PRIORITIES, 0)
+        for r in rows:
+            by_status[r["status"]] += r["n"]
+            if r["status"] == "queued":
+                queued[r["priority"]] += r["n"]
+        return {"by_status": by_status, "queued_by_priority": queued}
+
+    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
+        sql, params = "SELECT seq, data FROM jobs WHERE key_id = ?", [key_id]
+        for column, value in (("status", status), ("workflow", workflow)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            params.append(before_seq)
+        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", params + [limit + 1])
+        jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+        return jobs[:limit], len(jobs) > limit
+
+    def pending_callbacks(self):
+        """(job_id, callback_id, next_attempt_at) of deliveries still to make,
+        for a process that starts after another stopped mid-schedule."""
+        rows = self.db.query(
+            "SELECT json_extract(data, '$.job_id') AS job_id,"
+            " json_extract(data, '$.callback_id') AS callback_id,"
+            " json_extract(data, '$.callback.next_attempt_at') AS due FROM jobs"
+            " WHERE finished_at IS NOT NULL AND json_extract(data, '$.callback.state') = 'pending'")
+        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows]
+
+    def purge(self, now):
+        """Delete one small batch of finished jobs past ``ttl``, and expired
+        idempotency keys; returns how many jobs went."""
+        cutoff = now - self.ttl
+        with self.db.write() as conn:
+            gone = conn.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
+                " AND finished_at <= ? LIMIT ?)", (cutoff, self.PURGE_BATCH)).rowcount
+            conn.execute("DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
+                         " WHERE expires <= ? LIMIT ?)", (now, self.PURGE_BATCH))
+        return gone
+
+    def __len__(self):
+        return self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]

@@ -1,0 +1,253 @@
+"""The middleware Levqor stacks around its routes, innermost first.
+
+Each is a class ``M(app, ...)`` with ``__call__(environ, start_response)``;
+``levqor.create_app`` stacks them in the order they run, so the order is
+readable in one place.
+"""
+
+import collections
+import ipaddress
+import math
+import random
+import re
+import threading
+import time
+import traceback
+
+from storage import StorageError
+from web import STATUS_LINES, HTTPError, json_body
+
+WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+
+
+class TokenBuckets:
+    """Token buckets, refilled continuously at ``rate`` tokens a minute.
+
+    The table keeps the ``size`` most recently used buckets; one evicted is
+    simply full again when it comes back, which costs an abuser nothing it
+    did not already have. The global bucket lives apart and is never evicted.
+    """
+
+    def __init__(self, size, clock=time.monotonic):
+        self.size = size
+        self.clock = clock
+        self._buckets = collections.OrderedDict()  # key -> [tokens, last refill]
+        self._global = None
+        self._lock = threading.Lock()
+
+    def take(self, limits):
+        """Take one token from each (key, rate) bucket, all or none.
+
+        Returns None when allowed; otherwise (limit, remaining, reset,
+        retry_after) of the emptiest bucket, times in whole seconds.
+        """
+        now = self.clock()
+        buckets = self._buckets
+        with self._lock:
+            low = None
+            for key, rate in limits:
+                if key is None:
+                    bucket = self._global
+                    if bucket is None:
+                        bucket = self._global = [float(rate), now]
+                else:
+                    bucket = buckets.get(key)
+                    if bucket is None:
+                        bucket = buckets[key] = [float(rate), now]
+                        if len(buckets) > self.size:
+                            buckets.popitem(last=False)
+                    else:
+                        buckets.move_to_end(key)
+                tokens = bucket[0] + (now - bucket[1]) * rate / 60.0
+                bucket[0] = tokens if tokens < rate else float(rate)
+                bucket[1] = now
+                if low is None or bucket[0] < low[0][0]:
+                    low = (bucket, rate)
+            if low[0][0] >= 1.0:
+                for key, rate in limits:
+                    (self._global if key is None else buckets[key])[0] -= 1.0
+                return None
+            tokens, rate = low[0][0], low[1]
+        per_second = rate / 60.0
+        return (rate, int(tokens), math.ceil((rate - tokens) / per_second),
+                math.ceil((1.0 - tokens) / per_second))
+
+
+class RateLimiter:
+    """Writes: RATE_BURST a minute per client IP and RATE_GLOBAL overall.
+    Reads: RATE_READ a minute per client IP, so polling a job's status never
+    eats into the budget for submitting jobs. The external worker protocol
+    (claim, heartbeat, complete, fail) polls too: RATE_WORKER per IP. Over a
+    limit: 429, with Retry-After and the RateLimit-* headers of the emptiest
+    bucket."""
+
+    def __init__(self, app, settings, router, clock=time.monotonic):
+        self.app = app
+        self.settings = settings
+        self.router = router
+        self.buckets = TokenBuckets(settings.rate_table_size, clock)
+
+    def __call__(self, environ, start_response):
+        ip = environ["levqor.client_ip"]
+        s = self.settings
+        method = environ["REQUEST_METHOD"]
+        if method not in WRITE_METHODS:
+            limits = ((("r", ip), s.rate_read),)
+        elif self.router.is_worker(method, environ.get("PATH_INFO") or "/"):
+            limits = ((("k", ip), s.rate_worker),)
+        else:
+            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
+        refused = self.buckets.take(limits)
+        if refused is not None:
+            limit, remaining, reset, retry_after = refused
+            raise HTTPError(429, "rate_limited", f"too many requests; retry in {retry_after} s",
+                            [("Retry-After", str(retry_after)), ("RateLimit-Limit", str(limit)),
+                             ("RateLimit-Remaining", str(remaining)), ("RateLimit-Reset", str(reset))])
+        return self.app(environ, start_response)
+
+
+class ErrorGuard:
+    """The one place errors become responses.
+
+    An HTTPError becomes its JSON body; a storage failure becomes 503 or 507;
+    anything else is logged with its traceback and the request id, and the
+    client gets a generic 500 that leaks nothing. KeyboardInterrupt and
+    SystemExit pass through.
+    """
+
+    def __init__(self, app, log):
+        self.app = app
+        self.log = log
+
+    def __call__(self, environ, start_response):
+        try:
+            return self.app(environ, start_response)
+        except HTTPError as exc:
+            error = exc
+        except StorageError as exc:
+            if exc.kind == "busy":
+                error = HTTPError(503, "storage_busy", str(exc), [("Retry-After", "1")])
+            else:
+                error = HTTPError(507, "insufficient_storage", str(exc), [("Retry-After", "60")])
+            self.log.warning("storage unavailable", request_id=environ["levqor.request_id"],
+                             kind=exc.kind)
+        except Exception:
+            self.log.error("unhandled exception", request_id=environ["levqor.request_id"],
+                           method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
+                           traceback=traceback.format_exc())
+            error = HTTPError(500, "internal_error",
+                              "an unexpected error occurred; quote the request id when reporting it")
+        body = json_body(error.body(environ["levqor.request_id"]))
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   *error.headers]
+        start_response(STATUS_LINES[error.status], headers)
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+
+
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+HTML_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'none'")
+EXPOSED = "X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Location"
+
+
+class SecureHeaders:
+    """Adds the headers every response carries, errors and files included:
+    security headers, a CSP fit for JSON or HTML, the request id, and CORS
+    for origins listed in CORS_ORIGINS (matched exactly, never a pattern)."""
+
+    def __init__(self, app, settings):
+        self.app = app
+        common = [("X-Content-Type-Options", "nosniff"),
+                  ("X-Frame-Options", "DENY"),
+                  ("Referrer-Policy", "strict-origin-when-cross-origin"),
+                  ("Permissions-Policy", "geolocation=(), microphone=(), camera=()"),
+                  ("Vary", "Origin")]
+        if settings.production:
+            common.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
+        # PERF: built once; each response copies one of two lists.
+        self.api_headers = common + [("Content-Security-Policy", API_CSP)]
+        self.html_headers = common + [("Content-Security-Policy", HTML_CSP)]
+        self.origins = frozenset(settings.cors_origins)
+        self.preflight = [("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
+                          ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Api-Key"),
+                          ("Access-Control-Max-Age", "600")]
+
+    def __call__(self, environ, start_response):
+        origin = environ.get("HTTP_ORIGIN")
+
+        def add_headers(status, headers, exc_info=None):
+            # PERF: every response of ours names its Content-Type first, so
+            # one look decides the CSP. A 304 (static files only) has no type
+            # but must repeat the page's CSP: caches merge its headers into the
+            # stored page's.
+            html = status[0] == "3" or (bool(headers) and headers[0][1].startswith("text/html"))
+            headers.extend(self.html_headers if html else self.api_headers)
+            headers.append(("X-Request-ID", environ["levqor.request_id"]))
+            if origin is not None and origin in self.origins:
+                headers.append(("Access-Control-Allow-Origin", origin))
+                headers.append(("Access-Control-Expose-Headers", EXPOSED))
+                if (environ["REQUEST_METHOD"] == "OPTIONS"
+                        and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ):
+                    headers.extend(self.preflight)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, add_headers)
+
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class AccessLog:
+    """Outermost: gives each request an id and a client IP, and logs one
+    line when it is answered.
+
+    The client IP is REMOTE_ADDR. X-Forwarded-For is believed only when the
+    peer is one of TRUSTED_PROXIES, and then only up to the first address
+    (from the right) that is not itself a trusted proxy: anything a client
+    wrote further left is its own claim, and gains it nothing.
+    """
+
+    def __init__(self, app, settings, log):
+        self.app = app
+        self.log = log
+        self.proxies = settings.trusted_proxies
+
+    def _trusted(self, addr):
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.proxies)
+
+    def client_ip(self, environ):
+        peer = environ.get("REMOTE_ADDR") or "-"
+        if not self.proxies or not self._trusted(peer):
+            return peer
+        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer  # garbage in the header: fall back to who we can see
+        return peer
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        rid = environ.get("HTTP_X_REQUEST_ID")
+        if rid is None or not _SANE_REQUEST_ID.match(rid):
+            rid = "%032x" % random.getrandbits(128)  # PERF: os.urandom gives up the GIL
+        environ["levqor.request_id"] = rid
+        environ["levqor.client_ip"] = ip = self.client_ip(environ)
+        status = []
+
+        def capture(line, headers, exc_info=None):
+            status.append(line)
+            return start_response(line, headers, exc_info)
+
+        body = self.app(environ, capture)
+        self.log.access(rid, environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                        int(status[-1][:3]) if status else 0,
+                        (time.perf_counter() - started) * 1000,
+                        ip, environ.get("HTTP_USER_AGENT", "")[:256])
+        return body

@@ -1,0 +1,290 @@
+"""The JSON schemas of request bodies, compiled once at import, and
+``validate``, which answers a refusal with 400 naming the failing field.
+
+jsonschema is the authority; ``fast_check`` is a compiled shortcut for the
+valid bodies that make up nearly all traffic (see its docstring). The
+OpenAPI document (``openapi.py``) is built from these same schemas.
+"""
+
+import operator
+import re
+from urllib.parse import urlsplit
+
+import jsonschema
+from jsonschema.exceptions import best_match
+
+from web import HTTPError
+
+FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@FORMATS.checks("http-url")
+def _is_http_url(value):
+    if not isinstance(value, str):
+        return True
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+LOCALE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}$"
+# A plausible address: RFC 5321 atext (and dots) before the @, DNS labels after.
+# The schema allows spaces around it; the handler trims and lower-cases.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_PATTERN = rf"^[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$"
+EMAIL_INPUT_PATTERN = "^[ ]*" + EMAIL_PATTERN[1:-1] + "[ ]*$"
+# An http(s) URL whose host is a name ending in a letter label: no literal
+# addresses in any spelling, no credentials, a real port. callbacks.url_problem
+# checks the same again.
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+CALLBACK_URL_PATTERN = (rf"^https?://(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z])?"
+                        rf"(?::{_PORT})?(?:[/?#][!-~]*)?$")
+CURRENCIES = ["GBP", "USD", "EUR"]
+MAX_META_BYTES = 16 * 1024
+
+PROGRESS = {
+    "type": "object",
+    "properties": {"fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                   "note": {"type": "string", "maxLength": 200}},
+    "required": ["fraction"],
+    "additionalProperties": False,
+}
+
+# Dollars: a job's running total, as an external worker reports it.
+COST = {"type": "number", "minimum": 0, "maximum": 1_000_000}
+
+PROFILE_PROPERTIES = {
+    "name": {"type": "string", "maxLength": 200},
+    "locale": {"type": "string", "maxLength": 35, "pattern": LOCALE_PATTERN},
+    "currency": {"enum": CURRENCIES},
+    "meta": {"type": "object", "maxProperties": 100},
+}
+
+SCHEMAS = {
+    "intake": {
+        "type": "object",
+        "properties": {
+            "workflow": {"type": "string", "minLength": 1, "maxLength": 128},
+            "payload": {"type": "object"},
+            "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url",
+                             "pattern": CALLBACK_URL_PATTERN},
+            "priority": {"enum": ["low", "normal", "high"]},
+            "max_cost": {"type": "number", "minimum": 0},
+        },
+        "required": ["workflow", "payload"],
+        "additionalProperties": False,
+    },
+    "dev_complete": {
+        "type": "object",
+        "properties": {"result": {}},
+        "additionalProperties": False,
+    },
+    "claim": {
+        "type": "object",
+        "properties": {
+            "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
+                          "items": {"type": "string", "minLength": 1, "maxLength": 128}},
+            "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+        },
+        "required": ["workflows"],
+        "additionalProperties": False,
+    },
+    "heartbeat": {
+        "type": "object",
+        "properties": {
+            "lease_token": {"type": "string", "maxLength": 64},
+            "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "progress": PROGRESS,
+            "cost": COST,
+        },
+        "required": ["lease_token"],
+        "additionalProperties": False,
+    },
+    "complete": {
+        "type": "object",
+        "properties": {"lease_token": {"type": "string", "maxLength": 64}, "result": {},
+                       "cost": COST},
+        "required": ["lease_token", "result"],
+        "additionalProperties": False,
+    },
+    "fail": {
+        "type": "object",
+        "properties": {"lease_token": {"type": "string", "maxLength": 64},
+                       "error": {"type": "string", "minLength": 1, "maxLength": 1000},
+                       "retryable": {"type": "boolean"}, "cost": COST},
+        "required": ["lease_token", "error"],
+        "additionalProperties": False,
+    },
+    "key_create": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "role": {"enum": ["client", "worker"]},
+            "daily_budget": {"type": "number", "minimum": 0, "maximum": 1_000_000},
+            "rate_per_minute": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        },
+        "required": ["name", "role"],
+        "additionalProperties": False,
+    },
+    "user_upsert": {
+        "type": "object",
+        "properties": {"email": {"type": "string", "maxLength": 254, "pattern": EMAIL_INPUT_PATTERN},
+                       **PROFILE_PROPERTIES},
+        "required": ["email"],
+        "additionalProperties": False,
+    },
+    "user_patch": {
+        "type": "object",
+        "properties": PROFILE_PROPERTIES,
+        "minProperties": 1,
+        "additionalProperties": False,
+    },
+}
+
+_PY_TYPES = {"object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
+             "integer": (int,), "number": (int, float)}
+# keyword -> (the types it bounds, what is measured, how it compares)
+_BOUNDS = {
+    "minimum": ((int, float), lambda v: v, operator.ge),
+    "maximum": ((int, float), lambda v: v, operator.le),
+    "minLength": ((str,), len, operator.ge),
+    "maxLength": ((str,), len, operator.le),
+    "minItems": ((list,), len, operator.ge),
+    "maxItems": ((list,), len, operator.le),
+    "minProperties": ((dict,), len, operator.ge),
+    "maxProperties": ((dict,), len, operator.le),
+}
+_FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
+                  "maxLength", "pattern", "format", "minProperties", "maxProperties", "items",
+                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum"}
+
+
+def _all_of(checks):
+    def check(value):
+        for c in checks:
+            if not c(value):
+                return False
+        return True
+    return check
+
+
+def fast_check(schema):
+    """A quick test for the subset of JSON Schema these schemas use.
+
+    PERF: jsonschema costs tens of microseconds per body. This test never
+    passes an instance that jsonschema would refuse; when it says no (or
+    meets a keyword it does not know, returning None), jsonschema decides
+    and explains. So jsonschema stays the authority; this is the fast path
+    for the valid bodies that make up nearly all traffic.
+    """
+    if not set(schema) <= _FAST_KEYWORDS:
+        return None
+    checks = []
+    if "type" in schema:
+        py_types = _PY_TYPES.get(schema["type"])
+        if py_types is None:
+            return None
+        checks.append(lambda v: type(v) in py_types)  # exact: a bool is not an int
+    for keyword, (types, measure, compare) in _BOUNDS.items():
+        if keyword in schema:
+            checks.append(lambda v, t=types, m=measure, c=compare, b=schema[keyword]:
+                          type(v) not in t or c(m(v), b))
+    if "items" in schema:
+        item_check = fast_check(schema["items"])
+        if item_check is None:
+            return None
+        checks.append(lambda v: type(v) is not list or all(item_check(i) for i in v))
+    if schema.get("uniqueItems"):
+        # Only strings are compared here; anything else goes to jsonschema.
+        checks.append(lambda v: type(v) is not list or (all(type(i) is str for i in v)
+                                                       and len(set(v)) == len(v)))
+    if "enum" in schema:
+        if not all(type(e) is str for e in schema["enum"]):
+            return None
+        allowed = frozenset(schema["enum"])
+        checks.append(lambda v: type(v) is str and v in allowed)
+    if "pattern" in schema:
+        search = re.compile(schema["pattern"]).search
+        checks.append(lambda v: type(v) is not str or search(v) is not None)
+    if "format" in schema:
+        fmt = schema["format"]
+        checks.append(lambda v: FORMATS.conforms(v, fmt))
+    if {"properties", "required", "additionalProperties"} & set(schema):
+        props = {k: fast_check(sub) for k, sub in schema.get("properties", {}).items()}
+        extra_ok = schema.get("additionalProperties", True)
+        if None in props.values() or extra_ok not in (True, False):
+            return None
+        required = tuple(schema.get("required", ()))
+
+        def check_object(v):
+            if type(v) is not dict:
+                return True
+            for k in required:
+                if k not in v:
+                    return False
+            for k, item in v.items():
+                check = props.get(k)
+                if check is None:
+                    if not extra_ok:
+                        return False
+                elif not check(item):
+                    return False
+            return True
+        checks.append(check_object)
+    return _all_of(checks)
+
+
+VALIDATORS = {}
+FAST_CHECKS = {}
+for _name, _schema in SCHEMAS.items():
+    jsonschema.Draft202012Validator.check_schema(_schema)
+    VALIDATORS[_name] = jsonschema.Draft202012Validator(_schema, format_checker=FORMATS)
+    FAST_CHECKS[_name] = fast_check(_schema) or (lambda v: False)
+
+_ERROR_TEXT = {
+    "required": "is required",
+    "additionalProperties": "is not an accepted field",
+    "format": "is not a valid http(s) URL",
+    "pattern": "is not valid",
+    "minProperties": "must not be empty",
+}
+
+
+def validate(name, instance, validator=None, prefix=()):
+    """Raise 400 validation_failed naming the failing field, or return the instance.
+
+    ``name`` picks one of SCHEMAS; or pass a compiled ``validator`` (a
+    workflow's payload schema), whose field paths are put under ``prefix``.
+    """
+    if validator is None:
+        if FAST_CHECKS[name](instance):
+            return instance
+        validator = VALIDATORS[name]
+    error = best_match(validator.iter_errors(instance))
+    if error is None:
+        return instance
+    path = [*prefix, *(str(p) for p in error.absolute_path)]
+    if error.validator == "required":
+        path += [next(p for p in error.validator_value if p not in error.instance)]
+    elif error.validator == "additionalProperties":
+        allowed = error.schema.get("properties", {})
+        path += [sorted(k for k in error.instance if k not in allowed)[0]]
+    field = "/".join(path)
+    if error.validator == "type":
+        text = f"must be of type {error.validator_value}"
+    elif error.validator == "enum":
+        text = "must be one of " + ", ".join(map(str, error.validator_value))
+    elif error.validator in ("minLength", "maxLength"):
+        bound = "at least" if error.validator == "minLength" else "at most"
+        text = f"must be {bound} {error.validator_value} characters"
+    elif error.validator in ("minimum", "maximum", "minItems", "maxItems"):
+        bound = "at least" if error.validator.startswith("min") else "at most"
+        text = f"must be {bound} {error.validator_value}" + (" items" if "Items" in error.validator else "")
+    else:
+        text = _ERROR_TEXT.get(error.validator, error.message[:200])
+    raise HTTPError(400, "validation_failed", f"{field or 'body'}: {text}", field=field)
