@@ -28,7 +28,7 @@ import traceback
 
 import costs
 from costs import BudgetExceeded
-from jobstore import JOB_FINAL
+from jobstore import JOB_FINAL, WORKFLOW_NAME_PATTERN
 
 # ---------------------------------------------------------------------------
 # Workflows
@@ -65,7 +65,7 @@ class Registry:
         def build(payload, ctx): ...
     """
 
-    NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    NAME = re.compile(WORKFLOW_NAME_PATTERN)
 
     def __init__(self):
         self._workflows = {}

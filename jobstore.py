@@ -16,6 +16,9 @@ class IdempotencyMismatch(Exception):
     """An Idempotency-Key already used, within its lifetime, for another body."""
 
 
+# What a workflow may be called: registration, intake and claims all hold
+# names to it (no control or direction characters can hide in one).
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 JOB_FINAL = frozenset({"succeeded", "failed", "canceled"})
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 PRIORITIES = ("high", "normal", "low")

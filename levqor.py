@@ -26,12 +26,13 @@ import costs
 import engine
 import llm
 import middleware
+import schemas
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
 from jobstore import MemoryJobStore, SqliteJobStore
 from ledger import Ledger
 from recorder import Recorder
 from storage import Database, KeyStore, UserStore
-from wsgi_routes import ROUTER, Api, KeyRing, openapi_body
+from wsgi_routes import Api, KeyRing, openapi_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 
@@ -98,6 +99,8 @@ def api_keys(raw):
     for key in keys:
         if not key.isascii() or not key.isprintable() or len(key) < 16:
             raise ValueError("every key must be at least 16 printable ASCII characters")
+        if key.startswith("lq_"):  # the managed keys' prefix: such a key could never authenticate
+            raise ValueError("keys must not start with lq_ (the prefix of managed keys)")
     return keys
 
 
@@ -131,6 +134,8 @@ SETTINGS = (
     ("rate_global", "RATE_GLOBAL", whole(1, 10**9), "200"),
     ("rate_read", "RATE_READ", whole(1, 10**9), "600"),
     ("rate_worker", "RATE_WORKER", whole(1, 10**9), "600"),
+    ("rate_anon", "RATE_ANON", whole(1, 10**9), "10"),
+    ("rate_anon_global", "RATE_ANON_GLOBAL", whole(1, 10**9), "100"),
     ("rate_table_size", "RATE_TABLE_SIZE", whole(16, 10**7), "10000"),
     ("trusted_proxies", "TRUSTED_PROXIES", networks, ""),
     ("max_content_length", "MAX_CONTENT_LENGTH", whole(1024, 64 * 1024 * 1024), "524288"),
@@ -185,6 +190,8 @@ class Settings:
     rate_global: int
     rate_read: int
     rate_worker: int
+    rate_anon: int               # writes without a valid key, per client address
+    rate_anon_global: int        # ... and from all of them together
     rate_table_size: int
     trusted_proxies: tuple
     max_content_length: int
@@ -385,7 +392,7 @@ class Services:
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
         self.db = Database(settings.sqlite_path, settings.sqlite_busy_timeout,
                            shared=settings.job_store == "sqlite")
-        self.users = UserStore(self.db)
+        self.users = UserStore(self.db, schemas.MAX_META_KEYS, schemas.MAX_META_BYTES)
         if settings.job_store == "sqlite":
             self.jobs = SqliteJobStore(self.db, settings.max_jobs, settings.job_ttl,
                                        settings.job_priority_aging)
@@ -397,7 +404,6 @@ class Services:
             threads=settings.callback_threads, view=engine.status_view)
         self.ledger = Ledger(self.db)
         self.key_store = KeyStore(self.db)
-        self.key_buckets = middleware.TokenBuckets(settings.rate_table_size)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
                                            settings.max_cost_per_day)
         self.engine = engine.Engine(
@@ -501,7 +507,6 @@ def create_app(settings=None, log_stream=None, registry=None):
         registry = engine.registry
     services = Services(settings, log, registry.copy())
     wsgi = Api(services)
-    wsgi = middleware.RateLimiter(wsgi, settings, ROUTER)
     wsgi = middleware.ErrorGuard(wsgi, log)
     wsgi = middleware.SecureHeaders(wsgi, settings)
     wsgi = middleware.AccessLog(wsgi, settings, log)

@@ -2,109 +2,18 @@
 
 Each is a class ``M(app, ...)`` with ``__call__(environ, start_response)``;
 ``levqor.create_app`` stacks them in the order they run, so the order is
-readable in one place.
+readable in one place. Rate limits are taken inside ``wsgi_routes.Api``,
+once the route and the caller are known.
 """
 
-import collections
 import ipaddress
-import math
 import random
 import re
-import threading
 import time
 import traceback
 
 from storage import StorageError
 from web import STATUS_LINES, HTTPError, json_body
-
-WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
-
-
-class TokenBuckets:
-    """Token buckets, refilled continuously at ``rate`` tokens a minute.
-
-    The table keeps the ``size`` most recently used buckets; one evicted is
-    simply full again when it comes back, which costs an abuser nothing it
-    did not already have. The global bucket lives apart and is never evicted.
-    """
-
-    def __init__(self, size, clock=time.monotonic):
-        self.size = size
-        self.clock = clock
-        self._buckets = collections.OrderedDict()  # key -> [tokens, last refill]
-        self._global = None
-        self._lock = threading.Lock()
-
-    def take(self, limits):
-        """Take one token from each (key, rate) bucket, all or none.
-
-        Returns None when allowed; otherwise (limit, remaining, reset,
-        retry_after) of the emptiest bucket, times in whole seconds.
-        """
-        now = self.clock()
-        buckets = self._buckets
-        with self._lock:
-            low = None
-            for key, rate in limits:
-                if key is None:
-                    bucket = self._global
-                    if bucket is None:
-                        bucket = self._global = [float(rate), now]
-                else:
-                    bucket = buckets.get(key)
-                    if bucket is None:
-                        bucket = buckets[key] = [float(rate), now]
-                        if len(buckets) > self.size:
-                            buckets.popitem(last=False)
-                    else:
-                        buckets.move_to_end(key)
-                tokens = bucket[0] + (now - bucket[1]) * rate / 60.0
-                bucket[0] = tokens if tokens < rate else float(rate)
-                bucket[1] = now
-                if low is None or bucket[0] < low[0][0]:
-                    low = (bucket, rate)
-            if low[0][0] >= 1.0:
-                for key, rate in limits:
-                    (self._global if key is None else buckets[key])[0] -= 1.0
-                return None
-            tokens, rate = low[0][0], low[1]
-        per_second = rate / 60.0
-        return (rate, int(tokens), math.ceil((rate - tokens) / per_second),
-                math.ceil((1.0 - tokens) / per_second))
-
-
-class RateLimiter:
-    """Writes: RATE_BURST a minute per client IP and RATE_GLOBAL overall.
-    Reads: RATE_READ a minute per client IP, so polling a job's status never
-    eats into the budget for submitting jobs. The external worker protocol
-    (claim, heartbeat, complete, fail) polls too: RATE_WORKER per IP. Over a
-    limit: 429, with Retry-After and the RateLimit-* headers of the emptiest
-    bucket."""
-
-    def __init__(self, app, settings, router, clock=time.monotonic):
-        self.app = app
-        self.settings = settings
-        self.router = router
-        self.buckets = TokenBuckets(settings.rate_table_size, clock)
-
-    def __call__(self, environ, start_response):
-        ip = environ["levqor.client_ip"]
-        s = self.settings
-        method = environ["REQUEST_METHOD"]
-        if method not in WRITE_METHODS:
-            limits = ((("r", ip), s.rate_read),)
-        elif self.router.is_worker(method, environ.get("PATH_INFO") or "/"):
-            limits = ((("k", ip), s.rate_worker),)
-        else:
-            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
-        refused = self.buckets.take(limits)
-        if refused is not None:
-            limit, remaining, reset, retry_after = refused
-            raise HTTPError(429, "rate_limited", f"too many requests; retry in {retry_after} s",
-                            [("Retry-After", str(retry_after)), ("RateLimit-Limit", str(limit)),
-                             ("RateLimit-Remaining", str(remaining)), ("RateLimit-Reset", str(reset))])
-        return self.app(environ, start_response)
-
 
 class ErrorGuard:
     """The one place errors become responses.

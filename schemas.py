@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import jsonschema
 from jsonschema.exceptions import best_match
 
+from jobstore import WORKFLOW_NAME_PATTERN
 from web import HTTPError
 
 FORMATS = jsonschema.FormatChecker(formats=())
@@ -44,8 +45,11 @@ EMAIL_INPUT_PATTERN = "^[ ]*" + EMAIL_PATTERN[1:-1] + "[ ]*$"
 _PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 CALLBACK_URL_PATTERN = (rf"^https?://(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z])?"
                         rf"(?::{_PORT})?(?:[/?#][!-~]*)?$")
+WORKFLOW_NAME = {"type": "string", "minLength": 1, "maxLength": 128,
+                 "pattern": WORKFLOW_NAME_PATTERN}
 CURRENCIES = ["GBP", "USD", "EUR"]
 MAX_META_BYTES = 16 * 1024
+MAX_META_KEYS = 100
 
 PROGRESS = {
     "type": "object",
@@ -62,14 +66,14 @@ PROFILE_PROPERTIES = {
     "name": {"type": "string", "maxLength": 200},
     "locale": {"type": "string", "maxLength": 35, "pattern": LOCALE_PATTERN},
     "currency": {"enum": CURRENCIES},
-    "meta": {"type": "object", "maxProperties": 100},
+    "meta": {"type": "object", "maxProperties": MAX_META_KEYS},
 }
 
 SCHEMAS = {
     "intake": {
         "type": "object",
         "properties": {
-            "workflow": {"type": "string", "minLength": 1, "maxLength": 128},
+            "workflow": WORKFLOW_NAME,
             "payload": {"type": "object"},
             "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url",
                              "pattern": CALLBACK_URL_PATTERN},
@@ -88,7 +92,7 @@ SCHEMAS = {
         "type": "object",
         "properties": {
             "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
-                          "items": {"type": "string", "minLength": 1, "maxLength": 128}},
+                          "items": WORKFLOW_NAME},
             "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
         },
         "required": ["workflows"],

@@ -158,11 +158,30 @@ MIGRATIONS = [
                                        '$.key_fp')
         WHERE json_type(data, '$.key_fp') IS NOT NULL;
     """,
+    """
+    -- Profiles belong to the key that made them: unique per (owner, email).
+    -- Profiles made before this had no recorded owner: the operator's
+    -- ('admin') is the safe one to give them.
+    CREATE TABLE users_owned (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        email      TEXT NOT NULL,
+        name       TEXT,
+        locale     TEXT,
+        currency   TEXT,
+        meta       TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (owner, email)
+    );
+    INSERT INTO users_owned SELECT id, 'admin', email, name, locale, currency, meta, created_at,
+        updated_at FROM users;
+    DROP TABLE users;
+    ALTER TABLE users_owned RENAME TO users;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
-
-USER_COLUMNS = ("id", "email", "name", "locale", "currency", "meta", "created_at", "updated_at")
 
 
 class StorageError(Exception):
@@ -350,56 +369,89 @@ def _user_out(row):
     return user
 
 
+class MetaTooLarge(ValueError):
+    """A profile's merged ``meta`` would pass its limits; nothing was written."""
+
+
+_USER = "id, email, name, locale, currency, meta, created_at, updated_at"
+# NOTE: a field not given is bound as NULL and keeps its value (no profile
+# field may be set to null), so each write is one fixed statement.
+USER_SQL = {
+    "upsert": f"""
+        INSERT INTO users (id, owner, email, name, locale, currency, meta, created_at, updated_at)
+        VALUES (:id, :owner, :email, :name, :locale, :currency, json_patch('{{}}', :meta), :now, :now)
+        ON CONFLICT (owner, email) DO UPDATE SET
+            name = COALESCE(:name, users.name), locale = COALESCE(:locale, users.locale),
+            currency = COALESCE(:currency, users.currency),
+            meta = json_patch(users.meta, :meta), updated_at = :now
+        RETURNING {_USER}""",
+    "patch": f"""
+        UPDATE users SET name = COALESCE(:name, name), locale = COALESCE(:locale, locale),
+            currency = COALESCE(:currency, currency), meta = json_patch(meta, :meta),
+            updated_at = :now
+        WHERE id = :id AND (:owner IS NULL OR owner = :owner)
+        RETURNING {_USER}""",
+    "get": f"SELECT {_USER} FROM users WHERE id = :id AND (:owner IS NULL OR owner = :owner)",
+    "get_by_email": f"SELECT {_USER} FROM users WHERE owner = :owner AND email = :email",
+}
+
+
 class UserStore:
-    """User profiles, keyed by id and unique by (normalised) email."""
+    """User profiles, each owned by the key that made it (``owner``), keyed
+    by id and unique by (owner, normalised email): every tenant has its own
+    set, and one tenant's profiles are invisible to another.
 
-    def __init__(self, db):
+    ``meta`` is merged as RFC 7396 says, and its limits (``max_meta_keys``,
+    ``max_meta_bytes`` as compact JSON) hold for the merged result, checked
+    in the same transaction as the write: MetaTooLarge, and nothing written.
+    """
+
+    def __init__(self, db, max_meta_keys=100, max_meta_bytes=16 * 1024):
         self.db = db
+        self.max_meta_keys = max_meta_keys
+        self.max_meta_bytes = max_meta_bytes
 
-    def upsert(self, email, fields):
-        """Create the user or update the fields given; returns (created, user).
+    def _write(self, name, params):
+        params = {f: None for f in ("name", "locale", "currency")} | params
+        with self.db.write() as conn:
+            row = conn.execute(USER_SQL[name], params).fetchone()
+            if row is not None:
+                user = _user_out(row)
+                self._check_meta(user["meta"])  # raising rolls the write back
+        return row and user
 
-        One statement, so two concurrent upserts of a new email make one user.
-        Fields not given are left as they are; ``meta`` is merged (RFC 7396).
-        """
+    def _check_meta(self, meta):
+        if len(meta) > self.max_meta_keys:
+            raise MetaTooLarge(f"meta: must have at most {self.max_meta_keys} keys once merged")
+        if len(json.dumps(meta, separators=(",", ":"))) > self.max_meta_bytes:
+            raise MetaTooLarge(f"meta: must be at most {self.max_meta_bytes} bytes as JSON once merged")
+
+    def upsert(self, owner, email, fields):
+        """Create ``owner``'s user with this email, or update the fields given;
+        returns (created, user). One statement, so two concurrent upserts of
+        a new email make one user."""
         new_id = uuid.uuid4().hex
-        now = _now()
-        params = {f: fields.get(f) for f in ("name", "locale", "currency")}
-        params.update(id=new_id, email=email, now=now,
-                      meta=json.dumps(fields.get("meta", {}), separators=(",", ":")))
-        updates = [f"{f} = :{f}" for f in ("name", "locale", "currency") if f in fields]
-        if "meta" in fields:
-            updates.append("meta = json_patch(users.meta, :meta)")
-        updates.append("updated_at = :now")
-        sql = (
-            "INSERT INTO users (id, email, name, locale, currency, meta, created_at, updated_at)"
-            " VALUES (:id, :email, :name, :locale, :currency, json_patch('{}', :meta), :now, :now)"
-            f" ON CONFLICT(email) DO UPDATE SET {', '.join(updates)}"
-            f" RETURNING {', '.join(USER_COLUMNS)}"
-        )
-        row = self.db.write_one(sql, params)[0]
-        return row["id"] == new_id, _user_out(row)
+        user = self._write("upsert", {**fields, "id": new_id, "owner": owner, "email": email,
+                                      "now": _now(), "meta": _meta(fields)})
+        return user["id"] == new_id, user
 
-    def patch(self, user_id, fields):
-        """Update the given fields of an existing user; None if there is none."""
-        sets = [f"{f} = ?" for f in ("name", "locale", "currency") if f in fields]
-        params = [fields[f] for f in ("name", "locale", "currency") if f in fields]
-        if "meta" in fields:
-            sets.append("meta = json_patch(meta, ?)")
-            params.append(json.dumps(fields["meta"], separators=(",", ":")))
-        sets.append("updated_at = ?")
-        params += [_now(), user_id]
-        sql = f"UPDATE users SET {', '.join(sets)} WHERE id = ? RETURNING {', '.join(USER_COLUMNS)}"
-        rows = self.db.write_one(sql, params)
+    def patch(self, user_id, fields, owner=None):
+        """Update the given fields of a user (of ``owner``'s, unless None: any);
+        None if there is none."""
+        return self._write("patch", {**fields, "id": user_id, "owner": owner, "now": _now(),
+                                     "meta": _meta(fields)})
+
+    def get(self, user_id, owner=None):
+        rows = self.db.query(USER_SQL["get"], {"id": user_id, "owner": owner})
         return _user_out(rows[0]) if rows else None
 
-    def get(self, user_id):
-        rows = self.db.query(f"SELECT {', '.join(USER_COLUMNS)} FROM users WHERE id = ?", (user_id,))
+    def get_by_email(self, email, owner):
+        rows = self.db.query(USER_SQL["get_by_email"], {"email": email, "owner": owner})
         return _user_out(rows[0]) if rows else None
 
-    def get_by_email(self, email):
-        rows = self.db.query(f"SELECT {', '.join(USER_COLUMNS)} FROM users WHERE email = ?", (email,))
-        return _user_out(rows[0]) if rows else None
+
+def _meta(fields):
+    return json.dumps(fields.get("meta", {}), separators=(",", ":"), allow_nan=False)
 
 
 class KeyStore:

@@ -39,7 +39,9 @@ class HTTPError(Exception):
 
 
 # PERF: one encoder, built once; json.dumps with arguments builds one per call.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+# allow_nan=False: Infinity and NaN are not JSON, and nothing Levqor writes
+# may hold them (SQLite's JSON functions reject such a document outright).
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def json_body(obj):
@@ -50,6 +52,18 @@ def respond(obj, status=200, headers=()):
     body = json_body(obj)
     return status, [("Content-Type", "application/json"),
                     ("Content-Length", str(len(body))), *headers], body
+
+
+_WHOLE = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text):
+    """``text`` as a non-negative int if it is 1 to 18 ASCII digits, else None.
+
+    NOTE: str.isdigit() and int() also take superscripts and other scripts'
+    digits ("\u00b2", "\u0661"); a number that came as text is ASCII or refused.
+    """
+    return int(text) if _WHOLE.fullmatch(text) else None
 
 
 def not_found(what, **ids):
@@ -78,7 +92,25 @@ def _no_duplicate_keys(pairs):
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+def _finite_float(text):
+    value = float(text)
+    if value in (_INF, -_INF):  # 1e400 parses to infinity: refuse it like the literal
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _bounded_int(text):
+    # An integer past a double's range becomes infinity in SQLite's JSON
+    # functions and in most clients' parsers: refuse it as 1e400 is.
+    if len(text) > 300 and abs(int(text)) > _MAX_DOUBLE:
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return int(text)
+
+
+_INF = float("inf")
+_MAX_DOUBLE = 1.7976931348623157e308
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant,
+                            parse_float=_finite_float, parse_int=_bounded_int)
 
 
 def _check_tree(value, check_surrogates):
@@ -99,7 +131,8 @@ def _check_tree(value, check_surrogates):
 
 
 def parse_json(raw):
-    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth."""
+    """Strict JSON: UTF-8, finite numbers only (no NaN, Infinity or 1e400),
+    no duplicate keys, bounded depth."""
     try:
         text = raw.decode("utf-8")
         value = _DECODER.decode(text)
@@ -132,6 +165,20 @@ class Request:
         self._json = _MISSING
 
     @property
+    def raw_path(self):
+        """The path as the client sent it, still percent-encoded: what is
+        routed. gunicorn gives it as RAW_URI (others as REQUEST_URI), which
+        may be in absolute form; a server that gives neither leaves only
+        the decoded PATH_INFO."""
+        raw = self.environ.get("RAW_URI") or self.environ.get("REQUEST_URI")
+        if not raw:
+            return self.path
+        raw = raw.split("?", 1)[0].split("#", 1)[0]
+        if not raw.startswith("/"):
+            raw = "/" + raw.split("://", 1)[-1].partition("/")[2]  # absolute form
+        return raw
+
+    @property
     def request_id(self):
         return self.environ.get("levqor.request_id", "-")
 
@@ -153,14 +200,15 @@ class Request:
         environ = self.environ
         limit = self.services.settings.max_content_length
         length = environ.get("CONTENT_LENGTH")
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        chunked = self._transfer_coding() == "chunked"
+        coding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
+        if coding not in ("", "identity"):  # a body we would read as something it is not
+            raise HTTPError(415, "unsupported_media_type",
+                            "request bodies are not accepted with a Content-Encoding")
         if length:
-            try:
-                length = int(length)
-            except ValueError:
-                raise HTTPError(400, "bad_request", "Content-Length is not a number")
-            if length < 0:
-                raise HTTPError(400, "bad_request", "Content-Length is negative")
+            if whole_number(length) is None:
+                raise HTTPError(400, "bad_request", "Content-Length is not a whole number")
+            length = int(length)
             if length > limit:
                 raise HTTPError(413, "payload_too_large", f"request body is over {limit} bytes")
             if length == 0:
@@ -184,6 +232,16 @@ class Request:
         if len(raw) != length:
             raise HTTPError(400, "incomplete_body", "request body is shorter than its Content-Length")
         return raw
+
+    def _transfer_coding(self):
+        """'chunked', or '' for none; 501 for any coding Levqor does not
+        apply (gzip, chunked would otherwise pass as if it were plain)."""
+        codings = [c.strip().lower() for c in self.environ.get("HTTP_TRANSFER_ENCODING", "").split(",")]
+        codings = [c for c in codings if c]
+        if codings and codings != ["chunked"]:
+            raise HTTPError(501, "unsupported_transfer_encoding",
+                            "the only Transfer-Encoding accepted is chunked")
+        return "chunked" if codings else ""
 
     def _check_content_type(self):
         ctype = self.environ.get("CONTENT_TYPE", "")

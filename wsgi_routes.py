@@ -15,15 +15,21 @@ import hmac
 import json
 import re
 import time
+from urllib.parse import unquote
 
 import callbacks
 import openapi
+import ratelimit
 from costs import BudgetExceeded, to_micro, to_usd, utc_day
 from engine import JobError, status_view
 from jobstore import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
 from schemas import EMAIL_PATTERN, MAX_META_BYTES, SCHEMAS, validate
 from static import robots, security_txt, static_file
-from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond
+from storage import MetaTooLarge
+from web import (STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond,
+                 whole_number)
+
+WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
 # ---------------------------------------------------------------------------
 # Authentication
@@ -60,8 +66,9 @@ class KeyRing:
         return found
 
 
-def authenticate(req):
-    """Check X-Api-Key and set who is calling (``key_id``), in what ``role``.
+def identify(req):
+    """Check X-Api-Key and set who is calling (``key_id``), in what ``role``;
+    returns None, or the refusal to answer if the route needs a key.
 
     ``lq_`` keys are managed keys (client or worker); any other is one of the
     operator's API_KEYS (admin). Missing: 401; not ours, or revoked: 403.
@@ -74,19 +81,19 @@ def authenticate(req):
         key = services.key_store.lookup(presented)
         if key is not None:
             req.key_id, req.role, req.key = key["id"], key["role"], key
-            return
+            return None
     elif presented and services.keys:
         fp = services.keys.check(presented)
         if fp is not None:
             req.key_id, req.role = fp, "admin"
-            return
+            return None
     if not services.keys:
         req.key_id, req.role = "open", "admin"
-        return
+        return None
     if not presented:
-        raise HTTPError(401, "unauthorized", "an API key is required (X-Api-Key header)",
+        return HTTPError(401, "unauthorized", "an API key is required (X-Api-Key header)",
                         [("WWW-Authenticate", 'ApiKey header="X-Api-Key"')])
-    raise HTTPError(403, "forbidden", "the API key is not valid")
+    return HTTPError(403, "forbidden", "the API key is not valid")
 
 
 # ---------------------------------------------------------------------------
@@ -303,9 +310,10 @@ def _query_int(req, name, default, low, high):
     raw = req.query.get(name)  # present but empty is a value, and not a number
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw)
+    if value is None or not low <= value <= high:
         raise HTTPError(400, "invalid_query", f"{name} must be a whole number from {low} to {high}")
-    return int(raw)
+    return value
 
 
 def job_list(req):
@@ -408,11 +416,27 @@ def _check_meta(body):
                         f"meta: must be at most {MAX_META_BYTES} bytes as JSON", field="meta")
 
 
+def _owner(req):
+    """Whose profiles the caller works with: a managed key's own; the
+    operator's ("admin") for admin keys and open mode, whichever key of
+    theirs (rotation keeps them); None for an anonymous public read."""
+    if req.role is None:
+        return None
+    return req.key_id if req.key is not None else "admin"
+
+
+def _users_call(method, *args, **kwargs):
+    try:
+        return method(*args, **kwargs)
+    except MetaTooLarge as exc:
+        raise HTTPError(400, "validation_failed", str(exc), field="meta")
+
+
 def user_upsert(req):
     body = validate("user_upsert", req.json())
     email_addr = _normalise_email(body.pop("email"))
     _check_meta(body)
-    created, user = req.services.users.upsert(email_addr, body)
+    created, user = _users_call(req.services.users.upsert, _owner(req), email_addr, body)
     if created:
         return respond({"created": True, "user": user}, 201,
                        [("Location", f"/api/v1/users/{user['id']}")])
@@ -423,14 +447,22 @@ def user_lookup(req):
     raw = req.query.get("email")
     if not raw or not raw.strip():
         raise HTTPError(400, "missing_email", "the email query parameter is required")
-    user = req.services.users.get_by_email(raw.strip().lower()[:320])
+    # Anonymous public reads (PUBLIC_USER_READS=1, the seed's behaviour) see
+    # the operator's profiles.
+    user = req.services.users.get_by_email(raw.strip().lower()[:320], _owner(req) or "admin")
     if user is None:
         raise not_found("user")
     return respond(user)
 
 
+def _scope(req):
+    """The owner a read or change by id is limited to: admin keys and
+    anonymous public reads reach every profile, a managed key its own."""
+    return None if req.role in (None, "admin") else _owner(req)
+
+
 def user_get(req, user_id):
-    user = req.services.users.get(user_id) if _JOB_ID.match(user_id) else None
+    user = req.services.users.get(user_id, _scope(req)) if _JOB_ID.match(user_id) else None
     if user is None:
         raise not_found("user", user_id=user_id)
     return respond(user)
@@ -443,7 +475,9 @@ def user_patch(req, user_id):
                         field="email")
     validate("user_patch", body)
     _check_meta(body)
-    user = req.services.users.patch(user_id, body) if _JOB_ID.match(user_id) else None
+    user = None
+    if _JOB_ID.match(user_id):
+        user = _users_call(req.services.users.patch, user_id, body, _scope(req))
     if user is None:
         raise not_found("user", user_id=user_id)
     return respond({"updated": True, "user": user})
@@ -513,6 +547,15 @@ class Route:
 _PARAM = re.compile(r"<(?:(path):)?([a-z_][a-z0-9_]*)>")
 
 
+def _decode(raw):
+    """A raw path parameter, percent-decoded segment by segment; ValueError
+    if a segment decodes to a slash or to bytes that are not UTF-8."""
+    segments = [unquote(s, errors="strict") for s in raw.split("/")]
+    if any("/" in s for s in segments):
+        raise ValueError("an encoded slash in a path segment")
+    return "/".join(segments)
+
+
 class Router:
     """Routes compiled once: static paths in a dict, the rest in one regex.
 
@@ -554,7 +597,14 @@ class Router:
         self.regex = re.compile("^(?:" + "|".join(alternatives) + ")$") if alternatives else None
 
     def methods_for(self, path):
-        """({method: Route}, params) for a path, or (None, None)."""
+        """({method: Route}, params) for a path as it was sent (still
+        percent-encoded), or (None, None).
+
+        NOTE: routing on the raw path, and decoding each parameter only
+        after, means an encoded slash never moves a request to another
+        route (/api%2Fv1%2Fkeys is not /api/v1/keys), and a parameter never
+        holds a slash its segment did not.
+        """
         methods = self.static.get(path)
         if methods is not None:
             return methods, {}
@@ -562,13 +612,10 @@ class Router:
         if m is None:
             return None, None
         params, methods = self.dynamic[int(m.lastgroup[1:])]
-        return methods, {name: m.group(group) for group, name in params}
-
-    def is_worker(self, method, path):
-        """Whether method and path name a route of the external worker protocol."""
-        methods, _ = self.methods_for(path)
-        route = methods.get(method) if methods else None
-        return route is not None and route.worker
+        try:
+            return methods, {name: _decode(m.group(group)) for group, name in params}
+        except ValueError:
+            return None, None
 
     @staticmethod
     def allow(methods):
@@ -600,26 +647,47 @@ def openapi_body(max_cost_per_job):
 
 
 class Api:
-    """The innermost WSGI app: route, authenticate, call the handler, audit."""
+    """The innermost WSGI app, in the order it works: which route, who is
+    calling, whether the rate limits allow it, then the handler, audited.
+
+    Rate limits per client address (RATE_READ for reads, RATE_BURST and
+    RATE_GLOBAL for writes, RATE_WORKER for the external worker protocol)
+    are taken only after the caller is known: a write that presents no
+    valid key (or finds no route) takes from the RATE_ANON buckets instead,
+    so anonymous traffic can never use up what authenticated clients may
+    write. The buckets are shared by every worker process of a host
+    (``ratelimit``).
+    """
 
     def __init__(self, services, router=ROUTER):
         self.services = services
         self.router = router
+        self.buckets = ratelimit.buckets(services.settings.rate_table_size)
 
     def __call__(self, environ, start_response):
         req = Request(environ, self.services)
+        settings = self.services.settings
         if req.method == "OPTIONS":
-            methods, _ = self.router.methods_for(req.path)
+            methods, _ = self.router.methods_for(req.raw_path)
             if methods is None:
                 raise HTTPError(404, "not_found", "no such endpoint")
             start_response("204 No Content", [("Allow", self.router.allow(methods))])
             return []
-        route, params = self.router.match(req.method, req.path)
-        if route.dev and not self.services.settings.dev_endpoints:
-            raise HTTPError(404, "not_found", "no such endpoint")
-        if route.access == KEY or (route.access == USER_READ
-                                   and not self.services.settings.public_user_reads):
-            authenticate(req)  # unauthenticated requests are refused here, unaudited
+        write = req.method in WRITE_METHODS
+        try:
+            route, params = self.router.match(req.method, req.raw_path)
+            if route.dev and not settings.dev_endpoints:
+                raise HTTPError(404, "not_found", "no such endpoint")
+        except HTTPError:
+            if write:
+                identify(req)
+            self._limit(req, None, write)  # a miss costs its sender a token too
+            raise
+        keyed = route.access == KEY or (route.access == USER_READ and not settings.public_user_reads)
+        refusal = identify(req) if keyed or write else None
+        self._limit(req, route, write)
+        if keyed and refusal is not None:
+            raise refusal  # refused for its key: logged, not audited (nobody to attribute it to)
         if not route.audit:
             self._admit(req, route)
             status, headers, body = route.handler(req, **params)
@@ -637,6 +705,22 @@ class Api:
         start_response(STATUS_LINES[status], headers)
         return [] if req.method == "HEAD" else [body]
 
+    def _limit(self, req, route, write):
+        """The client address's buckets for this request: 429 when empty."""
+        s = self.services.settings
+        ip = ratelimit.client_key(req.environ["levqor.client_ip"])
+        if not write:
+            limits = ((("r", ip), s.rate_read),)
+        elif req.role is None:  # no valid key: anonymous buckets of its own
+            limits = ((("a", ip), s.rate_anon), (("a",), s.rate_anon_global))
+        elif route is not None and route.worker:
+            limits = ((("k", ip), s.rate_worker),)
+        else:
+            limits = ((("w", ip), s.rate_burst), (None, s.rate_global))
+        refused = self.buckets.take(limits)
+        if refused is not None:
+            raise rate_limited(refused, f"too many requests; retry in {refused[3]} s")
+
     def _admit(self, req, route):
         """An authenticated caller's role, and its managed key's rate limit."""
         if req.role is None:
@@ -645,8 +729,14 @@ class Api:
             raise HTTPError(403, "forbidden", f"a {req.role} key may not use this endpoint")
         rate = req.key and req.key["rate_per_minute"]
         if rate:
-            refused = self.services.key_buckets.take(((("key", req.key_id), rate),))
+            refused = self.buckets.take(((("key", req.key_id), rate),))
             if refused is not None:
-                raise HTTPError(429, "rate_limited", "this key's rate limit is reached",
-                                [("Retry-After", str(refused[3])), ("RateLimit-Limit", str(rate)),
-                                 ("RateLimit-Remaining", "0"), ("RateLimit-Reset", str(refused[2]))])
+                raise rate_limited(refused, "this key's rate limit is reached")
+
+
+def rate_limited(refused, message):
+    """429 with Retry-After and the RateLimit-* headers of the emptiest bucket."""
+    limit, remaining, reset, retry_after = refused
+    return HTTPError(429, "rate_limited", message,
+                     [("Retry-After", str(retry_after)), ("RateLimit-Limit", str(limit)),
+                      ("RateLimit-Remaining", str(remaining)), ("RateLimit-Reset", str(reset))])

@@ -9,7 +9,6 @@ import os
 import pytest
 
 import levqor
-import middleware
 import wsgi_routes
 from support import KEY, NEXT_KEY, Client, make_app
 
@@ -146,25 +145,6 @@ def test_read_limit_is_separate_and_generous(tmp_path):
     assert [c.get("/health").status for _ in range(6)] == [200] * 5 + [429]
     assert c.post(INTAKE, JOB).status == 202
     app.stop()
-
-
-def test_buckets_refill_over_time():
-    now = [1000.0]
-    buckets = middleware.TokenBuckets(100, clock=lambda: now[0])
-    limits = ((("w", "ip"), 60),)  # one token a second
-    assert all(buckets.take(limits) is None for _ in range(60))
-    limit, remaining, reset, retry_after = buckets.take(limits)
-    assert (limit, remaining, reset, retry_after) == (60, 0, 60, 1)
-    now[0] += 1.0
-    assert buckets.take(limits) is None
-    assert buckets.take(limits) is not None
-
-
-def test_bucket_table_is_bounded():
-    buckets = middleware.TokenBuckets(50)
-    for i in range(1000):
-        buckets.take(((("r", f"ip{i}"), 10),))
-    assert len(buckets._buckets) == 50
 
 
 def test_spoofed_forwarded_for_gains_nothing(tmp_path):

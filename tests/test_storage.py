@@ -57,12 +57,12 @@ def test_concurrent_upserts_of_one_new_email_make_one_user(client, app):
 def test_write_failure_leaves_no_half_written_row(tmp_path):
     db = storage.Database(str(tmp_path / "a.db"))
     users = storage.UserStore(db)
-    users.upsert("keep@example.com", {"name": "Keep"})
+    users.upsert("admin", "keep@example.com", {"name": "Keep"})
     with pytest.raises(RuntimeError):
         with db.write() as conn:
             conn.execute("UPDATE users SET name = 'Changed'")
             raise RuntimeError("crash mid-transaction")
-    assert users.get_by_email("keep@example.com")["name"] == "Keep"
+    assert users.get_by_email("keep@example.com", "admin")["name"] == "Keep"
 
 
 def test_a_held_write_lock_answers_503_storage_busy(tmp_path):
