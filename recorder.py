@@ -1,23 +1,43 @@
-"""Audit rows and per-minute service statistics, written off the request path."""
+"""Audit rows, job outcomes and per-minute service statistics, written
+with group commit by one background thread."""
 
 import collections
 import threading
 import time
 
-from storage import COUNTERS
+from storage import COUNTERS, StorageError
+
+# Named statements. The minutes upsert adds what was counted to what the
+# minute already holds, so several processes can write the same minute.
+SQL = {
+    "audit": "INSERT INTO audit_log (ts, key_id, method, path, status, request_id)"
+             " VALUES (?, ?, ?, ?, ?, ?)",
+    "minutes": f"INSERT INTO minutes (minute, {', '.join(COUNTERS)})"
+               f" VALUES (:minute, {', '.join(':' + c for c in COUNTERS)})"
+               " ON CONFLICT (minute) DO UPDATE SET "
+               + ", ".join(f"{c} = minutes.{c} + excluded.{c}" for c in COUNTERS),
+    "outcomes": "INSERT INTO job_outcomes (day, workflow, key_id, status, n) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (day, workflow, key_id, status) DO UPDATE SET n = job_outcomes.n + excluded.n",
+}
+
 
 class Recorder:
-    """Audit rows and per-minute counters, written off the request path.
+    """Audit rows, job outcomes and per-minute counters, written by one
+    background thread with group commit.
 
-    Requests only append to memory; a background thread writes what has
-    gathered in one transaction every ``interval`` seconds, with a heartbeat
-    row for the current minute (at least one each minute), which is what
-    uptime is measured from. ``auth_writes`` is counted when a request is recorded,
-    apart from the audit row, so a row that is lost (queue full, failed
-    write) shows as audit coverage below 100%.
+    An audited request and a finished job append their row in memory and
+    wait for the transaction that carries it: the writer takes everything
+    pending as one batch, so however many threads wait, each batch costs one
+    transaction, and an acknowledged change always has its audit row on disk
+    (a kill -9 loses nothing that was answered). With nothing to write, the
+    thread wakes every ``interval`` seconds for a heartbeat row for the
+    current minute (at least one each minute), which is what uptime is
+    measured from. ``auth_writes`` is counted apart from the audit row, so a
+    row that is lost (queue full) shows as audit coverage below 100%.
     """
 
     MAX_PENDING = 50_000
+    WAIT = 10.0  # seconds an audited request waits for its row before 503
 
     def __init__(self, db, log, interval=1.0, clock=time.time):
         self.db = db
@@ -25,35 +45,67 @@ class Recorder:
         self.interval = interval
         self.clock = clock
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # signals new rows, and batches written
+        self._flushing = threading.Lock()  # one batch at a time, so batches commit in order
         self._rows = []
         self._counts = collections.Counter()  # (minute, column) -> n, not yet written
         self._outcomes = collections.Counter()  # (day, workflow, key_id, status) -> n
+        self._urgent = False  # someone waits for what is pending
+        self._taken = 0       # batches taken for writing
+        self._written = 0     # batches committed
         self._beat_minute = None  # the last minute with a heartbeat written
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
 
-    # -- request side: memory only, one short lock ---------------------------
+    # -- callers: append, then wait for the batch that carries it ------------
 
     def audit(self, key_id, method, path, status, request_id):
+        """Record an audited request. An accepted change (2xx) returns once
+        its row is on disk; a refusal changed nothing and does not wait
+        (the database may be the very thing that refused it)."""
         now = self.clock()
-        minute = int(now // 60)
         with self._lock:
-            self._counts[minute, "auth_writes"] += 1
+            self._counts[int(now // 60), "auth_writes"] += 1
             if len(self._rows) < self.MAX_PENDING:
                 self._rows.append((round(now, 3), key_id, method, path, status, request_id))
+            ticket = self._take_ticket()
+        if 200 <= status < 300:
+            self._wait_written(ticket)
 
     def outcome(self, job):
         """Count a finished job for the usage report (by day, workflow, key, status)."""
         day = time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
         with self._lock:
             self._outcomes[day, job["workflow"], job["key_id"], job["status"]] += 1
+            ticket = self._take_ticket()
+        self._wait_written(ticket)
 
     def count(self, column):
+        """Count an event of this minute; written with the next batch (a
+        request that counts is audited, and so waits for it)."""
         assert column in COUNTERS
         minute = int(self.clock() // 60)
         with self._lock:
             self._counts[minute, column] += 1
+
+    def _take_ticket(self):
+        """The number of the batch that will carry what was just appended
+        (under the lock): the next one taken."""
+        self._urgent = True
+        self._cond.notify_all()
+        return self._taken + 1
+
+    def _wait_written(self, ticket):
+        if not self.running:
+            self.flush()  # no writer thread (not started, or stopped): write it here
+            return
+        deadline = time.monotonic() + self.WAIT
+        with self._cond:
+            while self._written < ticket:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageError("busy", "the audit log could not be written in time")
+                self._cond.wait(left)
 
     # -- the writer ----------------------------------------------------------
 
@@ -65,59 +117,64 @@ class Recorder:
 
     def stop(self):
         self._stop.set()
-        self._wake.set()
+        with self._cond:
+            self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.flush()
 
     @property
     def running(self):
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def _run(self):
+        checkpointed = time.monotonic()
         while not self._stop.is_set():
+            with self._cond:
+                if not self._urgent:
+                    self._cond.wait(self.interval)
             try:
                 self.flush()
-                self.db.checkpoint()
+                # PERF: copying the WAL back is not every batch's cost.
+                if time.monotonic() - checkpointed >= self.interval:
+                    checkpointed = time.monotonic()
+                    self.db.checkpoint()
             except Exception as exc:  # keep the heartbeat alive through a bad moment
                 self.log.error("recorder flush failed", error=f"{type(exc).__name__}: {exc}")
-            self._wake.wait(self.interval)
-            self._wake.clear()
+                self._stop.wait(0.05)  # and do not spin on a database that refuses
 
     def flush(self):
-        """Write pending rows and counters, and a heartbeat for this minute."""
-        with self._lock:
-            rows, self._rows = self._rows, []
-            counts, self._counts = self._counts, collections.Counter()
-            outcomes, self._outcomes = self._outcomes, collections.Counter()
-        this_minute = int(self.clock() // 60)
-        if not rows and not counts and not outcomes and this_minute == self._beat_minute:
-            return  # nothing new, and this minute's heartbeat is written
-        minutes = {this_minute: dict.fromkeys(COUNTERS, 0)}
-        for (minute, column), n in counts.items():
-            minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
-        try:
-            with self.db.write() as conn:
-                conn.executemany(
-                    "INSERT INTO audit_log (ts, key_id, method, path, status, request_id)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
-                conn.executemany(
-                    f"INSERT INTO minutes (minute, {', '.join(COUNTERS)})"
-                    f" VALUES (:minute, {', '.join(':' + c for c in COUNTERS)})"
-                    " ON CONFLICT(minute) DO UPDATE SET "
-                    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
-                    [{"minute": m, **c} for m, c in minutes.items()])
-                conn.executemany(
-                    "INSERT INTO job_outcomes VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT DO UPDATE SET n = n + excluded.n",
-                    [(*k, n) for k, n in outcomes.items()])
-            self._beat_minute = this_minute
-        except Exception:
-            with self._lock:  # put it back for the next try, newest last
-                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
-                self._counts.update(counts)
-                self._outcomes.update(outcomes)
-            raise
+        """Write pending rows and counters, and a heartbeat for this minute,
+        as one transaction; then wake whoever waited for them."""
+        with self._flushing:
+            with self._lock:
+                rows, self._rows = self._rows, []
+                counts, self._counts = self._counts, collections.Counter()
+                outcomes, self._outcomes = self._outcomes, collections.Counter()
+                self._urgent = False
+                self._taken += 1
+                batch = self._taken
+            this_minute = int(self.clock() // 60)
+            if rows or counts or outcomes or this_minute != self._beat_minute:
+                minutes = {this_minute: dict.fromkeys(COUNTERS, 0)}
+                for (minute, column), n in counts.items():
+                    minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
+                try:
+                    with self.db.write() as conn:
+                        conn.executemany(SQL["audit"], rows)
+                        conn.executemany(SQL["minutes"], [{"minute": m, **c} for m, c in minutes.items()])
+                        conn.executemany(SQL["outcomes"], [(*k, n) for k, n in outcomes.items()])
+                    self._beat_minute = this_minute
+                except Exception:
+                    with self._lock:  # put it back for the next batch, newest last
+                        self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
+                        self._counts.update(counts)
+                        self._outcomes.update(outcomes)
+                        self._urgent = self._urgent or bool(rows or outcomes)
+                    raise
+            with self._cond:
+                self._written = batch
+                self._cond.notify_all()
 
     # -- what /public/metrics shows -------------------------------------------
 
