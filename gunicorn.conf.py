@@ -14,22 +14,25 @@ How many workers depends on where jobs live (JOB_STORE):
 WEB_CONCURRENCY overrides either default.
 """
 
-import os
+import ratelimit
+from levqor import Settings
 
-_env = os.environ.get("LEVQOR_ENV", "development").strip().lower()
+# The same settings, read the same way, as the app's: a bad value stops the
+# master here with the variable's name. (Importing levqor builds no app.)
+_settings = Settings.from_env()
 
-# In production the service sits behind a load balancer and listens on every
-# interface; on a developer's machine it runs in open mode (no keys) unless
-# told otherwise, so it listens on loopback only.
-_host = os.environ.get("HOST") or ("0.0.0.0" if _env == "production" else "127.0.0.1")
-bind = f"{_host}:{int(os.environ.get('PORT', '5000'))}"
-_job_store = os.environ.get("JOB_STORE", "memory").strip().lower()
-workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1 if _job_store == "sqlite" else 1))
-threads = int(os.environ.get("THREADS", "4"))
+bind = _settings.bind
+workers = _settings.workers
+threads = _settings.threads
 worker_class = "gthread"
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
+
+# Rate limits hold per host, not per worker: the buckets live in shared
+# memory made here, in the master, before any worker is forked. One table
+# holds the address buckets and the per-key ones.
+ratelimit.prepare_shared(2 * _settings.rate_table_size)
 
 # Levqor does not use gunicorn's control socket, and its one default path
 # would be shared by every Levqor server on the machine (tests, benchmarks).
@@ -38,7 +41,7 @@ control_socket_disable = True
 # Levqor writes its own one-line JSON access log; gunicorn's would repeat it.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = _settings.gunicorn_log_level
 
 # Smaller than gunicorn's defaults: no Levqor URL or header needs more.
 limit_request_line = 4094
@@ -53,7 +56,7 @@ limit_request_field_size = 8190
 # silence; past it the connection is dropped (a body read inside Levqor
 # answers 408). In production, a reverse proxy that buffers whole requests
 # (nginx does by default) is the complete answer: see the README.
-READ_TIMEOUT = float(os.environ.get("READ_TIMEOUT", "5"))
+READ_TIMEOUT = _settings.read_timeout
 
 
 def _bound_request_reads(log):

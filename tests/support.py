@@ -160,7 +160,7 @@ class Server:
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or too busy to answer within 1 s
                 pass
             time.sleep(0.05)
         self.stop()
