@@ -5,7 +5,7 @@ call). Seeded and bounded."""
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 import web
@@ -83,11 +83,41 @@ def test_near_valid_bodies(client, value, path):
     answered(client.request("POST", path, json=value, key=KEY))
 
 
+# A number no JSON consumer downstream can hold, spliced in anywhere.
+NON_FINITE = st.sampled_from(["1e400", "-1e400", "1E+999", "-9e9999", "9" * 400, "-" + "9" * 320,
+                              "Infinity", "-Infinity", "NaN"])
+HOLE = "\u0000hole\u0000"
+with_hole = st.recursive(
+    st.just(HOLE) | st.none() | st.integers(-2**63, 2**63) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20)
+
+
+@SETTINGS
+@given(value=with_hole, bad=NON_FINITE,
+       path=st.sampled_from(["/api/v1/intake", "/api/v1/users/upsert", "/api/v1/jobs/claim"]))
+def test_a_non_finite_number_anywhere_is_invalid_json(client, value, bad, path):
+    text = json.dumps({"workflow": "w", "email": "p@example.com", "payload": {"v": value},
+                       "meta": {"v": value}})
+    assume(json.dumps(HOLE) in text)
+    held = client.app.services.engine.counts()["by_status"]["queued"]
+    r = answered(client.request("POST", path, body=text.replace(json.dumps(HOLE), bad).encode(), key=KEY))
+    assert r.status == 400 and r.json()["error"] == "invalid_json"
+    assert client.app.services.engine.counts()["by_status"]["queued"] == held
+
+
+@SETTINGS
+@given(raw=latin1, method=METHODS)
+def test_any_raw_path_is_routed_without_a_500(client, raw, method):
+    path = "/" + raw.replace("?", "")
+    answered(client.request(method, path, key=KEY, environ={"RAW_URI": path}))
+
+
 @SETTINGS
 @given(headers=st.dictionaries(
     st.sampled_from(["X-Api-Key", "X-Request-ID", "Origin", "Idempotency-Key", "If-None-Match",
                      "If-Modified-Since", "X-Forwarded-For", "User-Agent", "Content-Type",
-                     "Transfer-Encoding", "Access-Control-Request-Method"]),
+                     "Transfer-Encoding", "Content-Encoding", "Access-Control-Request-Method"]),
     latin1, max_size=6),
     path=st.sampled_from(ROUTE_PATHS), method=METHODS)
 def test_arbitrary_headers(client, headers, path, method):
