@@ -68,6 +68,7 @@ class MemoryJobStore:
     def _purge(self, now):
         cutoff = now - self.ttl
         finished = self._finished
+        gone = 0
         while finished and finished[0][0] <= cutoff:
             _, job_id = finished.popleft()
             job = self._jobs.get(job_id)
@@ -75,12 +76,14 @@ class MemoryJobStore:
             if job is not None and job["status"] in JOB_FINAL and job["finished_at"] <= cutoff:
                 del self._jobs[job_id]
                 self._counts[job["status"], job["priority"]] -= 1
+                gone += 1
         order = self._idempotency_order
         while order and order[0][0] <= now:
             _, scope = order.popleft()
             entry = self._idempotency.get(scope)
             if entry is not None and entry[2] <= now:
                 del self._idempotency[scope]
+        return gone
 
     def _enqueue(self, job, now):
         job["queue_version"] = job.get("queue_version", 0) + 1
@@ -224,9 +227,9 @@ class MemoryJobStore:
         return found, False
 
     def purge(self, now):
-        """Drop finished jobs past their time (add() does it too)."""
+        """Drop finished jobs past their time (add() does it too); returns how many went."""
         with self._lock:
-            self._purge(now)
+            return self._purge(now)
 
     def pending_callbacks(self):
         return []  # nothing outlives the process that would have sent it
