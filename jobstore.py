@@ -200,7 +200,11 @@ class MemoryJobStore:
     def next_due(self):
         """When the next delayed job becomes ready, or None."""
         with self._lock:
-            return self._delayed[0][0] if self._delayed else None
+            self._promote(self.clock())  # what is due is ready, not delayed
+            delayed = self._delayed
+            while delayed and self._live(delayed[0]) is None:
+                heapq.heappop(delayed)  # canceled, or queued again since
+            return delayed[0][0] if delayed else None
 
     def counts(self):
         """Jobs held by status, and queued jobs by priority."""
