@@ -236,7 +236,11 @@ class MemoryJobStore:
             return self._purge(now)
 
     def pending_callbacks(self):
-        return []  # nothing outlives the process that would have sent it
+        """(job_id, callback_id, next_attempt_at) of deliveries still to make."""
+        with self._lock:
+            return [(j["job_id"], j["callback_id"], j["callback"]["next_attempt_at"])
+                    for j in self._jobs.values() if j["finished_at"] is not None
+                    and (j.get("callback") or {}).get("state") == "pending"]
 
     def __len__(self):
         with self._lock:
