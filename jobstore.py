@@ -71,6 +71,7 @@ class MemoryJobStore:
     def _purge(self, now):
         cutoff = now - self.ttl
         finished = self._finished
+        gone = 0
         while finished and finished[0][0] <= cutoff:
             _, job_id = finished.popleft()
             job = self._jobs.get(job_id)
@@ -78,12 +79,14 @@ class MemoryJobStore:
             if job is not None and job["status"] in JOB_FINAL and job["finished_at"] <= cutoff:
                 del self._jobs[job_id]
                 self._counts[job["status"], job["priority"]] -= 1
+                gone += 1
         order = self._idempotency_order
         while order and order[0][0] <= now:
             _, scope = order.popleft()
             entry = self._idempotency.get(scope)
             if entry is not None and entry[2] <= now:
                 del self._idempotency[scope]
+        return gone
 
     def _enqueue(self, job, now):
         job["queue_version"] = job.get("queue_version", 0) + 1
@@ -200,7 +203,11 @@ class MemoryJobStore:
     def next_due(self):
         """When the next delayed job becomes ready, or None."""
         with self._lock:
-            return self._delayed[0][0] if self._delayed else None
+            self._promote(self.clock())  # what is due is ready, not delayed
+            delayed = self._delayed
+            while delayed and self._live(delayed[0]) is None:
+                heapq.heappop(delayed)  # canceled, or queued again since
+            return delayed[0][0] if delayed else None
 
     def counts(self):
         """Jobs held by status, and queued jobs by priority."""
@@ -227,12 +234,16 @@ class MemoryJobStore:
         return found, False
 
     def purge(self, now):
-        """Drop finished jobs past their time (add() does it too)."""
+        """Drop finished jobs past their time (add() does it too); returns how many went."""
         with self._lock:
-            self._purge(now)
+            return self._purge(now)
 
     def pending_callbacks(self):
-        return []  # nothing outlives the process that would have sent it
+        """(job_id, callback_id, next_attempt_at) of deliveries still to make."""
+        with self._lock:
+            return [(j["job_id"], j["callback_id"], j["callback"]["next_attempt_at"])
+                    for j in self._jobs.values() if j["finished_at"] is not None
+                    and (j.get("callback") or {}).get("state") == "pending"]
 
     def __len__(self):
         with self._lock:

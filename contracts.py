@@ -1,0 +1,310 @@
+"""The stores' contracts: what each kind of store promises its callers.
+
+Levqor keeps its state in five kinds of store. Each is a ``Protocol`` below:
+every method its callers use, with its types and the promise it keeps
+(what is atomic, what a lost race returns, what is never written). The
+engine, callbacks, guardrails and handlers rely on these promises and on
+nothing else, so any backend that keeps them can replace another.
+
+    JobStore   jobs, the queue, and the callback outbox   jobstore.MemoryJobStore,
+                                                          jobstore.SqliteJobStore
+    UserStore  user profiles                              storage.UserStore
+    KeyStore   managed API keys                           storage.KeyStore
+    Ledger     money: reservations, charges, budgets      ledger.Ledger
+    AuditLog   audit rows and per-minute statistics       recorder.Recorder
+
+The callback outbox is part of JobStore, not a protocol of its own: a
+job's delivery state is fields of the job (``callback``, ``callback_id``,
+``callback_body``, ``callback_sending_until``), changed only through
+``JobStore.update``'s compare-and-set, and ``pending_callbacks`` is a query
+over jobs. A separate outbox would need its own atomicity with the job it
+belongs to, which one store gives for free.
+
+Adding a backend (PostgreSQL, say):
+
+1. Implement the protocols it will hold, one class each, with these method
+   names, parameters and return types. A job store is built as
+   ``Store(<connection>, max_jobs, ttl, aging, clock)``; a store that
+   reads the time takes a ``clock`` (a function returning Unix seconds),
+   so tests can drive it.
+2. Add the backend to ``tests/test_store_contract.py``: one class that
+   opens its stores, and its name in the ``params`` of each contract's
+   fixture. The whole suite then runs against it; it conforms when the
+   suite passes.
+3. Choose it in ``levqor.Services``.
+
+Where SQL must differ between backends, say why in a comment beside it.
+This module imports nothing of Levqor's, so anything may import it. Errors
+are named by module: ``jobstore.QueueFull`` and
+``jobstore.IdempotencyMismatch`` (the job vocabulary), and
+``costs.BudgetExceeded``.
+"""
+
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+Job = dict[str, Any]
+"""A job: a plain dict of JSON values, as ``engine.Engine.new_job`` makes it,
+plus ``seq`` and ``queued_at``, which the store sets."""
+
+Record = dict[str, Any]
+"""A user or key row: a plain dict of column names to values."""
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Jobs, the queue they wait in, and the callback outbox.
+
+    Every job handed out is a copy: changing it changes nothing stored. Every
+    change is atomic and, with ``expect``, a compare-and-set; that is how a
+    late worker, a second claimer or a second process loses a race cleanly.
+    A job store holds at most ``max_jobs`` jobs, keeps finished ones ``ttl``
+    seconds, and ranks waiting jobs with ``aging`` (below, ``claim``).
+    """
+
+    def add(self, job: Job, idempotency: tuple[str, str, str, float] | None = None
+            ) -> tuple[Job, bool]:
+        """Store a new job; returns (the stored copy, True).
+
+        ``job`` has status "queued". The copy carries ``seq``, a number that
+        grows with every add (the cursor of ``page``), and ``queued_at``, when
+        it entered the queue (its ``created_at``). A durable store has
+        committed the job before it returns.
+
+        ``idempotency`` is (key_id, key, body_hash, ttl seconds). If that key
+        of that key_id made a job within ttl and the job is still held, that
+        job is returned with False and nothing is stored, even when the store
+        is full; for another body_hash, ``IdempotencyMismatch``. The check and
+        the record are one atomic step: concurrent duplicates make one job.
+
+        ``QueueFull`` when ``max_jobs`` jobs are held; nothing is stored.
+        """
+
+    def get(self, job_id: str) -> Job | None:
+        """A copy of the job, or None."""
+
+    def update(self, job_id: str, expect: dict[str, Any] | None = None,
+               **changes: Any) -> Job | None:
+        """Compare-and-set: if the job exists and has every value in
+        ``expect``, apply ``changes`` and return the new copy; otherwise
+        return None and change nothing. One atomic step: of racing updates
+        expecting the same values, exactly one applies.
+
+        Setting status "queued" (or a new ``not_before`` on a queued job)
+        puts the job back in the queue, ranked as ``claim`` says. A job that
+        leaves a final status has ``finished_at`` set back to None in the
+        same update, so ``purge`` judges it by its next finish, not its last.
+        """
+
+    def claim(self, workflows: Sequence[str] | None,
+              changes_for: Callable[[Job], dict[str, Any]]) -> Job | None:
+        """Take the best ready job of ``workflows`` (None: any workflow; empty:
+        none), apply ``changes_for(job)`` to it, and return the new copy; None
+        when no job is ready.
+
+        Ready: status "queued" and ``not_before`` reached by the store's
+        clock. Best: the lowest ``max(not_before, queued_at) - head start``,
+        where the head start is 2, 1 or 0 times ``aging`` seconds for high,
+        normal and low; then the lowest ``seq`` (first in, first out). So a
+        job that has waited ``aging`` seconds longer than one of the next
+        priority up goes first: low never starves.
+
+        ``changes_for`` returns the changes that make the job "running" (a
+        lease token and expiry, one more attempt); it is called inside the
+        atomic step, must not change the job it is given, and must not fail.
+        Two claimers, in one process or in several, never get the same job:
+        each time a job is queued, exactly one claim takes it.
+        """
+
+    def expired(self, now: float) -> list[Job]:
+        """Copies of the running jobs whose ``lease_expires_at`` is at or
+        before ``now``: attempts whose worker stopped reporting."""
+
+    def next_due(self) -> float | None:
+        """The earliest ``not_before`` of the queued jobs not ready yet (later
+        than the store's clock), or None: how long an idle worker may sleep."""
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{"by_status": {status: n}, "queued_by_priority": {priority: n}}``,
+        with every status of ``jobstore.JOB_STATUSES`` and every priority of
+        ``jobstore.PRIORITIES`` present, zero included."""
+
+    def page(self, key_id: str, status: str | None = None, workflow: str | None = None,
+             limit: int = 20, before_seq: int | None = None) -> tuple[list[Job], bool]:
+        """Up to ``limit`` copies of the jobs made with ``key_id`` (never
+        another key's), newest first (by ``seq``), with ``seq`` below
+        ``before_seq`` and the ``status`` and ``workflow`` given; and whether
+        more such jobs follow."""
+
+    def purge(self, now: float) -> int:
+        """Delete jobs in a final status whose ``finished_at`` is at or before
+        ``now - ttl``, and idempotency keys expired by ``now``; returns how
+        many jobs this call deleted.
+
+        Deletes at most one batch per call, so no purge holds the store for
+        long (the in-memory store's batch is all that is due: its deletes
+        cost next to nothing). Call again while it returns more than 0 to
+        drain. A job still queued or running is never deleted.
+        """
+
+    def pending_callbacks(self) -> list[tuple[str, str, float | None]]:
+        """The callback outbox: (job_id, callback_id, next_attempt_at) of each
+        finished job whose ``callback["state"]`` is "pending", in no
+        particular order; what a process starting after another stopped must
+        still deliver. Sending is taken and recorded by ``update`` with
+        ``expect``, so two processes never both make one attempt."""
+
+    def __len__(self) -> int:
+        """How many jobs are held, of any status."""
+
+
+@runtime_checkable
+class UserStore(Protocol):
+    """User profiles: ``id``, ``email`` (normalised by the caller), ``name``,
+    ``locale``, ``currency``, ``meta`` (a JSON object), ``created_at``,
+    ``updated_at``. Each belongs to an ``owner`` (the key that made it) and is
+    unique by (owner, email). Every write is one atomic step, and ``meta``'s
+    limits (keys, bytes as compact JSON) hold for the merged result: past
+    them, ``storage.MetaTooLarge`` and nothing written."""
+
+    def upsert(self, owner: str, email: str, fields: dict[str, Any]) -> tuple[bool, Record]:
+        """Create ``owner``'s user with this email, or update the one there
+        is; returns (created, the user as stored).
+
+        Fields not given are left as they are; ``meta`` is merged into the
+        stored one (RFC 7396: a null removes a key). Concurrent upserts of
+        one new email make one user: exactly one of them is told created.
+        """
+
+    def patch(self, user_id: str, fields: dict[str, Any], owner: str | None = None) -> Record | None:
+        """Update the given fields (``meta`` merged, as in ``upsert``) of an
+        existing user of ``owner``'s (None: anyone's); the user as stored,
+        or None if there is no such user."""
+
+    def get(self, user_id: str, owner: str | None = None) -> Record | None:
+        """The user with this id (of ``owner``'s, unless None), or None."""
+
+    def get_by_email(self, email: str, owner: str) -> Record | None:
+        """``owner``'s user with this (normalised) email, or None."""
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Managed API keys (``lq_...``). Only a digest of each secret is kept: a
+    record (``id``, ``name``, ``role``, ``prefix``, ``daily_budget``,
+    ``rate_per_minute``, ``created_at``, ``last_used_at``, ``revoked_at``)
+    never holds the secret."""
+
+    def create(self, name: str, role: str, daily_budget: int | None = None,
+               rate_per_minute: int | None = None) -> tuple[Record, str]:
+        """A new key: (its record, its secret). The secret is shown this once;
+        it cannot be read back."""
+
+    def lookup(self, secret: str) -> Record | None:
+        """The key with this secret, or None if there is none or it is
+        revoked. Notes ``last_used_at`` (a backend may write it at most once
+        a minute per key)."""
+
+    def list(self) -> list[Record]:
+        """Every key, revoked ones included, oldest first."""
+
+    def revoke(self, key_id: str) -> Record | None:
+        """Revoke the key from now on; its record, or None if there is no
+        such key. Revoking again keeps the first ``revoked_at``."""
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """Money in integer micro-dollars: reservations, charges and releases.
+
+    A job's cap is reserved against its UTC day at intake; each charge turns
+    part of the reservation into spend; ``settle`` releases the rest. What a
+    day has used is what is reserved plus what is spent. Every check of a
+    budget and what it allows are one atomic step, so no number of
+    concurrent requests takes a budget past its limit.
+    """
+
+    def reserve(self, job: Job, amount: int, limits: list[tuple[str, str | None, int]]) -> str:
+        """Reserve ``amount`` for ``job`` (its ``job_id``, ``key_id``,
+        ``workflow``) against today; returns the day ("YYYY-MM-DD").
+
+        ``limits`` are (scope, key_id or None for the whole service, limit).
+        If today's use of any of them plus ``amount`` would pass its limit,
+        ``BudgetExceeded`` names the first (its ``state``: scope, limit,
+        used, requested, day) and nothing is written. Reaching a limit
+        exactly is allowed.
+        """
+
+    def charge(self, job_id: str, amount: int, note: str | None = None) -> int:
+        """Spend ``amount`` from the job's reservation; returns the job's total
+        spend. ``BudgetExceeded`` (scope "job"), and nothing written, if it is
+        more than the reservation has left. A day's use does not change."""
+
+    def settle(self, job_id: str, note: str) -> int:
+        """Release what is left of the job's reservation; returns its spend
+        (0 for a job with none). Settling again releases nothing more."""
+
+    def spent(self, job_id: str) -> int:
+        """What the job has spent (0 for a job with none)."""
+
+    def used_today(self, key_id: str | None = None) -> int:
+        """What today has used of the key's budget (None: the service's)."""
+
+    def usage(self, first_day: str, last_day: str, group_by: str,
+              key_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Money and outcomes per group over the days given (inclusive).
+
+        ``group_by`` is "day", "workflow" or "key"; ``key_id`` keeps one
+        key's. Each group: ``{"spend": charged, "reserved": still reserved,
+        "jobs": {status: n}}``, the outcomes being those the AuditLog counted
+        (``outcome``; it shares the ledger's database).
+        """
+
+
+@runtime_checkable
+class AuditLog(Protocol):
+    """Audit rows, job outcomes and per-minute statistics, with group commit.
+
+    ``audit`` of an accepted change (2xx) and ``outcome`` return only once
+    their row is written (by the background writer between ``start`` and
+    ``stop``, which takes everything waiting as one batch; without it, by
+    the caller); ``count`` and refused requests' rows ride along with the
+    next batch. ``flush`` writes what has gathered in one atomic step, with
+    a heartbeat for the current minute, from which uptime is measured; the
+    writer flushes at least every second.
+    """
+
+    def audit(self, key_id: str, method: str, path: str, status: int, request_id: str) -> None:
+        """Note one authenticated write and its audit row; for a 2xx status,
+        return once the row is on disk (``storage.StorageError`` "busy" if it
+        cannot be written in time)."""
+
+    def count(self, column: str) -> None:
+        """Count one event this minute: ``column`` is one of
+        ``storage.COUNTERS`` ("jobs", "auth_writes", "finished")."""
+
+    def outcome(self, job: Job) -> None:
+        """Count a finished job by day, workflow, key and status (shown by
+        ``Ledger.usage``)."""
+
+    def flush(self) -> None:
+        """Write the pending rows, counters and outcomes, and this minute's
+        heartbeat, in one atomic step. If the write fails, everything is kept
+        for the next flush and the error is raised."""
+
+    def metrics(self) -> dict[str, Any]:
+        """``uptime_rolling_7d``, ``jobs_today``, ``finished_today``,
+        ``audit_coverage`` (percent), ``last_updated``; counting what is not
+        flushed yet as well as what is."""
+
+    def pending(self) -> int:
+        """Audit rows noted and not yet written."""
+
+    def start(self) -> None:
+        """Start the background writer (again, if it had stopped)."""
+
+    def stop(self) -> None:
+        """Stop the background writer, then flush."""
+
+    @property
+    def running(self) -> bool:
+        """Whether the background writer is alive."""

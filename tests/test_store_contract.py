@@ -1,0 +1,861 @@
+"""One conformance suite for the store contracts (contracts.py): every
+behaviour of each contract, run against every backend that implements it.
+
+Each contract has one fixture whose ``params`` are its backends; a backend is
+one class below that opens its stores. Adding a backend is adding that class
+and its name to the fixtures' params. Time is a FakeClock; races are real
+threads, and for a backend shared between processes, two store objects of
+their own on one database.
+"""
+
+import inspect
+import threading
+
+import pytest
+
+import contracts
+import engine
+import jobstore
+import ledger as ledger_module
+import recorder as recorder_module
+import storage
+from costs import BudgetExceeded, utc_day
+from jobstore import JOB_STATUSES, PRIORITIES, IdempotencyMismatch, QueueFull
+from support import FakeClock
+
+# ---------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------
+
+
+class Log:
+    def __getattr__(self, level):
+        return lambda msg, **fields: None
+
+
+class MemoryBackend:
+    """Jobs in this process's memory."""
+
+    def __init__(self, tmp_path, clock):
+        self.clock = clock
+
+    def jobs(self, elsewhere=False, **options):
+        if elsewhere:
+            pytest.skip("a memory store lives in one process: nothing else can open it")
+        return jobstore.MemoryJobStore(clock=self.clock, **options)
+
+
+class SqliteBackend:
+    """Every store in one SQLite file, shared between processes as with
+    JOB_STORE=sqlite."""
+
+    def __init__(self, tmp_path, clock):
+        self.path = str(tmp_path / "stores.db")
+        self.clock = clock
+        self.db = self.connect()
+
+    def connect(self):
+        """A Database object of its own on the file, as another process has."""
+        return storage.Database(self.path, shared=True)
+
+    def jobs(self, elsewhere=False, **options):
+        return jobstore.SqliteJobStore(self.connect() if elsewhere else self.db,
+                                      clock=self.clock, **options)
+
+    def users(self):
+        return storage.UserStore(self.db)
+
+    def keys(self):
+        return storage.KeyStore(self.db, clock=self.clock)
+
+    def ledger(self):
+        return ledger_module.Ledger(self.db, clock=self.clock)
+
+    def recorder(self):
+        return recorder_module.Recorder(self.db, Log(), clock=self.clock)
+
+
+BACKENDS = {"memory": MemoryBackend, "sqlite": SqliteBackend}
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def job_backend(request, tmp_path, clock):
+    return BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture(params=["sqlite"])
+def user_backend(request, tmp_path, clock):
+    return BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture(params=["sqlite"])
+def key_backend(request, tmp_path, clock):
+    return BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture(params=["sqlite"])
+def ledger_backend(request, tmp_path, clock):
+    return BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture(params=["sqlite"])
+def recorder_backend(request, tmp_path, clock):
+    return BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture
+def jobs(job_backend):
+    return job_backend.jobs()
+
+
+@pytest.fixture
+def users(user_backend):
+    return user_backend.users()
+
+
+@pytest.fixture
+def keys(key_backend):
+    return key_backend.keys()
+
+
+@pytest.fixture
+def ledger(ledger_backend):
+    return ledger_backend.ledger()
+
+
+@pytest.fixture
+def recorder(recorder_backend):
+    return recorder_backend.recorder()
+
+
+def known_gap(request, backend, why):
+    """Mark this run as failing for ``backend`` until the store is fixed:
+    strict, so the fix turns it into a failure that asks for this mark to go."""
+    if request.node.callspec.params.get("job_backend") == backend:
+        request.applymarker(pytest.mark.xfail(reason=why, strict=True))
+
+
+def race(n, fn):
+    """Run fn(i) on n threads released together; their results, in order."""
+    barrier = threading.Barrier(n)
+    results = [None] * n
+    errors = []
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Each implementation keeps its protocol
+# ---------------------------------------------------------------------------
+
+
+def contract_methods(protocol):
+    return {name for name, value in vars(protocol).items()
+            if (callable(value) or isinstance(value, property))
+            and (not name.startswith("_") or name == "__len__")}
+
+
+def public_methods(cls):
+    return {name for name, value in inspect.getmembers(cls)
+            if (callable(value) or isinstance(value, property)) and not name.startswith("_")
+            and not inspect.isclass(value)} | ({"__len__"} & set(vars(cls)))
+
+
+def parameters(function):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def keeps(protocol, store):
+    """Whether ``store`` keeps ``protocol`` to the letter: it is an instance
+    of it, its class defines every method, with the protocol's parameters,
+    and offers callers nothing more."""
+    cls = type(store)
+    assert isinstance(store, protocol) and contract_methods(protocol) <= set(vars(cls))
+    assert public_methods(cls) == contract_methods(protocol)
+    for name in contract_methods(protocol):
+        ours = getattr(protocol, name)
+        if not isinstance(ours, property):
+            assert parameters(getattr(cls, name)) == parameters(ours), name
+    return True
+
+
+def test_job_stores_keep_their_protocol(jobs):
+    assert keeps(contracts.JobStore, jobs)
+
+
+def test_user_stores_keep_their_protocol(users):
+    assert keeps(contracts.UserStore, users)
+
+
+def test_key_stores_keep_their_protocol(keys):
+    assert keeps(contracts.KeyStore, keys)
+
+
+def test_ledgers_keep_their_protocol(ledger):
+    assert keeps(contracts.Ledger, ledger)
+
+
+def test_audit_logs_keep_their_protocol(recorder):
+    assert keeps(contracts.AuditLog, recorder)
+
+
+# ---------------------------------------------------------------------------
+# JobStore
+# ---------------------------------------------------------------------------
+
+
+def new_job(clock, workflow="w", priority="normal", key_id="k", delay=0.0, **fields):
+    """A job as the engine makes it, at the clock's time."""
+    maker = engine.Engine(None, engine.Registry(), Log(), clock=clock)
+    job = maker.new_job(workflow, {"n": 1}, priority, None, key_id)
+    job["not_before"] += delay
+    return dict(job, **fields)
+
+
+def add(store, clock, **kw):
+    return store.add(new_job(clock, **kw))[0]
+
+
+def running(clock, lease=60.0):
+    """What a claimer asks of the job it takes, as the engine does."""
+    def changes_for(job):
+        return {"status": "running", "lease_token": engine.new_token(),
+                "lease_expires_at": clock() + lease, "attempts": job["attempts"] + 1,
+                "started_at": clock(), "updated_at": clock()}
+    return changes_for
+
+
+def claim(store, clock, workflows=None, lease=60.0):
+    return store.claim(workflows, running(clock, lease))
+
+
+def finish(store, clock, job_id, status="succeeded"):
+    done = store.update(job_id, expect={"status": "running"}, status=status, updated_at=clock(),
+                        finished_at=clock(), lease_token=None, lease_expires_at=None)
+    assert done is not None
+    return done
+
+
+def claim_all(store, clock, workflows=None):
+    order = []
+    for _ in range(len(store) + 1):  # bounded: no store hands out more than it holds
+        job = claim(store, clock, workflows)
+        if job is None:
+            return order
+        order.append(job["job_id"])
+    raise AssertionError("claimed more jobs than the store holds")
+
+
+# -- add, get, update ---------------------------------------------------------------
+
+
+def test_add_then_get_returns_the_job_with_seq_and_queued_at(jobs, clock):
+    job = new_job(clock)
+    stored, created = jobs.add(job)
+    assert created is True and isinstance(stored["seq"], int)
+    assert stored["queued_at"] == job["created_at"]
+    assert {k: stored[k] for k in job} == job
+    assert jobs.get(job["job_id"]) == stored
+    assert jobs.get("no-such-job") is None
+    later, _ = jobs.add(new_job(clock))
+    assert later["seq"] > stored["seq"] and len(jobs) == 2
+
+
+def test_jobs_handed_out_are_copies(jobs, clock):
+    job = new_job(clock)
+    stored, _ = jobs.add(job)
+    job["status"] = stored["status"] = "tampered"
+    jobs.get(stored["job_id"])["status"] = "tampered"
+    jobs.update(stored["job_id"], updated_at=clock())["status"] = "tampered"
+    claim(jobs, clock)["attempts"] = 99
+    got = jobs.get(stored["job_id"])
+    assert got["status"] == "running" and got["attempts"] == 1
+
+
+def test_nested_values_handed_out_are_copies_too(request, jobs, clock):
+    known_gap(request, "memory", "MemoryJobStore hands out shallow copies: payload, result, "
+                                 "progress, error and callback dicts are shared with the stored job")
+    stored, _ = jobs.add(new_job(clock))
+    jobs.get(stored["job_id"])["payload"]["n"] = 2
+    stored["payload"]["n"] = 3
+    assert jobs.get(stored["job_id"])["payload"] == {"n": 1}
+
+
+def test_update_without_expect_applies_and_returns_the_new_copy(jobs, clock):
+    job = add(jobs, clock)
+    done = jobs.update(job["job_id"], progress={"fraction": 0.5, "note": None}, updated_at=5.0)
+    assert done["progress"] == {"fraction": 0.5, "note": None} and done["updated_at"] == 5.0
+    assert jobs.get(job["job_id"]) == done
+    assert jobs.update("no-such-job", status="canceled") is None
+
+
+def test_update_is_compare_and_set(jobs, clock):
+    job = add(jobs, clock)
+    assert jobs.update(job["job_id"], expect={"status": "running"}, status="failed") is None
+    assert jobs.update(job["job_id"], expect={"status": "queued", "lease_token": "stale"},
+                       status="failed") is None
+    assert jobs.get(job["job_id"]) == job  # a lost race changes nothing
+    done = jobs.update(job["job_id"], expect={"status": "queued", "lease_token": None},
+                       status="canceled", finished_at=clock())
+    assert done["status"] == "canceled"
+    assert jobs.update(job["job_id"], expect={"status": "queued"}, status="failed") is None
+
+
+def test_racing_updates_expecting_the_same_values_apply_once(jobs, clock):
+    job = add(jobs, clock)
+    results = race(16, lambda i: jobs.update(job["job_id"], expect={"status": "queued"},
+                                             status="canceled", finished_at=clock(), error=i))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and jobs.get(job["job_id"])["error"] == winners[0]["error"]
+
+
+# -- claim ----------------------------------------------------------------------------
+
+
+def test_claim_applies_the_claimers_changes(jobs, clock):
+    job = add(jobs, clock)
+    seen = []
+
+    def changes_for(j):
+        seen.append(dict(j))
+        return running(clock, lease=30)(j)
+
+    got = jobs.claim(None, changes_for)
+    assert seen[0]["job_id"] == job["job_id"] and seen[0]["status"] == "queued"
+    assert got["status"] == "running" and got["attempts"] == 1
+    assert got["lease_expires_at"] == clock() + 30
+    assert jobs.get(job["job_id"]) == got
+    assert claim(jobs, clock) is None
+
+
+def test_claim_order_is_priority_then_first_in_first_out(jobs, clock):
+    names = {}
+    for name, priority in [("l1", "low"), ("n1", "normal"), ("h1", "high"), ("n2", "normal"),
+                           ("h2", "high"), ("l2", "low")]:
+        names[add(jobs, clock, priority=priority)["job_id"]] = name
+        clock.advance(0.001)
+    assert [names[i] for i in claim_all(jobs, clock)] == ["h1", "h2", "n1", "n2", "l1", "l2"]
+
+
+def test_same_time_same_priority_goes_by_seq(jobs, clock):
+    ids = [add(jobs, clock)["job_id"] for _ in range(5)]
+    assert claim_all(jobs, clock) == ids
+
+
+def test_a_job_that_waited_overtakes_fresher_higher_ones(jobs, clock):
+    # aging is 60 s: a low job two steps older outranks a fresh high one,
+    # a normal one step older outranks a fresh high one.
+    old_low = add(jobs, clock, priority="low")["job_id"]
+    clock.advance(60.5)
+    normal = add(jobs, clock, priority="normal")["job_id"]
+    clock.advance(60.5)
+    high = add(jobs, clock, priority="high")["job_id"]
+    assert claim_all(jobs, clock) == [old_low, normal, high]
+    young_low = add(jobs, clock, priority="low")["job_id"]
+    clock.advance(119)  # not quite two steps
+    high = add(jobs, clock, priority="high")["job_id"]
+    assert claim_all(jobs, clock) == [high, young_low]
+
+
+def test_not_before_delays_a_job_and_ranks_it_from_when_it_is_ready(jobs, clock):
+    delayed = add(jobs, clock, delay=10)["job_id"]
+    assert claim(jobs, clock) is None
+    clock.advance(5)
+    ready_earlier = add(jobs, clock)["job_id"]  # added later, ready sooner
+    clock.advance(5)
+    assert claim_all(jobs, clock) == [ready_earlier, delayed]
+
+
+def test_a_job_queued_again_waits_out_its_not_before(jobs, clock):
+    job = add(jobs, clock)
+    claim(jobs, clock)
+    jobs.update(job["job_id"], expect={"status": "running"}, status="queued",
+                not_before=clock() + 30, queued_at=clock(), lease_token=None, lease_expires_at=None)
+    assert claim(jobs, clock) is None and jobs.next_due() == clock() + 30
+    clock.advance(30)
+    assert claim(jobs, clock)["attempts"] == 2
+
+
+def test_claim_takes_only_the_workflows_named(jobs, clock):
+    a = add(jobs, clock, workflow="a")["job_id"]
+    clock.advance(1)
+    b = add(jobs, clock, workflow="b")["job_id"]
+    assert claim(jobs, clock, ["c"]) is None
+    assert claim(jobs, clock, []) is None
+    assert claim(jobs, clock, ["b"])["job_id"] == b
+    assert claim(jobs, clock, ["c", "a"])["job_id"] == a
+    assert claim(jobs, clock, None) is None
+
+
+def test_canceled_jobs_are_never_claimed(jobs, clock):
+    job = add(jobs, clock)
+    jobs.update(job["job_id"], expect={"status": "queued"}, status="canceled", finished_at=clock())
+    assert claim(jobs, clock) is None
+
+
+def racing_claimers(stores, clock, n_jobs=120, n_threads=8):
+    ids = [add(stores[0], clock, workflow=f"w{i % 3}", priority=PRIORITIES[i % 3])["job_id"]
+           for i in range(n_jobs)]
+    taken = race(n_threads, lambda i: claim_all(stores[i % len(stores)], clock))
+    claimed = [job_id for mine in taken for job_id in mine]
+    assert len(claimed) == len(set(claimed)), "two claimers got the same job"
+    assert sorted(claimed) == sorted(ids), "every job is claimed exactly once"
+    assert all(stores[0].get(i)["attempts"] == 1 for i in ids)
+
+
+def test_two_claimers_racing_in_one_process_never_get_the_same_job(jobs, clock):
+    racing_claimers([jobs], clock)
+
+
+def test_two_claimers_racing_from_two_processes_never_get_the_same_job(job_backend, clock):
+    racing_claimers([job_backend.jobs(), job_backend.jobs(elsewhere=True)], clock)
+
+
+# -- expired, next_due, counts ------------------------------------------------------------
+
+
+def test_expired_lists_running_jobs_whose_lease_ran_out(jobs, clock):
+    short = add(jobs, clock)["job_id"]
+    long = add(jobs, clock)["job_id"]
+    add(jobs, clock)  # queued: never expired
+    claim(jobs, clock, lease=10)
+    claim(jobs, clock, lease=30)
+    assert jobs.expired(clock() + 9.9) == []
+    assert [j["job_id"] for j in jobs.expired(clock() + 10)] == [short]
+    assert sorted(j["job_id"] for j in jobs.expired(clock() + 30)) == sorted([short, long])
+    finish(jobs, clock, short)
+    assert [j["job_id"] for j in jobs.expired(clock() + 30)] == [long]
+    jobs.expired(clock() + 30)[0]["status"] = "tampered"
+    assert jobs.get(long)["status"] == "running"
+
+
+def test_next_due_is_the_next_delayed_job_still_in_the_future(jobs, clock):
+    assert jobs.next_due() is None
+    add(jobs, clock)  # ready now: nothing to wait for
+    assert jobs.next_due() is None
+    later = add(jobs, clock, delay=20)["job_id"]
+    add(jobs, clock, delay=10)
+    assert jobs.next_due() == clock() + 10
+    clock.advance(10)  # the first is ready now, claimed or not
+    assert jobs.next_due() == clock() + 10
+    jobs.update(later, expect={"status": "queued"}, status="canceled", finished_at=clock())
+    assert jobs.next_due() is None
+
+
+def test_counts_by_status_and_queued_by_priority(jobs, clock):
+    empty = jobs.counts()
+    assert empty == {"by_status": dict.fromkeys(JOB_STATUSES, 0),
+                     "queued_by_priority": dict.fromkeys(PRIORITIES, 0)}
+    for priority in ("high", "high", "low", "normal", "normal"):
+        add(jobs, clock, priority=priority)
+    finish(jobs, clock, claim(jobs, clock)["job_id"], "failed")  # a high one
+    claim(jobs, clock)  # the other high one
+    assert jobs.counts() == {
+        "by_status": {"queued": 3, "running": 1, "succeeded": 0, "failed": 1, "canceled": 0},
+        "queued_by_priority": {"high": 0, "normal": 2, "low": 1}}
+
+
+# -- page ----------------------------------------------------------------------------------
+
+
+def test_page_is_newest_first_by_cursor_with_filters_and_only_the_keys_own(jobs, clock):
+    mine = [add(jobs, clock, workflow="ext" if i % 2 else "w")["job_id"] for i in range(7)]
+    add(jobs, clock, key_id="other")
+    seen, cursor = [], None
+    for _ in range(5):
+        page, more = jobs.page("k", limit=3, before_seq=cursor)
+        seen += [j["job_id"] for j in page]
+        if not more:
+            break
+        cursor = page[-1]["seq"]
+    assert seen == mine[::-1]
+    page, more = jobs.page("k", limit=7)
+    assert len(page) == 7 and more is False
+    page, more = jobs.page("k", workflow="ext")
+    assert [j["job_id"] for j in page] == [mine[5], mine[3], mine[1]] and more is False
+    claim(jobs, clock, ["w"])
+    assert [j["job_id"] for j in jobs.page("k", status="running")[0]] == [mine[0]]
+    assert jobs.page("k", status="running", workflow="ext") == ([], False)
+    assert [j["key_id"] for j in jobs.page("other")[0]] == ["other"]
+    assert jobs.page("nobody") == ([], False)
+
+
+# -- purge -----------------------------------------------------------------------------------
+
+
+def test_purge_deletes_finished_jobs_past_ttl_and_returns_the_count(job_backend, clock):
+    store = job_backend.jobs(ttl=60)
+    done = [add(store, clock)["job_id"] for _ in range(7)]
+    assert claim_all(store, clock) == done
+    for job_id in done:
+        finish(store, clock, job_id)
+    still_running = add(store, clock)["job_id"]
+    claim(store, clock)
+    waiting = add(store, clock)["job_id"]
+    assert store.purge(clock() + 59.9) == 0
+    if hasattr(store, "PURGE_BATCH"):
+        store.PURGE_BATCH = 3  # a backend that deletes in batches keeps to its size
+    counts = []
+    for _ in range(10):
+        counts.append(store.purge(clock() + 60))
+        if counts[-1] == 0:
+            break
+    assert sum(counts) == 7 and counts[-1] == 0
+    assert all(0 < n <= getattr(store, "PURGE_BATCH", 7) for n in counts[:-1])
+    assert all(store.get(i) is None for i in done)
+    assert store.get(waiting)["status"] == "queued" and store.get(still_running) is not None
+    assert len(store) == 2 and store.counts()["by_status"]["succeeded"] == 0
+    assert store.purge(clock() + 10_000) == 0  # unfinished jobs are never dropped by age
+
+
+def test_a_retried_job_is_not_purged_by_its_old_finish_time(job_backend, clock):
+    store = job_backend.jobs(ttl=60)
+    job_id = add(store, clock)["job_id"]
+    claim(store, clock)
+    finish(store, clock, job_id, "failed")
+    clock.advance(30)
+    store.update(job_id, expect={"status": "failed"}, status="queued", finished_at=None,
+                 not_before=clock(), queued_at=clock(), attempts=0)
+    assert store.purge(clock() + 3600) == 0 and store.get(job_id)["status"] == "queued"
+    claim(store, clock)
+    clock.advance(40)  # 70 s after its first finish
+    finish(store, clock, job_id)
+    assert store.purge(clock()) == 0 and store.get(job_id) is not None
+    assert store.purge(clock() + 60) == 1 and store.get(job_id) is None
+
+
+# -- idempotency -----------------------------------------------------------------------------
+
+
+def test_one_key_and_body_make_one_job_another_body_is_refused(jobs, clock):
+    first, created = jobs.add(new_job(clock), ("k", "order-42", "body-1", 3600))
+    again, created_again = jobs.add(new_job(clock), ("k", "order-42", "body-1", 3600))
+    assert created is True and created_again is False and again == first
+    with pytest.raises(IdempotencyMismatch):
+        jobs.add(new_job(clock), ("k", "order-42", "body-2", 3600))
+    other_key, created = jobs.add(new_job(clock), ("other", "order-42", "body-2", 3600))
+    assert created is True and other_key["job_id"] != first["job_id"]
+    assert len(jobs) == 2
+    clock.advance(3600)  # the key's lifetime is over: it is free again
+    later, created = jobs.add(new_job(clock), ("k", "order-42", "body-2", 3600))
+    assert created is True and later["job_id"] != first["job_id"]
+
+
+def test_concurrent_duplicates_make_one_job(jobs, clock):
+    results = race(16, lambda i: jobs.add(new_job(clock), ("k", "race", "body", 3600)))
+    assert sorted(created for _, created in results) == [False] * 15 + [True]
+    assert len({job["job_id"] for job, _ in results}) == 1 and len(jobs) == 1
+
+
+# -- max_jobs ---------------------------------------------------------------------------------
+
+
+def test_queue_full_at_max_jobs(request, job_backend, clock):
+    known_gap(request, "sqlite", "SqliteJobStore counts the jobs it holds at most once a second, "
+                                 "so within a second it takes more than max_jobs")
+    store = job_backend.jobs(max_jobs=3, ttl=60)
+    ids = [add(store, clock)["job_id"] for _ in range(3)]
+    with pytest.raises(QueueFull):
+        add(store, clock)
+    assert len(store) == 3
+    claim(store, clock)
+    finish(store, clock, ids[0])
+    clock.advance(60)  # purged (add purges when it must): room for one more
+    add(store, clock)
+    with pytest.raises(QueueFull):
+        add(store, clock)
+    assert len(store) == 3
+
+
+def test_a_replay_is_answered_even_when_the_store_is_full(request, job_backend, clock):
+    known_gap(request, "sqlite", "SqliteJobStore checks max_jobs before the idempotency key, "
+                                 "so a replay that stores nothing is refused with QueueFull")
+    store = job_backend.jobs(max_jobs=2)
+    first, _ = store.add(new_job(clock), ("k", "order-1", "body", 3600))
+    add(store, clock)
+    clock.advance(2)
+    again, created = store.add(new_job(clock), ("k", "order-1", "body", 3600))
+    assert created is False and again["job_id"] == first["job_id"]
+
+
+# -- the callback outbox ----------------------------------------------------------------------
+
+
+def test_pending_callbacks_are_the_finished_jobs_still_to_deliver(jobs, clock):
+    def finished_with(state):
+        job_id = add(jobs, clock)["job_id"]
+        claim(jobs, clock)
+        finish(jobs, clock, job_id)
+        if state is not None:
+            jobs.update(job_id, callback_id=f"msg_{job_id}", callback_body="{}", callback={
+                "state": state, "attempts": 1, "last_status": None, "last_error": None,
+                "next_attempt_at": clock() + 5 if state == "pending" else None})
+        return job_id
+
+    assert jobs.pending_callbacks() == []
+    pending = finished_with("pending")
+    finished_with("delivered")
+    finished_with("failed")
+    finished_with(None)
+    add(jobs, clock)
+    assert jobs.pending_callbacks() == [(pending, f"msg_{pending}", clock() + 5)]
+    # Taking an attempt is a compare-and-set on the delivery state: one taker wins.
+    state = jobs.get(pending)["callback"]
+    taken = race(8, lambda i: jobs.update(
+        pending, expect={"callback_id": f"msg_{pending}", "callback": state,
+                         "callback_sending_until": None}, callback_sending_until=clock() + 15))
+    assert sum(t is not None for t in taken) == 1
+    jobs.update(pending, expect={"callback_id": f"msg_{pending}"}, callback_sending_until=None,
+                callback=dict(state, state="delivered", next_attempt_at=None))
+    assert jobs.pending_callbacks() == []
+
+
+# ---------------------------------------------------------------------------
+# Ledger
+# ---------------------------------------------------------------------------
+
+LOTS = 10**12
+
+
+def money_job(job_id, key_id="k", workflow="w"):
+    return {"job_id": job_id, "key_id": key_id, "workflow": workflow}
+
+
+def test_reserve_charge_settle_arithmetic(ledger, clock):
+    day = ledger.reserve(money_job("a"), 100, [("service", None, LOTS), ("key", "k", LOTS)])
+    assert day == utc_day(clock())
+    assert ledger.used_today() == ledger.used_today("k") == 100 and ledger.spent("a") == 0
+    assert ledger.charge("a", 30, "first") == 30
+    assert ledger.charge("a", 70) == 100
+    assert ledger.used_today() == 100  # a charge turns reservation into spend
+    with pytest.raises(BudgetExceeded) as err:
+        ledger.charge("a", 1)
+    assert err.value.state["scope"] == "job" and ledger.spent("a") == 100
+    assert ledger.settle("a", "done") == 100 and ledger.used_today() == 100
+    ledger.reserve(money_job("b", key_id="other"), 100, [("service", None, LOTS)])
+    ledger.charge("b", 40)
+    assert ledger.settle("b", "done") == 40
+    assert ledger.settle("b", "again") == 40  # settling again releases nothing more
+    assert ledger.used_today() == 140 and ledger.used_today("other") == 40
+    assert ledger.settle("nobody", "x") == 0 and ledger.spent("nobody") == 0
+    with pytest.raises(BudgetExceeded):
+        ledger.charge("nobody", 1)  # no reservation, nothing to spend
+
+
+def test_a_reservation_past_a_limit_raises_and_writes_nothing(ledger, clock):
+    limits = [("service", None, 300), ("key", "k", 250)]
+    ledger.reserve(money_job("a"), 100, limits)
+    ledger.reserve(money_job("b"), 150, limits)  # exactly at the key's limit: allowed
+    with pytest.raises(BudgetExceeded) as err:
+        ledger.reserve(money_job("c"), 1, limits)
+    assert err.value.state == {"scope": "key", "limit": 250, "used": 250, "requested": 1,
+                               "day": utc_day(clock())}
+    with pytest.raises(BudgetExceeded) as err:
+        ledger.reserve(money_job("d", key_id="k2"), 51, [("service", None, 300)])
+    assert err.value.state["scope"] == "service" and err.value.state["used"] == 250
+    assert ledger.used_today() == 250 and ledger.used_today("k") == 250
+    assert ledger.used_today("k2") == 0 and ledger.spent("c") == 0
+    with pytest.raises(BudgetExceeded):
+        ledger.charge("c", 1)  # the refused job has no reservation
+    day = utc_day(clock())
+    assert ledger.usage(day, day, "key") == {"k": {"spend": 0, "reserved": 250, "jobs": {}}}
+
+
+def test_concurrent_reservations_at_the_cap_never_pass_it(ledger):
+    def reserve(i):
+        try:
+            return ledger.reserve(money_job(f"j{i}"), 10, [("service", None, 100)])
+        except BudgetExceeded:
+            return None
+
+    results = race(30, reserve)
+    assert sum(r is not None for r in results) == 10 and ledger.used_today() == 100
+
+
+def test_usage_groups_spend_reservations_and_outcomes(ledger_backend, clock):
+    book, rec = ledger_backend.ledger(), ledger_backend.recorder()
+    first_day = utc_day(clock())
+    for job_id, key_id, workflow, cap, spend in [("a", "k1", "x", 100, 60), ("b", "k1", "y", 50, 50),
+                                                 ("c", "k2", "x", 80, 0)]:
+        book.reserve(money_job(job_id, key_id, workflow), cap, [("service", None, LOTS)])
+        if spend:
+            book.charge(job_id, spend)
+    book.settle("a", "succeeded")
+    rec.outcome({"workflow": "x", "key_id": "k1", "status": "succeeded"})
+    clock.advance(86_400)
+    second_day = utc_day(clock())
+    book.reserve(money_job("d", "k2", "y"), 30, [("service", None, LOTS)])
+    book.charge("d", 10)
+    rec.outcome({"workflow": "y", "key_id": "k2", "status": "failed"})
+    rec.flush()
+    assert book.usage(first_day, second_day, "day") == {
+        first_day: {"spend": 110, "reserved": 80, "jobs": {"succeeded": 1}},
+        second_day: {"spend": 10, "reserved": 20, "jobs": {"failed": 1}}}
+    assert book.usage(first_day, second_day, "workflow") == {
+        "x": {"spend": 60, "reserved": 80, "jobs": {"succeeded": 1}},
+        "y": {"spend": 60, "reserved": 20, "jobs": {"failed": 1}}}
+    assert book.usage(first_day, first_day, "key") == {
+        "k1": {"spend": 110, "reserved": 0, "jobs": {"succeeded": 1}},
+        "k2": {"spend": 0, "reserved": 80, "jobs": {}}}
+    assert book.usage(first_day, second_day, "key", key_id="k2") == {
+        "k2": {"spend": 10, "reserved": 100, "jobs": {"failed": 1}}}
+    assert book.usage(second_day, first_day, "day") == {}
+
+
+# ---------------------------------------------------------------------------
+# UserStore
+# ---------------------------------------------------------------------------
+
+
+def test_upsert_creates_then_updates_the_fields_given(users):
+    created, user = users.upsert("o", "ada@example.com", {"name": "Ada", "locale": "en-GB"})
+    assert created is True and user["email"] == "ada@example.com"
+    assert (user["name"], user["locale"], user["currency"], user["meta"]) == \
+           ("Ada", "en-GB", None, {})
+    created, again = users.upsert("o", "ada@example.com", {"name": "Ada L.", "currency": "GBP"})
+    assert created is False and again["id"] == user["id"]
+    assert (again["name"], again["locale"], again["currency"]) == ("Ada L.", "en-GB", "GBP")
+    assert again["created_at"] == user["created_at"] and again["updated_at"] >= user["updated_at"]
+
+
+def test_concurrent_upserts_of_one_new_email_make_one_user(users):
+    results = race(16, lambda i: users.upsert("o", "race@example.com", {"name": f"n{i}"}))
+    assert sorted(created for created, _ in results) == [False] * 15 + [True]
+    assert len({user["id"] for _, user in results}) == 1
+
+
+def test_get_and_get_by_email(users):
+    _, user = users.upsert("o", "bob@example.com", {"name": "Bob"})
+    assert users.get(user["id"]) == user == users.get_by_email("bob@example.com", "o")
+    assert users.get("0" * 32) is None and users.get_by_email("nobody@example.com", "o") is None
+
+
+def test_patch_changes_the_fields_given_of_an_existing_user(users):
+    _, user = users.upsert("o", "cy@example.com", {"name": "Cy", "locale": "fr"})
+    patched = users.patch(user["id"], {"name": "Cyril"})
+    assert (patched["name"], patched["locale"], patched["email"]) == ("Cyril", "fr", "cy@example.com")
+    assert users.get(user["id"]) == patched
+    assert users.patch("0" * 32, {"name": "Nobody"}) is None
+
+
+def test_meta_is_merged_not_replaced(users):
+    _, user = users.upsert("o", "di@example.com", {"meta": {"a": 1, "b": {"c": 1}, "gone": True}})
+    assert user["meta"] == {"a": 1, "b": {"c": 1}, "gone": True}
+    _, user = users.upsert("o", "di@example.com", {"meta": {"b": {"d": 2}, "gone": None}})
+    assert user["meta"] == {"a": 1, "b": {"c": 1, "d": 2}}
+    user = users.patch(user["id"], {"meta": {"a": None, "e": [1]}})
+    assert user["meta"] == {"b": {"c": 1, "d": 2}, "e": [1]}
+    _, user = users.upsert("o", "di@example.com", {"name": "Di"})  # no meta given: left as it is
+    assert user["meta"] == {"b": {"c": 1, "d": 2}, "e": [1]}
+
+
+def test_profiles_belong_to_their_owner(users):
+    _, mine = users.upsert("o", "eve@example.com", {"name": "Mine"})
+    created, theirs = users.upsert("p", "eve@example.com", {"name": "Theirs"})
+    assert created is True and theirs["id"] != mine["id"]
+    assert users.get_by_email("eve@example.com", "o")["name"] == "Mine"
+    assert users.get(mine["id"], "p") is None and users.get(mine["id"]) == mine
+    assert users.patch(mine["id"], {"name": "Stolen"}, "p") is None
+    assert users.get(mine["id"])["name"] == "Mine"
+
+
+def test_meta_limits_hold_for_the_merged_result(users):
+    _, user = users.upsert("o", "fay@example.com", {"meta": {f"k{i}": i for i in range(100)}})
+    with pytest.raises(storage.MetaTooLarge):
+        users.patch(user["id"], {"meta": {"one-more": 1}})
+    with pytest.raises(storage.MetaTooLarge):
+        users.upsert("o", "fay@example.com", {"name": "Fay", "meta": {"x" * 20: "y" * 16_000}})
+    assert users.get(user["id"]) == user  # nothing written
+    assert len(users.patch(user["id"], {"meta": {"k0": None, "new": 1}})["meta"]) == 100
+
+
+# ---------------------------------------------------------------------------
+# KeyStore
+# ---------------------------------------------------------------------------
+
+
+def test_create_lookup_list_revoke(keys, clock):
+    record, secret = keys.create("ci", "worker", daily_budget=5_000_000, rate_per_minute=60)
+    assert secret.startswith("lq_") and record["prefix"] == secret[:11]
+    assert secret not in str(record) and record["revoked_at"] is None
+    assert (record["name"], record["role"], record["daily_budget"], record["rate_per_minute"]) == \
+           ("ci", "worker", 5_000_000, 60)
+    clock.advance(1)
+    other, other_secret = keys.create("app", "client")
+    found = keys.lookup(secret)
+    assert found["id"] == record["id"] and found["role"] == "worker"
+    assert keys.lookup(secret + "x") is None and keys.lookup("lq_nothing") is None
+    listed = keys.list()
+    assert [k["id"] for k in listed] == [record["id"], other["id"]]
+    assert listed[0]["last_used_at"] == clock()  # the lookup was noted
+    assert all(secret not in str(k) for k in listed)
+    clock.advance(1)
+    revoked = keys.revoke(record["id"])
+    assert revoked["id"] == record["id"] and revoked["revoked_at"] == clock()
+    assert keys.lookup(secret) is None and keys.lookup(other_secret)["id"] == other["id"]
+    clock.advance(1)
+    assert keys.revoke(record["id"])["revoked_at"] == revoked["revoked_at"]
+    assert keys.revoke("key_nosuchkey") is None
+    assert [k["revoked_at"] is not None for k in keys.list()] == [True, False]
+
+
+# ---------------------------------------------------------------------------
+# AuditLog
+# ---------------------------------------------------------------------------
+
+
+def test_audit_rows_and_counters_are_written_by_flush_and_counted(recorder_backend, clock):
+    rec = recorder_backend.recorder()
+    for status in (403, 429):  # refusals ride along with the next batch
+        rec.audit("k", "POST", "/api/v1/intake", status, "req-1")
+    rec.count("jobs")
+    rec.count("jobs")
+    rec.count("finished")
+    assert rec.pending() == 2
+    before = rec.metrics()  # not flushed yet, already counted
+    assert (before["jobs_today"], before["finished_today"], before["audit_coverage"]) == (2, 1, 100.0)
+    rec.flush()
+    assert rec.pending() == 0
+    after = recorder_backend.recorder().metrics()  # another process reads what was written
+    assert (after["jobs_today"], after["finished_today"], after["audit_coverage"]) == (2, 1, 100.0)
+    assert after["uptime_rolling_7d"] == 100.0 and after["last_updated"] == int(clock())
+
+
+def test_an_accepted_change_returns_once_its_audit_row_is_written(recorder_backend):
+    rec = recorder_backend.recorder()
+    rec.audit("k", "POST", "/api/v1/intake", 202, "no-writer")  # no writer thread: written here
+    assert rec.pending() == 0
+    rec.start()
+    try:
+        results = race(8, lambda i: rec.audit("k", "POST", "/api/v1/intake", 201, f"req-{i}"))
+        assert results == [None] * 8 and rec.pending() == 0  # every row on disk on return
+    finally:
+        rec.stop()
+    assert recorder_backend.recorder().metrics()["audit_coverage"] == 100.0
+
+
+def test_the_background_writer_starts_and_stop_flushes(recorder):
+    recorder.count("jobs")
+    recorder.start()
+    assert recorder.running is True
+    recorder.stop()
+    assert recorder.running is False and recorder.pending() == 0
+    assert recorder.metrics()["jobs_today"] == 1
