@@ -4,12 +4,14 @@ Amounts are integer micro-dollars everywhere inside Levqor (``to_micro``);
 the API shows dollars as JSON numbers rounded to six places (``to_usd``).
 No binary float ever holds a sum.
 
-The rules: a job's cap (its ``max_cost``, at most MAX_COST_PER_JOB) is
-reserved at intake against today's budgets, the service's MAX_COST_PER_DAY
-and the managed key's ``daily_budget``; a charge spends from that
-reservation and is refused if it would pass the cap; when the job ends the
-rest of the reservation is released. The arithmetic and its atomicity live
-in ``storage.Ledger``; this module holds the policy and the conversions.
+The rules: a job's cap (its ``max_cost``, at most MAX_COST_PER_JOB) covers
+all its attempts, and is reserved at intake against today's budgets, the
+service's MAX_COST_PER_DAY and the managed key's ``daily_budget``. Money
+spent is always recorded, in full: a charge spends from the reservation,
+and what it takes past it counts against the day budgets at once, even past
+a cap (the job then fails). When the job ends the rest of the reservation
+is released. The arithmetic and its atomicity live in ``ledger.Ledger``;
+this module holds the policy and the conversions.
 """
 
 import decimal
@@ -50,12 +52,19 @@ def seconds_to_midnight(now):
     return int(86_400 - now % 86_400) or 1
 
 
+def fits(used, amount, limit):
+    """Whether ``amount`` more fits a budget of which ``used`` is taken. A
+    job that reserves nothing still needs something left to spend."""
+    return used + amount <= limit if amount else used < limit
+
+
 class Guardrails:
-    def __init__(self, ledger, max_per_job, max_per_day, clock=time.time):
+    def __init__(self, ledger, max_per_job, max_per_day, clock=time.time, keys=None):
         self.ledger = ledger
         self.max_per_job = max_per_job  # micro-dollars
         self.max_per_day = max_per_day
         self.clock = clock
+        self.keys = keys  # managed keys by id (storage.KeyStore)
 
     def cap(self, requested, default):
         """The job's cap in micro-dollars: what intake asked for (ValueError
@@ -68,20 +77,41 @@ class Guardrails:
             return cap
         return self.max_per_job if default is None else min(default, self.max_per_job)
 
+    def limits(self, key_id, key=None):
+        """The day budgets a job of ``key_id`` counts against: the service's,
+        and a managed key's daily_budget if it has one."""
+        if key is None and self.keys is not None:
+            key = self.keys.get(key_id)
+        limits = [("service", None, self.max_per_day)]
+        if key is not None and key["daily_budget"] is not None:
+            limits.append(("key", key_id, key["daily_budget"]))
+        return limits
+
     def reserve(self, job, key=None):
         """Reserve the job's cap against today's budgets (none if the cap is 0)."""
         if not job["max_cost"]:
             return
-        limits = [("service", None, self.max_per_day)]
-        if key is not None and key.get("daily_budget") is not None:
-            limits.append(("key", job["key_id"], key["daily_budget"]))
-        self.ledger.reserve(job, job["max_cost"], limits)
+        self.ledger.reserve(job, job["max_cost"], self.limits(job["key_id"], key))
 
-    def charge(self, job_id, micro, note=None):
-        """Spend from the job's reservation; BudgetExceeded if past its cap."""
-        if micro <= 0:
-            return self.ledger.spent(job_id)
-        return self.ledger.charge(job_id, micro, note)
+    def reserve_retry(self, job, key=None):
+        """For a retry: reserve what is left of the cap (it covers every
+        attempt). The amount reserved, or None, with nothing written, while
+        the job still holds a reservation."""
+        if not job["max_cost"]:
+            return 0
+        return self.ledger.reserve_rest(job, job["max_cost"], self.limits(job["key_id"], key))
+
+    def charge(self, job, micro, note=None, total=False):
+        """Record money the job spent, always in full (with ``total``,
+        ``micro`` is its running total). Returns (what the job has spent in
+        all, the state of a day budget the unreserved part passed, or None)."""
+        if total:
+            spent = self.ledger.spent(job["job_id"])
+            if micro <= spent:  # PERF: a repeated running total writes nothing
+                return spent, None
+        elif micro <= 0:
+            return self.ledger.spent(job["job_id"]), None
+        return self.ledger.charge(job, micro, self.limits(job["key_id"]), note, total)
 
     def settle(self, job, note=None):
         """An engine on_finish hook: release what the job did not spend."""

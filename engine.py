@@ -27,7 +27,6 @@ import time
 import traceback
 
 import costs
-from costs import BudgetExceeded
 from jobstore import JOB_FINAL
 
 # ---------------------------------------------------------------------------
@@ -42,9 +41,15 @@ class PermanentFailure(Exception):
 
 
 class BudgetFailure(PermanentFailure):
-    """A charge that would take the job past its cost cap."""
+    """Spending the job may not start, or that took a daily budget past its limit."""
 
     error_type = "budget_exceeded"
+
+
+class CostCapFailure(PermanentFailure):
+    """Money spent (and recorded) past the job's cost cap."""
+
+    error_type = "cost_cap_exceeded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +145,9 @@ class JobContext:
         raise PermanentFailure(message)
 
     def charge(self, usd, note=None):
-        """Record ``usd`` dollars spent by this job. Past the job's cost cap,
-        nothing is recorded and the job fails with ``budget_exceeded``."""
+        """Record ``usd`` dollars this job has spent: always, in full, since
+        the money is gone. Past the job's cost cap it then fails with
+        ``cost_cap_exceeded``; past a daily budget, with ``budget_exceeded``."""
         self.engine.charge(self.job_id, costs.to_micro(usd, decimal.ROUND_CEILING), note)
 
     def budget_left(self):
@@ -435,30 +441,48 @@ class Engine:
 
     # -- money -----------------------------------------------------------------------------
 
-    def charge(self, job_id, micro, note=None):
-        """Spend micro-dollars for a job: BudgetFailure past its cap."""
+    def charge(self, job_id, micro, note=None, total=False):
+        """Record micro-dollars a job spent, in full (with ``total``, its
+        running total across all attempts): CostCapFailure past its cap,
+        BudgetFailure past a daily budget."""
         if self.guardrails is None:
             raise BudgetFailure("this service records no costs")
-        try:
-            spent = self.guardrails.charge(job_id, micro, note)
-        except BudgetExceeded:
-            raise BudgetFailure(f"a charge of {costs.to_usd(micro)} would pass the job's cost cap") from None
-        self.store.update(job_id, cost_spent=spent)
+        job = self.get(job_id)
+        spent, passed = self.guardrails.charge(job, micro, note, total)
+        self._note_spent(job_id, spent)
+        if spent > job["max_cost"]:
+            raise CostCapFailure(f"the job has spent {costs.to_usd(spent)} dollars, past its "
+                                 f"cost cap of {costs.to_usd(job['max_cost'])}")
+        if passed is not None:
+            raise BudgetFailure(f"the {passed['scope']} daily budget is spent")
         return spent
+
+    def _note_spent(self, job_id, spent):
+        """The job's ``cost_spent`` follows the ledger and never goes back,
+        however concurrent reports finish: each lost compare-and-set means
+        another report raised it, so a few tries suffice."""
+        for _ in range(32):
+            job = self.store.get(job_id)
+            if job is None or job["cost_spent"] >= spent:
+                return
+            if self.store.update(job_id, expect={"cost_spent": job["cost_spent"]},
+                                 cost_spent=spent) is not None:
+                return
 
     def budget_left(self, job_id):
         job = self.get(job_id)
         return max(0, job["max_cost"] - (self.guardrails.ledger.spent(job_id) if self.guardrails else 0))
 
     def _report_cost(self, job, token, cost):
-        """An external worker's running total for the job: charge what is new."""
+        """An external worker's running total for the job, across all its
+        attempts: the ledger raises the job's spend to it in one step."""
         if cost is None:
             return
         try:
-            self.charge(job["job_id"], costs.to_micro(cost, decimal.ROUND_CEILING) - job["cost_spent"])
-        except BudgetFailure as exc:
-            self.fail(job, token, "budget_exceeded", exc, retryable=False)
-            raise JobError("budget_exceeded", str(exc)) from None
+            self.charge(job["job_id"], costs.to_micro(cost, decimal.ROUND_CEILING), total=True)
+        except (BudgetFailure, CostCapFailure) as exc:
+            self.fail(job, token, exc.error_type, exc, retryable=False)
+            raise JobError(exc.error_type, str(exc)) from None
 
     # -- external workers ----------------------------------------------------------------
 

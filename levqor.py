@@ -399,7 +399,7 @@ class Services:
         self.key_store = KeyStore(self.db)
         self.key_buckets = middleware.TokenBuckets(settings.rate_table_size)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
-                                           settings.max_cost_per_day)
+                                           settings.max_cost_per_day, keys=self.key_store)
         self.engine = engine.Engine(
             self.jobs, registry, log, threads=settings.worker_threads,
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,

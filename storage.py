@@ -442,6 +442,11 @@ class KeyStore:
             self.db.write_one("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (round(now, 3), key["id"]))
         return key
 
+    def get(self, key_id):
+        """The key with this id, revoked or not, or None."""
+        rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys WHERE id = ?", (key_id,))
+        return rows[0] if rows else None
+
     def list(self):
         return self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")
 

@@ -150,7 +150,8 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 CURSOR_PATTERN = r"^[0-9]{1,18}$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 IDEMPOTENCY_TTL = 86_400
-_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409}
+_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409,
+               "cost_cap_exceeded": 409}
 
 
 def _job_call(method, job_id, *args, **kwargs):
@@ -211,12 +212,16 @@ def intake(req):
     return respond({"job_id": job["job_id"], "status": "queued"}, 202, headers)
 
 
-def _reserve(req, job):
-    """Reserve the job's cap against today's budgets; 429 if one would be passed."""
+def _reserve(req, job, retry=False):
+    """Reserve the job's cap (for a retry, what is left of it) against
+    today's budgets; 429 if one would be passed."""
+    guardrails = req.services.guardrails
     try:
-        req.services.guardrails.reserve(job, req.key)
+        if retry:
+            return guardrails.reserve_retry(job, req.key if req.key_id == job["key_id"] else None)
+        return guardrails.reserve(job, req.key)
     except BudgetExceeded as exc:
-        retry_after, state = req.services.guardrails.refusal(exc)
+        retry_after, state = guardrails.refusal(exc)
         raise HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
                         [("Retry-After", str(retry_after))], budget=state)
 
@@ -246,12 +251,22 @@ def job_cancel(req, job_id):
 
 def job_retry(req, job_id):
     job = _own_job(req, job_id)
+    reserved = 0
     if job["status"] in ("failed", "canceled"):
-        _reserve(req, job)  # the job's cap again, against today's budgets
+        # What is left of the job's cap, against today's budgets, before the
+        # job's compare-and-set. Only one retry can take it: while the job
+        # holds a reservation no other may reserve, so a losing retry is
+        # refused here, having touched no money.
+        reserved = _reserve(req, job, retry=True)
+        if reserved is None:
+            raise HTTPError(409, "conflict", "the job is changing state; try again")
     try:
         return respond({"job": status_view(_job_call(req.services.engine.retry, job_id))})
     except HTTPError:
-        if job["status"] in ("failed", "canceled"):
+        if reserved:
+            # The job changed under this request (it was retried and ended
+            # again, or completed in development): the reservation it took,
+            # which no other request can hold, goes back.
             req.services.guardrails.settle(job, "retry refused")
         raise
 
