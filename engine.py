@@ -27,6 +27,7 @@ import time
 import traceback
 
 import costs
+from costs import BudgetExceeded
 from jobstore import JOB_FINAL
 
 # ---------------------------------------------------------------------------
@@ -154,6 +155,11 @@ class JobContext:
         """Micro-dollars this job may still spend."""
         return self.engine.budget_left(self.job_id)
 
+    def reserve(self, micro):
+        """Before spending up to ``micro`` micro-dollars: hold them against
+        today's budgets (``budget_exceeded`` if that does not fit)."""
+        self.engine.reserve(self.job_id, micro)
+
 
 # ---------------------------------------------------------------------------
 # The engine
@@ -234,7 +240,7 @@ class Engine:
         wf = self.registry.get(workflow)
         return wf.max_cost if wf is not None else None
 
-    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0):
+    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0, declared=True):
         now = self.now()
         return {
             "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
@@ -246,6 +252,7 @@ class Engine:
             "cancel_requested": False, "progress": None, "result": None, "error": None,
             "callback": None, "callback_id": None, "callback_body": None,
             "callback_sending_until": None, "max_cost": max_cost, "cost_spent": 0,
+            "cost_declared": declared,  # False: reserves nothing, charged as it spends
         }
 
     def submit(self, job, idempotency=None):
@@ -468,6 +475,17 @@ class Engine:
             if self.store.update(job_id, expect={"cost_spent": job["cost_spent"]},
                                  cost_spent=spent) is not None:
                 return
+
+    def reserve(self, job_id, micro):
+        """Hold ``micro`` of today's budgets for a running job (its
+        reservation raised to at least that): BudgetFailure if it does not fit."""
+        if self.guardrails is None:
+            raise BudgetFailure("this service records no costs")
+        try:
+            self.guardrails.top_up(self.get(job_id), micro)
+        except BudgetExceeded as exc:
+            raise BudgetFailure(f"the {exc.state['scope']} daily budget cannot hold "
+                                f"{costs.to_usd(micro)} dollars more") from None
 
     def budget_left(self, job_id):
         job = self.get(job_id)

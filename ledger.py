@@ -47,12 +47,18 @@ class Ledger:
     def _refusal(self, conn, day, amount, limits):
         """The state of the first of ``limits`` (scope, key_id or None for
         the whole service, limit) that ``amount`` more does not fit on
-        ``day``; else None."""
+        ``day``, with the reservations outstanding in its scope; else None."""
         for scope, key_id, limit in limits:
             used = self._used(conn, day, key_id or self.SERVICE)
             if not fits(used, amount, limit):
+                # Read only on a refusal: the rows still holding a reservation.
+                sql, params = "SELECT COALESCE(SUM(reserved), 0) AS r FROM ledger_jobs" \
+                              " WHERE day = ? AND reserved > 0", [day]
+                if key_id:
+                    sql += " AND key_id = ?"
+                    params.append(key_id)
                 return {"scope": scope, "limit": limit, "used": used, "requested": amount,
-                        "day": day}
+                        "day": day, "reserved": conn.execute(sql, params).fetchone()["r"]}
         return None
 
     def _hold(self, conn, now, day, job, amount, note):
@@ -69,7 +75,7 @@ class Ledger:
     def reserve(self, job, amount, limits):
         """Reserve ``amount`` for a new job against today's ``limits``.
         BudgetExceeded names the first that would be passed; nothing is
-        written then."""
+        written then. An amount of 0 only checks that something is left."""
         now = self.clock()
         day = utc_day(now)
         with self.db.write() as conn:
@@ -100,6 +106,23 @@ class Ledger:
                     raise BudgetExceeded(refused)
                 self._hold(conn, now, day, job, amount, "job cap, less what it spent")
         return amount
+
+    def top_up(self, job, amount, limits):
+        """Raise a running job's reservation to at least ``amount`` (a
+        workflow about to spend up to that); BudgetExceeded, and nothing
+        written, if the difference does not fit ``limits``."""
+        now = self.clock()
+        with self.db.write() as conn:
+            row = conn.execute("SELECT day, reserved FROM ledger_jobs WHERE job_id = ?",
+                               (job["job_id"],)).fetchone()
+            held = row["reserved"] if row else 0
+            if amount <= held:
+                return
+            day = row["day"] if held else utc_day(now)
+            refused = self._refusal(conn, day, amount - held, limits)
+            if refused is not None:
+                raise BudgetExceeded(refused)
+            self._hold(conn, now, day, job, amount - held, "before spending")
 
     def charge(self, job, amount, limits=(), note=None, total=False):
         """Record ``amount`` spent by the job (with ``total``: raise what it

@@ -4,9 +4,11 @@
 Before the call it works out the worst case, an upper bound of the
 prompt's tokens plus ``max_tokens`` at the model's prices, and fails the job
 with ``budget_exceeded`` without calling if that does not fit what the job
-may still spend. After the call it charges the real cost from the answer's
-``usage``. Prices come from the operator's MODEL_PRICES file; a model
-without a price is refused. Only the standard library's HTTP client is used.
+may still spend, or what today's budgets can hold for it. After the call it
+charges the real cost from the answer's ``usage``, in full even if the API
+billed past the worst case. Prices come from the operator's MODEL_PRICES
+file; a model without a price is refused. Only the standard library's HTTP
+client is used.
 """
 
 import decimal
@@ -114,6 +116,7 @@ def chat(payload, ctx):
     if worst > left:
         raise engine.BudgetFailure(f"the worst case, {worst / 1e6:.6f} dollars, does not fit the "
                                    f"{left / 1e6:.6f} dollars left of the job's cost cap")
+    ctx.reserve(worst)  # against today's budgets too, before any money is spent
     messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
     answer = client.complete({"model": payload["model"], "messages": messages,
                               "max_tokens": max_tokens})

@@ -158,6 +158,11 @@ MIGRATIONS = [
                                        '$.key_fp')
         WHERE json_type(data, '$.key_fp') IS NOT NULL;
     """,
+    """
+    -- The jobs still holding a reservation, by day and key: a budget's
+    -- refusal sums them to say whether to ask again soon or at midnight.
+    CREATE INDEX ledger_jobs_reserved ON ledger_jobs(day, key_id) WHERE reserved > 0;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")

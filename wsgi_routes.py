@@ -183,12 +183,15 @@ def intake(req):
                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
         idempotency = (req.key_id, idem_key, digest.hexdigest(), IDEMPOTENCY_TTL)
+    default = services.engine.default_cap(body["workflow"])
     try:
-        cap = services.guardrails.cap(body.get("max_cost"), services.engine.default_cap(body["workflow"]))
+        cap = services.guardrails.cap(body.get("max_cost"), default)
     except ValueError as exc:
         raise HTTPError(422, "cost_cap_exceeded", f"max_cost: {exc}", field="max_cost")
+    # A declared cost is reserved at intake; a job without one is charged as it spends.
+    declared = body.get("max_cost") is not None or default is not None
     job = services.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
-                             body.get("callback_url"), req.key_id, cap)
+                             body.get("callback_url"), req.key_id, cap, declared)
     _reserve(req, job)
     try:
         submitted, created = services.engine.submit(job, idempotency)
@@ -214,14 +217,15 @@ def intake(req):
 
 def _reserve(req, job, retry=False):
     """Reserve the job's cap (for a retry, what is left of it) against
-    today's budgets; 429 if one would be passed."""
+    today's budgets; 429 if one would be passed. A managed key is not shown
+    the service's figures, only its own."""
     guardrails = req.services.guardrails
     try:
         if retry:
             return guardrails.reserve_retry(job, req.key if req.key_id == job["key_id"] else None)
         return guardrails.reserve(job, req.key)
     except BudgetExceeded as exc:
-        retry_after, state = guardrails.refusal(exc)
+        retry_after, state = guardrails.refusal(exc, full=req.key is None)
         raise HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
                         [("Retry-After", str(retry_after))], budget=state)
 
@@ -373,11 +377,12 @@ def usage(req):
                                "reserved": to_usd(sum(g["reserved"] for g in groups.values()))}})
 
 
-def _key_view(key, spent_today=0):
+def _key_view(req, key, spent_today=0):
     view = {k: key[k] for k in ("id", "name", "role", "prefix", "created_at", "last_used_at",
                                 "rate_per_minute", "revoked_at")}
-    view.update(daily_budget=to_usd(key["daily_budget"]), spend_today=to_usd(spent_today),
-                revoked=key["revoked_at"] is not None)
+    # The budget that applies: the key's own, else KEY_DAILY_BUDGET.
+    view.update(daily_budget=to_usd(req.services.guardrails.daily_budget(key)),
+                spend_today=to_usd(spent_today), revoked=key["revoked_at"] is not None)
     return view
 
 
@@ -388,14 +393,14 @@ def key_create(req):
                                               None if budget is None else to_micro(budget),
                                               body.get("rate_per_minute"))
     # The secret is shown this once; only its digest is kept.
-    return respond({**_key_view(record), "key": secret}, 201,
+    return respond({**_key_view(req, record), "key": secret}, 201,
                    [("Location", f"/api/v1/keys/{record['id']}"), ("Cache-Control", "no-store")])
 
 
 def key_list(req):
     today = utc_day(req.services.engine.now())
     spent = req.services.ledger.usage(today, today, "key")
-    return respond({"keys": [_key_view(k, spent.get(k["id"], {}).get("spend", 0))
+    return respond({"keys": [_key_view(req, k, spent.get(k["id"], {}).get("spend", 0))
                              for k in req.services.key_store.list()]})
 
 
@@ -403,7 +408,7 @@ def key_revoke(req, key_id):
     key = req.services.key_store.revoke(key_id)
     if key is None:
         raise not_found("key", key_id=key_id)
-    return respond({"revoked": True, "key": _key_view(key)})
+    return respond({"revoked": True, "key": _key_view(req, key)})
 
 
 # -- users -------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_daily_budget_at_the_boundary_then_release_then_midnight(tmp_path):
     ids = [intake(c, max_cost=0.25).json()["job_id"] for _ in range(4)]  # exactly $1.00 reserved
     r = intake(c, max_cost=0.01)
     assert r.status == 429 and r.json()["error"] == "budget_exceeded"
-    assert int(r.headers["retry-after"]) == 3600
+    assert int(r.headers["retry-after"]) == 30  # all of it is reservations: soon, not midnight
     assert r.json()["budget"] == {"scope": "service", "day": costs.utc_day(clock()), "limit": 1.0,
                                   "used": 1.0, "requested": 0.01, "resets_in": 3600}
     # A job that spends 0.10 and ends gives back the other 0.15 of its reservation.

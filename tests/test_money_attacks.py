@@ -10,7 +10,11 @@ import pytest
 import requests
 
 import engine
-from support import KEY, Client, Server, make_app
+import levqor
+from costs import utc_day
+from support import KEY, Client, FakeClock, Server, make_app
+
+DAY = 86_400
 
 
 def money_app(tmp_path, clock=None, registry=None, **env):
@@ -138,7 +142,7 @@ def test_llm_chat_never_calls_when_a_cjk_or_emoji_prompt_could_pass_the_cap(tmp_
         fake.close()
 
 
-@pytest.mark.parametrize("max_cost", [{"max_cost": 0.35}], ids=["declared"])
+@pytest.mark.parametrize("max_cost", [{"max_cost": 0.35}, {}], ids=["declared", "undeclared"])
 def test_a_provider_billing_past_max_tokens_is_recorded_in_full(tmp_path, max_cost):
     fake = BillingOpenAI(completion=lambda max_tokens: 20 * max_tokens)  # a liar
     app = money_app(tmp_path, MAX_COST_PER_DAY="2.00", **fake.env(tmp_path))
@@ -164,6 +168,30 @@ def test_a_provider_billing_past_max_tokens_is_recorded_in_full(tmp_path, max_co
         fake.close()
 
 
+def test_llm_chat_without_a_declared_cost_reserves_its_worst_case_before_calling(tmp_path):
+    held = []
+    fake = BillingOpenAI(seen=lambda body: held.append(app.services.ledger.used_today()))
+    app = money_app(tmp_path, MAX_COST_PER_DAY="0.20", **fake.env(tmp_path))
+    try:
+        c = Client(app)
+        first = chat(c, "Say hello", max_tokens=1000).json()["job_id"]  # worst case: $0.1037
+        app.services.engine.run_next()
+        assert c.get(f"/api/v1/status/{first}").json()["status"] == "succeeded"
+        assert held == [103_700]  # the day held the worst case while the call was made
+        (prompt, completion), = fake.billed
+        assert app.services.ledger.used_today() == 100 * (prompt + completion)
+        # $0.1013 spent of $0.20: a second worst case of $0.1037 does not fit the day.
+        second = chat(c, "Say hello", max_tokens=1000).json()["job_id"]
+        app.services.engine.run_next()
+        view = c.get(f"/api/v1/status/{second}").json()
+        assert view["status"] == "failed" and view["error"]["type"] == "budget_exceeded"
+        assert len(fake.requests) == 1 and view["cost"]["spent"] == 0
+        assert app.services.ledger.used_today() == 101_300  # its failed reservation is gone
+    finally:
+        app.stop()
+        fake.close()
+
+
 def test_llm_chat_refuses_message_fields_the_estimate_cannot_see(tmp_path):
     app = money_app(tmp_path)
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi", "name": "x" * 10_000}]}
@@ -173,6 +201,27 @@ def test_llm_chat_refuses_message_fields_the_estimate_cannot_see(tmp_path):
 
 
 # -- spend is recorded, whoever reports it ------------------------------------------------
+
+
+def test_an_in_process_charge_past_a_day_budget_is_recorded_and_blocks_new_work(tmp_path):
+    reg = engine.Registry()
+
+    def spender(payload, ctx):  # declares no cost: charged as it spends
+        for _ in range(5):
+            ctx.charge(0.06, "step")
+        return "never"
+
+    reg.register("spender", spender)
+    app = money_app(tmp_path, registry=reg, MAX_COST_PER_DAY="0.10")
+    c = Client(app)
+    job_id = intake(c, workflow="spender").json()["job_id"]
+    assert app.services.ledger.used_today() == 0  # nothing reserved
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "failed" and view["error"]["type"] == "budget_exceeded"
+    assert view["cost"]["spent"] == 0.12 and app.services.ledger.used_today() == 120_000
+    assert intake(c, max_cost=0.01).status == 429
+    app.stop()
 
 
 def test_a_workers_cost_past_the_cap_is_recorded_and_answered_409(tmp_path):
@@ -285,4 +334,88 @@ def test_an_in_process_retry_spends_only_what_the_cap_has_left(tmp_path):
     app.services.engine.run_next()
     view = c.get(f"/api/v1/status/{job_id}").json()
     assert view["error"]["type"] == "cost_cap_exceeded" and view["cost"] == {"max": 0.3, "spent": 0.4}
+    app.stop()
+
+
+# -- tenants and budgets -------------------------------------------------------------------
+
+
+def test_one_tenant_cannot_spend_the_whole_day_nor_see_the_services_figures(tmp_path):
+    clock = FakeClock()
+    app = money_app(tmp_path, clock, MAX_COST_PER_DAY="1.00", MAX_COST_PER_JOB="1.00")
+    c = Client(app)
+    a, b = (c.post("/api/v1/keys", {"name": n, "role": "client"}, key=KEY).json()["key"] for n in "ab")
+    assert intake(c, key=a, max_cost=0.25).status == 202  # a quarter of the day: all a key gets
+    r = intake(c, key=a, max_cost=0.01)
+    assert r.status == 429 and r.json()["budget"] == {
+        "scope": "key", "day": utc_day(clock()), "limit": 0.25, "used": 0.25, "requested": 0.01,
+        "resets_in": r.json()["budget"]["resets_in"]}
+    assert intake(c, key=b, max_cost=0.1).status == 202  # a could not lock b out
+    assert intake(c, max_cost=0.65).status == 202  # the operator's key: the service's day only
+    r = intake(c, key=b, max_cost=0.01)
+    assert r.status == 429 and r.json()["error"] == "budget_exceeded"
+    assert r.json()["budget"] == {"scope": "service", "resets_in": r.json()["budget"]["resets_in"]}
+    r = intake(c, max_cost=0.01)
+    assert r.status == 429 and r.json()["budget"]["limit"] == 1.0 and r.json()["budget"]["used"] == 1.0
+    app.stop()
+
+
+def test_a_managed_keys_spend_counts_against_its_own_day(tmp_path):
+    app = money_app(tmp_path, MAX_COST_PER_DAY="1.00")
+    c = Client(app)
+    a = c.post("/api/v1/keys", {"name": "a", "role": "client"}, key=KEY).json()["key"]
+    job_id = intake(c, key=a).json()["job_id"]  # no declared cost: charged as it spends
+    token = claim(c)["lease_token"]
+    r = c.post(f"/api/v1/jobs/{job_id}/heartbeat", {"lease_token": token, "cost": 0.3}, key=KEY)
+    assert r.status == 409 and r.json()["error"] == "budget_exceeded"  # past a's $0.25
+    assert intake(c, key=a).status == 429 and intake(c).status == 202
+    app.stop()
+
+
+def test_the_keys_listing_shows_the_budget_that_applies(tmp_path):
+    app = money_app(tmp_path, MAX_COST_PER_DAY="10")
+    c = Client(app)
+    for name, role, budget in (("c", "client", None), ("w", "worker", None), ("own", "client", 0.5)):
+        body = {"name": name, "role": role, **({"daily_budget": budget} if budget else {})}
+        assert c.post("/api/v1/keys", body, key=KEY).json()["daily_budget"] == (budget or 2.5)
+    listed = {k["name"]: k["daily_budget"] for k in c.get("/api/v1/keys", key=KEY).json()["keys"]}
+    assert listed == {"c": 2.5, "w": 2.5, "own": 0.5}
+    app.stop()
+    app = money_app(tmp_path, KEY_DAILY_BUDGET="0.4")
+    listed = {k["name"]: k["daily_budget"] for k in Client(app).get("/api/v1/keys", key=KEY).json()["keys"]}
+    assert listed == {"c": 0.4, "w": 0.4, "own": 0.5}
+    app.stop()
+    with pytest.raises(levqor.ConfigError, match="KEY_DAILY_BUDGET"):
+        make_app(tmp_path, KEY_DAILY_BUDGET="lots")
+
+
+def test_retry_after_is_short_while_reservations_would_make_room(tmp_path):
+    clock = FakeClock(1_800_000_000 - 1_800_000_000 % DAY + DAY - 3600)  # 23:00 UTC
+    app = money_app(tmp_path, clock, MAX_COST_PER_DAY="1.00", MAX_COST_PER_JOB="1.00")
+    c = Client(app)
+    ids = [intake(c, max_cost=0.25).json()["job_id"] for _ in range(4)]
+    r = intake(c, max_cost=0.5)
+    assert r.status == 429 and r.headers["retry-after"] == "30"  # reservations end well before midnight
+    for _ in ids[:2]:  # two jobs spend all they reserved
+        job = claim(c)
+        c.post(f"/api/v1/jobs/{job['job_id']}/complete",
+               {"lease_token": job["lease_token"], "result": 1, "cost": 0.25}, key=KEY)
+    assert intake(c, max_cost=0.5).headers["retry-after"] == "30"  # what is reserved would do
+    r = intake(c, max_cost=0.51)  # it would not: only midnight makes room
+    assert r.status == 429 and r.headers["retry-after"] == "3600"
+    assert r.json()["budget"]["resets_in"] == 3600
+    app.stop()
+
+
+def test_a_hundred_jobs_without_a_declared_cost_are_all_accepted(tmp_path):
+    app = money_app(tmp_path)  # the default $0.35 a job and $10 a day
+    c = Client(app)
+    statuses = at_once(100, lambda i: intake(c, workflow="ext.unregistered").status)
+    assert statuses == [202] * 100
+    assert app.services.ledger.used_today() == 0
+    job = claim(c, "ext.unregistered")
+    assert c.get(f"/api/v1/status/{job['job_id']}").json()["cost"] == {"max": 0.35, "spent": 0}
+    c.post(f"/api/v1/jobs/{job['job_id']}/heartbeat", {"lease_token": job["lease_token"], "cost": 0.2},
+           key=KEY)
+    assert app.services.ledger.used_today() == 200_000  # charged as it spends
     app.stop()
