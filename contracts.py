@@ -204,6 +204,10 @@ class KeyStore(Protocol):
         revoked. Notes ``last_used_at`` (a backend may write it at most once
         a minute per key)."""
 
+    def get(self, key_id: str) -> Record | None:
+        """The key with this id, revoked or not, or None (for the budget
+        that applies to a job's key when it spends)."""
+
     def list(self) -> list[Record]:
         """Every key, revoked ones included, oldest first."""
 
@@ -217,27 +221,47 @@ class Ledger(Protocol):
     """Money in integer micro-dollars: reservations, charges and releases.
 
     A job's cap is reserved against its UTC day at intake; each charge turns
-    part of the reservation into spend; ``settle`` releases the rest. What a
-    day has used is what is reserved plus what is spent. Every check of a
-    budget and what it allows are one atomic step, so no number of
-    concurrent requests takes a budget past its limit.
+    part of the reservation into spend; ``settle`` releases the rest. Money
+    spent is recorded in full, even past the reservation: that part counts
+    against the day at once. What a day has used is what is reserved plus
+    what is spent. Every check of a budget and what it allows are one atomic
+    step, so no number of concurrent requests takes a reservation past a
+    budget's limit. ``limits`` are (scope, key_id or None for the whole
+    service, limit); a refusal's ``BudgetExceeded.state`` holds scope,
+    limit, used, requested, day and the reservations outstanding in its
+    scope.
     """
 
     def reserve(self, job: Job, amount: int, limits: list[tuple[str, str | None, int]]) -> str:
         """Reserve ``amount`` for ``job`` (its ``job_id``, ``key_id``,
         ``workflow``) against today; returns the day ("YYYY-MM-DD").
 
-        ``limits`` are (scope, key_id or None for the whole service, limit).
-        If today's use of any of them plus ``amount`` would pass its limit,
-        ``BudgetExceeded`` names the first (its ``state``: scope, limit,
-        used, requested, day) and nothing is written. Reaching a limit
-        exactly is allowed.
+        If today's use of any of ``limits`` plus ``amount`` would pass its
+        limit, ``BudgetExceeded`` names the first and nothing is written.
+        Reaching a limit exactly is allowed; an amount of 0 only checks that
+        something is left.
         """
 
-    def charge(self, job_id: str, amount: int, note: str | None = None) -> int:
-        """Spend ``amount`` from the job's reservation; returns the job's total
-        spend. ``BudgetExceeded`` (scope "job"), and nothing written, if it is
-        more than the reservation has left. A day's use does not change."""
+    def reserve_rest(self, job: Job, cap: int, limits: list[tuple[str, str | None, int]]) -> int | None:
+        """For a retry: reserve what is left of ``cap`` after what the job
+        spent in earlier attempts; returns that amount. None, and nothing
+        written, while the job still holds a reservation (another retry took
+        it first: of concurrent retries exactly one reserves).
+        ``BudgetExceeded`` as in ``reserve``."""
+
+    def top_up(self, job: Job, amount: int, limits: list[tuple[str, str | None, int]]) -> None:
+        """Raise a running job's reservation to at least ``amount`` before it
+        spends; ``BudgetExceeded``, and nothing written, if the difference
+        does not fit ``limits``."""
+
+    def charge(self, job: Job, amount: int, limits: list[tuple[str, str | None, int]] = (),
+               note: str | None = None, total: bool = False) -> tuple[int, dict[str, Any] | None]:
+        """Record ``amount`` spent by ``job``, always in full (with ``total``:
+        raise what it has spent to ``amount``, charging only the difference,
+        nothing if it is not higher: concurrent reports of one total charge
+        once). The reservation covers what it can; the rest counts against
+        the day at once. Returns (the job's spend in all, the state of the
+        first of ``limits`` that the uncovered rest passed, or None)."""
 
     def settle(self, job_id: str, note: str) -> int:
         """Release what is left of the job's reservation; returns its spend

@@ -4,12 +4,17 @@ Amounts are integer micro-dollars everywhere inside Levqor (``to_micro``);
 the API shows dollars as JSON numbers rounded to six places (``to_usd``).
 No binary float ever holds a sum.
 
-The rules: a job's cap (its ``max_cost``, at most MAX_COST_PER_JOB) is
-reserved at intake against today's budgets, the service's MAX_COST_PER_DAY
-and the managed key's ``daily_budget``; a charge spends from that
-reservation and is refused if it would pass the cap; when the job ends the
-rest of the reservation is released. The arithmetic and its atomicity live
-in ``storage.Ledger``; this module holds the policy and the conversions.
+The rules: a job's cap (its ``max_cost``, at most MAX_COST_PER_JOB) covers
+all its attempts. A declared cap (intake's ``max_cost`` or the workflow's)
+is reserved at intake against today's budgets, the service's
+MAX_COST_PER_DAY and a managed key's own (its ``daily_budget``, else
+KEY_DAILY_BUDGET); a job with no declared cost reserves nothing and is
+charged as it spends. Money spent is always recorded, in full: a charge
+spends from the reservation, and what it takes past it counts against the
+day budgets at once, even past a cap (the job then fails). When the job
+ends the rest of the reservation is released. The arithmetic and its
+atomicity live in ``ledger.Ledger``; this module holds the policy and the
+conversions.
 """
 
 import decimal
@@ -50,12 +55,29 @@ def seconds_to_midnight(now):
     return int(86_400 - now % 86_400) or 1
 
 
+def fits(used, amount, limit):
+    """Whether ``amount`` more fits a budget of which ``used`` is taken. A
+    job that reserves nothing still needs something left to spend."""
+    return used + amount <= limit if amount else used < limit
+
+
+# Seconds a refused request is told to wait when reservations outstanding in
+# the refusing budget would make room once released: jobs end (and release
+# what they did not spend) in seconds to minutes, not at midnight.
+RETRY_SOON = 30
+
+
 class Guardrails:
-    def __init__(self, ledger, max_per_job, max_per_day, clock=time.time):
+    def __init__(self, ledger, max_per_job, max_per_day, clock=time.time, key_budget=None,
+                 keys=None):
         self.ledger = ledger
         self.max_per_job = max_per_job  # micro-dollars
         self.max_per_day = max_per_day
         self.clock = clock
+        # A managed key without a daily_budget of its own gets a quarter of
+        # the service's day by default: no one tenant can lock out the rest.
+        self.key_budget = max_per_day // 4 if key_budget is None else key_budget
+        self.keys = keys  # managed keys by id (storage.KeyStore)
 
     def cap(self, requested, default):
         """The job's cap in micro-dollars: what intake asked for (ValueError
@@ -68,32 +90,79 @@ class Guardrails:
             return cap
         return self.max_per_job if default is None else min(default, self.max_per_job)
 
-    def reserve(self, job, key=None):
-        """Reserve the job's cap against today's budgets (none if the cap is 0)."""
-        if not job["max_cost"]:
-            return
-        limits = [("service", None, self.max_per_day)]
-        if key is not None and key.get("daily_budget") is not None:
-            limits.append(("key", job["key_id"], key["daily_budget"]))
-        self.ledger.reserve(job, job["max_cost"], limits)
+    def daily_budget(self, key):
+        """A managed key's effective daily budget in micro-dollars."""
+        return self.key_budget if key["daily_budget"] is None else key["daily_budget"]
 
-    def charge(self, job_id, micro, note=None):
-        """Spend from the job's reservation; BudgetExceeded if past its cap."""
-        if micro <= 0:
-            return self.ledger.spent(job_id)
-        return self.ledger.charge(job_id, micro, note)
+    def limits(self, key_id, key=None):
+        """The day budgets a job of ``key_id`` counts against: the service's,
+        and a managed key's own. The operator's keys (and open development
+        mode) answer to the service's alone."""
+        if key is None and self.keys is not None:
+            key = self.keys.get(key_id)
+        limits = [("service", None, self.max_per_day)]
+        if key is not None:
+            limits.append(("key", key_id, self.daily_budget(key)))
+        return limits
+
+    def reserve(self, job, key=None):
+        """At intake: reserve the job's declared cap against today's budgets
+        (nothing if it is 0). A job with no declared cost reserves nothing,
+        but is refused too when a budget has nothing left."""
+        declared = job.get("cost_declared", True)
+        if declared and not job["max_cost"]:
+            return
+        self.ledger.reserve(job, job["max_cost"] if declared else 0,
+                            self.limits(job["key_id"], key))
+
+    def reserve_retry(self, job, key=None):
+        """For a retry: reserve what is left of a declared cap (the cap
+        covers every attempt). The amount reserved, or None, with nothing
+        written, while the job still holds a reservation."""
+        declared = job.get("cost_declared", True)
+        if declared and not job["max_cost"]:
+            return 0
+        limits = self.limits(job["key_id"], key)
+        if not declared:
+            self.ledger.reserve(job, 0, limits)
+            return 0
+        return self.ledger.reserve_rest(job, job["max_cost"], limits)
+
+    def top_up(self, job, micro):
+        """Raise a running job's reservation to at least ``micro`` against
+        today's budgets; BudgetExceeded if one would be passed."""
+        self.ledger.top_up(job, micro, self.limits(job["key_id"]))
+
+    def charge(self, job, micro, note=None, total=False):
+        """Record money the job spent, always in full (with ``total``,
+        ``micro`` is its running total). Returns (what the job has spent in
+        all, the state of a day budget the unreserved part passed, or None)."""
+        if total:
+            spent = self.ledger.spent(job["job_id"])
+            if micro <= spent:  # PERF: a repeated running total writes nothing
+                return spent, None
+        elif micro <= 0:
+            return self.ledger.spent(job["job_id"]), None
+        return self.ledger.charge(job, micro, self.limits(job["key_id"]), note, total)
 
     def settle(self, job, note=None):
         """An engine on_finish hook: release what the job did not spend."""
         if job.get("max_cost"):
             self.ledger.settle(job["job_id"], note or f"job {job['status']}")
 
-    def refusal(self, exc):
-        """What an intake refused by a daily budget is told (429 body fields)."""
+    def refusal(self, exc, full=True):
+        """What a request refused by a daily budget is told: (Retry-After,
+        the 429 body's ``budget``). Without ``full`` (a managed key), a
+        refusal by the service's budget shows only its scope and reset."""
         state = exc.state
         now = self.clock()
         resets_in = seconds_to_midnight(now)
-        return resets_in, {
+        retry_after = resets_in
+        if fits(state["used"] - state.get("reserved", 0), state["requested"], state["limit"]):
+            retry_after = min(RETRY_SOON, resets_in)
+        if not full and state["scope"] == "service":
+            return retry_after, {"scope": "service", "resets_in": resets_in}
+        return retry_after, {
             "scope": state["scope"], "day": state.get("day", utc_day(now)),
             "limit": to_usd(state["limit"]), "used": to_usd(state["used"]),
             "requested": to_usd(state["requested"]), "resets_in": resets_in,

@@ -42,9 +42,15 @@ class PermanentFailure(Exception):
 
 
 class BudgetFailure(PermanentFailure):
-    """A charge that would take the job past its cost cap."""
+    """Spending the job may not start, or that took a daily budget past its limit."""
 
     error_type = "budget_exceeded"
+
+
+class CostCapFailure(PermanentFailure):
+    """Money spent (and recorded) past the job's cost cap."""
+
+    error_type = "cost_cap_exceeded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +146,19 @@ class JobContext:
         raise PermanentFailure(message)
 
     def charge(self, usd, note=None):
-        """Record ``usd`` dollars spent by this job. Past the job's cost cap,
-        nothing is recorded and the job fails with ``budget_exceeded``."""
+        """Record ``usd`` dollars this job has spent: always, in full, since
+        the money is gone. Past the job's cost cap it then fails with
+        ``cost_cap_exceeded``; past a daily budget, with ``budget_exceeded``."""
         self.engine.charge(self.job_id, costs.to_micro(usd, decimal.ROUND_CEILING), note)
 
     def budget_left(self):
         """Micro-dollars this job may still spend."""
         return self.engine.budget_left(self.job_id)
+
+    def reserve(self, micro):
+        """Before spending up to ``micro`` micro-dollars: hold them against
+        today's budgets (``budget_exceeded`` if that does not fit)."""
+        self.engine.reserve(self.job_id, micro)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +240,7 @@ class Engine:
         wf = self.registry.get(workflow)
         return wf.max_cost if wf is not None else None
 
-    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0):
+    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0, declared=True):
         now = self.now()
         return {
             "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
@@ -240,6 +252,7 @@ class Engine:
             "cancel_requested": False, "progress": None, "result": None, "error": None,
             "callback": None, "callback_id": None, "callback_body": None,
             "callback_sending_until": None, "max_cost": max_cost, "cost_spent": 0,
+            "cost_declared": declared,  # False: reserves nothing, charged as it spends
         }
 
     def submit(self, job, idempotency=None):
@@ -435,30 +448,59 @@ class Engine:
 
     # -- money -----------------------------------------------------------------------------
 
-    def charge(self, job_id, micro, note=None):
-        """Spend micro-dollars for a job: BudgetFailure past its cap."""
+    def charge(self, job_id, micro, note=None, total=False):
+        """Record micro-dollars a job spent, in full (with ``total``, its
+        running total across all attempts): CostCapFailure past its cap,
+        BudgetFailure past a daily budget."""
+        if self.guardrails is None:
+            raise BudgetFailure("this service records no costs")
+        job = self.get(job_id)
+        spent, passed = self.guardrails.charge(job, micro, note, total)
+        self._note_spent(job_id, spent)
+        if spent > job["max_cost"]:
+            raise CostCapFailure(f"the job has spent {costs.to_usd(spent)} dollars, past its "
+                                 f"cost cap of {costs.to_usd(job['max_cost'])}")
+        if passed is not None:
+            raise BudgetFailure(f"the {passed['scope']} daily budget is spent")
+        return spent
+
+    def _note_spent(self, job_id, spent):
+        """The job's ``cost_spent`` follows the ledger and never goes back,
+        however concurrent reports finish: each lost compare-and-set means
+        another report raised it, so a few tries suffice."""
+        for _ in range(32):
+            job = self.store.get(job_id)
+            if job is None or job["cost_spent"] >= spent:
+                return
+            if self.store.update(job_id, expect={"cost_spent": job["cost_spent"]},
+                                 cost_spent=spent) is not None:
+                return
+
+    def reserve(self, job_id, micro):
+        """Hold ``micro`` of today's budgets for a running job (its
+        reservation raised to at least that): BudgetFailure if it does not fit."""
         if self.guardrails is None:
             raise BudgetFailure("this service records no costs")
         try:
-            spent = self.guardrails.charge(job_id, micro, note)
-        except BudgetExceeded:
-            raise BudgetFailure(f"a charge of {costs.to_usd(micro)} would pass the job's cost cap") from None
-        self.store.update(job_id, cost_spent=spent)
-        return spent
+            self.guardrails.top_up(self.get(job_id), micro)
+        except BudgetExceeded as exc:
+            raise BudgetFailure(f"the {exc.state['scope']} daily budget cannot hold "
+                                f"{costs.to_usd(micro)} dollars more") from None
 
     def budget_left(self, job_id):
         job = self.get(job_id)
         return max(0, job["max_cost"] - (self.guardrails.ledger.spent(job_id) if self.guardrails else 0))
 
     def _report_cost(self, job, token, cost):
-        """An external worker's running total for the job: charge what is new."""
+        """An external worker's running total for the job, across all its
+        attempts: the ledger raises the job's spend to it in one step."""
         if cost is None:
             return
         try:
-            self.charge(job["job_id"], costs.to_micro(cost, decimal.ROUND_CEILING) - job["cost_spent"])
-        except BudgetFailure as exc:
-            self.fail(job, token, "budget_exceeded", exc, retryable=False)
-            raise JobError("budget_exceeded", str(exc)) from None
+            self.charge(job["job_id"], costs.to_micro(cost, decimal.ROUND_CEILING), total=True)
+        except (BudgetFailure, CostCapFailure) as exc:
+            self.fail(job, token, exc.error_type, exc, retryable=False)
+            raise JobError(exc.error_type, str(exc)) from None
 
     # -- external workers ----------------------------------------------------------------
 

@@ -3,17 +3,19 @@ with running totals per day and per job, kept in the SQLite database."""
 
 import time
 
-from costs import BudgetExceeded, utc_day
+from costs import BudgetExceeded, fits, utc_day
 
 class Ledger:
     """Reservations, charges and releases in integer micro-dollars.
 
     Every check of a budget and the rows it allows are one BEGIN IMMEDIATE
-    transaction, so no number of concurrent requests can take a budget past
-    its limit. A job's cap is reserved against its day at intake; each charge
-    turns part of the reservation into spend (a charge row and an equal
-    release row); ``settle`` releases what is left when the job ends. So a
-    day's use is always the sum of its rows, and spend the sum of charges.
+    transaction, so no number of concurrent requests can take a reservation
+    past a budget's limit. A job's cap is reserved against its day at intake;
+    each charge turns part of the reservation into spend (a charge row and an
+    equal release row); ``settle`` releases what is left when the job ends.
+    Money spent is recorded in full even past the reservation: that part is
+    a charge row alone, which counts against the day at once. So a day's use
+    is always the sum of its rows, and spend the sum of charges.
     ``ledger_days`` and ``ledger_jobs`` keep those sums as running totals,
     written in the same transactions, so every check reads a row, not a day.
     """
@@ -42,44 +44,120 @@ class Ledger:
                            (day, key_id)).fetchone()
         return row["used"] if row else 0
 
+    def _refusal(self, conn, day, amount, limits):
+        """The state of the first of ``limits`` (scope, key_id or None for
+        the whole service, limit) that ``amount`` more does not fit on
+        ``day``, with the reservations outstanding in its scope; else None."""
+        for scope, key_id, limit in limits:
+            used = self._used(conn, day, key_id or self.SERVICE)
+            if not fits(used, amount, limit):
+                # Read only on a refusal: the rows still holding a reservation.
+                sql, params = "SELECT COALESCE(SUM(reserved), 0) AS r FROM ledger_jobs" \
+                              " WHERE day = ? AND reserved > 0", [day]
+                if key_id:
+                    sql += " AND key_id = ?"
+                    params.append(key_id)
+                return {"scope": scope, "limit": limit, "used": used, "requested": amount,
+                        "day": day, "reserved": conn.execute(sql, params).fetchone()["r"]}
+        return None
+
+    def _hold(self, conn, now, day, job, amount, note):
+        """Add ``amount`` to the job's reservation, on ``day`` (today, unless
+        it already holds a reservation on another)."""
+        entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
+                 "workflow": job["workflow"]}
+        conn.execute("INSERT INTO ledger_jobs VALUES (:job_id, :day, :key_id, :workflow, :amount, 0)"
+                     " ON CONFLICT DO UPDATE SET day = excluded.day,"
+                     " reserved = reserved + excluded.reserved", dict(entry, amount=amount))
+        self._row(conn, now, entry, amount, "reserve", note)
+        self._add_use(conn, day, job["key_id"], amount)
+
     def reserve(self, job, amount, limits):
-        """Reserve ``amount`` for a job against today's ``limits``: a list of
-        (scope, key_id or None for the whole service, limit). BudgetExceeded
-        names the first that would be passed; nothing is written then."""
+        """Reserve ``amount`` for a new job against today's ``limits``.
+        BudgetExceeded names the first that would be passed; nothing is
+        written then. An amount of 0 only checks that something is left."""
         now = self.clock()
         day = utc_day(now)
         with self.db.write() as conn:
-            for scope, key_id, limit in limits:
-                used = self._used(conn, day, key_id or self.SERVICE)
-                if used + amount > limit:
-                    raise BudgetExceeded({"scope": scope, "limit": limit, "used": used,
-                                          "requested": amount, "day": day})
-            entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
-                     "workflow": job["workflow"]}
-            # A job retried on another day reserves again, on that day.
-            conn.execute("INSERT INTO ledger_jobs VALUES (:job_id, :day, :key_id, :workflow, :amount, 0)"
-                         " ON CONFLICT DO UPDATE SET day = excluded.day, reserved = excluded.reserved",
-                         dict(entry, amount=amount))
-            self._row(conn, now, entry, amount, "reserve", "job cap")
-            self._add_use(conn, day, job["key_id"], amount)
+            refused = self._refusal(conn, day, amount, limits)
+            if refused is not None:
+                raise BudgetExceeded(refused)
+            if amount:
+                self._hold(conn, now, day, job, amount, "job cap")
         return day
 
-    def charge(self, job_id, amount, note=None):
-        """Spend ``amount`` from the job's reservation; BudgetExceeded (and
-        nothing recorded) if it is more than what the reservation has left."""
+    def reserve_rest(self, job, cap, limits):
+        """For a retry: reserve what is left of the job's ``cap`` after what
+        it spent in earlier attempts, today (a retry on a later day reserves
+        on that day). Returns the amount; None, with nothing written, while
+        the job still holds a reservation: then another retry has taken it,
+        or the last attempt's is not released yet."""
+        now = self.clock()
+        day = utc_day(now)
+        with self.db.write() as conn:
+            row = conn.execute("SELECT reserved, spent FROM ledger_jobs WHERE job_id = ?",
+                               (job["job_id"],)).fetchone() or {"reserved": 0, "spent": 0}
+            if row["reserved"]:
+                return None
+            amount = max(0, cap - row["spent"])
+            if amount:
+                refused = self._refusal(conn, day, amount, limits)
+                if refused is not None:
+                    raise BudgetExceeded(refused)
+                self._hold(conn, now, day, job, amount, "job cap, less what it spent")
+        return amount
+
+    def top_up(self, job, amount, limits):
+        """Raise a running job's reservation to at least ``amount`` (a
+        workflow about to spend up to that); BudgetExceeded, and nothing
+        written, if the difference does not fit ``limits``."""
         now = self.clock()
         with self.db.write() as conn:
-            job = conn.execute("UPDATE ledger_jobs SET reserved = reserved - :a, spent = spent + :a"
-                               " WHERE job_id = :j AND reserved >= :a RETURNING *",
-                               {"a": amount, "j": job_id}).fetchone()
-            if job is None:
-                state = conn.execute("SELECT reserved, spent FROM ledger_jobs WHERE job_id = ?",
-                                     (job_id,)).fetchone() or {"reserved": 0, "spent": 0}
-                raise BudgetExceeded({"scope": "job", "limit": state["reserved"] + state["spent"],
-                                      "used": state["spent"], "requested": amount})
-            self._row(conn, now, job, amount, "charge", note)
-            self._row(conn, now, job, -amount, "release", note)
-        return job["spent"]
+            row = conn.execute("SELECT day, reserved FROM ledger_jobs WHERE job_id = ?",
+                               (job["job_id"],)).fetchone()
+            held = row["reserved"] if row else 0
+            if amount <= held:
+                return
+            day = row["day"] if held else utc_day(now)
+            refused = self._refusal(conn, day, amount - held, limits)
+            if refused is not None:
+                raise BudgetExceeded(refused)
+            self._hold(conn, now, day, job, amount - held, "before spending")
+
+    def charge(self, job, amount, limits=(), note=None, total=False):
+        """Record ``amount`` spent by the job (with ``total``: raise what it
+        has spent to ``amount``, charging the difference, nothing if it is
+        not higher), always in full. Its reservation covers what it can; the
+        rest counts against the day at once. Returns (what the job has spent
+        in all, the state of the first of ``limits`` that rest passed, or
+        None). One transaction: concurrent reports of one total charge once."""
+        now = self.clock()
+        with self.db.write() as conn:
+            row = conn.execute("SELECT day, reserved, spent FROM ledger_jobs WHERE job_id = ?",
+                               (job["job_id"],)).fetchone() or {"reserved": 0, "spent": 0}
+            if total:
+                amount -= row["spent"]
+            if amount <= 0:
+                return row["spent"], None
+            covered = min(amount, row["reserved"])
+            # Spending past a reservation counts on the reservation's day; with
+            # none left, today.
+            day = row["day"] if row["reserved"] else utc_day(now)
+            passed = None
+            if amount > covered:
+                passed = self._refusal(conn, day, amount - covered, limits)
+                self._add_use(conn, day, job["key_id"], amount - covered)
+            entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
+                     "workflow": job["workflow"]}
+            spent = conn.execute(
+                "INSERT INTO ledger_jobs VALUES (:job_id, :day, :key_id, :workflow, 0, :amount)"
+                " ON CONFLICT DO UPDATE SET day = excluded.day, reserved = reserved - :covered,"
+                " spent = spent + :amount RETURNING spent",
+                dict(entry, amount=amount, covered=covered)).fetchone()["spent"]
+            self._row(conn, now, entry, amount, "charge", note)
+            if covered:
+                self._row(conn, now, entry, -covered, "release", note)
+        return spent, passed
 
     def settle(self, job_id, note):
         """Release what is left of a job's reservation; returns what it spent."""

@@ -111,6 +111,10 @@ def money(raw):
         raise ValueError(f"must be an amount of dollars, like 0.35, not {raw!r}") from None
 
 
+def money_or_blank(raw):
+    return money(raw) if raw else None
+
+
 def networks(raw):
     return tuple(ipaddress.ip_network(p, strict=False) for p in names(raw))
 
@@ -177,6 +181,8 @@ SETTINGS = (
     ("read_timeout", "READ_TIMEOUT", seconds(0.1, 3600), "5"),
     ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
                                                         "critical"), "info"),
+    # Blank: a quarter of MAX_COST_PER_DAY (costs.Guardrails).
+    ("key_daily_budget", "KEY_DAILY_BUDGET", money_or_blank, ""),
 )
 
 
@@ -231,6 +237,7 @@ class Settings:
     threads: int
     read_timeout: float
     gunicorn_log_level: str
+    key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
 
     @property
     def production(self):
@@ -410,7 +417,9 @@ class Services:
         self.ledger = Ledger(self.db)
         self.key_store = KeyStore(self.db)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
-                                           settings.max_cost_per_day)
+                                           settings.max_cost_per_day,
+                                           key_budget=settings.key_daily_budget,
+                                           keys=self.key_store)
         self.engine = engine.Engine(
             self.jobs, registry, log, threads=settings.worker_threads,
             timeout=settings.job_timeout, max_attempts=settings.job_max_attempts,

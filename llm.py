@@ -1,17 +1,18 @@
 """The built-in ``llm.chat`` workflow: one call to an OpenAI-compatible
 ``POST {OPENAI_BASE_URL}/chat/completions``, paid for within the job's cap.
 
-Before the call it works out the worst case, a conservative estimate of the
+Before the call it works out the worst case, an upper bound of the
 prompt's tokens plus ``max_tokens`` at the model's prices, and fails the job
 with ``budget_exceeded`` without calling if that does not fit what the job
-may still spend. After the call it charges the real cost from the answer's
-``usage``. Prices come from the operator's MODEL_PRICES file; a model
-without a price is refused. Only the standard library's HTTP client is used.
+may still spend, or what today's budgets can hold for it. After the call it
+charges the real cost from the answer's ``usage``, in full even if the API
+billed past the worst case. Prices come from the operator's MODEL_PRICES
+file; a model without a price is refused. Only the standard library's HTTP
+client is used.
 """
 
 import decimal
 import json
-import math
 import socket
 import urllib.error
 import urllib.request
@@ -50,10 +51,13 @@ def micro_cost(prices, prompt_tokens, completion_tokens):
 
 
 def estimate_prompt_tokens(messages):
-    """An over-estimate: a token per 3 characters (real text averages about
-    4) plus framing per message."""
-    chars = sum(len(str(m.get("content", ""))) + len(str(m.get("role", ""))) for m in messages)
-    return math.ceil(chars / 3) + 8 * len(messages) + 16
+    """An upper bound, not a guess: a byte-level BPE token covers at least
+    one byte of UTF-8, so a message has at most as many tokens as its role
+    and content have bytes (every CJK character or emoji is at least one),
+    plus the framing around each message and the reply."""
+    size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass"))
+               + len(str(m.get("role", "")).encode("utf-8", "surrogatepass")) for m in messages)
+    return size + 8 * len(messages) + 16
 
 
 class Client:
@@ -86,8 +90,10 @@ SCHEMA = {
         "model": {"type": "string", "minLength": 1, "maxLength": 200},
         "messages": {
             "type": "array", "minItems": 1, "maxItems": 500,
+            # Only what the estimate counts: a field it does not see could be billed.
             "items": {"type": "object", "required": ["role", "content"],
-                      "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+                      "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                      "additionalProperties": False},
         },
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200_000},
     },
@@ -110,11 +116,15 @@ def chat(payload, ctx):
     if worst > left:
         raise engine.BudgetFailure(f"the worst case, {worst / 1e6:.6f} dollars, does not fit the "
                                    f"{left / 1e6:.6f} dollars left of the job's cost cap")
-    answer = client.complete({"model": payload["model"], "messages": payload["messages"],
+    ctx.reserve(worst)  # against today's budgets too, before any money is spent
+    messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
+    answer = client.complete({"model": payload["model"], "messages": messages,
                               "max_tokens": max_tokens})
     usage = answer.get("usage") or {}
     try:
         prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        if prompt < 0 or completion < 0:
+            raise ValueError("negative usage")
         cost = micro_cost(prices, prompt, completion)
     except (KeyError, TypeError, ValueError):
         prompt = completion = None

@@ -179,6 +179,11 @@ MIGRATIONS = [
     DROP TABLE users;
     ALTER TABLE users_owned RENAME TO users;
     """,
+    """
+    -- The jobs still holding a reservation, by day and key: a budget's
+    -- refusal sums them to say whether to ask again soon or at midnight.
+    CREATE INDEX ledger_jobs_reserved ON ledger_jobs(day, key_id) WHERE reserved > 0;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
@@ -493,6 +498,11 @@ class KeyStore:
             self._touched[key["id"]] = now
             self.db.write_one("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (round(now, 3), key["id"]))
         return key
+
+    def get(self, key_id):
+        """The key with this id, revoked or not, or None."""
+        rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys WHERE id = ?", (key_id,))
+        return rows[0] if rows else None
 
     def list(self):
         return self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")

@@ -157,7 +157,8 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 CURSOR_PATTERN = r"^[0-9]{1,18}$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 IDEMPOTENCY_TTL = 86_400
-_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409}
+_JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409,
+               "cost_cap_exceeded": 409}
 
 
 def _job_call(method, job_id, *args, **kwargs):
@@ -189,12 +190,15 @@ def intake(req):
                             "Idempotency-Key must be 1 to 255 printable ASCII characters")
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
         idempotency = (req.key_id, idem_key, digest.hexdigest(), IDEMPOTENCY_TTL)
+    default = services.engine.default_cap(body["workflow"])
     try:
-        cap = services.guardrails.cap(body.get("max_cost"), services.engine.default_cap(body["workflow"]))
+        cap = services.guardrails.cap(body.get("max_cost"), default)
     except ValueError as exc:
         raise HTTPError(422, "cost_cap_exceeded", f"max_cost: {exc}", field="max_cost")
+    # A declared cost is reserved at intake; a job without one is charged as it spends.
+    declared = body.get("max_cost") is not None or default is not None
     job = services.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
-                             body.get("callback_url"), req.key_id, cap)
+                             body.get("callback_url"), req.key_id, cap, declared)
     _reserve(req, job)
     try:
         submitted, created = services.engine.submit(job, idempotency)
@@ -218,12 +222,17 @@ def intake(req):
     return respond({"job_id": job["job_id"], "status": "queued"}, 202, headers)
 
 
-def _reserve(req, job):
-    """Reserve the job's cap against today's budgets; 429 if one would be passed."""
+def _reserve(req, job, retry=False):
+    """Reserve the job's cap (for a retry, what is left of it) against
+    today's budgets; 429 if one would be passed. A managed key is not shown
+    the service's figures, only its own."""
+    guardrails = req.services.guardrails
     try:
-        req.services.guardrails.reserve(job, req.key)
+        if retry:
+            return guardrails.reserve_retry(job, req.key if req.key_id == job["key_id"] else None)
+        return guardrails.reserve(job, req.key)
     except BudgetExceeded as exc:
-        retry_after, state = req.services.guardrails.refusal(exc)
+        retry_after, state = guardrails.refusal(exc, full=req.key is None)
         raise HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
                         [("Retry-After", str(retry_after))], budget=state)
 
@@ -253,12 +262,22 @@ def job_cancel(req, job_id):
 
 def job_retry(req, job_id):
     job = _own_job(req, job_id)
+    reserved = 0
     if job["status"] in ("failed", "canceled"):
-        _reserve(req, job)  # the job's cap again, against today's budgets
+        # What is left of the job's cap, against today's budgets, before the
+        # job's compare-and-set. Only one retry can take it: while the job
+        # holds a reservation no other may reserve, so a losing retry is
+        # refused here, having touched no money.
+        reserved = _reserve(req, job, retry=True)
+        if reserved is None:
+            raise HTTPError(409, "conflict", "the job is changing state; try again")
     try:
         return respond({"job": status_view(_job_call(req.services.engine.retry, job_id))})
     except HTTPError:
-        if job["status"] in ("failed", "canceled"):
+        if reserved:
+            # The job changed under this request (it was retried and ended
+            # again, or completed in development): the reservation it took,
+            # which no other request can hold, goes back.
             req.services.guardrails.settle(job, "retry refused")
         raise
 
@@ -366,11 +385,12 @@ def usage(req):
                                "reserved": to_usd(sum(g["reserved"] for g in groups.values()))}})
 
 
-def _key_view(key, spent_today=0):
+def _key_view(req, key, spent_today=0):
     view = {k: key[k] for k in ("id", "name", "role", "prefix", "created_at", "last_used_at",
                                 "rate_per_minute", "revoked_at")}
-    view.update(daily_budget=to_usd(key["daily_budget"]), spend_today=to_usd(spent_today),
-                revoked=key["revoked_at"] is not None)
+    # The budget that applies: the key's own, else KEY_DAILY_BUDGET.
+    view.update(daily_budget=to_usd(req.services.guardrails.daily_budget(key)),
+                spend_today=to_usd(spent_today), revoked=key["revoked_at"] is not None)
     return view
 
 
@@ -381,14 +401,14 @@ def key_create(req):
                                               None if budget is None else to_micro(budget),
                                               body.get("rate_per_minute"))
     # The secret is shown this once; only its digest is kept.
-    return respond({**_key_view(record), "key": secret}, 201,
+    return respond({**_key_view(req, record), "key": secret}, 201,
                    [("Location", f"/api/v1/keys/{record['id']}"), ("Cache-Control", "no-store")])
 
 
 def key_list(req):
     today = utc_day(req.services.engine.now())
     spent = req.services.ledger.usage(today, today, "key")
-    return respond({"keys": [_key_view(k, spent.get(k["id"], {}).get("spend", 0))
+    return respond({"keys": [_key_view(req, k, spent.get(k["id"], {}).get("spend", 0))
                              for k in req.services.key_store.list()]})
 
 
@@ -396,7 +416,7 @@ def key_revoke(req, key_id):
     key = req.services.key_store.revoke(key_id)
     if key is None:
         raise not_found("key", key_id=key_id)
-    return respond({"revoked": True, "key": _key_view(key)})
+    return respond({"revoked": True, "key": _key_view(req, key)})
 
 
 # -- users -------------------------------------------------------------------------

@@ -640,24 +640,63 @@ def money_job(job_id, key_id="k", workflow="w"):
 
 
 def test_reserve_charge_settle_arithmetic(ledger, clock):
-    day = ledger.reserve(money_job("a"), 100, [("service", None, LOTS), ("key", "k", LOTS)])
+    a = money_job("a")
+    day = ledger.reserve(a, 100, [("service", None, LOTS), ("key", "k", LOTS)])
     assert day == utc_day(clock())
     assert ledger.used_today() == ledger.used_today("k") == 100 and ledger.spent("a") == 0
-    assert ledger.charge("a", 30, "first") == 30
-    assert ledger.charge("a", 70) == 100
+    assert ledger.charge(a, 30, note="first") == (30, None)
+    assert ledger.charge(a, 70) == (100, None)
     assert ledger.used_today() == 100  # a charge turns reservation into spend
-    with pytest.raises(BudgetExceeded) as err:
-        ledger.charge("a", 1)
-    assert err.value.state["scope"] == "job" and ledger.spent("a") == 100
-    assert ledger.settle("a", "done") == 100 and ledger.used_today() == 100
-    ledger.reserve(money_job("b", key_id="other"), 100, [("service", None, LOTS)])
-    ledger.charge("b", 40)
+    # Money spent past the reservation is recorded in full, and counts at once.
+    assert ledger.charge(a, 5, [("service", None, LOTS)]) == (105, None)
+    assert ledger.spent("a") == 105 and ledger.used_today() == 105
+    assert ledger.settle("a", "done") == 105 and ledger.used_today() == 105
+    b = money_job("b", key_id="other")
+    ledger.reserve(b, 100, [("service", None, LOTS)])
+    ledger.charge(b, 40)
     assert ledger.settle("b", "done") == 40
     assert ledger.settle("b", "again") == 40  # settling again releases nothing more
-    assert ledger.used_today() == 140 and ledger.used_today("other") == 40
+    assert ledger.used_today() == 145 and ledger.used_today("other") == 40
     assert ledger.settle("nobody", "x") == 0 and ledger.spent("nobody") == 0
+
+
+def test_a_charged_total_counts_once_however_often_it_is_reported(ledger):
+    job = money_job("t")
+    ledger.reserve(job, 100, [("service", None, LOTS)])
+    results = race(16, lambda i: ledger.charge(job, 10, total=True))
+    assert sorted(spent for spent, _ in results) == [10] * 16
+    assert ledger.charge(job, 8, total=True) == (10, None)  # a lower total charges nothing
+    assert ledger.spent("t") == 10 and ledger.used_today() == 100
+
+
+def test_spend_past_a_day_budget_is_recorded_and_named(ledger, clock):
+    limits = [("service", None, 50)]
+    unreserved = money_job("u")
+    spent, passed = ledger.charge(unreserved, 70, limits)
+    assert spent == 70 and passed["scope"] == "service" and passed["limit"] == 50
+    assert ledger.used_today() == 70  # recorded in full: the excess blocks new work
     with pytest.raises(BudgetExceeded):
-        ledger.charge("nobody", 1)  # no reservation, nothing to spend
+        ledger.reserve(money_job("next"), 1, limits)
+
+
+def test_a_retry_reserves_what_is_left_of_the_cap_once(ledger):
+    job = money_job("r")
+    ledger.reserve(job, 35, [("service", None, LOTS)])
+    ledger.charge(job, 30)
+    ledger.settle("r", "failed")
+    results = race(8, lambda i: ledger.reserve_rest(job, 35, [("service", None, LOTS)]))
+    assert sorted(results, key=lambda r: r is None) == [5] + [None] * 7
+    assert ledger.used_today() == 35  # 30 spent and 5 held, whatever the retries
+
+
+def test_top_up_raises_a_reservation_within_the_limits(ledger):
+    job = money_job("w")
+    ledger.top_up(job, 40, [("service", None, 100)])
+    ledger.top_up(job, 30, [("service", None, 100)])  # already holds more: nothing
+    assert ledger.used_today() == 40
+    with pytest.raises(BudgetExceeded):
+        ledger.top_up(job, 101, [("service", None, 100)])
+    assert ledger.used_today() == 40
 
 
 def test_a_reservation_past_a_limit_raises_and_writes_nothing(ledger, clock):
@@ -667,14 +706,12 @@ def test_a_reservation_past_a_limit_raises_and_writes_nothing(ledger, clock):
     with pytest.raises(BudgetExceeded) as err:
         ledger.reserve(money_job("c"), 1, limits)
     assert err.value.state == {"scope": "key", "limit": 250, "used": 250, "requested": 1,
-                               "day": utc_day(clock())}
+                               "day": utc_day(clock()), "reserved": 250}
     with pytest.raises(BudgetExceeded) as err:
         ledger.reserve(money_job("d", key_id="k2"), 51, [("service", None, 300)])
     assert err.value.state["scope"] == "service" and err.value.state["used"] == 250
     assert ledger.used_today() == 250 and ledger.used_today("k") == 250
     assert ledger.used_today("k2") == 0 and ledger.spent("c") == 0
-    with pytest.raises(BudgetExceeded):
-        ledger.charge("c", 1)  # the refused job has no reservation
     day = utc_day(clock())
     assert ledger.usage(day, day, "key") == {"k": {"spend": 0, "reserved": 250, "jobs": {}}}
 
@@ -697,13 +734,13 @@ def test_usage_groups_spend_reservations_and_outcomes(ledger_backend, clock):
                                                  ("c", "k2", "x", 80, 0)]:
         book.reserve(money_job(job_id, key_id, workflow), cap, [("service", None, LOTS)])
         if spend:
-            book.charge(job_id, spend)
+            book.charge(money_job(job_id, key_id, workflow), spend)
     book.settle("a", "succeeded")
     rec.outcome({"workflow": "x", "key_id": "k1", "status": "succeeded"})
     clock.advance(86_400)
     second_day = utc_day(clock())
     book.reserve(money_job("d", "k2", "y"), 30, [("service", None, LOTS)])
-    book.charge("d", 10)
+    book.charge(money_job("d", "k2", "y"), 10)
     rec.outcome({"workflow": "y", "key_id": "k2", "status": "failed"})
     rec.flush()
     assert book.usage(first_day, second_day, "day") == {
@@ -815,6 +852,8 @@ def test_create_lookup_list_revoke(keys, clock):
     assert keys.revoke(record["id"])["revoked_at"] == revoked["revoked_at"]
     assert keys.revoke("key_nosuchkey") is None
     assert [k["revoked_at"] is not None for k in keys.list()] == [True, False]
+    assert keys.get(record["id"])["revoked_at"] == revoked["revoked_at"]  # revoked or not
+    assert keys.get(other["id"])["name"] == "app" and keys.get("key_nosuchkey") is None
 
 
 # ---------------------------------------------------------------------------
