@@ -80,7 +80,7 @@ def post_worker_init(worker):
     _bound_request_reads(worker.log)
     # Open the database and start the background writer in the worker, after
     # the fork, so that the uptime heartbeat runs even before the first request.
-    start = getattr(worker.wsgi, "start", None)
+    start = getattr(getattr(worker, "wsgi", None), "start", None)
     if start is not None:
         start()
 
@@ -89,6 +89,7 @@ def worker_exit(server, worker):
     # On SIGTERM: stop taking jobs, let running ones finish while gunicorn's
     # graceful timeout allows (it kills the worker after that), then write
     # what the log and the audit writer still hold.
-    stop = getattr(worker.wsgi, "stop", None)
+    # A worker whose app failed to load has no wsgi attribute.
+    stop = getattr(getattr(worker, "wsgi", None), "stop", None)
     if stop is not None:
         stop(grace=max(1.0, worker.cfg.graceful_timeout * 0.8))
