@@ -57,6 +57,8 @@ READ_TIMEOUT = float(os.environ.get("READ_TIMEOUT", "5"))
 
 
 def _bound_request_reads(log):
+    import socket
+
     from gunicorn.http import errors, unreader
 
     original = getattr(unreader.SocketUnreader, "chunk", None)
@@ -64,13 +66,25 @@ def _bound_request_reads(log):
         log.warning("levqor: cannot bound request reads in this gunicorn version")
         return
 
+    def drop(sock):
+        # gunicorn treats NoMoreData as the client going away: the
+        # connection is closed. It closes "gracefully", on the worker's
+        # one event-loop thread, waiting up to 2 s for the client to
+        # close its end, which a slow client never does: every client cut
+        # off would stall the whole worker. Shut the read side first:
+        # that wait then ends at once, and a 408 can still be written.
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        return errors.NoMoreData()
+
     def chunk(self, *args, **kwargs):
         self.sock.settimeout(READ_TIMEOUT)
         try:
             return original(self, *args, **kwargs)
         except TimeoutError:
-            # gunicorn treats this as the client going away: the connection is closed.
-            raise errors.NoMoreData() from None
+            raise drop(self.sock) from None
 
     chunk.levqor_bounded = True
     unreader.SocketUnreader.chunk = chunk
