@@ -53,37 +53,92 @@ limit_request_field_size = 8190
 # the request, and reads with no timeout: a client that trickles its headers
 # or body holds a thread as long as it likes, and a few such clients stall
 # the service. Each read of a request is bounded to READ_TIMEOUT seconds of
-# silence; past it the connection is dropped (a body read inside Levqor
-# answers 408). In production, a reverse proxy that buffers whole requests
-# (nginx does by default) is the complete answer: see the README.
+# silence, and the whole request, head and body, to REQUEST_TIMEOUT seconds
+# from its first read: a client that sends a byte every few seconds never
+# lets one read time out, so only the whole-request deadline stops it. Past
+# either, the connection is dropped (a body read inside Levqor answers 408).
+# In production, a reverse proxy that buffers whole requests (nginx does by
+# default) is the complete answer: see the README.
 READ_TIMEOUT = _settings.read_timeout
+REQUEST_TIMEOUT = _settings.request_timeout
 
 
 def _bound_request_reads(log):
-    from gunicorn.http import errors, unreader
+    import socket
+    import time
 
-    original = getattr(unreader.SocketUnreader, "chunk", None)
-    if original is None or getattr(original, "levqor_bounded", False):
+    from gunicorn.http import errors, parser, unreader
+
+    # Each request's deadline lives on its connection's unreader, which every
+    # read of its head and body (in gunicorn or in the app) goes through.
+    original_chunk = getattr(unreader.SocketUnreader, "chunk", None)
+    if original_chunk is None:
         log.warning("levqor: cannot bound request reads in this gunicorn version")
-        return
+    elif getattr(original_chunk, "levqor_bounded", False):
+        log.warning("levqor: request reads are already bounded")
+    else:
+        def drop(sock):
+            # gunicorn treats NoMoreData as the client going away: the
+            # connection is closed. It closes "gracefully", on the worker's
+            # one event-loop thread, waiting up to 2 s for the client to
+            # close its end, which a slow client never does: every client cut
+            # off would stall the whole worker. Shut the read side first:
+            # that wait then ends at once, and a 408 can still be written.
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            return errors.NoMoreData()
 
-    def chunk(self, *args, **kwargs):
-        self.sock.settimeout(READ_TIMEOUT)
-        try:
-            return original(self, *args, **kwargs)
-        except TimeoutError:
-            # gunicorn treats this as the client going away: the connection is closed.
-            raise errors.NoMoreData() from None
+        def chunk(self, *args, **kwargs):
+            wait = READ_TIMEOUT
+            deadline = getattr(self, "levqor_deadline", None)
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise drop(self.sock)
+            self.sock.settimeout(wait)
+            try:
+                return original_chunk(self, *args, **kwargs)
+            except TimeoutError:
+                raise drop(self.sock) from None
+            finally:
+                # The response is written on this socket too: leave it the
+                # READ_TIMEOUT it had before the request deadline existed,
+                # not the last few milliseconds of that deadline.
+                self.sock.settimeout(READ_TIMEOUT)
 
-    chunk.levqor_bounded = True
-    unreader.SocketUnreader.chunk = chunk
+        chunk.levqor_bounded = True
+        unreader.SocketUnreader.chunk = chunk
+
+    # gunicorn builds each request, the first on a connection or the next on
+    # a kept-alive one, in Parser.__next__, before any read of its head: each
+    # gets its own deadline there. That also bounds the drain of an unread
+    # body of the request before, which gunicorn does there with no timeout.
+    original_next = getattr(parser.Parser, "__next__", None)
+    if original_next is None:
+        log.warning("levqor: cannot bound whole requests in this gunicorn version")
+    elif getattr(original_next, "levqor_bounded", False):
+        log.warning("levqor: whole requests are already bounded")
+    else:
+        def __next__(self):
+            source = getattr(self, "unreader", None)
+            if source is not None:
+                source.levqor_deadline = time.monotonic() + REQUEST_TIMEOUT
+            return original_next(self)
+
+        __next__.levqor_bounded = True
+        parser.Parser.__next__ = __next__
+        # gunicorn's own alias for the method, kept pointing at the same thing.
+        if getattr(parser.Parser, "next", None) is original_next:
+            parser.Parser.next = __next__
 
 
 def post_worker_init(worker):
     _bound_request_reads(worker.log)
     # Open the database and start the background writer in the worker, after
     # the fork, so that the uptime heartbeat runs even before the first request.
-    start = getattr(worker.wsgi, "start", None)
+    start = getattr(getattr(worker, "wsgi", None), "start", None)
     if start is not None:
         start()
 
@@ -92,6 +147,7 @@ def worker_exit(server, worker):
     # On SIGTERM: stop taking jobs, let running ones finish while gunicorn's
     # graceful timeout allows (it kills the worker after that), then write
     # what the log and the audit writer still hold.
-    stop = getattr(worker.wsgi, "stop", None)
+    # A worker whose app failed to load has no wsgi attribute.
+    stop = getattr(getattr(worker, "wsgi", None), "stop", None)
     if stop is not None:
         stop(grace=max(1.0, worker.cfg.graceful_timeout * 0.8))

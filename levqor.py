@@ -179,6 +179,7 @@ SETTINGS = (
     ("web_concurrency", "WEB_CONCURRENCY", whole(0, 256), "0"),  # 0: by JOB_STORE
     ("threads", "THREADS", whole(1, 256), "4"),
     ("read_timeout", "READ_TIMEOUT", seconds(0.1, 3600), "5"),
+    ("request_timeout", "REQUEST_TIMEOUT", seconds(0.1, 3600), "10"),
     ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
                                                         "critical"), "info"),
     # Blank: a quarter of MAX_COST_PER_DAY (costs.Guardrails).
@@ -235,7 +236,8 @@ class Settings:
     port: int
     web_concurrency: int
     threads: int
-    read_timeout: float
+    read_timeout: float          # seconds of silence in one read of a request
+    request_timeout: float       # seconds for a whole request's head and body
     gunicorn_log_level: str
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
 
