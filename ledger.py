@@ -5,6 +5,40 @@ import time
 
 from costs import BudgetExceeded, fits, utc_day
 
+# Named statements, with named parameters. ledger_days and ledger_jobs are
+# running totals of the ledger rows, written in the same transactions.
+SQL = {
+    "row": "INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
+           " VALUES (:ts, :day, :job_id, :key_id, :workflow, :amount, :kind, :note)",
+    "add_use": "INSERT INTO ledger_days (day, key_id, used) VALUES (:day, :key_id, :amount)"
+               " ON CONFLICT (day, key_id) DO UPDATE SET used = ledger_days.used + excluded.used",
+    "used": "SELECT used FROM ledger_days WHERE day = :day AND key_id = :key_id",
+    "outstanding": "SELECT COALESCE(SUM(reserved), 0) AS r FROM ledger_jobs"
+                   " WHERE day = :day AND reserved > 0 AND (:key_id IS NULL OR key_id = :key_id)",
+    "hold": "INSERT INTO ledger_jobs (job_id, day, key_id, workflow, reserved, spent)"
+            " VALUES (:job_id, :day, :key_id, :workflow, :amount, 0)"
+            " ON CONFLICT (job_id) DO UPDATE SET day = excluded.day,"
+            " reserved = ledger_jobs.reserved + excluded.reserved",
+    "job": "SELECT job_id, day, key_id, workflow, reserved, spent FROM ledger_jobs WHERE job_id = :job_id",
+    "spend": "INSERT INTO ledger_jobs (job_id, day, key_id, workflow, reserved, spent)"
+             " VALUES (:job_id, :day, :key_id, :workflow, 0, :amount)"
+             " ON CONFLICT (job_id) DO UPDATE SET day = excluded.day,"
+             " reserved = ledger_jobs.reserved - :covered, spent = ledger_jobs.spent + :amount"
+             " RETURNING spent",
+    "release_all": "UPDATE ledger_jobs SET reserved = 0 WHERE job_id = :job_id",
+    # Grouped by day, workflow or key: {column} is one of those three names.
+    "usage_money": "SELECT {column} AS g,"
+                   " COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0) AS spend,"
+                   " COALESCE(SUM(CASE WHEN kind != 'charge' THEN amount END), 0) AS reserved"
+                   " FROM ledger WHERE day BETWEEN :first AND :last"
+                   " AND (:key_id IS NULL OR key_id = :key_id) GROUP BY g",
+    "usage_outcomes": "SELECT {column} AS g, status, SUM(n) AS n FROM job_outcomes"
+                      " WHERE day BETWEEN :first AND :last AND (:key_id IS NULL OR key_id = :key_id)"
+                      " GROUP BY g, status",
+}
+GROUP_COLUMNS = {"day": "day", "workflow": "workflow", "key": "key_id"}
+
+
 class Ledger:
     """Reservations, charges and releases in integer micro-dollars.
 
@@ -28,20 +62,17 @@ class Ledger:
 
     @staticmethod
     def _row(conn, now, job, amount, kind, note):
-        conn.execute("INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (now, job["day"], job["job_id"], job["key_id"], job["workflow"], amount, kind,
-                      note and str(note)[:200]))
+        conn.execute(SQL["row"], {"ts": now, "day": job["day"], "job_id": job["job_id"],
+                                  "key_id": job["key_id"], "workflow": job["workflow"],
+                                  "amount": amount, "kind": kind, "note": note and str(note)[:200]})
 
     def _add_use(self, conn, day, key_id, amount):
-        conn.executemany("INSERT INTO ledger_days VALUES (?, ?, ?)"
-                         " ON CONFLICT DO UPDATE SET used = used + excluded.used",
-                         [(day, self.SERVICE, amount), (day, key_id, amount)])
+        conn.executemany(SQL["add_use"], [{"day": day, "key_id": k, "amount": amount}
+                                          for k in (self.SERVICE, key_id)])
 
     @staticmethod
     def _used(conn, day, key_id):
-        row = conn.execute("SELECT used FROM ledger_days WHERE day = ? AND key_id = ?",
-                           (day, key_id)).fetchone()
+        row = conn.execute(SQL["used"], {"day": day, "key_id": key_id}).fetchone()
         return row["used"] if row else 0
 
     def _refusal(self, conn, day, amount, limits):
@@ -52,13 +83,9 @@ class Ledger:
             used = self._used(conn, day, key_id or self.SERVICE)
             if not fits(used, amount, limit):
                 # Read only on a refusal: the rows still holding a reservation.
-                sql, params = "SELECT COALESCE(SUM(reserved), 0) AS r FROM ledger_jobs" \
-                              " WHERE day = ? AND reserved > 0", [day]
-                if key_id:
-                    sql += " AND key_id = ?"
-                    params.append(key_id)
+                reserved = conn.execute(SQL["outstanding"], {"day": day, "key_id": key_id}).fetchone()["r"]
                 return {"scope": scope, "limit": limit, "used": used, "requested": amount,
-                        "day": day, "reserved": conn.execute(sql, params).fetchone()["r"]}
+                        "day": day, "reserved": reserved}
         return None
 
     def _hold(self, conn, now, day, job, amount, note):
@@ -66,9 +93,7 @@ class Ledger:
         it already holds a reservation on another)."""
         entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
                  "workflow": job["workflow"]}
-        conn.execute("INSERT INTO ledger_jobs VALUES (:job_id, :day, :key_id, :workflow, :amount, 0)"
-                     " ON CONFLICT DO UPDATE SET day = excluded.day,"
-                     " reserved = reserved + excluded.reserved", dict(entry, amount=amount))
+        conn.execute(SQL["hold"], dict(entry, amount=amount))
         self._row(conn, now, entry, amount, "reserve", note)
         self._add_use(conn, day, job["key_id"], amount)
 
@@ -95,8 +120,7 @@ class Ledger:
         now = self.clock()
         day = utc_day(now)
         with self.db.write() as conn:
-            row = conn.execute("SELECT reserved, spent FROM ledger_jobs WHERE job_id = ?",
-                               (job["job_id"],)).fetchone() or {"reserved": 0, "spent": 0}
+            row = conn.execute(SQL["job"], job).fetchone() or {"reserved": 0, "spent": 0}
             if row["reserved"]:
                 return None
             amount = max(0, cap - row["spent"])
@@ -113,8 +137,7 @@ class Ledger:
         written, if the difference does not fit ``limits``."""
         now = self.clock()
         with self.db.write() as conn:
-            row = conn.execute("SELECT day, reserved FROM ledger_jobs WHERE job_id = ?",
-                               (job["job_id"],)).fetchone()
+            row = conn.execute(SQL["job"], job).fetchone()
             held = row["reserved"] if row else 0
             if amount <= held:
                 return
@@ -133,8 +156,7 @@ class Ledger:
         None). One transaction: concurrent reports of one total charge once."""
         now = self.clock()
         with self.db.write() as conn:
-            row = conn.execute("SELECT day, reserved, spent FROM ledger_jobs WHERE job_id = ?",
-                               (job["job_id"],)).fetchone() or {"reserved": 0, "spent": 0}
+            row = conn.execute(SQL["job"], job).fetchone() or {"reserved": 0, "spent": 0}
             if total:
                 amount -= row["spent"]
             if amount <= 0:
@@ -149,11 +171,7 @@ class Ledger:
                 self._add_use(conn, day, job["key_id"], amount - covered)
             entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
                      "workflow": job["workflow"]}
-            spent = conn.execute(
-                "INSERT INTO ledger_jobs VALUES (:job_id, :day, :key_id, :workflow, 0, :amount)"
-                " ON CONFLICT DO UPDATE SET day = excluded.day, reserved = reserved - :covered,"
-                " spent = spent + :amount RETURNING spent",
-                dict(entry, amount=amount, covered=covered)).fetchone()["spent"]
+            spent = conn.execute(SQL["spend"], dict(entry, amount=amount, covered=covered)).fetchone()["spent"]
             self._row(conn, now, entry, amount, "charge", note)
             if covered:
                 self._row(conn, now, entry, -covered, "release", note)
@@ -163,40 +181,32 @@ class Ledger:
         """Release what is left of a job's reservation; returns what it spent."""
         now = self.clock()
         with self.db.write() as conn:
-            job = conn.execute("SELECT * FROM ledger_jobs WHERE job_id = ?", (job_id,)).fetchone()
+            job = conn.execute(SQL["job"], {"job_id": job_id}).fetchone()
             if job is None:
                 return 0
             if job["reserved"] > 0:
-                conn.execute("UPDATE ledger_jobs SET reserved = 0 WHERE job_id = ?", (job_id,))
+                conn.execute(SQL["release_all"], {"job_id": job_id})
                 self._row(conn, now, job, -job["reserved"], "release", note)
                 self._add_use(conn, job["day"], job["key_id"], -job["reserved"])
         return job["spent"]
 
     def spent(self, job_id):
-        rows = self.db.query("SELECT spent FROM ledger_jobs WHERE job_id = ?", (job_id,))
+        rows = self.db.query(SQL["job"], {"job_id": job_id})
         return rows[0]["spent"] if rows else 0
 
     def used_today(self, key_id=None):
-        rows = self.db.query("SELECT used FROM ledger_days WHERE day = ? AND key_id = ?",
-                             (utc_day(self.clock()), key_id or self.SERVICE))
+        rows = self.db.query(SQL["used"], {"day": utc_day(self.clock()), "key_id": key_id or self.SERVICE})
         return rows[0]["used"] if rows else 0
 
     def usage(self, first_day, last_day, group_by, key_id=None):
         """Spend and outstanding reservations per group, with job outcomes.
         Summed from the ledger rows themselves: this is the audit view."""
-        column = {"day": "day", "workflow": "workflow", "key": "key_id"}[group_by]
-        where, params = "day BETWEEN ? AND ?", [first_day, last_day]
-        if key_id is not None:
-            where += " AND key_id = ?"
-            params.append(key_id)
+        column = GROUP_COLUMNS[group_by]
+        params = {"first": first_day, "last": last_day, "key_id": key_id}
         groups = {}
-        for row in self.db.query(
-                f"SELECT {column} AS g, COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0)"
-                f" AS spend, COALESCE(SUM(CASE WHEN kind != 'charge' THEN amount END), 0) AS reserved"
-                f" FROM ledger WHERE {where} GROUP BY g", params):
+        for row in self.db.query(SQL["usage_money"].format(column=column), params):
             groups[row["g"]] = {"spend": row["spend"], "reserved": row["reserved"], "jobs": {}}
-        for row in self.db.query(f"SELECT {column} AS g, status, SUM(n) AS n FROM job_outcomes"
-                                 f" WHERE {where} GROUP BY g, status", params):
+        for row in self.db.query(SQL["usage_outcomes"].format(column=column), params):
             entry = groups.setdefault(row["g"], {"spend": 0, "reserved": 0, "jobs": {}})
             entry["jobs"][row["status"]] = row["n"]
         return groups
