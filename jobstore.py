@@ -256,7 +256,6 @@ class SqliteJobStore:
         self.ttl = ttl
         self.aging = aging
         self.clock = clock
-        self._held = (0.0, 0)  # (when counted, jobs held): a count of a big table is not free
 
     def _columns(self, job):
         ready_at = max(job["not_before"], job["queued_at"])
@@ -277,40 +276,43 @@ class SqliteJobStore:
                      " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
                      " data = :data WHERE job_id = :job_id", cols)
 
-    def _count(self, now):
-        counted_at, held = self._held
-        if now - counted_at > 1.0:
-            held = self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
-            self._held = (now, held)
-        return held
-
     def add(self, job, idempotency=None):
         now = self.clock()
-        if self._count(now) >= self.max_jobs:
-            self.purge(now)
-            self._held = (0.0, 0)
-            if self._count(now) >= self.max_jobs:
-                raise QueueFull("the job store is full")
         job = dict(job, queued_at=job["created_at"])
         cols = self._columns(job)
-        insert = (f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
-                  " RETURNING seq")
+        # The limit is checked by the insert itself, against the count that
+        # triggers keep in the same transaction: exact across processes.
+        insert = (f"INSERT INTO jobs ({', '.join(cols)}) SELECT {', '.join(':' + c for c in cols)}"
+                  " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq")
+        params = dict(cols, max_jobs=self.max_jobs)
         if idempotency is None:  # PERF: one statement, its own transaction
-            job["seq"] = self.db.write_one(insert, cols)[0]["seq"]
-            return job, True
+            for _ in range(2):  # full: purge what is past its time, then once more
+                rows = self.db.write_one(insert, params)
+                if rows:
+                    job["seq"] = rows[0]["seq"]
+                    return job, True
+                if not self.purge(now):
+                    break
+            raise QueueFull("the job store is full")
         key_id, key, body_hash, ttl = idempotency
-        with self.db.write() as conn:
-            row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
-                               " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
-            existing = row and self._load(conn, row["job_id"])
-            if existing:
-                if row["body_hash"] != body_hash:
-                    raise IdempotencyMismatch(key)
-                return existing, False
-            job["seq"] = conn.execute(insert, cols).fetchone()["seq"]
-            conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
-                         (key_id, key, body_hash, job["job_id"], now + ttl))
-        return job, True
+        for _ in range(2):
+            with self.db.write() as conn:
+                row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
+                                   " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
+                existing = row and self._load(conn, row["job_id"])
+                if existing:
+                    if row["body_hash"] != body_hash:
+                        raise IdempotencyMismatch(key)
+                    return existing, False
+                inserted = conn.execute(insert, params).fetchone()
+                if inserted is not None:
+                    job["seq"] = inserted["seq"]
+                    conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                                 (key_id, key, body_hash, job["job_id"], now + ttl))
+                    return job, True
+            if not self.purge(now):
+                break
+        raise QueueFull("the job store is full")
 
     def get(self, job_id):
         rows = self.db.query("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,))

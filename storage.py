@@ -25,7 +25,8 @@ import uuid
 
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 # Append only: a released migration is never edited. Statements are split on
-# semicolons, so comments in them must not hold one.
+# semicolons (rejoined where a trigger's body holds some), so comments in them
+# must not hold one.
 MIGRATIONS = [
     """
     CREATE TABLE users (
@@ -158,6 +159,20 @@ MIGRATIONS = [
                                        '$.key_fp')
         WHERE json_type(data, '$.key_fp') IS NOT NULL;
     """,
+    """
+    -- How many jobs the table holds, kept by triggers in the same
+    -- transaction as each insert and delete, so that MAX_JOBS is checked
+    -- exactly across processes without counting the table per intake.
+    CREATE TABLE job_count (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        n  INTEGER NOT NULL
+    );
+    INSERT INTO job_count SELECT 1, COUNT(*) FROM jobs;
+    CREATE TRIGGER jobs_counted_in AFTER INSERT ON jobs
+        BEGIN UPDATE job_count SET n = n + 1 WHERE id = 1; END;
+    CREATE TRIGGER jobs_counted_out AFTER DELETE ON jobs
+        BEGIN UPDATE job_count SET n = n - 1 WHERE id = 1; END;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
@@ -260,9 +275,14 @@ class Database:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()["user_version"]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                statement = ""
+                for part in script.split(";"):
+                    # A trigger's body holds semicolons: run only whole statements.
+                    statement += part + ";"
+                    if sqlite3.complete_statement(statement):
+                        if statement.strip(" \n;"):
+                            conn.execute(statement)
+                        statement = ""
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
