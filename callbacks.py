@@ -263,7 +263,7 @@ class Callbacks:
             "type": f"job.{job['status']}",
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             "data": self.view(job),
-        }, separators=(",", ":")).encode()
+        }, separators=(",", ":"), allow_nan=False).encode()  # receivers' parsers refuse NaN
         if not self.enabled:
             state = {"state": "disabled", "attempts": 0, "last_status": None,
                      "last_error": "no CALLBACK_SECRET is configured", "next_attempt_at": None}
@@ -375,8 +375,11 @@ class Callbacks:
     def start(self):
         if self._workers or not self.enabled:
             return
-        for job_id, event_id, due in self.store.pending_callbacks():
-            self._schedule(due or self.clock(), job_id, event_id)
+        try:
+            for job_id, event_id, due in self.store.pending_callbacks():
+                self._schedule(due or self.clock(), job_id, event_id)
+        except Exception:  # a bad row must not keep the process from serving
+            self.log.error("callback start-up scan failed", traceback=traceback.format_exc())
         self._stopping.clear()
         self._workers = [threading.Thread(target=self._worker, name=f"levqor-callback-{i}",
                                           daemon=True) for i in range(self.threads)]

@@ -231,6 +231,9 @@ class MemoryJobStore:
     def pending_callbacks(self):
         return []  # nothing outlives the process that would have sent it
 
+    def quarantine(self):
+        return []  # nothing here was ever read back from text
+
     def __len__(self):
         with self._lock:
             return len(self._jobs)
@@ -264,7 +267,8 @@ class SqliteJobStore:
                 "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
                 "finished_at": job.get("finished_at"),
-                "data": json.dumps(job, separators=(",", ":"))}
+                # No NaN or Infinity: SQLite's JSON functions refuse a row holding one.
+                "data": json.dumps(job, separators=(",", ":"), allow_nan=False)}
 
     def _load(self, conn, job_id):
         row = conn.execute("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -381,12 +385,33 @@ class SqliteJobStore:
     def pending_callbacks(self):
         """(job_id, callback_id, next_attempt_at) of deliveries still to make,
         for a process that starts after another stopped mid-schedule."""
+        # NOTE: json_extract fails the whole query on one malformed row; CASE
+        # (unlike AND) is sure to ask json_valid first.
         rows = self.db.query(
-            "SELECT json_extract(data, '$.job_id') AS job_id,"
-            " json_extract(data, '$.callback_id') AS callback_id,"
+            "SELECT job_id, json_extract(data, '$.callback_id') AS callback_id,"
             " json_extract(data, '$.callback.next_attempt_at') AS due FROM jobs"
-            " WHERE finished_at IS NOT NULL AND json_extract(data, '$.callback.state') = 'pending'")
+            " WHERE finished_at IS NOT NULL AND CASE WHEN json_valid(data)"
+            " THEN json_extract(data, '$.callback.state') = 'pending' END")
         return [(r["job_id"], r["callback_id"], r["due"]) for r in rows]
+
+    def quarantine(self):
+        """Move every row whose data is not valid JSON to jobs_quarantine;
+        the job ids moved. json_valid reads any row without failing."""
+        found = self.db.query("SELECT seq FROM jobs WHERE NOT json_valid(data)")
+        if not found:
+            return []
+        moved = []
+        with self.db.write() as conn:
+            for row in found:  # another process may have moved it since
+                got = conn.execute("SELECT job_id FROM jobs WHERE seq = ? AND NOT json_valid(data)",
+                                   (row["seq"],)).fetchone()
+                if got is None:
+                    continue
+                conn.execute("INSERT INTO jobs_quarantine SELECT seq, job_id, data, 'corrupt_record', ?"
+                             " FROM jobs WHERE seq = ?", (self.clock(), row["seq"]))
+                conn.execute("DELETE FROM jobs WHERE seq = ?", (row["seq"],))
+                moved.append(got["job_id"])
+        return moved
 
     def purge(self, now):
         """Delete one small batch of finished jobs past ``ttl``, and expired

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from json.encoder import encode_basestring_ascii as _esc
 
 import jsonschema
@@ -441,9 +442,24 @@ class Services:
             self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.log.start()
             self.recorder.start()
+            self._quarantine()
             self.engine.start()
             self.callbacks.start()
             self.pid = os.getpid()
+
+    def _quarantine(self):
+        """Set aside job rows that cannot be read, before anything scans them.
+
+        They go to their own table rather than stay as failed jobs: a row
+        that SQLite cannot read as JSON breaks every query that looks inside
+        it, and its job could not be shown, retried or sent on intact either.
+        """
+        try:
+            for job_id in self.jobs.quarantine():
+                self.log.error("corrupt job record set aside", job_id=job_id,
+                               table="jobs_quarantine", error_type="corrupt_record")
+        except Exception:  # start anyway: the next start looks again
+            self.log.error("corrupt record scan failed", traceback=traceback.format_exc())
 
     def stop(self, grace=25.0):
         """Let running jobs finish within ``grace`` seconds, then write what is buffered."""

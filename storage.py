@@ -173,6 +173,18 @@ MIGRATIONS = [
     CREATE TRIGGER jobs_counted_out AFTER DELETE ON jobs
         BEGIN UPDATE job_count SET n = n - 1 WHERE id = 1; END;
     """,
+    """
+    -- Job rows whose data is not valid JSON (a non-finite number stored by
+    -- an older version, a torn write), moved here at start-up: no scan meets
+    -- them again, and the operator still has every byte to look at.
+    CREATE TABLE jobs_quarantine (
+        seq            INTEGER PRIMARY KEY,
+        job_id         TEXT NOT NULL,
+        data           TEXT NOT NULL,
+        reason         TEXT NOT NULL,
+        quarantined_at REAL NOT NULL
+    );
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
