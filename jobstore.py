@@ -24,6 +24,15 @@ PRIORITIES = ("high", "normal", "low")
 PRIORITY_HEAD_START = {"high": 2, "normal": 1, "low": 0}
 
 
+def callback_due(job):
+    """When a pending callback next needs a sender: its next attempt, or
+    when the hold of the sender that has it now runs out. None if none is pending."""
+    state = job.get("callback") or {}
+    if state.get("state") != "pending":
+        return None
+    return max(state.get("next_attempt_at") or 0, job.get("callback_sending_until") or 0)
+
+
 class MemoryJobStore:
     """Jobs in a dict behind one lock, in this process only.
 
@@ -228,8 +237,13 @@ class MemoryJobStore:
         with self._lock:
             self._purge(now)
 
-    def pending_callbacks(self):
-        return []  # nothing outlives the process that would have sent it
+    def pending_callbacks(self, due_by=None):
+        """(job_id, callback_id, due) of pending deliveries, those due by
+        ``due_by`` only if given (see SqliteJobStore.pending_callbacks)."""
+        with self._lock:
+            found = [(job["job_id"], job["callback_id"], callback_due(job))
+                     for job in self._jobs.values() if callback_due(job) is not None]
+        return [f for f in found if due_by is None or f[2] <= due_by]
 
     def quarantine(self):
         return []  # nothing here was ever read back from text
@@ -266,7 +280,7 @@ class SqliteJobStore:
                 "priority": job["priority"], "key_id": job["key_id"],
                 "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
-                "finished_at": job.get("finished_at"),
+                "finished_at": job.get("finished_at"), "callback_due": callback_due(job),
                 # No NaN or Infinity: SQLite's JSON functions refuse a row holding one.
                 "data": json.dumps(job, separators=(",", ":"), allow_nan=False)}
 
@@ -278,7 +292,7 @@ class SqliteJobStore:
         cols = self._columns(job)
         conn.execute("UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
                      " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
-                     " data = :data WHERE job_id = :job_id", cols)
+                     " callback_due = :callback_due, data = :data WHERE job_id = :job_id", cols)
 
     def add(self, job, idempotency=None):
         now = self.clock()
@@ -382,17 +396,18 @@ class SqliteJobStore:
         jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
         return jobs[:limit], len(jobs) > limit
 
-    def pending_callbacks(self):
-        """(job_id, callback_id, next_attempt_at) of deliveries still to make,
-        for a process that starts after another stopped mid-schedule."""
+    def pending_callbacks(self, due_by=None):
+        """(job_id, callback_id, due) of deliveries still to make: all of them
+        for a process that starts after another stopped mid-schedule; with
+        ``due_by``, those due by then that no sender holds (the periodic scan)."""
         # NOTE: json_extract fails the whole query on one malformed row; CASE
         # (unlike AND) is sure to ask json_valid first.
-        rows = self.db.query(
-            "SELECT job_id, json_extract(data, '$.callback_id') AS callback_id,"
-            " json_extract(data, '$.callback.next_attempt_at') AS due FROM jobs"
-            " WHERE finished_at IS NOT NULL AND CASE WHEN json_valid(data)"
-            " THEN json_extract(data, '$.callback.state') = 'pending' END")
-        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows]
+        sql = ("SELECT job_id, callback_due AS due, CASE WHEN json_valid(data)"
+               " THEN json_extract(data, '$.callback_id') END AS callback_id FROM jobs"
+               " WHERE callback_due IS NOT NULL")
+        rows = self.db.query(sql, ()) if due_by is None else \
+            self.db.query(sql + " AND callback_due <= ?", (due_by,))
+        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows if r["callback_id"]]
 
     def quarantine(self):
         """Move every row whose data is not valid JSON to jobs_quarantine;

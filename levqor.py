@@ -170,6 +170,7 @@ SETTINGS = (
     ("read_timeout", "READ_TIMEOUT", seconds(0.1, 3600), "5"),
     ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
                                                         "critical"), "info"),
+    ("callback_scan_interval", "CALLBACK_SCAN_INTERVAL", seconds(0.1, 3600), "30"),
 )
 
 
@@ -222,6 +223,7 @@ class Settings:
     threads: int
     read_timeout: float
     gunicorn_log_level: str
+    callback_scan_interval: float  # seconds between scans for deliveries whose sender died
 
     @property
     def production(self):
@@ -395,7 +397,8 @@ class Services:
         self.recorder = Recorder(self.db, log)
         self.callbacks = callbacks.Callbacks(
             self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
-            threads=settings.callback_threads, view=engine.status_view)
+            threads=settings.callback_threads, view=engine.status_view,
+            scan_interval=settings.callback_scan_interval)
         self.ledger = Ledger(self.db)
         self.key_store = KeyStore(self.db)
         self.key_buckets = middleware.TokenBuckets(settings.rate_table_size)

@@ -185,6 +185,18 @@ MIGRATIONS = [
         quarantined_at REAL NOT NULL
     );
     """,
+    """
+    -- When a job's pending callback next needs a sender: its next attempt,
+    -- or the end of the hold of the process sending it now. NULL when no
+    -- delivery is pending. Every process scans it for deliveries nobody
+    -- holds, so one whose sender died is sent by another.
+    ALTER TABLE jobs ADD COLUMN callback_due REAL;
+    UPDATE jobs SET callback_due = MAX(COALESCE(json_extract(data, '$.callback.next_attempt_at'), 0),
+                                       COALESCE(json_extract(data, '$.callback_sending_until'), 0))
+        WHERE finished_at IS NOT NULL AND CASE WHEN json_valid(data)
+            THEN json_extract(data, '$.callback.state') = 'pending' END;
+    CREATE INDEX jobs_callbacks ON jobs(callback_due) WHERE callback_due IS NOT NULL;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")

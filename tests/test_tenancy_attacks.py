@@ -202,3 +202,174 @@ def test_start_up_scans_that_fail_are_logged_and_the_service_starts(tmp_path):
         app.stop()
     messages = [json.loads(line)["msg"] for line in log.getvalue().splitlines()]
     assert "corrupt record scan failed" in messages and "callback start-up scan failed" in messages
+
+
+# -- a callback outlives the process that was sending it ------------------------------------
+
+
+def two_processes(tmp_path, sent):
+    """Two Callbacks dispatchers on one SQLite job store, as two gunicorn
+    workers have, and a job whose notification the first has begun to send
+    when it dies: it took the attempt (the compare-and-set) and no more."""
+    import callbacks
+    import engine
+    from support import FakeClock
+    clock = FakeClock()
+    store = _store(tmp_path / "jobs.db", clock=clock)
+
+    def post(url, headers, body, allow_private):
+        sent.append(headers["webhook-id"])
+        return 200, None
+    first, second = (callbacks.Callbacks(store, Log(), (SECRET,), clock=clock, post=post,
+                                         view=engine.status_view) for _ in range(2))
+    job, _ = store.add(_job("d" * 32, callback_url="http://hooks.example.com/x"))
+    job = store.update(job["job_id"], status="succeeded", finished_at=clock(), updated_at=clock())
+    first.on_finish(job)
+    job = store.get(job["job_id"])
+    assert store.update(job["job_id"], expect={"callback_sending_until": None},
+                        callback_sending_until=clock() + callbacks.TIMEOUT + 5)
+    return store, clock, second, job["job_id"]
+
+
+def test_a_delivery_held_by_a_sender_that_died_is_sent_once_its_hold_ends(tmp_path):
+    sent = []
+    store, clock, survivor, job_id = two_processes(tmp_path, sent)
+    # A process starting now finds it pending, but held by the dead sender.
+    for found_job, event_id, due in survivor.store.pending_callbacks():
+        survivor._schedule(due, found_job, event_id)
+    survivor.run_due()
+    assert sent == [] and store.get(job_id)["callback"]["state"] == "pending"
+    clock.advance(16)  # the hold runs out: nobody is sending it
+    survivor.run_due()
+    assert len(sent) == 1 and store.get(job_id)["callback"]["state"] == "delivered"
+
+
+def test_the_periodic_scan_picks_up_a_delivery_whose_sender_died(tmp_path):
+    sent = []
+    store, clock, survivor, job_id = two_processes(tmp_path, sent)
+    survivor.scan()  # held by a sender that may be alive: not taken
+    assert survivor.run_due() == 0 and sent == []
+    clock.advance(16)
+    survivor.scan()
+    survivor.scan()  # scanning again queues it once
+    assert survivor.run_due() == 1
+    assert len(sent) == 1 and store.get(job_id)["callback"]["state"] == "delivered"
+    survivor.scan()
+    assert survivor.run_due() == 0 and len(sent) == 1
+
+
+class HangingReceiver:
+    """Loopback webhook receiver whose first delivery hangs (until the test
+    ends), as a slow endpoint would while the sender is killed."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        self.hits = []        # (client port, headers, body), answered or not
+        self.delivered = []   # (headers, body) answered 200
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.hits.append((self.client_address[1], headers, body))
+                if len(receiver.hits) == 1:
+                    receiver.release.wait(60)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+                receiver.delivered.append((headers, body))
+
+        class Srv(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Srv(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def connection_owner(pids, local_port, remote_port):
+    """Which of pids holds the TCP connection from local_port to remote_port
+    (from /proc: the socket's inode, then the process with it open)."""
+    sockets = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)) == \
+                    (local_port, remote_port):
+                sockets.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+@pytest.mark.server
+def test_a_callback_whose_sender_is_killed_is_delivered_by_another_process(tmp_path):
+    import callbacks
+    receiver = HangingReceiver()
+    srv = Server(tmp_path, WEB_CONCURRENCY=2, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE=1,
+                 CALLBACK_SCAN_INTERVAL=0.5, **FAST).start()
+    try:
+        r = requests.post(srv.url + INTAKE, headers=HEADERS, timeout=10,
+                          json={"workflow": "echo", "payload": {"n": 7},
+                                "callback_url": f"http://localhost:{receiver.port}/hook"})
+        job_id = r.json()["job_id"]
+        assert wait_until(lambda: receiver.hits, 30)
+        workers = children(srv.proc.pid)
+        sender = wait_until(lambda: connection_owner(workers, receiver.hits[0][0], receiver.port), 10)
+        assert sender in workers
+        os.kill(sender, signal.SIGKILL)
+        # Its hold on the delivery runs out after TIMEOUT + 5 s; then another
+        # process (the survivor, or the worker started in its place) sends it.
+        assert wait_until(lambda: receiver.delivered, callbacks.TIMEOUT + 5 + 30), srv.log()
+        headers, body = receiver.delivered[0]
+        event = callbacks.verify_webhook(SECRET, headers, body)
+        assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job_id
+        assert headers["webhook-id"] == receiver.hits[0][1]["webhook-id"]
+        view = requests.get(srv.url + f"/api/v1/status/{job_id}", headers=HEADERS, timeout=5).json()
+        assert view["callback"]["state"] == "delivered" and view["callback"]["attempts"] == 1
+        assert len(receiver.delivered) == 1
+    finally:
+        srv.stop()
+        receiver.close()
+
+
+def test_deliveries_pending_before_the_upgrade_are_found_and_a_bad_row_does_not_stop_it(
+        tmp_path, monkeypatch):
+    import storage
+    path = tmp_path / "old.db"
+    version = storage.MIGRATIONS.index(next(m for m in storage.MIGRATIONS if "callback_due" in m))
+    monkeypatch.setattr(storage, "MIGRATIONS", storage.MIGRATIONS[:version])
+    storage.Database(str(path)).connection().close()
+    pending = _job("e" * 32, status="succeeded", finished_at=5.0, callback_id="msg_e",
+                   callback={"state": "pending", "next_attempt_at": 7.0},
+                   callback_sending_until=9.0)
+    conn = sqlite3.connect(path)
+    with conn:
+        for seq, job, data in ((1, pending, json.dumps(pending)),
+                               (2, _job("f" * 32), '{"x":Infinity}')):
+            conn.execute("INSERT INTO jobs (seq, job_id, status, workflow, priority, key_id, score,"
+                         " not_before, finished_at, data) VALUES (?, ?, 'succeeded', 'w', 'normal',"
+                         " 'k', 0, 0, 5.0, ?)", (seq, job["job_id"], data))
+    conn.close()
+    monkeypatch.undo()
+    store = _store(path)
+    assert store.pending_callbacks() == [("e" * 32, "msg_e", 9.0)]
+    assert store.pending_callbacks(8.9) == [] and store.quarantine() == ["f" * 32]
