@@ -42,7 +42,7 @@ KEY = obj(("id", "name", "role", "prefix", "created_at", "revoked"), id=STR, nam
           role={"enum": ["client", "worker"]}, prefix=STR, created_at=NUM,
           last_used_at=NULLABLE_NUM, revoked_at=NULLABLE_NUM, revoked={"type": "boolean"},
           daily_budget=NULLABLE_NUM, rate_per_minute={"type": ["integer", "null"]},
-          spend_today=NUM)
+          spend_today=NUM, workflows={"type": ["array", "null"], "items": STR})
 
 RESPONSES = {
     "Error": {

@@ -127,8 +127,13 @@ SCHEMAS = {
             "role": {"enum": ["client", "worker"]},
             "daily_budget": {"type": "number", "minimum": 0, "maximum": 1_000_000},
             "rate_per_minute": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            # A worker key's workflows: names, or prefixes ending in *.
+            "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
+                          "items": {"type": "string", "maxLength": 129,
+                                    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\*?$"}},
         },
         "required": ["name", "role"],
+        "dependentSchemas": {"workflows": {"properties": {"role": {"const": "worker"}}}},
         "additionalProperties": False,
     },
     "user_upsert": {

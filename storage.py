@@ -197,6 +197,11 @@ MIGRATIONS = [
             THEN json_extract(data, '$.callback.state') = 'pending' END;
     CREATE INDEX jobs_callbacks ON jobs(callback_due) WHERE callback_due IS NOT NULL;
     """,
+    """
+    -- The workflow names (or prefixes ending in *) a worker key may claim,
+    -- as a JSON list; NULL: any.
+    ALTER TABLE api_keys ADD COLUMN workflows TEXT;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
@@ -450,25 +455,30 @@ class KeyStore:
     """Managed API keys (``lq_...``), held as SHA-256 digests only."""
 
     COLUMNS = ("id", "name", "role", "prefix", "daily_budget", "rate_per_minute", "created_at",
-               "last_used_at", "revoked_at")
+               "last_used_at", "revoked_at", "workflows")
 
     def __init__(self, db, clock=time.time):
         self.db = db
         self.clock = clock
         self._touched = {}  # key id -> when last_used_at was last written
 
-    def create(self, name, role, daily_budget=None, rate_per_minute=None):
+    def create(self, name, role, daily_budget=None, rate_per_minute=None, workflows=None):
         """A new key; returns (record, secret). The secret is never stored."""
         secret = "lq_" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
         record = {"id": "key_" + os.urandom(8).hex(), "name": name, "role": role,
                   "prefix": secret[:11], "daily_budget": daily_budget,
                   "rate_per_minute": rate_per_minute, "created_at": round(self.clock(), 3),
-                  "last_used_at": None, "revoked_at": None}
+                  "last_used_at": None, "revoked_at": None, "workflows": workflows}
         self.db.write_one(
             f"INSERT INTO api_keys ({', '.join(self.COLUMNS)}, digest)"
             f" VALUES ({', '.join(':' + c for c in self.COLUMNS)}, :digest)",
-            dict(record, digest=hashlib.sha256(secret.encode()).digest()))
+            dict(record, digest=hashlib.sha256(secret.encode()).digest(),
+                 workflows=None if workflows is None else json.dumps(workflows)))
         return record, secret
+
+    @staticmethod
+    def _out(row):
+        return dict(row, workflows=row["workflows"] and json.loads(row["workflows"]))
 
     def lookup(self, secret):
         """The live key with this secret, or None. The digest is the index:
@@ -478,7 +488,7 @@ class KeyStore:
                              " WHERE digest = ? AND revoked_at IS NULL", (digest,))
         if not rows:
             return None
-        key = rows[0]
+        key = self._out(rows[0])
         now = self.clock()
         # PERF: last_used_at is written at most once a minute per key.
         if now - self._touched.get(key["id"], 0) > 60:
@@ -487,10 +497,11 @@ class KeyStore:
         return key
 
     def list(self):
-        return self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")
+        return [self._out(r) for r in
+                self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")]
 
     def revoke(self, key_id):
         rows = self.db.write_one(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
             f" RETURNING {', '.join(self.COLUMNS)}", (round(self.clock(), 3), key_id))
-        return rows[0] if rows else None
+        return self._out(rows[0]) if rows else None

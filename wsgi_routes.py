@@ -267,7 +267,12 @@ def job_redeliver(req, job_id):
 
 def job_claim(req):
     body = validate("claim", req.json())
-    job = req.services.engine.claim(body["workflows"], body.get("lease_seconds", 60))
+    patterns = req.key and req.key["workflows"]  # None: any workflow
+    if patterns:
+        for name in body["workflows"]:
+            if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
+                raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
+    job = req.services.engine.claim(body["workflows"], body.get("lease_seconds", 60), req.key_id)
     if job is None:
         return 204, [], b""
     return respond({"job": {"job_id": job["job_id"], "workflow": job["workflow"],
@@ -280,7 +285,8 @@ def job_claim(req):
 def job_heartbeat(req, job_id):
     body = validate("heartbeat", req.json())
     job = _job_call(req.services.engine.heartbeat, job_id, body["lease_token"],
-                    body.get("lease_seconds"), body.get("progress"), body.get("cost"))
+                    body.get("lease_seconds"), body.get("progress"), body.get("cost"),
+                    key_id=req.key_id)
     return respond({"job_id": job_id, "lease_expires_at": job["lease_expires_at"],
                     "cancel_requested": job["cancel_requested"]})
 
@@ -288,14 +294,14 @@ def job_heartbeat(req, job_id):
 def job_complete(req, job_id):
     body = validate("complete", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], result=body["result"],
-                    cost=body.get("cost"))
+                    cost=body.get("cost"), key_id=req.key_id)
     return respond({"job": status_view(job)})
 
 
 def job_fail(req, job_id):
     body = validate("fail", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], error=body["error"],
-                    retryable=body.get("retryable", True), cost=body.get("cost"))
+                    retryable=body.get("retryable", True), cost=body.get("cost"), key_id=req.key_id)
     return respond({"job": status_view(job)})
 
 
@@ -360,7 +366,7 @@ def usage(req):
 
 def _key_view(key, spent_today=0):
     view = {k: key[k] for k in ("id", "name", "role", "prefix", "created_at", "last_used_at",
-                                "rate_per_minute", "revoked_at")}
+                                "rate_per_minute", "revoked_at", "workflows")}
     view.update(daily_budget=to_usd(key["daily_budget"]), spend_today=to_usd(spent_today),
                 revoked=key["revoked_at"] is not None)
     return view
@@ -371,7 +377,7 @@ def key_create(req):
     budget = body.get("daily_budget")
     record, secret = req.services.key_store.create(body["name"], body["role"],
                                               None if budget is None else to_micro(budget),
-                                              body.get("rate_per_minute"))
+                                              body.get("rate_per_minute"), body.get("workflows"))
     # The secret is shown this once; only its digest is kept.
     return respond({**_key_view(record), "key": secret}, 201,
                    [("Location", f"/api/v1/keys/{record['id']}"), ("Cache-Control", "no-store")])

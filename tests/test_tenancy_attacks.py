@@ -373,3 +373,108 @@ def test_deliveries_pending_before_the_upgrade_are_found_and_a_bad_row_does_not_
     store = _store(path)
     assert store.pending_callbacks() == [("e" * 32, "msg_e", 9.0)]
     assert store.pending_callbacks(8.9) == [] and store.quarantine() == ["f" * 32]
+
+
+# -- worker keys: only external workflows, only their own, only their own leases ----------
+
+PROD = {"API_KEYS": KEY, "LEVQOR_ENV": "production", "JOB_STORE": "sqlite",
+        "MAX_COST_PER_DAY": 1000}
+
+
+@pytest.fixture
+def prod(tmp_path):
+    app = make_app(tmp_path, **PROD)
+    yield app, Client(app)
+    app.stop()
+
+
+def new_key(c, role, **fields):
+    r = c.post("/api/v1/keys", {"name": f"a {role}", "role": role, **fields}, key=KEY)
+    assert r.status == 201, r
+    return r.json()
+
+
+def submit(c, workflow, key=KEY, **fields):
+    r = c.post(INTAKE, {"workflow": workflow, "payload": {"secret": "s3cr3t"}, "max_cost": 0,
+                        **fields}, key=key)
+    assert r.status == 202, r
+    return r.json()["job_id"]
+
+
+def test_a_claim_never_hands_out_an_in_process_workflow(prod):
+    app, c = prod
+    worker = new_key(c, "worker")["key"]
+    job_id = submit(c, "echo")
+    for key in (worker, KEY):
+        r = c.post(CLAIM, {"workflows": ["echo", "demo.flow", "sleep"]}, key=key)
+        assert r.status == 204, r
+    external = submit(c, "ext.report")
+    r = c.post(CLAIM, {"workflows": ["echo", "ext.report"]}, key=worker)
+    assert r.status == 200 and r.json()["job"]["job_id"] == external
+    assert app.services.engine.run_next()  # the pool still runs the in-process one
+    assert c.get(f"/api/v1/status/{job_id}", key=KEY).json()["status"] == "succeeded"
+
+
+def test_a_worker_key_limited_to_workflow_patterns_claims_nothing_else(prod):
+    app, c = prod
+    made = new_key(c, "worker", workflows=["acme.*", "report"])
+    assert made["workflows"] == ["acme.*", "report"]
+    listed = c.get("/api/v1/keys", key=KEY).json()["keys"]
+    assert [k["workflows"] for k in listed] == [["acme.*", "report"]]
+    assert new_key(c, "worker")["workflows"] is None  # unlimited, as before
+    worker = made["key"]
+    other = submit(c, "other.tenant")
+    mine = submit(c, "acme.invoice")
+    for asked, refused in ((["other.tenant"], "other.tenant"), (["acme.invoice", "reporting"], "reporting"),
+                           (["acme"], "acme"), (["report.x"], "report.x")):
+        r = c.post(CLAIM, {"workflows": asked}, key=worker)
+        assert r.status == 403 and r.json()["error"] == "forbidden", r
+        assert refused in r.json()["message"]
+    r = c.post(CLAIM, {"workflows": ["acme.invoice", "report"]}, key=worker)
+    assert r.status == 200 and r.json()["job"]["job_id"] == mine
+    assert c.post(CLAIM, {"workflows": ["report"]}, key=worker).status == 204
+    assert c.get(f"/api/v1/status/{other}", key=KEY).json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("fields", [
+    {"role": "client", "workflows": ["acme.*"]},
+    {"role": "worker", "workflows": []},
+    {"role": "worker", "workflows": ["acme.*"] * 2},
+    {"role": "worker", "workflows": [f"w{i}" for i in range(51)]},
+    {"role": "worker", "workflows": ["*"]},
+    {"role": "worker", "workflows": ["a*b"]},
+    {"role": "worker", "workflows": ["a b"]},
+    {"role": "worker", "workflows": ["-a"]},
+    {"role": "worker", "workflows": ["a" * 129]},
+    {"role": "worker", "workflows": "acme.*"},
+    {"role": "worker", "workflows": [7]},
+])
+def test_workflow_patterns_are_checked_when_the_key_is_made(prod, fields):
+    app, c = prod
+    r = c.post("/api/v1/keys", {"name": "w", **fields}, key=KEY)
+    assert r.status == 400 and r.json()["error"] == "validation_failed", r
+    assert r.json()["field"].startswith("role" if fields["role"] == "client" else "workflows"), r
+    assert c.get("/api/v1/keys", key=KEY).json()["keys"] == []
+
+
+def test_a_lease_token_works_only_with_the_key_that_claimed_it(prod):
+    app, c = prod
+    first, second = new_key(c, "worker")["key"], new_key(c, "worker")["key"]
+    job_id = submit(c, "ext.report")
+    job = c.post(CLAIM, {"workflows": ["ext.report"]}, key=first).json()["job"]
+    stolen = {"lease_token": job["lease_token"]}
+    wrong = {"lease_token": "0" * 32}
+    for path, body in (("heartbeat", {}), ("complete", {"result": {"forged": True}}),
+                       ("fail", {"error": "forged", "retryable": False})):
+        answers = []
+        for key, token in ((second, stolen), (KEY, stolen), (first, wrong)):
+            r = c.post(f"/api/v1/jobs/{job_id}/{path}", {**token, **body}, key=key)
+            assert r.status == 409, r
+            answers.append({k: v for k, v in r.json().items() if k != "request_id"})
+        assert answers[0] == answers[1] == answers[2]  # no oracle: the same as a wrong token
+        assert answers[0]["error"] == "lease_lost"
+    view = c.get(f"/api/v1/status/{job_id}", key=KEY).json()
+    assert view["status"] == "running" and view["result"] is None
+    assert not {"claimed_by", "lease_token", "key_id"} & set(view)
+    r = c.post(f"/api/v1/jobs/{job_id}/complete", {**stolen, "result": {"ok": 1}}, key=first)
+    assert r.status == 200 and r.json()["job"]["result"] == {"ok": 1}
