@@ -35,6 +35,11 @@ from urllib.parse import urlsplit
 # Seconds to wait before each attempt: at once, then 5 s, 30 s, 2 min,
 # 10 min, 30 min, 1 h; then give up.
 SCHEDULE = (0, 5, 30, 120, 600, 1800, 3600)
+# What the status view says of every failure to resolve or connect, whatever
+# it was: the cause (a name that does not resolve, or resolves to a forbidden
+# address, a closed port) would tell a client about DNS and networks it
+# cannot see. The log line has the cause.
+UNREACHABLE = "unreachable: the callback URL could not be resolved or connected to"
 TIMEOUT = 10.0
 MAX_RESPONSE = 64 * 1024
 TOLERANCE = 5 * 60
@@ -325,12 +330,15 @@ class Callbacks:
             "webhook-signature": " ".join(sign(k, event_id, stamp, body) for k in self.keys),
         }
         state["attempts"] += 1
-        retry_after = None
+        retry_after = detail = None
         try:
             status, retry_after = self.post(job["callback_url"], headers, body, self.allow_private)
-        except Refused as exc:
-            status, error, final = None, f"forbidden_address: {exc}", True
-        except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+        except (Refused, OSError) as exc:  # ssl.SSLError is an OSError too
+            # A forbidden address is retried like any other: a final answer
+            # would single it out.
+            status, error, final = None, UNREACHABLE, False
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+        except http.client.HTTPException as exc:
             status, error, final = None, f"{type(exc).__name__}: {exc}"[:300], False
         else:
             error = None if 200 <= status < 300 else f"HTTP {status}"
@@ -353,7 +361,8 @@ class Callbacks:
         if state["next_attempt_at"] is not None:
             self._schedule(state["next_attempt_at"], job_id, event_id)
         self.log.info("callback attempt", job_id=job_id, webhook_id=event_id,
-                      attempt=state["attempts"], state=state["state"], status=status, error=error)
+                      attempt=state["attempts"], state=state["state"], status=status, error=error,
+                      detail=detail)
 
     def _pop_due(self):
         with self._lock:

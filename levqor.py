@@ -171,6 +171,7 @@ SETTINGS = (
     ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
                                                         "critical"), "info"),
     ("callback_scan_interval", "CALLBACK_SCAN_INTERVAL", seconds(0.1, 3600), "30"),
+    ("public_job_status", "PUBLIC_JOB_STATUS", flag, "0"),
 )
 
 
@@ -224,6 +225,7 @@ class Settings:
     read_timeout: float
     gunicorn_log_level: str
     callback_scan_interval: float  # seconds between scans for deliveries whose sender died
+    public_job_status: bool      # production: anyone with a job id may read its status
 
     @property
     def production(self):

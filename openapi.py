@@ -97,7 +97,9 @@ ROUTE_DOCS = {
                                  {200: ("Metrics", "Metrics")}),
     ("POST", "/api/v1/intake"): ("Submit a job", "intake",
                                  {202: ("Accepted (or replayed, with Idempotent-Replayed)", "Accepted")}),
-    ("GET", "/api/v1/status/<job_id>"): ("A job's status", None, {200: ("The job", "JobStatus")}),
+    ("GET", "/api/v1/status/<job_id>"): ("A job's status (in production, for the key that made it "
+                                         "or an admin key, unless PUBLIC_JOB_STATUS=1)", None,
+                                         {200: ("The job", "JobStatus")}),
     ("POST", "/api/v1/_dev/complete/<job_id>"): ("Mark a job succeeded (development only)",
                                                  "optional:dev_complete", {200: ("Done", "Ok")}),
     ("GET", "/api/v1/ops/health"): ("Operational checks (admin)", None,

@@ -230,7 +230,9 @@ def _own_job(req, job_id):
 
 
 def job_status(req, job_id):
-    return respond(status_view(_job_call(req.services.engine.get, job_id)))
+    if req.role is None:  # a public read: development, or PUBLIC_JOB_STATUS=1
+        return respond(status_view(_job_call(req.services.engine.get, job_id)))
+    return respond(status_view(_own_job(req, job_id)))
 
 
 def dev_complete(req, job_id):
@@ -463,6 +465,7 @@ def user_patch(req, user_id):
 PUBLIC = "public"
 KEY = "key"              # a valid X-Api-Key (unless no keys are configured)
 USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
+JOB_READ = "job_read"    # KEY in production, unless PUBLIC_JOB_STATUS=1
 
 # (method, pattern, handler, access, flags). <name> matches one path segment,
 # <path:name> the rest of the path. Flags: "audit" writes an audit row,
@@ -476,7 +479,7 @@ ROUTES = [
     ("GET", "/health", health, PUBLIC, ()),
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
-    ("GET", "/api/v1/status/<job_id>", job_status, PUBLIC, ()),
+    ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
     ("GET", "/api/v1/ops/health", ops_health, KEY, ("admin",)),
     ("GET", "/api/v1/jobs", job_list, KEY, ()),
@@ -506,7 +509,7 @@ class Route:
 
     def __init__(self, method, pattern, handler, access, flags):
         unknown = set(flags) - {"audit", "dev", "worker", "admin"}
-        if unknown or access not in (PUBLIC, KEY, USER_READ):
+        if unknown or access not in (PUBLIC, KEY, USER_READ, JOB_READ):
             raise ValueError(f"route {method} {pattern}: bad access or flags")
         self.method, self.pattern, self.handler, self.access = method, pattern, handler, access
         self.audit = "audit" in flags
@@ -623,8 +626,10 @@ class Api:
         route, params = self.router.match(req.method, req.path)
         if route.dev and not self.services.settings.dev_endpoints:
             raise HTTPError(404, "not_found", "no such endpoint")
-        if route.access == KEY or (route.access == USER_READ
-                                   and not self.services.settings.public_user_reads):
+        settings = self.services.settings
+        if route.access == KEY or (route.access == USER_READ and not settings.public_user_reads) \
+                or (route.access == JOB_READ and settings.production
+                    and not settings.public_job_status):
             authenticate(req)  # unauthenticated requests are refused here, unaudited
         if not route.audit:
             self._admit(req, route)

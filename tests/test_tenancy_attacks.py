@@ -478,3 +478,83 @@ def test_a_lease_token_works_only_with_the_key_that_claimed_it(prod):
     assert not {"claimed_by", "lease_token", "key_id"} & set(view)
     r = c.post(f"/api/v1/jobs/{job_id}/complete", {**stolen, "result": {"ok": 1}}, key=first)
     assert r.status == 200 and r.json()["job"]["result"] == {"ok": 1}
+
+
+# -- job status is the owner's, and says nothing of DNS -------------------------------------
+
+
+def test_in_production_a_job_status_needs_the_owning_key(prod):
+    app, c = prod
+    owner, stranger = new_key(c, "client")["key"], new_key(c, "client")["key"]
+    worker = new_key(c, "worker")["key"]
+    job_id = submit(c, "ext.private", key=owner)
+    path = f"/api/v1/status/{job_id}"
+    r = c.get(path)
+    assert r.status == 401 and r.json()["error"] == "unauthorized"
+    r = c.get(path, key=stranger)
+    unknown = c.get(f"/api/v1/status/{'0' * 32}", key=stranger)
+    assert r.status == unknown.status == 404
+    assert {**r.json(), "request_id": 0, "job_id": 0} == {**unknown.json(), "request_id": 0, "job_id": 0}
+    assert c.get(path, key=worker).status == 403
+    for key in (owner, KEY):
+        r = c.get(path, key=key)
+        assert r.status == 200 and r.json()["job_id"] == job_id
+
+
+@pytest.mark.parametrize("env", [{"LEVQOR_ENV": "production", "PUBLIC_JOB_STATUS": "1"},
+                                 {"LEVQOR_ENV": "development"}])
+def test_public_status_reads_where_configured_and_in_development(tmp_path, env):
+    app = make_app(tmp_path, API_KEYS=KEY, JOB_STORE="sqlite", **env)
+    try:
+        c = Client(app)
+        job_id = submit(c, "ext.open")
+        r = c.get(f"/api/v1/status/{job_id}")
+        assert r.status == 200 and r.json()["status"] == "queued"
+    finally:
+        app.stop()
+
+
+def test_a_callback_failure_to_resolve_or_connect_reads_the_same_whatever_the_cause(tmp_path):
+    import functools
+    import io
+    import socket
+    import callbacks
+    from support import FakeClock
+
+    def getaddrinfo(host, port, type=None):
+        answers = {"internal.levqor.test": "10.1.2.3", "metadata.levqor.test": "169.254.169.254",
+                   "closed.levqor.test": "93.184.216.34", "slow.levqor.test": "93.184.216.35"}
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    def connect(address, timeout):
+        if address[0] == "93.184.216.35":
+            raise TimeoutError("timed out")
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    log = io.StringIO()
+    app = make_app(tmp_path, log=log, **PROD, CALLBACK_SECRET=SECRET)
+    cbs = app.services.callbacks
+    cbs.post = functools.partial(callbacks.post, getaddrinfo=getaddrinfo, connect=connect)
+    cbs.clock = FakeClock()
+    try:
+        c = Client(app)
+        hosts = ["internal", "metadata", "nowhere", "closed", "slow"]
+        ids = [submit(c, "echo", callback_url=f"https://{h}.levqor.test/hook") for h in hosts]
+        while app.services.engine.run_next():
+            pass
+
+        def views():
+            return [c.get(f"/api/v1/status/{j}", key=KEY).json()["callback"] for j in ids]
+        assert wait_until(lambda: all(v["attempts"] == 1 for v in views()), 10), views()
+        seen = views()
+        assert all(v == seen[0] for v in seen), seen
+        assert seen[0]["state"] == "pending" and seen[0]["last_error"] == callbacks.UNREACHABLE
+        assert not any(word in seen[0]["last_error"].lower()
+                       for word in ("forbidden", "gaierror", "refused", "timed", "resolve to"))
+    finally:
+        app.stop()
+    details = [json.loads(line).get("detail") or "" for line in log.getvalue().splitlines()]
+    assert any("forbidden address" in d for d in details)  # the operator still sees why
+    assert any("gaierror" in d for d in details) and any("ConnectionRefused" in d for d in details)
