@@ -242,8 +242,8 @@ class MemoryJobStore:
         ``due_by`` only if given (see SqliteJobStore.pending_callbacks)."""
         with self._lock:
             found = [(job["job_id"], job["callback_id"], callback_due(job))
-                     for job in self._jobs.values() if callback_due(job) is not None]
-        return [f for f in found if due_by is None or f[2] <= due_by]
+                     for job in self._jobs.values() if job["callback"] is not None]
+        return [f for f in found if f[2] is not None and (due_by is None or f[2] <= due_by)]
 
     def quarantine(self):
         return []  # nothing here was ever read back from text
