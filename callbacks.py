@@ -307,10 +307,11 @@ class Callbacks:
         if state["state"] != "pending":
             return  # done already
         held = job.get("callback_sending_until") or 0
-        if held > now or state["next_attempt_at"] > now:
+        due = max(held, state["next_attempt_at"] or 0)
+        if due > now:
             # Another process is sending it, or this is an early copy: look
             # again when its hold ends, in case that sender died meanwhile.
-            self._schedule(max(held, state["next_attempt_at"]), job_id, event_id)
+            self._schedule(due, job_id, event_id)
             return
         # Take the attempt: with a shared store, two processes may both have
         # it scheduled; the compare-and-set lets one of them send.
