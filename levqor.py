@@ -236,6 +236,11 @@ class Settings:
         return not self.production
 
     @property
+    def job_status_public(self):
+        """Anyone with a job id may read its status: in development, or with PUBLIC_JOB_STATUS=1."""
+        return self.public_job_status or not self.production
+
+    @property
     def callback_secrets(self):
         """CALLBACK_SECRET, then CALLBACK_SECRET_NEXT: the keys deliveries are signed with."""
         return tuple(s for s in (self.callback_secret, self.callback_secret_next) if s)
@@ -419,7 +424,7 @@ class Services:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"MODEL_PRICES: {exc}") from None
             self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
-        self.openapi_body = openapi_body(settings.max_cost_per_job)
+        self.openapi_body = openapi_body(settings.max_cost_per_job, settings.job_status_public)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():

@@ -162,9 +162,11 @@ def openapi_path(pattern):
     return pattern.replace("<path:path>", "{path}").replace("<", "{").replace(">", "}")
 
 
-def build(routes, schemas, version, keyed=lambda access: access != "public"):
+def build(routes, schemas, version, keyed=lambda access: access != "public",
+          key_optional=lambda access: False):
     """The document, for ``routes`` as in wsgi_routes.ROUTES and ``schemas``
-    as in schemas.SCHEMAS, describing service version ``version``."""
+    as in schemas.SCHEMAS, describing service version ``version``; a keyed
+    route whose access is ``key_optional`` here also answers without a key."""
     components = {name: copy.deepcopy(schema) for name, schema in schemas.items()}
     components.update(copy.deepcopy(RESPONSES))
     paths = {}
@@ -181,7 +183,7 @@ def build(routes, schemas, version, keyed=lambda access: access != "public"):
             op["requestBody"] = {"required": not optional, "content": {
                 "application/json": {"schema": ref(body.removeprefix("optional:"))}}}
         if keyed(access):
-            op["security"] = [{"ApiKey": []}]
+            op["security"] = [{}, {"ApiKey": []}] if key_optional(access) else [{"ApiKey": []}]
         for status, (description, schema) in success.items():
             response = {"description": description}
             if schema in RESPONSES:

@@ -600,12 +600,14 @@ class Router:
 ROUTER = Router(ROUTES)
 
 
-def openapi_body(max_cost_per_job):
+def openapi_body(max_cost_per_job, job_status_public=False):
     """The OpenAPI document, from the route table and the schemas the
-    validators use, with this service's cost cap (built once per app)."""
+    validators use, with this service's cost cap and whether a key is
+    optional for job status (built once per app)."""
     schemas = dict(SCHEMAS, intake=json.loads(json.dumps(SCHEMAS["intake"])))
     schemas["intake"]["properties"]["max_cost"]["maximum"] = max_cost_per_job / 1_000_000
-    return json_body(openapi.build(ROUTES, schemas, VERSION))
+    return json_body(openapi.build(ROUTES, schemas, VERSION,
+                                   key_optional=lambda access: job_status_public and access == JOB_READ))
 
 
 class Api:
@@ -628,8 +630,7 @@ class Api:
             raise HTTPError(404, "not_found", "no such endpoint")
         settings = self.services.settings
         if route.access == KEY or (route.access == USER_READ and not settings.public_user_reads) \
-                or (route.access == JOB_READ and settings.production
-                    and not settings.public_job_status):
+                or (route.access == JOB_READ and not settings.job_status_public):
             authenticate(req)  # unauthenticated requests are refused here, unaudited
         if not route.audit:
             self._admit(req, route)

@@ -558,3 +558,17 @@ def test_a_callback_failure_to_resolve_or_connect_reads_the_same_whatever_the_ca
     details = [json.loads(line).get("detail") or "" for line in log.getvalue().splitlines()]
     assert any("forbidden address" in d for d in details)  # the operator still sees why
     assert any("gaierror" in d for d in details) and any("ConnectionRefused" in d for d in details)
+
+
+@pytest.mark.parametrize("env, security", [
+    ({"LEVQOR_ENV": "production"}, [{"ApiKey": []}]),
+    ({"LEVQOR_ENV": "production", "PUBLIC_JOB_STATUS": "1"}, [{}, {"ApiKey": []}]),
+    ({}, [{}, {"ApiKey": []}])])
+def test_the_published_document_says_when_job_status_needs_a_key(tmp_path, env, security):
+    app = make_app(tmp_path, API_KEYS=KEY, **env)
+    try:
+        spec = Client(app).get("/openapi.json").json()
+        assert spec["paths"]["/api/v1/status/{job_id}"]["get"]["security"] == security
+        assert spec["paths"]["/api/v1/jobs"]["get"]["security"] == [{"ApiKey": []}]
+    finally:
+        app.stop()
