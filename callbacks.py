@@ -23,6 +23,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import math
 import os
 import socket
 import ssl
@@ -34,6 +35,11 @@ from urllib.parse import urlsplit
 # Seconds to wait before each attempt: at once, then 5 s, 30 s, 2 min,
 # 10 min, 30 min, 1 h; then give up.
 SCHEDULE = (0, 5, 30, 120, 600, 1800, 3600)
+# What the status view says of every failure to resolve or connect, whatever
+# it was: the cause (a name that does not resolve, or resolves to a forbidden
+# address, a closed port) would tell a client about DNS and networks it
+# cannot see. The log line has the cause.
+UNREACHABLE = "unreachable: the callback URL could not be resolved or connected to"
 TIMEOUT = 10.0
 MAX_RESPONSE = 64 * 1024
 TOLERANCE = 5 * 60
@@ -222,11 +228,14 @@ class Callbacks:
     the job (``callback``: state, attempts, last_status, last_error,
     next_attempt_at, shown in the status view; ``callback_id`` and
     ``callback_body``, not shown); the schedule is a heap in this process.
-    ``run_due()`` delivers what is due now, for tests.
+    Every ``scan_interval`` seconds each process also looks in the store for
+    deliveries that are due and that no sender holds, so one whose sender
+    died is sent by a process that lives. ``run_due()`` delivers what is due
+    now, and ``scan()`` looks once, for tests.
     """
 
     def __init__(self, store, log, secrets, allow_private=False, clock=time.time, threads=2,
-                 schedule=SCHEDULE, post=post, view=None):
+                 schedule=SCHEDULE, post=post, view=None, scan_interval=30.0):
         self.store = store
         self.log = log
         self.keys = [parse_secret(s) for s in secrets]
@@ -236,7 +245,9 @@ class Callbacks:
         self.schedule = schedule
         self.post = post
         self.view = view  # job -> the dict sent as "data"
+        self.scan_interval = scan_interval
         self._heap = []   # (due, seq, job_id, event_id)
+        self._queued = {}  # (job_id, event_id) -> the earliest due it has in the heap
         self._seq = 0
         self._lock = threading.Condition()
         self._stopping = threading.Event()
@@ -263,7 +274,7 @@ class Callbacks:
             "type": f"job.{job['status']}",
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             "data": self.view(job),
-        }, separators=(",", ":")).encode()
+        }, separators=(",", ":"), allow_nan=False).encode()  # receivers' parsers refuse NaN
         if not self.enabled:
             state = {"state": "disabled", "attempts": 0, "last_status": None,
                      "last_error": "no CALLBACK_SECRET is configured", "next_attempt_at": None}
@@ -277,6 +288,9 @@ class Callbacks:
 
     def _schedule(self, due, job_id, event_id):
         with self._lock:
+            if self._queued.get((job_id, event_id), math.inf) <= due:
+                return  # already waiting here, as soon or sooner: scans repeat themselves
+            self._queued[job_id, event_id] = due
             self._seq += 1
             heapq.heappush(self._heap, (due, self._seq, job_id, event_id))
             self._lock.notify()
@@ -290,8 +304,15 @@ class Callbacks:
             return  # the job is gone, or a newer event replaced this one
         state = job["callback"]
         now = self.clock()
-        if state["state"] != "pending" or (job.get("callback_sending_until") or 0) > now:
-            return  # done already, or another process is sending it right now
+        if state["state"] != "pending":
+            return  # done already
+        held = job.get("callback_sending_until") or 0
+        due = max(held, state["next_attempt_at"] or 0)
+        if due > now:
+            # Another process is sending it, or this is an early copy: look
+            # again when its hold ends, in case that sender died meanwhile.
+            self._schedule(due, job_id, event_id)
+            return
         # Take the attempt: with a shared store, two processes may both have
         # it scheduled; the compare-and-set lets one of them send.
         taken = self.store.update(job_id, expect={"callback_id": event_id, "callback": state,
@@ -310,12 +331,15 @@ class Callbacks:
             "webhook-signature": " ".join(sign(k, event_id, stamp, body) for k in self.keys),
         }
         state["attempts"] += 1
-        retry_after = None
+        retry_after = detail = None
         try:
             status, retry_after = self.post(job["callback_url"], headers, body, self.allow_private)
-        except Refused as exc:
-            status, error, final = None, f"forbidden_address: {exc}", True
-        except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+        except (Refused, OSError) as exc:  # ssl.SSLError is an OSError too
+            # A forbidden address is retried like any other: a final answer
+            # would single it out.
+            status, error, final = None, UNREACHABLE, False
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+        except http.client.HTTPException as exc:
             status, error, final = None, f"{type(exc).__name__}: {exc}"[:300], False
         else:
             error = None if 200 <= status < 300 else f"HTTP {status}"
@@ -338,12 +362,16 @@ class Callbacks:
         if state["next_attempt_at"] is not None:
             self._schedule(state["next_attempt_at"], job_id, event_id)
         self.log.info("callback attempt", job_id=job_id, webhook_id=event_id,
-                      attempt=state["attempts"], state=state["state"], status=status, error=error)
+                      attempt=state["attempts"], state=state["state"], status=status, error=error,
+                      detail=detail)
 
     def _pop_due(self):
         with self._lock:
             if self._heap and self._heap[0][0] <= self.clock():
-                return heapq.heappop(self._heap)
+                item = heapq.heappop(self._heap)
+                if self._queued.get(item[2:]) == item[0]:
+                    del self._queued[item[2:]]
+                return item
             return None
 
     def run_due(self):
@@ -353,6 +381,14 @@ class Callbacks:
             self.attempt(item[2], item[3])
             ran += 1
         return ran
+
+    def scan(self):
+        """Schedule here every delivery that is due and held by no sender."""
+        try:
+            for job_id, event_id, due in self.store.pending_callbacks(self.clock()):
+                self._schedule(due, job_id, event_id)
+        except Exception:  # a bad moment (or row) must not end the scans
+            self.log.error("callback scan failed", traceback=traceback.format_exc())
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -372,14 +408,23 @@ class Callbacks:
                 self.log.error("callback delivery error", job_id=item[2],
                                traceback=traceback.format_exc())
 
+    def _scanner(self):
+        while not self._stopping.wait(self.scan_interval):
+            self.scan()
+
     def start(self):
         if self._workers or not self.enabled:
             return
-        for job_id, event_id, due in self.store.pending_callbacks():
-            self._schedule(due or self.clock(), job_id, event_id)
+        try:
+            for job_id, event_id, due in self.store.pending_callbacks():
+                self._schedule(due or self.clock(), job_id, event_id)
+        except Exception:  # a bad row must not keep the process from serving
+            self.log.error("callback start-up scan failed", traceback=traceback.format_exc())
         self._stopping.clear()
         self._workers = [threading.Thread(target=self._worker, name=f"levqor-callback-{i}",
                                           daemon=True) for i in range(self.threads)]
+        self._workers.append(threading.Thread(target=self._scanner, name="levqor-callback-scan",
+                                              daemon=True))
         for t in self._workers:
             t.start()
 

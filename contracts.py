@@ -146,12 +146,21 @@ class JobStore(Protocol):
         drain. A job still queued or running is never deleted.
         """
 
-    def pending_callbacks(self) -> list[tuple[str, str, float | None]]:
-        """The callback outbox: (job_id, callback_id, next_attempt_at) of each
-        finished job whose ``callback["state"]`` is "pending", in no
-        particular order; what a process starting after another stopped must
-        still deliver. Sending is taken and recorded by ``update`` with
-        ``expect``, so two processes never both make one attempt."""
+    def pending_callbacks(self, due_by: float | None = None) -> list[tuple[str, str, float]]:
+        """The callback outbox: (job_id, callback_id, due) of each pending
+        delivery, in no particular order; ``due`` is its next attempt, or
+        the end of the hold of the process sending it now. All of them for a
+        process that starts after another stopped mid-schedule; with
+        ``due_by``, those due by then (the periodic scan that finds a
+        delivery whose sender died). Sending is taken and recorded by
+        ``update`` with ``expect``, so two processes never both make one
+        attempt."""
+
+    def quarantine(self) -> list[str]:
+        """Set aside every stored job that can no longer be read (a row
+        whose JSON is not valid), so that no scan meets it again; the job
+        ids set aside, each kept whole for the operator. A store that never
+        reads jobs back from text has none."""
 
     def __len__(self) -> int:
         """How many jobs are held, of any status."""
@@ -195,9 +204,11 @@ class KeyStore(Protocol):
     never holds the secret."""
 
     def create(self, name: str, role: str, daily_budget: int | None = None,
-               rate_per_minute: int | None = None) -> tuple[Record, str]:
+               rate_per_minute: int | None = None,
+               workflows: list[str] | None = None) -> tuple[Record, str]:
         """A new key: (its record, its secret). The secret is shown this once;
-        it cannot be read back."""
+        it cannot be read back. ``workflows``: the name patterns a worker key
+        may claim (None: any), kept and returned as a list."""
 
     def lookup(self, secret: str) -> Record | None:
         """The key with this secret, or None if there is none or it is

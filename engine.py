@@ -425,26 +425,30 @@ class Engine:
         now = self.now()
         self._renew_local_leases(now)
         for job in self.store.expired(now):
-            token = job["lease_token"]
-            self._signal(job["job_id"])  # first: finishing forgets the attempt's context
-            if job["cancel_requested"]:
-                self._finish(job, token, status="canceled")
-            elif job["deadline_at"] is not None and job["deadline_at"] <= now:
-                timeout = self._options(job["workflow"])[0]
-                done = self._finish(job, token, status="failed", error={
-                    "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
-                    "attempts": job["attempts"]})
-                if done is not None:
-                    self.log.warning("job timed out", job_id=job["job_id"], workflow=job["workflow"])
-            elif job["attempts"] < job["max_attempts"]:
-                self._finish(job, token, status="queued", not_before=now, queued_at=now,
-                             error={"type": "lease_expired", "message": "the worker stopped reporting",
-                                    "attempts": job["attempts"]})
-                self.log.warning("lease expired; job queued again", job_id=job["job_id"])
-            else:
-                self._finish(job, token, status="failed", error={
-                    "type": "lease_expired", "message": "the worker stopped reporting",
-                    "attempts": job["attempts"]})
+            try:  # one job's fault must not stop the sweep of the others
+                token = job["lease_token"]
+                self._signal(job["job_id"])  # first: finishing forgets the attempt's context
+                if job["cancel_requested"]:
+                    self._finish(job, token, status="canceled")
+                elif job["deadline_at"] is not None and job["deadline_at"] <= now:
+                    timeout = self._options(job["workflow"])[0]
+                    done = self._finish(job, token, status="failed", error={
+                        "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
+                        "attempts": job["attempts"]})
+                    if done is not None:
+                        self.log.warning("job timed out", job_id=job["job_id"], workflow=job["workflow"])
+                elif job["attempts"] < job["max_attempts"]:
+                    self._finish(job, token, status="queued", not_before=now, queued_at=now,
+                                 error={"type": "lease_expired", "message": "the worker stopped reporting",
+                                        "attempts": job["attempts"]})
+                    self.log.warning("lease expired; job queued again", job_id=job["job_id"])
+                else:
+                    self._finish(job, token, status="failed", error={
+                        "type": "lease_expired", "message": "the worker stopped reporting",
+                        "attempts": job["attempts"]})
+            except Exception:
+                self.log.error("lease sweep failed for a job", job_id=job.get("job_id"),
+                               traceback=traceback.format_exc())
 
     # -- money -----------------------------------------------------------------------------
 
@@ -504,19 +508,29 @@ class Engine:
 
     # -- external workers ----------------------------------------------------------------
 
-    def claim(self, workflows, lease_seconds):
-        return self.store.claim(workflows, self._start_attempt("external", lease_seconds))
+    def claim(self, workflows, lease_seconds, key_id=None):
+        """The next job for an external worker calling with ``key_id``, whose
+        lease only that key can use. Workflows this service runs in-process
+        are never handed out: their payloads are not for workers."""
+        external = [name for name in workflows if self.registry.get(name) is None]
+        if not external:
+            return None
+        start = self._start_attempt("external", lease_seconds)
+        return self.store.claim(external, lambda job: dict(start(job), claimed_by=key_id))
 
-    def _leased(self, job_id, token):
+    def _leased(self, job_id, token, key_id=None):
         job = self.get(job_id)
-        if job["status"] != "running" or job["lease_token"] != token:
+        # Another key's token is refused as a wrong one is: the answer says
+        # nothing of whether the token was right.
+        if job["status"] != "running" or job["lease_token"] != token \
+                or job.get("claimed_by") != key_id:
             raise JobError("lease_lost", "this lease is no longer valid: the job was re-leased, "
                                          "finished or canceled")
         return job
 
-    def heartbeat(self, job_id, token, lease_seconds=None, progress=None, cost=None):
+    def heartbeat(self, job_id, token, lease_seconds=None, progress=None, cost=None, key_id=None):
         """Extend the lease by ``lease_seconds`` (default: as long as claimed)."""
-        job = self._leased(job_id, token)
+        job = self._leased(job_id, token, key_id)
         self._report_cost(job, token, cost)
         seconds = lease_seconds or job["lease_seconds"]
         changes = {"lease_expires_at": self.now() + seconds, "lease_seconds": seconds,
@@ -528,12 +542,12 @@ class Engine:
             raise JobError("lease_lost", "this lease is no longer valid")
         return done
 
-    def report(self, job_id, token, result=None, error=None, retryable=True, cost=None):
+    def report(self, job_id, token, result=None, error=None, retryable=True, cost=None, key_id=None):
         """An external worker's outcome: a result, or an error message; with
         ``cost``, the job's total spend so far in dollars."""
-        job = self._leased(job_id, token)
+        job = self._leased(job_id, token, key_id)
         self._report_cost(job, token, cost)
-        job = self._leased(job_id, token)
+        job = self._leased(job_id, token, key_id)
         if error is None:
             done = self.succeed(job, token, result)
         else:

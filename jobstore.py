@@ -27,6 +27,15 @@ PRIORITIES = ("high", "normal", "low")
 PRIORITY_HEAD_START = {"high": 2, "normal": 1, "low": 0}
 
 
+def callback_due(job):
+    """When a pending callback next needs a sender: its next attempt, or
+    when the hold of the sender that has it now runs out. None if none is pending."""
+    state = job.get("callback") or {}
+    if state.get("state") != "pending":
+        return None
+    return max(state.get("next_attempt_at") or 0, job.get("callback_sending_until") or 0)
+
+
 class MemoryJobStore:
     """Jobs in a dict behind one lock, in this process only.
 
@@ -238,12 +247,16 @@ class MemoryJobStore:
         with self._lock:
             return self._purge(now)
 
-    def pending_callbacks(self):
-        """(job_id, callback_id, next_attempt_at) of deliveries still to make."""
+    def pending_callbacks(self, due_by=None):
+        """(job_id, callback_id, due) of pending deliveries, those due by
+        ``due_by`` only if given (see SqliteJobStore.pending_callbacks)."""
         with self._lock:
-            return [(j["job_id"], j["callback_id"], j["callback"]["next_attempt_at"])
-                    for j in self._jobs.values() if j["finished_at"] is not None
-                    and (j.get("callback") or {}).get("state") == "pending"]
+            found = [(job["job_id"], job["callback_id"], callback_due(job))
+                     for job in self._jobs.values() if job["callback"] is not None]
+        return [f for f in found if f[2] is not None and (due_by is None or f[2] <= due_by)]
+
+    def quarantine(self):
+        return []  # nothing here was ever read back from text
 
     def __len__(self):
         with self._lock:
@@ -270,7 +283,6 @@ class SqliteJobStore:
         self.ttl = ttl
         self.aging = aging
         self.clock = clock
-        self._held = (0.0, 0)  # (when counted, jobs held): a count of a big table is not free
 
     def _columns(self, job):
         ready_at = max(job["not_before"], job["queued_at"])
@@ -278,8 +290,9 @@ class SqliteJobStore:
                 "priority": job["priority"], "key_id": job["key_id"],
                 "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
-                "finished_at": job.get("finished_at"),
-                "data": json.dumps(job, separators=(",", ":"))}
+                "finished_at": job.get("finished_at"), "callback_due": callback_due(job),
+                # No NaN or Infinity: SQLite's JSON functions refuse a row holding one.
+                "data": json.dumps(job, separators=(",", ":"), allow_nan=False)}
 
     def _load(self, conn, job_id):
         row = conn.execute("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -289,42 +302,45 @@ class SqliteJobStore:
         cols = self._columns(job)
         conn.execute("UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
                      " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
-                     " data = :data WHERE job_id = :job_id", cols)
-
-    def _count(self, now):
-        counted_at, held = self._held
-        if now - counted_at > 1.0:
-            held = self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
-            self._held = (now, held)
-        return held
+                     " callback_due = :callback_due, data = :data WHERE job_id = :job_id", cols)
 
     def add(self, job, idempotency=None):
         now = self.clock()
-        if self._count(now) >= self.max_jobs:
-            self.purge(now)
-            self._held = (0.0, 0)
-            if self._count(now) >= self.max_jobs:
-                raise QueueFull("the job store is full")
         job = dict(job, queued_at=job["created_at"])
         cols = self._columns(job)
-        insert = (f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
-                  " RETURNING seq")
+        # The limit is checked by the insert itself, against the count that
+        # triggers keep in the same transaction: exact across processes.
+        insert = (f"INSERT INTO jobs ({', '.join(cols)}) SELECT {', '.join(':' + c for c in cols)}"
+                  " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq")
+        params = dict(cols, max_jobs=self.max_jobs)
         if idempotency is None:  # PERF: one statement, its own transaction
-            job["seq"] = self.db.write_one(insert, cols)[0]["seq"]
-            return job, True
+            for _ in range(2):  # full: purge what is past its time, then once more
+                rows = self.db.write_one(insert, params)
+                if rows:
+                    job["seq"] = rows[0]["seq"]
+                    return job, True
+                if not self.purge(now):
+                    break
+            raise QueueFull("the job store is full")
         key_id, key, body_hash, ttl = idempotency
-        with self.db.write() as conn:
-            row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
-                               " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
-            existing = row and self._load(conn, row["job_id"])
-            if existing:
-                if row["body_hash"] != body_hash:
-                    raise IdempotencyMismatch(key)
-                return existing, False
-            job["seq"] = conn.execute(insert, cols).fetchone()["seq"]
-            conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
-                         (key_id, key, body_hash, job["job_id"], now + ttl))
-        return job, True
+        for _ in range(2):
+            with self.db.write() as conn:
+                row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
+                                   " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
+                existing = row and self._load(conn, row["job_id"])
+                if existing:
+                    if row["body_hash"] != body_hash:
+                        raise IdempotencyMismatch(key)
+                    return existing, False
+                inserted = conn.execute(insert, params).fetchone()
+                if inserted is not None:
+                    job["seq"] = inserted["seq"]
+                    conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                                 (key_id, key, body_hash, job["job_id"], now + ttl))
+                    return job, True
+            if not self.purge(now):
+                break
+        raise QueueFull("the job store is full")
 
     def get(self, job_id):
         rows = self.db.query("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,))
@@ -390,15 +406,37 @@ class SqliteJobStore:
         jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
         return jobs[:limit], len(jobs) > limit
 
-    def pending_callbacks(self):
-        """(job_id, callback_id, next_attempt_at) of deliveries still to make,
-        for a process that starts after another stopped mid-schedule."""
-        rows = self.db.query(
-            "SELECT json_extract(data, '$.job_id') AS job_id,"
-            " json_extract(data, '$.callback_id') AS callback_id,"
-            " json_extract(data, '$.callback.next_attempt_at') AS due FROM jobs"
-            " WHERE finished_at IS NOT NULL AND json_extract(data, '$.callback.state') = 'pending'")
-        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows]
+    def pending_callbacks(self, due_by=None):
+        """(job_id, callback_id, due) of deliveries still to make: all of them
+        for a process that starts after another stopped mid-schedule; with
+        ``due_by``, those due by then that no sender holds (the periodic scan)."""
+        # NOTE: json_extract fails the whole query on one malformed row; CASE
+        # (unlike AND) is sure to ask json_valid first.
+        sql = ("SELECT job_id, callback_due AS due, CASE WHEN json_valid(data)"
+               " THEN json_extract(data, '$.callback_id') END AS callback_id FROM jobs"
+               " WHERE callback_due IS NOT NULL")
+        rows = self.db.query(sql, ()) if due_by is None else \
+            self.db.query(sql + " AND callback_due <= ?", (due_by,))
+        return [(r["job_id"], r["callback_id"], r["due"]) for r in rows if r["callback_id"]]
+
+    def quarantine(self):
+        """Move every row whose data is not valid JSON to jobs_quarantine;
+        the job ids moved. json_valid reads any row without failing."""
+        found = self.db.query("SELECT seq FROM jobs WHERE NOT json_valid(data)")
+        if not found:
+            return []
+        moved = []
+        with self.db.write() as conn:
+            for row in found:  # another process may have moved it since
+                got = conn.execute("SELECT job_id FROM jobs WHERE seq = ? AND NOT json_valid(data)",
+                                   (row["seq"],)).fetchone()
+                if got is None:
+                    continue
+                conn.execute("INSERT INTO jobs_quarantine SELECT seq, job_id, data, 'corrupt_record', ?"
+                             " FROM jobs WHERE seq = ?", (self.clock(), row["seq"]))
+                conn.execute("DELETE FROM jobs WHERE seq = ?", (row["seq"],))
+                moved.append(got["job_id"])
+        return moved
 
     def purge(self, now):
         """Delete one small batch of finished jobs past ``ttl``, and expired

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from json.encoder import encode_basestring_ascii as _esc
 
 import jsonschema
@@ -184,6 +185,8 @@ SETTINGS = (
                                                         "critical"), "info"),
     # Blank: a quarter of MAX_COST_PER_DAY (costs.Guardrails).
     ("key_daily_budget", "KEY_DAILY_BUDGET", money_or_blank, ""),
+    ("callback_scan_interval", "CALLBACK_SCAN_INTERVAL", seconds(0.1, 3600), "30"),
+    ("public_job_status", "PUBLIC_JOB_STATUS", flag, "0"),
 )
 
 
@@ -240,6 +243,8 @@ class Settings:
     request_timeout: float       # seconds for a whole request's head and body
     gunicorn_log_level: str
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
+    callback_scan_interval: float  # seconds between scans for deliveries whose sender died
+    public_job_status: bool      # production: anyone with a job id may read its status
 
     @property
     def production(self):
@@ -248,6 +253,11 @@ class Settings:
     @property
     def dev_endpoints(self):
         return not self.production
+
+    @property
+    def job_status_public(self):
+        """Anyone with a job id may read its status: in development, or with PUBLIC_JOB_STATUS=1."""
+        return self.public_job_status or not self.production
 
     @property
     def callback_secrets(self):
@@ -415,7 +425,8 @@ class Services:
         self.recorder = Recorder(self.db, log)
         self.callbacks = callbacks.Callbacks(
             self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
-            threads=settings.callback_threads, view=engine.status_view)
+            threads=settings.callback_threads, view=engine.status_view,
+            scan_interval=settings.callback_scan_interval)
         self.ledger = Ledger(self.db)
         self.key_store = KeyStore(self.db)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
@@ -435,7 +446,7 @@ class Services:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"MODEL_PRICES: {exc}") from None
             self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
-        self.openapi_body = openapi_body(settings.max_cost_per_job)
+        self.openapi_body = openapi_body(settings.max_cost_per_job, settings.job_status_public)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
         for name in registry.names():
@@ -463,9 +474,24 @@ class Services:
             self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.log.start()
             self.recorder.start()
+            self._quarantine()
             self.engine.start()
             self.callbacks.start()
             self.pid = os.getpid()
+
+    def _quarantine(self):
+        """Set aside job rows that cannot be read, before anything scans them.
+
+        They go to their own table rather than stay as failed jobs: a row
+        that SQLite cannot read as JSON breaks every query that looks inside
+        it, and its job could not be shown, retried or sent on intact either.
+        """
+        try:
+            for job_id in self.jobs.quarantine():
+                self.log.error("corrupt job record set aside", job_id=job_id,
+                               table="jobs_quarantine", error_type="corrupt_record")
+        except Exception:  # start anyway: the next start looks again
+            self.log.error("corrupt record scan failed", traceback=traceback.format_exc())
 
     def stop(self, grace=25.0):
         """Let running jobs finish within ``grace`` seconds, then write what is buffered."""

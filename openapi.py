@@ -42,7 +42,7 @@ KEY = obj(("id", "name", "role", "prefix", "created_at", "revoked"), id=STR, nam
           role={"enum": ["client", "worker"]}, prefix=STR, created_at=NUM,
           last_used_at=NULLABLE_NUM, revoked_at=NULLABLE_NUM, revoked={"type": "boolean"},
           daily_budget=NULLABLE_NUM, rate_per_minute={"type": ["integer", "null"]},
-          spend_today=NUM)
+          spend_today=NUM, workflows={"type": ["array", "null"], "items": STR})
 
 RESPONSES = {
     "Error": {
@@ -97,7 +97,9 @@ ROUTE_DOCS = {
                                  {200: ("Metrics", "Metrics")}),
     ("POST", "/api/v1/intake"): ("Submit a job", "intake",
                                  {202: ("Accepted (or replayed, with Idempotent-Replayed)", "Accepted")}),
-    ("GET", "/api/v1/status/<job_id>"): ("A job's status", None, {200: ("The job", "JobStatus")}),
+    ("GET", "/api/v1/status/<job_id>"): ("A job's status (in production, for the key that made it "
+                                         "or an admin key, unless PUBLIC_JOB_STATUS=1)", None,
+                                         {200: ("The job", "JobStatus")}),
     ("POST", "/api/v1/_dev/complete/<job_id>"): ("Mark a job succeeded (development only)",
                                                  "optional:dev_complete", {200: ("Done", "Ok")}),
     ("GET", "/api/v1/ops/health"): ("Operational checks (admin)", None,
@@ -160,9 +162,11 @@ def openapi_path(pattern):
     return pattern.replace("<path:path>", "{path}").replace("<", "{").replace(">", "}")
 
 
-def build(routes, schemas, version, keyed=lambda access: access != "public"):
+def build(routes, schemas, version, keyed=lambda access: access != "public",
+          key_optional=lambda access: False):
     """The document, for ``routes`` as in wsgi_routes.ROUTES and ``schemas``
-    as in schemas.SCHEMAS, describing service version ``version``."""
+    as in schemas.SCHEMAS, describing service version ``version``; a keyed
+    route whose access is ``key_optional`` here also answers without a key."""
     components = {name: copy.deepcopy(schema) for name, schema in schemas.items()}
     components.update(copy.deepcopy(RESPONSES))
     paths = {}
@@ -179,7 +183,7 @@ def build(routes, schemas, version, keyed=lambda access: access != "public"):
             op["requestBody"] = {"required": not optional, "content": {
                 "application/json": {"schema": ref(body.removeprefix("optional:"))}}}
         if keyed(access):
-            op["security"] = [{"ApiKey": []}]
+            op["security"] = [{}, {"ApiKey": []}] if key_optional(access) else [{"ApiKey": []}]
         for status, (description, schema) in success.items():
             response = {"description": description}
             if schema in RESPONSES:

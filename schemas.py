@@ -131,8 +131,13 @@ SCHEMAS = {
             "role": {"enum": ["client", "worker"]},
             "daily_budget": {"type": "number", "minimum": 0, "maximum": 1_000_000},
             "rate_per_minute": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            # A worker key's workflows: names, or prefixes ending in *.
+            "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
+                          "items": {"type": "string", "maxLength": 129,
+                                    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\*?$"}},
         },
         "required": ["name", "role"],
+        "dependentSchemas": {"workflows": {"properties": {"role": {"enum": ["worker"]}}}},
         "additionalProperties": False,
     },
     "user_upsert": {
@@ -165,7 +170,7 @@ _BOUNDS = {
 }
 _FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
                   "maxLength", "pattern", "format", "minProperties", "maxProperties", "items",
-                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum"}
+                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum", "dependentSchemas"}
 
 
 def _all_of(checks):
@@ -218,6 +223,11 @@ def fast_check(schema):
     if "format" in schema:
         fmt = schema["format"]
         checks.append(lambda v: FORMATS.conforms(v, fmt))
+    if "dependentSchemas" in schema:
+        dependents = {k: fast_check(sub) for k, sub in schema["dependentSchemas"].items()}
+        if None in dependents.values():
+            return None
+        checks.append(lambda v: type(v) is not dict or all(c(v) for k, c in dependents.items() if k in v))
     if {"properties", "required", "additionalProperties"} & set(schema):
         props = {k: fast_check(sub) for k, sub in schema.get("properties", {}).items()}
         extra_ok = schema.get("additionalProperties", True)

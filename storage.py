@@ -25,7 +25,8 @@ import uuid
 
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 # Append only: a released migration is never edited. Statements are split on
-# semicolons, so comments in them must not hold one.
+# semicolons (rejoined where a trigger's body holds some), so comments in them
+# must not hold one.
 MIGRATIONS = [
     """
     CREATE TABLE users (
@@ -184,6 +185,49 @@ MIGRATIONS = [
     -- refusal sums them to say whether to ask again soon or at midnight.
     CREATE INDEX ledger_jobs_reserved ON ledger_jobs(day, key_id) WHERE reserved > 0;
     """,
+    """
+    -- How many jobs the table holds, kept by triggers in the same
+    -- transaction as each insert and delete, so that MAX_JOBS is checked
+    -- exactly across processes without counting the table per intake.
+    CREATE TABLE job_count (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        n  INTEGER NOT NULL
+    );
+    INSERT INTO job_count SELECT 1, COUNT(*) FROM jobs;
+    CREATE TRIGGER jobs_counted_in AFTER INSERT ON jobs
+        BEGIN UPDATE job_count SET n = n + 1 WHERE id = 1; END;
+    CREATE TRIGGER jobs_counted_out AFTER DELETE ON jobs
+        BEGIN UPDATE job_count SET n = n - 1 WHERE id = 1; END;
+    """,
+    """
+    -- Job rows whose data is not valid JSON (a non-finite number stored by
+    -- an older version, a torn write), moved here at start-up: no scan meets
+    -- them again, and the operator still has every byte to look at.
+    CREATE TABLE jobs_quarantine (
+        seq            INTEGER PRIMARY KEY,
+        job_id         TEXT NOT NULL,
+        data           TEXT NOT NULL,
+        reason         TEXT NOT NULL,
+        quarantined_at REAL NOT NULL
+    );
+    """,
+    """
+    -- When a job's pending callback next needs a sender: its next attempt,
+    -- or the end of the hold of the process sending it now. NULL when no
+    -- delivery is pending. Every process scans it for deliveries nobody
+    -- holds, so one whose sender died is sent by another.
+    ALTER TABLE jobs ADD COLUMN callback_due REAL;
+    UPDATE jobs SET callback_due = MAX(COALESCE(json_extract(data, '$.callback.next_attempt_at'), 0),
+                                       COALESCE(json_extract(data, '$.callback_sending_until'), 0))
+        WHERE finished_at IS NOT NULL AND CASE WHEN json_valid(data)
+            THEN json_extract(data, '$.callback.state') = 'pending' END;
+    CREATE INDEX jobs_callbacks ON jobs(callback_due) WHERE callback_due IS NOT NULL;
+    """,
+    """
+    -- The workflow names (or prefixes ending in *) a worker key may claim,
+    -- as a JSON list; NULL: any.
+    ALTER TABLE api_keys ADD COLUMN workflows TEXT;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")
@@ -284,9 +328,14 @@ class Database:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()["user_version"]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                statement = ""
+                for part in script.split(";"):
+                    # A trigger's body holds semicolons: run only whole statements.
+                    statement += part + ";"
+                    if sqlite3.complete_statement(statement):
+                        if statement.strip(" \n;"):
+                            conn.execute(statement)
+                        statement = ""
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
@@ -463,25 +512,30 @@ class KeyStore:
     """Managed API keys (``lq_...``), held as SHA-256 digests only."""
 
     COLUMNS = ("id", "name", "role", "prefix", "daily_budget", "rate_per_minute", "created_at",
-               "last_used_at", "revoked_at")
+               "last_used_at", "revoked_at", "workflows")
 
     def __init__(self, db, clock=time.time):
         self.db = db
         self.clock = clock
         self._touched = {}  # key id -> when last_used_at was last written
 
-    def create(self, name, role, daily_budget=None, rate_per_minute=None):
+    def create(self, name, role, daily_budget=None, rate_per_minute=None, workflows=None):
         """A new key; returns (record, secret). The secret is never stored."""
         secret = "lq_" + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
         record = {"id": "key_" + os.urandom(8).hex(), "name": name, "role": role,
                   "prefix": secret[:11], "daily_budget": daily_budget,
                   "rate_per_minute": rate_per_minute, "created_at": round(self.clock(), 3),
-                  "last_used_at": None, "revoked_at": None}
+                  "last_used_at": None, "revoked_at": None, "workflows": workflows}
         self.db.write_one(
             f"INSERT INTO api_keys ({', '.join(self.COLUMNS)}, digest)"
             f" VALUES ({', '.join(':' + c for c in self.COLUMNS)}, :digest)",
-            dict(record, digest=hashlib.sha256(secret.encode()).digest()))
+            dict(record, digest=hashlib.sha256(secret.encode()).digest(),
+                 workflows=None if workflows is None else json.dumps(workflows)))
         return record, secret
+
+    @staticmethod
+    def _out(row):
+        return dict(row, workflows=row["workflows"] and json.loads(row["workflows"]))
 
     def lookup(self, secret):
         """The live key with this secret, or None. The digest is the index:
@@ -491,7 +545,7 @@ class KeyStore:
                              " WHERE digest = ? AND revoked_at IS NULL", (digest,))
         if not rows:
             return None
-        key = rows[0]
+        key = self._out(rows[0])
         now = self.clock()
         # PERF: last_used_at is written at most once a minute per key.
         if now - self._touched.get(key["id"], 0) > 60:
@@ -502,13 +556,14 @@ class KeyStore:
     def get(self, key_id):
         """The key with this id, revoked or not, or None."""
         rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys WHERE id = ?", (key_id,))
-        return rows[0] if rows else None
+        return self._out(rows[0]) if rows else None
 
     def list(self):
-        return self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")
+        return [self._out(r) for r in
+                self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")]
 
     def revoke(self, key_id):
         rows = self.db.write_one(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
             f" RETURNING {', '.join(self.COLUMNS)}", (round(self.clock(), 3), key_id))
-        return rows[0] if rows else None
+        return self._out(rows[0]) if rows else None

@@ -246,7 +246,9 @@ def _own_job(req, job_id):
 
 
 def job_status(req, job_id):
-    return respond(status_view(_job_call(req.services.engine.get, job_id)))
+    if req.role is None:  # a public read: development, or PUBLIC_JOB_STATUS=1
+        return respond(status_view(_job_call(req.services.engine.get, job_id)))
+    return respond(status_view(_own_job(req, job_id)))
 
 
 def dev_complete(req, job_id):
@@ -293,7 +295,12 @@ def job_redeliver(req, job_id):
 
 def job_claim(req):
     body = validate("claim", req.json())
-    job = req.services.engine.claim(body["workflows"], body.get("lease_seconds", 60))
+    patterns = req.key and req.key["workflows"]  # None: any workflow
+    if patterns:
+        for name in body["workflows"]:
+            if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
+                raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
+    job = req.services.engine.claim(body["workflows"], body.get("lease_seconds", 60), req.key_id)
     if job is None:
         return 204, [], b""
     return respond({"job": {"job_id": job["job_id"], "workflow": job["workflow"],
@@ -306,7 +313,8 @@ def job_claim(req):
 def job_heartbeat(req, job_id):
     body = validate("heartbeat", req.json())
     job = _job_call(req.services.engine.heartbeat, job_id, body["lease_token"],
-                    body.get("lease_seconds"), body.get("progress"), body.get("cost"))
+                    body.get("lease_seconds"), body.get("progress"), body.get("cost"),
+                    key_id=req.key_id)
     return respond({"job_id": job_id, "lease_expires_at": job["lease_expires_at"],
                     "cancel_requested": job["cancel_requested"]})
 
@@ -314,14 +322,14 @@ def job_heartbeat(req, job_id):
 def job_complete(req, job_id):
     body = validate("complete", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], result=body["result"],
-                    cost=body.get("cost"))
+                    cost=body.get("cost"), key_id=req.key_id)
     return respond({"job": status_view(job)})
 
 
 def job_fail(req, job_id):
     body = validate("fail", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], error=body["error"],
-                    retryable=body.get("retryable", True), cost=body.get("cost"))
+                    retryable=body.get("retryable", True), cost=body.get("cost"), key_id=req.key_id)
     return respond({"job": status_view(job)})
 
 
@@ -387,7 +395,7 @@ def usage(req):
 
 def _key_view(req, key, spent_today=0):
     view = {k: key[k] for k in ("id", "name", "role", "prefix", "created_at", "last_used_at",
-                                "rate_per_minute", "revoked_at")}
+                                "rate_per_minute", "revoked_at", "workflows")}
     # The budget that applies: the key's own, else KEY_DAILY_BUDGET.
     view.update(daily_budget=to_usd(req.services.guardrails.daily_budget(key)),
                 spend_today=to_usd(spent_today), revoked=key["revoked_at"] is not None)
@@ -399,7 +407,7 @@ def key_create(req):
     budget = body.get("daily_budget")
     record, secret = req.services.key_store.create(body["name"], body["role"],
                                               None if budget is None else to_micro(budget),
-                                              body.get("rate_per_minute"))
+                                              body.get("rate_per_minute"), body.get("workflows"))
     # The secret is shown this once; only its digest is kept.
     return respond({**_key_view(req, record), "key": secret}, 201,
                    [("Location", f"/api/v1/keys/{record['id']}"), ("Cache-Control", "no-store")])
@@ -511,6 +519,7 @@ def user_patch(req, user_id):
 PUBLIC = "public"
 KEY = "key"              # a valid X-Api-Key (unless no keys are configured)
 USER_READ = "user_read"  # KEY, unless PUBLIC_USER_READS=1
+JOB_READ = "job_read"    # KEY in production, unless PUBLIC_JOB_STATUS=1
 
 # (method, pattern, handler, access, flags). <name> matches one path segment,
 # <path:name> the rest of the path. Flags: "audit" writes an audit row,
@@ -524,7 +533,7 @@ ROUTES = [
     ("GET", "/health", health, PUBLIC, ()),
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
-    ("GET", "/api/v1/status/<job_id>", job_status, PUBLIC, ()),
+    ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
     ("GET", "/api/v1/ops/health", ops_health, KEY, ("admin",)),
     ("GET", "/api/v1/jobs", job_list, KEY, ()),
@@ -554,7 +563,7 @@ class Route:
 
     def __init__(self, method, pattern, handler, access, flags):
         unknown = set(flags) - {"audit", "dev", "worker", "admin"}
-        if unknown or access not in (PUBLIC, KEY, USER_READ):
+        if unknown or access not in (PUBLIC, KEY, USER_READ, JOB_READ):
             raise ValueError(f"route {method} {pattern}: bad access or flags")
         self.method, self.pattern, self.handler, self.access = method, pattern, handler, access
         self.audit = "audit" in flags
@@ -658,12 +667,14 @@ class Router:
 ROUTER = Router(ROUTES)
 
 
-def openapi_body(max_cost_per_job):
+def openapi_body(max_cost_per_job, job_status_public=False):
     """The OpenAPI document, from the route table and the schemas the
-    validators use, with this service's cost cap (built once per app)."""
+    validators use, with this service's cost cap and whether a key is
+    optional for job status (built once per app)."""
     schemas = dict(SCHEMAS, intake=json.loads(json.dumps(SCHEMAS["intake"])))
     schemas["intake"]["properties"]["max_cost"]["maximum"] = max_cost_per_job / 1_000_000
-    return json_body(openapi.build(ROUTES, schemas, VERSION))
+    return json_body(openapi.build(ROUTES, schemas, VERSION,
+                                   key_optional=lambda access: job_status_public and access == JOB_READ))
 
 
 class Api:
@@ -703,7 +714,9 @@ class Api:
                 identify(req)
             self._limit(req, None, write)  # a miss costs its sender a token too
             raise
-        keyed = route.access == KEY or (route.access == USER_READ and not settings.public_user_reads)
+        keyed = (route.access == KEY
+                 or (route.access == USER_READ and not settings.public_user_reads)
+                 or (route.access == JOB_READ and not settings.job_status_public))
         refusal = identify(req) if keyed or write else None
         self._limit(req, route, write)
         if keyed and refusal is not None:

@@ -568,9 +568,7 @@ def test_concurrent_duplicates_make_one_job(jobs, clock):
 # -- max_jobs ---------------------------------------------------------------------------------
 
 
-def test_queue_full_at_max_jobs(request, job_backend, clock):
-    known_gap(request, "sqlite", "SqliteJobStore counts the jobs it holds at most once a second, "
-                                 "so within a second it takes more than max_jobs")
+def test_queue_full_at_max_jobs(job_backend, clock):
     store = job_backend.jobs(max_jobs=3, ttl=60)
     ids = [add(store, clock)["job_id"] for _ in range(3)]
     with pytest.raises(QueueFull):
@@ -585,9 +583,7 @@ def test_queue_full_at_max_jobs(request, job_backend, clock):
     assert len(store) == 3
 
 
-def test_a_replay_is_answered_even_when_the_store_is_full(request, job_backend, clock):
-    known_gap(request, "sqlite", "SqliteJobStore checks max_jobs before the idempotency key, "
-                                 "so a replay that stores nothing is refused with QueueFull")
+def test_a_replay_is_answered_even_when_the_store_is_full(job_backend, clock):
     store = job_backend.jobs(max_jobs=2)
     first, _ = store.add(new_job(clock), ("k", "order-1", "body", 3600))
     add(store, clock)
