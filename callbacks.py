@@ -32,6 +32,8 @@ import time
 import traceback
 from urllib.parse import urlsplit
 
+from web import whole_number
+
 # Seconds to wait before each attempt: at once, then 5 s, 30 s, 2 min,
 # 10 min, 30 min, 1 h; then give up.
 SCHEDULE = (0, 5, 30, 120, 600, 1800, 3600)
@@ -209,10 +211,9 @@ def _shut(sock):
 
 
 def _retry_after(value):
-    try:
-        return max(0, min(3600, int(value)))
-    except (TypeError, ValueError):
-        return None
+    """A receiver's Retry-After in seconds (at most an hour), if it is ASCII digits."""
+    seconds = whole_number(value.strip()) if isinstance(value, str) else None
+    return None if seconds is None else min(3600, seconds)
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import threading
 import pytest
 import requests
 
+import callbacks
 import levqor
 from support import KEY, Client, Server, make_app, wait_until
 
@@ -202,6 +203,12 @@ def test_meta_limits_hold_for_the_merged_profile(client):
 def test_limit_with_digits_from_other_scripts_is_400(client, limit):
     r = client.get(f"/api/v1/jobs?limit={limit}")
     assert r.status == 400 and r.json()["error"] == "invalid_query"
+
+
+@pytest.mark.parametrize("value, seconds", [("12", 12), ("\u0661\u0662", None), ("\u00b2", None),
+                                            ("-5", None), ("99999", 3600), (None, None)])
+def test_a_receivers_retry_after_is_read_in_ascii_digits_only(value, seconds):
+    assert callbacks._retry_after(value) == seconds
 
 
 def test_content_length_in_other_digits_is_400(tmp_path):
