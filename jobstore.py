@@ -263,6 +263,59 @@ class MemoryJobStore:
             return len(self._jobs)
 
 
+# The columns beside each job's JSON, which the queue, the sweeps and the
+# listings search by; and every statement of the SQLite job store, named.
+JOB_COLUMNS = ("job_id", "status", "workflow", "priority", "key_id", "score", "not_before",
+               "lease_expires_at", "finished_at", "callback_due", "data")
+NO_CURSOR = 2**62  # "before" for a first page: every seq is below it
+SQL = {
+    # The limit is checked by the insert itself, against the count that
+    # triggers keep in the same transaction: exact across processes.
+    "insert": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
+              f" SELECT {', '.join(':' + c for c in JOB_COLUMNS)}"
+              " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq",
+    "save": "UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
+            " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
+            " callback_due = :callback_due, data = :data WHERE job_id = :job_id",
+    "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
+    "idempotent": "SELECT body_hash, job_id FROM idempotency"
+                  " WHERE key_id = :key_id AND key = :key AND expires > :now",
+    "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, expires)"
+                " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
+                " ON CONFLICT (key_id, key) DO UPDATE SET body_hash = excluded.body_hash,"
+                " job_id = excluded.job_id, expires = excluded.expires",
+    # SQLite binds no lists: the workflows come as one JSON array. Two
+    # statements, not one with "OR :any", which would keep SQLite from the
+    # jobs_queue index.
+    "next_queued": "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= :now"
+                   " ORDER BY score, seq LIMIT 1",
+    "next_queued_in": "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= :now"
+                      " AND workflow IN (SELECT value FROM json_each(:workflows))"
+                      " ORDER BY score, seq LIMIT 1",
+    "expired": "SELECT seq, data FROM jobs WHERE status = 'running' AND lease_expires_at <= :now",
+    "next_due": "SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued' AND not_before > :now",
+    "counts": "SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority",
+    "page": "SELECT seq, data FROM jobs WHERE key_id = :key_id AND seq < :before"
+            " AND (:status IS NULL OR status = :status) AND (:workflow IS NULL OR workflow = :workflow)"
+            " ORDER BY seq DESC LIMIT :limit",
+    # NOTE: json_extract fails the whole query on one malformed row; CASE
+    # (unlike AND) is sure to ask json_valid first.
+    "pending_callbacks": "SELECT job_id, callback_due AS due, CASE WHEN json_valid(data)"
+                         " THEN json_extract(data, '$.callback_id') END AS callback_id FROM jobs"
+                         " WHERE callback_due IS NOT NULL AND callback_due <= :due_by",
+    "unreadable": "SELECT seq FROM jobs WHERE NOT json_valid(data)",
+    "unreadable_one": "SELECT job_id FROM jobs WHERE seq = :seq AND NOT json_valid(data)",
+    "set_aside": "INSERT INTO jobs_quarantine (seq, job_id, data, reason, quarantined_at)"
+                 " SELECT seq, job_id, data, 'corrupt_record', :now FROM jobs WHERE seq = :seq",
+    "delete_one": "DELETE FROM jobs WHERE seq = :seq",
+    "purge_jobs": "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
+                  " AND finished_at <= :cutoff LIMIT :batch)",
+    "purge_keys": "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
+                  " WHERE expires <= :now LIMIT :batch)",
+    "count": "SELECT COUNT(*) AS n FROM jobs",
+}
+
+
 class SqliteJobStore:
     """Jobs in the SQLite database, shared by every process that opens it.
 
@@ -295,24 +348,17 @@ class SqliteJobStore:
                 "data": json.dumps(job, separators=(",", ":"), allow_nan=False)}
 
     def _load(self, conn, job_id):
-        row = conn.execute("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = conn.execute(SQL["get"], {"job_id": job_id}).fetchone()
         return None if row is None else dict(json.loads(row["data"]), seq=row["seq"])
 
     def _save(self, conn, job):
-        cols = self._columns(job)
-        conn.execute("UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
-                     " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
-                     " callback_due = :callback_due, data = :data WHERE job_id = :job_id", cols)
+        conn.execute(SQL["save"], self._columns(job))
 
     def add(self, job, idempotency=None):
         now = self.clock()
         job = dict(job, queued_at=job["created_at"])
-        cols = self._columns(job)
-        # The limit is checked by the insert itself, against the count that
-        # triggers keep in the same transaction: exact across processes.
-        insert = (f"INSERT INTO jobs ({', '.join(cols)}) SELECT {', '.join(':' + c for c in cols)}"
-                  " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq")
-        params = dict(cols, max_jobs=self.max_jobs)
+        params = dict(self._columns(job), max_jobs=self.max_jobs)
+        insert = SQL["insert"]
         if idempotency is None:  # PERF: one statement, its own transaction
             for _ in range(2):  # full: purge what is past its time, then once more
                 rows = self.db.write_one(insert, params)
@@ -325,8 +371,7 @@ class SqliteJobStore:
         key_id, key, body_hash, ttl = idempotency
         for _ in range(2):
             with self.db.write() as conn:
-                row = conn.execute("SELECT body_hash, job_id FROM idempotency WHERE key_id = ?"
-                                   " AND key = ? AND expires > ?", (key_id, key, now)).fetchone()
+                row = conn.execute(SQL["idempotent"], {"key_id": key_id, "key": key, "now": now}).fetchone()
                 existing = row and self._load(conn, row["job_id"])
                 if existing:
                     if row["body_hash"] != body_hash:
@@ -335,15 +380,15 @@ class SqliteJobStore:
                 inserted = conn.execute(insert, params).fetchone()
                 if inserted is not None:
                     job["seq"] = inserted["seq"]
-                    conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
-                                 (key_id, key, body_hash, job["job_id"], now + ttl))
+                    conn.execute(SQL["remember"], {"key_id": key_id, "key": key, "body_hash": body_hash,
+                                                   "job_id": job["job_id"], "expires": now + ttl})
                     return job, True
             if not self.purge(now):
                 break
         raise QueueFull("the job store is full")
 
     def get(self, job_id):
-        rows = self.db.query("SELECT seq, data FROM jobs WHERE job_id = ?", (job_id,))
+        rows = self.db.query(SQL["get"], {"job_id": job_id})
         return dict(json.loads(rows[0]["data"]), seq=rows[0]["seq"]) if rows else None
 
     def update(self, job_id, expect=None, **changes):
@@ -357,15 +402,12 @@ class SqliteJobStore:
 
     def claim(self, workflows, changes_for):
         now = self.clock()
+        if workflows is not None and not workflows:
+            return None
+        params = {"now": now, "workflows": json.dumps(list(workflows or ()))}
         with self.db.write() as conn:
-            sql = "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= ?"
-            params = [now]
-            if workflows is not None:
-                if not workflows:
-                    return None
-                sql += f" AND workflow IN ({', '.join('?' * len(workflows))})"
-                params += list(workflows)
-            row = conn.execute(sql + " ORDER BY score, seq LIMIT 1", params).fetchone()
+            row = conn.execute(SQL["next_queued" if workflows is None else "next_queued_in"],
+                               params).fetchone()
             if row is None:
                 return None
             job = self._load(conn, row["job_id"])
@@ -374,17 +416,15 @@ class SqliteJobStore:
         return job
 
     def expired(self, now):
-        rows = self.db.query("SELECT seq, data FROM jobs WHERE status = 'running'"
-                             " AND lease_expires_at <= ?", (now,))
+        rows = self.db.query(SQL["expired"], {"now": now})
         return [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
 
     def next_due(self):
-        rows = self.db.query("SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued'"
-                             " AND not_before > ?", (self.clock(),))
+        rows = self.db.query(SQL["next_due"], {"now": self.clock()})
         return rows[0]["t"]
 
     def counts(self):
-        rows = self.db.query("SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority")
+        rows = self.db.query(SQL["counts"])
         by_status = dict.fromkeys(JOB_STATUSES, 0)
         queued = dict.fromkeys(PRIORITIES, 0)
         for r in rows:
@@ -394,15 +434,9 @@ class SqliteJobStore:
         return {"by_status": by_status, "queued_by_priority": queued}
 
     def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
-        sql, params = "SELECT seq, data FROM jobs WHERE key_id = ?", [key_id]
-        for column, value in (("status", status), ("workflow", workflow)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        if before_seq is not None:
-            sql += " AND seq < ?"
-            params.append(before_seq)
-        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", params + [limit + 1])
+        rows = self.db.query(SQL["page"], {
+            "key_id": key_id, "status": status, "workflow": workflow, "limit": limit + 1,
+            "before": NO_CURSOR if before_seq is None else before_seq})
         jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
         return jobs[:limit], len(jobs) > limit
 
@@ -410,31 +444,23 @@ class SqliteJobStore:
         """(job_id, callback_id, due) of deliveries still to make: all of them
         for a process that starts after another stopped mid-schedule; with
         ``due_by``, those due by then that no sender holds (the periodic scan)."""
-        # NOTE: json_extract fails the whole query on one malformed row; CASE
-        # (unlike AND) is sure to ask json_valid first.
-        sql = ("SELECT job_id, callback_due AS due, CASE WHEN json_valid(data)"
-               " THEN json_extract(data, '$.callback_id') END AS callback_id FROM jobs"
-               " WHERE callback_due IS NOT NULL")
-        rows = self.db.query(sql, ()) if due_by is None else \
-            self.db.query(sql + " AND callback_due <= ?", (due_by,))
+        rows = self.db.query(SQL["pending_callbacks"], {"due_by": float("inf") if due_by is None else due_by})
         return [(r["job_id"], r["callback_id"], r["due"]) for r in rows if r["callback_id"]]
 
     def quarantine(self):
         """Move every row whose data is not valid JSON to jobs_quarantine;
         the job ids moved. json_valid reads any row without failing."""
-        found = self.db.query("SELECT seq FROM jobs WHERE NOT json_valid(data)")
+        found = self.db.query(SQL["unreadable"])
         if not found:
             return []
         moved = []
         with self.db.write() as conn:
             for row in found:  # another process may have moved it since
-                got = conn.execute("SELECT job_id FROM jobs WHERE seq = ? AND NOT json_valid(data)",
-                                   (row["seq"],)).fetchone()
+                got = conn.execute(SQL["unreadable_one"], row).fetchone()
                 if got is None:
                     continue
-                conn.execute("INSERT INTO jobs_quarantine SELECT seq, job_id, data, 'corrupt_record', ?"
-                             " FROM jobs WHERE seq = ?", (self.clock(), row["seq"]))
-                conn.execute("DELETE FROM jobs WHERE seq = ?", (row["seq"],))
+                conn.execute(SQL["set_aside"], {"now": self.clock(), "seq": row["seq"]})
+                conn.execute(SQL["delete_one"], row)
                 moved.append(got["job_id"])
         return moved
 
@@ -443,12 +469,9 @@ class SqliteJobStore:
         idempotency keys; returns how many jobs went."""
         cutoff = now - self.ttl
         with self.db.write() as conn:
-            gone = conn.execute(
-                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
-                " AND finished_at <= ? LIMIT ?)", (cutoff, self.PURGE_BATCH)).rowcount
-            conn.execute("DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
-                         " WHERE expires <= ? LIMIT ?)", (now, self.PURGE_BATCH))
+            gone = conn.execute(SQL["purge_jobs"], {"cutoff": cutoff, "batch": self.PURGE_BATCH}).rowcount
+            conn.execute(SQL["purge_keys"], {"now": now, "batch": self.PURGE_BATCH})
         return gone
 
     def __len__(self):
-        return self.db.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
+        return self.db.query(SQL["count"])[0]["n"]
