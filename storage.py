@@ -508,11 +508,23 @@ def _meta(fields):
     return json.dumps(fields.get("meta", {}), separators=(",", ":"), allow_nan=False)
 
 
+_KEY = ("id, name, role, prefix, daily_budget, rate_per_minute, created_at, last_used_at,"
+        " revoked_at, workflows")
+KEY_SQL = {
+    "create": f"INSERT INTO api_keys ({_KEY}, digest) VALUES (:id, :name, :role, :prefix,"
+              " :daily_budget, :rate_per_minute, :created_at, :last_used_at, :revoked_at,"
+              " :workflows, :digest)",
+    "lookup": f"SELECT {_KEY} FROM api_keys WHERE digest = :digest AND revoked_at IS NULL",
+    "touch": "UPDATE api_keys SET last_used_at = :now WHERE id = :id",
+    "get": f"SELECT {_KEY} FROM api_keys WHERE id = :id",
+    "list": f"SELECT {_KEY} FROM api_keys ORDER BY created_at",
+    "revoke": f"UPDATE api_keys SET revoked_at = COALESCE(revoked_at, :now) WHERE id = :id"
+              f" RETURNING {_KEY}",
+}
+
+
 class KeyStore:
     """Managed API keys (``lq_...``), held as SHA-256 digests only."""
-
-    COLUMNS = ("id", "name", "role", "prefix", "daily_budget", "rate_per_minute", "created_at",
-               "last_used_at", "revoked_at", "workflows")
 
     def __init__(self, db, clock=time.time):
         self.db = db
@@ -526,11 +538,9 @@ class KeyStore:
                   "prefix": secret[:11], "daily_budget": daily_budget,
                   "rate_per_minute": rate_per_minute, "created_at": round(self.clock(), 3),
                   "last_used_at": None, "revoked_at": None, "workflows": workflows}
-        self.db.write_one(
-            f"INSERT INTO api_keys ({', '.join(self.COLUMNS)}, digest)"
-            f" VALUES ({', '.join(':' + c for c in self.COLUMNS)}, :digest)",
-            dict(record, digest=hashlib.sha256(secret.encode()).digest(),
-                 workflows=None if workflows is None else json.dumps(workflows)))
+        self.db.write_one(KEY_SQL["create"], dict(
+            record, digest=hashlib.sha256(secret.encode()).digest(),
+            workflows=None if workflows is None else json.dumps(workflows)))
         return record, secret
 
     @staticmethod
@@ -541,8 +551,7 @@ class KeyStore:
         """The live key with this secret, or None. The digest is the index:
         what the lookup's time depends on is a hash the caller cannot steer."""
         digest = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-        rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys"
-                             " WHERE digest = ? AND revoked_at IS NULL", (digest,))
+        rows = self.db.query(KEY_SQL["lookup"], {"digest": digest})
         if not rows:
             return None
         key = self._out(rows[0])
@@ -550,20 +559,17 @@ class KeyStore:
         # PERF: last_used_at is written at most once a minute per key.
         if now - self._touched.get(key["id"], 0) > 60:
             self._touched[key["id"]] = now
-            self.db.write_one("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (round(now, 3), key["id"]))
+            self.db.write_one(KEY_SQL["touch"], {"now": round(now, 3), "id": key["id"]})
         return key
 
     def get(self, key_id):
         """The key with this id, revoked or not, or None."""
-        rows = self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys WHERE id = ?", (key_id,))
+        rows = self.db.query(KEY_SQL["get"], {"id": key_id})
         return self._out(rows[0]) if rows else None
 
     def list(self):
-        return [self._out(r) for r in
-                self.db.query(f"SELECT {', '.join(self.COLUMNS)} FROM api_keys ORDER BY created_at")]
+        return [self._out(r) for r in self.db.query(KEY_SQL["list"])]
 
     def revoke(self, key_id):
-        rows = self.db.write_one(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
-            f" RETURNING {', '.join(self.COLUMNS)}", (round(self.clock(), 3), key_id))
+        rows = self.db.write_one(KEY_SQL["revoke"], {"now": round(self.clock(), 3), "id": key_id})
         return self._out(rows[0]) if rows else None
