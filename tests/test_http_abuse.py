@@ -39,6 +39,14 @@ CASES = [
      b"POST /api/v1/intake HTTP/1.1\r\nHost: t\r\n" + K + JSON + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 400),
     ("a NUL in the path", b"GET /public/legal/privacy.html%00.css HTTP/1.1\r\nHost: t\r\n\r\n", 404),
     ("HTTP/2 preface on a plain socket", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    ("a number past a double (1e400) in the payload",
+     b"POST /api/v1/intake HTTP/1.1\r\nHost: t\r\n" + K + JSON + b"Content-Length: 44\r\n\r\n"
+     b'{"workflow":"ext.x","payload":{"x":1e400}}  ', 400),
+    ("gzip then chunked, the gzip never applied",
+     b"POST /api/v1/intake HTTP/1.1\r\nHost: t\r\n" + K + JSON + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+     b"20\r\n{\"workflow\":\"w\",\"payload\":{}}   \r\n0\r\n\r\n", 501),
+    ("an encoded slash reaching for the keys endpoint",
+     b"GET /api%2Fv1%2Fkeys HTTP/1.1\r\nHost: t\r\n" + K + b"\r\n", 404),
     ("a body that stops coming (read timeout)",
      b"POST /api/v1/intake HTTP/1.1\r\nHost: t\r\n" + K + JSON + b"Content-Length: 1000\r\n\r\n{", 408),
 ]
