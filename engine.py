@@ -426,29 +426,32 @@ class Engine:
         self._renew_local_leases(now)
         for job in self.store.expired(now):
             try:  # one job's fault must not stop the sweep of the others
-                token = job["lease_token"]
-                self._signal(job["job_id"])  # first: finishing forgets the attempt's context
-                if job["cancel_requested"]:
-                    self._finish(job, token, status="canceled")
-                elif job["deadline_at"] is not None and job["deadline_at"] <= now:
-                    timeout = self._options(job["workflow"])[0]
-                    done = self._finish(job, token, status="failed", error={
-                        "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
-                        "attempts": job["attempts"]})
-                    if done is not None:
-                        self.log.warning("job timed out", job_id=job["job_id"], workflow=job["workflow"])
-                elif job["attempts"] < job["max_attempts"]:
-                    self._finish(job, token, status="queued", not_before=now, queued_at=now,
-                                 error={"type": "lease_expired", "message": "the worker stopped reporting",
-                                        "attempts": job["attempts"]})
-                    self.log.warning("lease expired; job queued again", job_id=job["job_id"])
-                else:
-                    self._finish(job, token, status="failed", error={
-                        "type": "lease_expired", "message": "the worker stopped reporting",
-                        "attempts": job["attempts"]})
+                self._end_expired(job, now)
             except Exception:
                 self.log.error("lease sweep failed for a job", job_id=job.get("job_id"),
                                traceback=traceback.format_exc())
+
+    def _end_expired(self, job, now):
+        token = job["lease_token"]
+        self._signal(job["job_id"])  # first: finishing forgets the attempt's context
+        if job["cancel_requested"]:
+            self._finish(job, token, status="canceled")
+        elif job["deadline_at"] is not None and job["deadline_at"] <= now:
+            timeout = self._options(job["workflow"])[0]
+            done = self._finish(job, token, status="failed", error={
+                "type": "timeout", "message": f"the job ran past its {timeout:g} s timeout",
+                "attempts": job["attempts"]})
+            if done is not None:
+                self.log.warning("job timed out", job_id=job["job_id"], workflow=job["workflow"])
+        elif job["attempts"] < job["max_attempts"]:
+            self._finish(job, token, status="queued", not_before=now, queued_at=now,
+                         error={"type": "lease_expired", "message": "the worker stopped reporting",
+                                "attempts": job["attempts"]})
+            self.log.warning("lease expired; job queued again", job_id=job["job_id"])
+        else:
+            self._finish(job, token, status="failed", error={
+                "type": "lease_expired", "message": "the worker stopped reporting",
+                "attempts": job["attempts"]})
 
     # -- money -----------------------------------------------------------------------------
 
