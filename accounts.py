@@ -6,16 +6,16 @@ import datetime
 import re
 
 from costs import to_micro, to_usd, utc_day
-from schemas import EMAIL_PATTERN, MAX_META_BYTES, validate
+from schemas import EMAIL_PATTERN, validate
 from storage import MetaTooLarge
-from web import HTTPError, json_body, not_found, respond
+from web import HTTPError, not_found, respond
 
 _USER_ID = re.compile(r"^[0-9a-f]{32}$")
 _EMAIL = re.compile(EMAIL_PATTERN)
 
 # -- money and keys ------------------------------------------------------------------
 
-_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 def _day(req, name, default):
@@ -91,12 +91,6 @@ def _normalise_email(raw):
     return email_addr
 
 
-def _check_meta(body):
-    if "meta" in body and len(json_body(body["meta"])) > MAX_META_BYTES:
-        raise HTTPError(400, "validation_failed",
-                        f"meta: must be at most {MAX_META_BYTES} bytes as JSON", field="meta")
-
-
 def _owner(req):
     """Whose profiles the caller works with: a managed key's own; the
     operator's ("admin") for admin keys and open mode, whichever key of
@@ -116,7 +110,6 @@ def _users_call(method, *args, **kwargs):
 def user_upsert(req):
     body = validate("user_upsert", req.json())
     email_addr = _normalise_email(body.pop("email"))
-    _check_meta(body)
     created, user = _users_call(req.services.users.upsert, _owner(req), email_addr, body)
     if created:
         return respond({"created": True, "user": user}, 201,
@@ -137,9 +130,10 @@ def user_lookup(req):
 
 
 def _scope(req):
-    """The owner a read or change by id is limited to: admin keys and
-    anonymous public reads reach every profile, a managed key its own."""
-    return None if req.role in (None, "admin") else _owner(req)
+    """The owner a read or change by id is limited to: admin keys reach
+    every profile, a managed key its own, and an anonymous public read
+    (PUBLIC_USER_READS=1) the operator's, as the single-tenant seed did."""
+    return None if req.role == "admin" else _owner(req) or "admin"
 
 
 def user_get(req, user_id):
@@ -155,7 +149,6 @@ def user_patch(req, user_id):
         raise HTTPError(400, "validation_failed", "email: cannot be changed; upsert the new address",
                         field="email")
     validate("user_patch", body)
-    _check_meta(body)
     user = None
     if _USER_ID.match(user_id):
         user = _users_call(req.services.users.patch, user_id, body, _scope(req))

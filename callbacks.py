@@ -284,7 +284,8 @@ class Callbacks:
                  "next_attempt_at": now}
         done = self.store.update(job["job_id"], callback=state, callback_id=event_id,
                                  callback_body=body.decode())
-        self._schedule(now, job["job_id"], event_id)
+        if done is not None:  # None: the job is gone (purged) meanwhile
+            self._schedule(now, job["job_id"], event_id)
         return done
 
     def _schedule(self, due, job_id, event_id):

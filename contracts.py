@@ -278,6 +278,12 @@ class Ledger(Protocol):
         """Release what is left of the job's reservation; returns its spend
         (0 for a job with none). Settling again releases nothing more."""
 
+    def held(self, before: float, limit: int = 500) -> list[str]:
+        """Ids of jobs that still hold a reservation whose last ledger row is
+        older than ``before``, at most ``limit`` of them (the sweeper
+        releases those whose job has ended or is gone; the age keeps it off
+        an intake or retry that has reserved and not yet stored its job)."""
+
     def spent(self, job_id: str) -> int:
         """What the job has spent (0 for a job with none)."""
 
@@ -333,6 +339,11 @@ class AuditLog(Protocol):
 
     def pending(self) -> int:
         """Audit rows noted and not yet written."""
+
+    @property
+    def full(self) -> bool:
+        """Whether the next audit row would be dropped: an audited change is
+        then refused (503) before it is made."""
 
     def start(self) -> None:
         """Start the background writer (again, if it had stopped)."""

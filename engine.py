@@ -9,7 +9,7 @@ claim them over HTTP. Both follow the same rules: an attempt holds a lease
 a failure is retried with exponential backoff and jitter until the attempts
 run out; a lease that runs out ends the attempt.
 
-This module owns the rules, not the storage (the job store in ``storage``)
+This module owns the rules, not the storage (the job stores in ``jobstore``)
 and not HTTP (``wsgi_routes`` maps ``JobError`` codes to statuses). Its
 clock and random source are injectable, and ``run_next()`` and ``tick()``
 do one step each, so tests drive it without threads or sleeps.
@@ -167,8 +167,8 @@ class JobContext:
 
 
 class JobError(Exception):
-    """A request the job's state does not allow: code is not_found, conflict
-    or lease_lost."""
+    """A request the job's state does not allow: code is not_found,
+    conflict, lease_lost, budget_exceeded or cost_cap_exceeded."""
 
     def __init__(self, code, message):
         super().__init__(message)
@@ -525,8 +525,9 @@ class Engine:
         job = self.get(job_id)
         # Another key's token is refused as a wrong one is: the answer says
         # nothing of whether the token was right.
+        # A lease claimed before leases named their key has no claimed_by.
         if job["status"] != "running" or job["lease_token"] != token \
-                or job.get("claimed_by") != key_id:
+                or job.get("claimed_by", key_id) != key_id:
             raise JobError("lease_lost", "this lease is no longer valid: the job was re-leased, "
                                          "finished or canceled")
         return job
@@ -619,6 +620,24 @@ class Engine:
                 wait = 1.0 if due is None else min(1.0, max(0.0, due - self.now()))
                 self._wake.wait(wait)
 
+    def housekeeping(self, batches=20):
+        """Retention and money that outlived its job: purge finished jobs past
+        their time (batch after batch while whole ones come back, at most
+        ``batches``), and release reservations still held for jobs that
+        have ended or are gone (a release that failed when the job ended,
+        or a job lost with its process), so no budget stays taken by them."""
+        for _ in range(batches):
+            if self.store.purge(self.now()) < getattr(self.store, "PURGE_BATCH", 1):
+                break
+        if self.guardrails is None:
+            return
+        # A minute's grace: an intake reserves before its job is stored, and
+        # a retry before its job leaves its final status.
+        for job_id in self.guardrails.ledger.held(self.now() - 60):
+            job = self.store.get(job_id)
+            if job is None or job["status"] in JOB_FINAL:
+                self.guardrails.ledger.settle(job_id, "released after the job ended")
+
     def _sweeper(self):
         next_purge = time.monotonic() + self.purge_interval
         while not self._stopping.wait(self.sweep_interval):
@@ -626,7 +645,7 @@ class Engine:
                 self.tick()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.purge_interval
-                    self.store.purge(self.now())
+                    self.housekeeping()
             except Exception:
                 self.log.error("sweeper error", traceback=traceback.format_exc())
 

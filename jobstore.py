@@ -53,8 +53,8 @@ class MemoryJobStore:
     than another overtakes it whatever their priorities: low never starves.
     A job waiting out a retry backoff sits in a second heap by ``not_before``.
 
-    Its methods (add, get, update, claim, expired, counts, page) are the
-    interface a durable store must offer to replace it. Every change is a
+    Its methods are the ``contracts.JobStore`` contract, which every job
+    store keeps (tests/test_store_contract.py). Every change is a
     compare-and-set: ``update`` applies only when the job still has the
     ``expect``ed values, which is how a late worker loses a race cleanly.
     """

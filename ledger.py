@@ -26,6 +26,8 @@ SQL = {
              " reserved = ledger_jobs.reserved - :covered, spent = ledger_jobs.spent + :amount"
              " RETURNING spent",
     "release_all": "UPDATE ledger_jobs SET reserved = 0 WHERE job_id = :job_id",
+    "held": "SELECT job_id FROM ledger_jobs AS j WHERE reserved > 0"
+            " AND (SELECT MAX(ts) FROM ledger WHERE ledger.job_id = j.job_id) < :before LIMIT :limit",
     # Grouped by day, workflow or key: {column} is one of those three names.
     "usage_money": "SELECT {column} AS g,"
                    " COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0) AS spend,"
@@ -189,6 +191,11 @@ class Ledger:
                 self._row(conn, now, job, -job["reserved"], "release", note)
                 self._add_use(conn, job["day"], job["key_id"], -job["reserved"])
         return job["spent"]
+
+    def held(self, before, limit=500):
+        """Ids of jobs that still hold a reservation last changed before
+        ``before`` (at most ``limit``)."""
+        return [row["job_id"] for row in self.db.query(SQL["held"], {"before": before, "limit": limit})]
 
     def spent(self, job_id):
         rows = self.db.query(SQL["job"], {"job_id": job_id})

@@ -295,6 +295,11 @@ class Settings:
         if values["callback_secret_next"] and not values["callback_secret"]:
             raise ConfigError("CALLBACK_SECRET_NEXT is set without CALLBACK_SECRET")
         values["log_level"] = values["log_level"].upper()
+        if values["job_store"] == "memory" and values["web_concurrency"] > 1:
+            # Each process would hold jobs the others cannot see, and release
+            # money they hold as if their jobs were gone.
+            raise ConfigError("JOB_STORE=memory keeps jobs in one process: set WEB_CONCURRENCY "
+                              "to 1, or use JOB_STORE=sqlite for several workers")
         return cls(**values)
 
 

@@ -26,6 +26,11 @@ class TransientError(Exception):
     """A failure worth another attempt (429, 5xx, timeouts): the engine retries it."""
 
 
+class AnswerLost(TransientError):
+    """The request was sent and the answer is lost or unreadable: the
+    provider may have billed it, so the worst case is charged."""
+
+
 def load_prices(path):
     """{model: (input, output)} in dollars per million tokens, as Decimals."""
     with open(path) as f:
@@ -73,15 +78,20 @@ class Client:
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read(4 * 1024 * 1024))
-        except urllib.error.HTTPError as exc:
+                answer = json.loads(response.read(4 * 1024 * 1024))
+        except urllib.error.HTTPError as exc:  # an answer with a status: nothing was billed
             if exc.code == 429 or exc.code >= 500:
                 raise TransientError(f"the model API answered {exc.code}") from None
             raise engine.PermanentFailure(f"the model API refused the request: HTTP {exc.code}") from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
-            raise TransientError(f"the model API could not be reached: {exc}") from None
+        except urllib.error.URLError as exc:  # urllib wraps failures to connect and send
+            raise TransientError(f"the model API could not be reached: {exc.reason}") from None
+        except (socket.timeout, TimeoutError, ConnectionError) as exc:
+            raise AnswerLost(f"the model API's answer did not arrive: {exc}") from None
         except ValueError:
-            raise TransientError("the model API answered something that is not JSON") from None
+            raise AnswerLost("the model API answered something that is not JSON") from None
+        if not isinstance(answer, dict):
+            raise AnswerLost("the model API's answer is not a JSON object")
+        return answer
 
 
 SCHEMA = {
@@ -118,15 +128,19 @@ def chat(payload, ctx):
                                    f"{left / 1e6:.6f} dollars left of the job's cost cap")
     ctx.reserve(worst)  # against today's budgets too, before any money is spent
     messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
-    answer = client.complete({"model": payload["model"], "messages": messages,
-                              "max_tokens": max_tokens})
+    try:
+        answer = client.complete({"model": payload["model"], "messages": messages,
+                                  "max_tokens": max_tokens})
+    except AnswerLost:
+        ctx.charge(decimal.Decimal(worst) / 1_000_000, f"{payload['model']}: answer lost, worst case")
+        raise
     usage = answer.get("usage") or {}
     try:
         prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
         if prompt < 0 or completion < 0:
             raise ValueError("negative usage")
         cost = micro_cost(prices, prompt, completion)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
         prompt = completion = None
         cost = worst  # no usage reported: charge the worst case, never less
     ctx.charge(decimal.Decimal(cost) / 1_000_000, f"{payload['model']}: {prompt} + {completion} tokens")

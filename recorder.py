@@ -5,20 +5,29 @@ import collections
 import threading
 import time
 
+from costs import utc_day
 from storage import COUNTERS, StorageError
 
 # Named statements. The minutes upsert adds what was counted to what the
 # minute already holds, so several processes can write the same minute.
 SQL = {
     "audit": "INSERT INTO audit_log (ts, key_id, method, path, status, request_id)"
-             " VALUES (?, ?, ?, ?, ?, ?)",
+             " VALUES (:ts, :key_id, :method, :path, :status, :request_id)",
     "minutes": f"INSERT INTO minutes (minute, {', '.join(COUNTERS)})"
                f" VALUES (:minute, {', '.join(':' + c for c in COUNTERS)})"
                " ON CONFLICT (minute) DO UPDATE SET "
                + ", ".join(f"{c} = minutes.{c} + excluded.{c}" for c in COUNTERS),
-    "outcomes": "INSERT INTO job_outcomes (day, workflow, key_id, status, n) VALUES (?, ?, ?, ?, ?)"
+    "outcomes": "INSERT INTO job_outcomes (day, workflow, key_id, status, n)"
+                " VALUES (:day, :workflow, :key_id, :status, :n)"
                 " ON CONFLICT (day, workflow, key_id, status) DO UPDATE SET n = job_outcomes.n + excluded.n",
+    "first_minute": "SELECT MIN(minute) AS m FROM minutes",
+    "minutes_up": "SELECT COUNT(*) AS n FROM minutes WHERE minute >= :start AND minute < :end",
+    "since": "SELECT COALESCE(SUM(jobs), 0) AS jobs, COALESCE(SUM(finished), 0) AS finished,"
+             " COALESCE(SUM(auth_writes), 0) AS auth_writes FROM minutes WHERE minute >= :start",
+    "audited_since": "SELECT COUNT(*) AS n FROM audit_log WHERE ts >= :since",
 }
+AUDIT_FIELDS = ("ts", "key_id", "method", "path", "status", "request_id")
+OUTCOME_FIELDS = ("day", "workflow", "key_id", "status")
 
 
 class Recorder:
@@ -74,7 +83,7 @@ class Recorder:
 
     def outcome(self, job):
         """Count a finished job for the usage report (by day, workflow, key, status)."""
-        day = time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
+        day = utc_day(self.clock())
         with self._lock:
             self._outcomes[day, job["workflow"], job["key_id"], job["status"]] += 1
             ticket = self._take_ticket()
@@ -161,9 +170,10 @@ class Recorder:
                     minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
                 try:
                     with self.db.write() as conn:
-                        conn.executemany(SQL["audit"], rows)
+                        conn.executemany(SQL["audit"], [dict(zip(AUDIT_FIELDS, r)) for r in rows])
                         conn.executemany(SQL["minutes"], [{"minute": m, **c} for m, c in minutes.items()])
-                        conn.executemany(SQL["outcomes"], [(*k, n) for k, n in outcomes.items()])
+                        conn.executemany(SQL["outcomes"], [dict(zip(OUTCOME_FIELDS, k), n=n)
+                                                           for k, n in outcomes.items()])
                     self._beat_minute = this_minute
                 except Exception:
                     with self._lock:  # put it back for the next batch, newest last
@@ -186,26 +196,20 @@ class Recorder:
         now = self.clock()
         this_minute = int(now // 60)
         week_ago = this_minute - 7 * 24 * 60 + 1
-        first = self.db.query("SELECT MIN(minute) AS m FROM minutes")[0]["m"]
+        first = self.db.query(SQL["first_minute"])[0]["m"]
         start = max(week_ago, first if first is not None else this_minute)
-        up = self.db.query(
-            "SELECT COUNT(*) AS n FROM minutes WHERE minute >= ? AND minute < ?",
-            (start, this_minute))[0]["n"] + 1  # this minute: we are answering
-        uptime = 100.0 * up / (this_minute - start + 1)
+        up = self.db.query(SQL["minutes_up"], {"start": start, "end": this_minute})[0]["n"]
+        uptime = 100.0 * (up + 1) / (this_minute - start + 1)  # + this minute: we are answering
 
         midnight_minute = int((now - now % 86400) // 60)
-        today = self.db.query(
-            "SELECT COALESCE(SUM(jobs), 0) AS jobs, COALESCE(SUM(finished), 0) AS finished"
-            " FROM minutes WHERE minute >= ?", (midnight_minute,))[0]
+        today = self.db.query(SQL["since"], {"start": midnight_minute})[0]
 
         day_ago = now - 86400
-        writes = self.db.query(
-            "SELECT COALESCE(SUM(auth_writes), 0) AS n FROM minutes WHERE minute >= ?",
-            (int(day_ago // 60),))[0]["n"] + self._pending("auth_writes", int(day_ago // 60))
+        writes = self.db.query(SQL["since"], {"start": int(day_ago // 60)})[0]["auth_writes"] \
+            + self._pending("auth_writes", int(day_ago // 60))
         with self._lock:
             queued = len(self._rows)
-        audited = self.db.query(
-            "SELECT COUNT(*) AS n FROM audit_log WHERE ts >= ?", (day_ago,))[0]["n"] + queued
+        audited = self.db.query(SQL["audited_since"], {"since": day_ago})[0]["n"] + queued
         coverage = 100.0 if writes == 0 else min(100.0, 100.0 * audited / writes)
         return {
             "uptime_rolling_7d": round(min(uptime, 100.0), 2),
@@ -218,3 +222,8 @@ class Recorder:
     def pending(self):
         with self._lock:
             return len(self._rows)
+
+    @property
+    def full(self):
+        """Whether an audit row would be dropped now: audited changes wait."""
+        return len(self._rows) >= self.MAX_PENDING

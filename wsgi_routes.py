@@ -21,7 +21,7 @@ import openapi
 import ratelimit
 from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lookup, user_patch,
                       user_upsert)
-from costs import BudgetExceeded
+from costs import BudgetExceeded, to_usd
 from engine import JobError, status_view
 from jobstore import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
 from schemas import SCHEMAS, validate
@@ -201,14 +201,15 @@ def intake(req):
     _reserve(req, job)
     try:
         submitted, created = services.engine.submit(job, idempotency)
-    except QueueFull:
-        services.guardrails.settle(job, "intake refused: queue full")
-        raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
-                        [("Retry-After", "30")])
-    except IdempotencyMismatch:
-        services.guardrails.settle(job, "intake refused: idempotency key reused")
-        raise HTTPError(422, "idempotency_key_reused",
-                        "this Idempotency-Key was used with a different request body")
+    except BaseException as exc:  # no job was stored: nothing may stay reserved for it
+        services.guardrails.settle(job, f"intake refused: {type(exc).__name__}")
+        if isinstance(exc, QueueFull):
+            raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
+                            [("Retry-After", "30")])
+        if isinstance(exc, IdempotencyMismatch):
+            raise HTTPError(422, "idempotency_key_reused",
+                            "this Idempotency-Key was used with a different request body")
+        raise
     if not created:
         services.guardrails.settle(job, "idempotent replay")
     job = submitted
@@ -264,6 +265,9 @@ def job_cancel(req, job_id):
 def job_retry(req, job_id):
     job = _own_job(req, job_id)
     reserved = 0
+    if job.get("cost_declared", True) and job["max_cost"] and job["cost_spent"] >= job["max_cost"]:
+        raise HTTPError(409, "cost_cap_exceeded", "the job has spent its whole cost cap: a retry "
+                                                  "could spend nothing (submit a new job)")
     if job["status"] in ("failed", "canceled"):
         # What is left of the job's cap, against today's budgets, before the
         # job's compare-and-set. Only one retry can take it: while the job
@@ -289,7 +293,10 @@ def job_redeliver(req, job_id):
         raise HTTPError(409, "conflict", "only a finished job has a notification to send")
     if not job.get("callback_url"):
         raise HTTPError(409, "conflict", "the job has no callback_url")
-    return respond({"job": status_view(req.services.callbacks.redeliver(job))})
+    done = req.services.callbacks.redeliver(job)
+    if done is None:  # purged between the read and the write
+        raise not_found("job", job_id=job_id)
+    return respond({"job": status_view(done)})
 
 
 def job_claim(req):
@@ -306,7 +313,10 @@ def job_claim(req):
                             "payload": job["payload"], "priority": job["priority"],
                             "attempt": job["attempts"], "max_attempts": job["max_attempts"],
                             "lease_token": job["lease_token"],
-                            "lease_expires_at": job["lease_expires_at"]}})
+                            "lease_expires_at": job["lease_expires_at"],
+                            # What earlier attempts spent: a reported cost is the
+                            # job's total across attempts, so it starts from here.
+                            "cost_spent": to_usd(job["cost_spent"])}})
 
 
 def job_heartbeat(req, job_id):
@@ -565,7 +575,9 @@ class Api:
         keyed = (route.access == KEY
                  or (route.access == USER_READ and not settings.public_user_reads)
                  or (route.access == JOB_READ and not settings.job_status_public))
-        refusal = identify(req) if keyed or write else None
+        # A key presented to a public route still says who is calling (its
+        # refusal is answered only where the route needs a key).
+        refusal = identify(req) if keyed or write or "HTTP_X_API_KEY" in req.environ else None
         self._limit(req, route, write)
         if keyed and refusal is not None:
             raise refusal  # refused for its key: logged, not audited (nobody to attribute it to)
@@ -575,6 +587,9 @@ class Api:
         else:
             status = 500
             try:
+                if self.services.recorder.full:  # its audit row could not be kept: change nothing
+                    raise HTTPError(503, "storage_busy", "the audit log is behind; try again shortly",
+                                    [("Retry-After", "1")])
                 self._admit(req, route)  # a refusal for role or rate is audited too
                 status, headers, body = route.handler(req, **params)
             except HTTPError as exc:

@@ -64,7 +64,7 @@ def main():
                    b'"priority":"normal","max_cost":0}')
     b"".join(app(environ("POST", "/api/v1/intake", intake_body), start_response))
     job_id = next(iter(app.services.jobs._jobs))
-    _, user = app.services.users.upsert("reader@example.com", {"name": "Reader"})
+    _, user = app.services.users.upsert("admin", "reader@example.com", {"name": "Reader"})
     counter = iter(range(10**9))
 
     def upsert_env():

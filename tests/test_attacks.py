@@ -177,6 +177,13 @@ def test_public_user_reads_keep_the_seeds_behaviour(tmp_path):
     user_id = c.post("/api/v1/users/upsert", {"email": "pub@example.com"}, key=KEY).json()["user"]["id"]
     assert c.get(f"/api/v1/users/{user_id}").status == 200
     assert c.get("/api/v1/users?email=pub@example.com").json()["id"] == user_id
+    # A tenant's profiles stay its own, and it still finds them with its key.
+    tenant = managed_key(c)
+    theirs = c.post("/api/v1/users/upsert", {"email": "t@example.com"}, key=tenant).json()["user"]["id"]
+    assert c.get(f"/api/v1/users/{theirs}").status == 404
+    assert c.get("/api/v1/users?email=t@example.com").status == 404
+    assert c.get("/api/v1/users?email=t@example.com", key=tenant).json()["id"] == theirs
+    assert c.get(f"/api/v1/users/{theirs}", key=tenant).status == 200
     app.stop()
 
 
@@ -319,3 +326,10 @@ def test_every_acknowledged_intake_has_its_audit_row_after_kill_9(tmp_path):
     conn.close()
     assert len(acknowledged) >= 400
     assert set(acknowledged) <= audited
+
+
+def test_an_audited_change_is_refused_while_its_audit_row_could_not_be_kept(client):
+    client.app.services.recorder.MAX_PENDING = 0  # as if the writer had fallen 50,000 rows behind
+    r = client.post(INTAKE, JOB)
+    assert r.status == 503 and r.json()["error"] == "storage_busy"
+    assert client.app.services.engine.counts()["by_status"]["queued"] == 0

@@ -438,3 +438,24 @@ def test_malformed_price_files_refuse_to_start(tmp_path, content):
     path.write_text(content)
     with pytest.raises(levqor.ConfigError, match="MODEL_PRICES"):
         make_app(tmp_path, OPENAI_API_KEY="sk", MODEL_PRICES=str(path))
+
+
+def test_llm_chat_charges_the_worst_case_when_the_answer_is_lost_or_unreadable(tmp_path, openai):
+    # A 200 whose body is no usable answer may have been billed all the same.
+    clock = FakeClock()
+    app = money_app(tmp_path, clock, **openai.env)
+    c = Client(app)
+    worst = 1555  # 37 prompt tokens at 0.5 and 1024 completion tokens at 1.5 per million
+    openai.answers = [(200, ["not", "an", "object"]),
+                      (200, {"choices": [{"message": {"role": "assistant", "content": "x"}}],
+                             "usage": {"prompt_tokens": float("inf"), "completion_tokens": 1}})]
+    job_id = chat(c).json()["job_id"]
+    for _ in range(3):
+        app.services.engine.run_next()
+        clock.advance(600)
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "succeeded" and len(openai.requests) == 2 and view["attempts"] == 2
+    # The lost answer (retried) and the answer with unreadable usage (kept)
+    # each cost the worst case.
+    assert view["cost"]["spent"] == 2 * worst / 1e6
+    app.stop()

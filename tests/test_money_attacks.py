@@ -11,6 +11,7 @@ import requests
 
 import engine
 import levqor
+import storage
 from costs import utc_day
 from support import KEY, Client, FakeClock, Server, make_app
 
@@ -419,3 +420,67 @@ def test_a_hundred_jobs_without_a_declared_cost_are_all_accepted(tmp_path):
            key=KEY)
     assert app.services.ledger.used_today() == 200_000  # charged as it spends
     app.stop()
+
+
+# -- money that outlives its job ------------------------------------------------------------
+
+
+def test_a_release_that_failed_when_the_job_ended_is_made_by_the_sweeper(tmp_path):
+    clock = FakeClock()
+    app = money_app(tmp_path, clock)
+    c = Client(app)
+    job_id = intake(c, max_cost=0.2).json()["job_id"]
+    ledger, real_settle = app.services.ledger, app.services.ledger.settle
+    ledger.settle = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("database hiccup"))
+    assert c.post(f"/api/v1/jobs/{job_id}/cancel", {}, key=KEY).status == 200
+    ledger.settle = real_settle
+    assert reserved(app, job_id) == 200_000
+    assert c.post(f"/api/v1/jobs/{job_id}/retry", {}, key=KEY).status == 409  # still held
+    app.services.engine.housekeeping()  # within the grace minute: left alone
+    assert reserved(app, job_id) == 200_000
+    clock.advance(61)
+    app.services.engine.housekeeping()
+    assert reserved(app, job_id) == 0 and app.services.ledger.used_today() == 0
+    assert c.post(f"/api/v1/jobs/{job_id}/retry", {}, key=KEY).status == 200
+
+
+def test_an_intake_the_store_refuses_keeps_nothing_reserved(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    jobs = app.services.jobs
+    real_add = jobs.add
+    jobs.add = lambda *a, **k: (_ for _ in ()).throw(storage.StorageError("busy", "locked"))
+    assert intake(c, max_cost=0.05).status == 503
+    jobs.add = real_add
+    assert app.services.ledger.used_today() == 0
+
+
+def test_a_job_that_spent_its_whole_cap_is_not_retried(tmp_path):
+    app = money_app(tmp_path)
+    c = Client(app)
+    job_id = intake(c, max_cost=0.1).json()["job_id"]
+    lease = claim(c)
+    r = c.post(f"/api/v1/jobs/{job_id}/fail", {"lease_token": lease["lease_token"], "error": "x",
+                                                "retryable": False, "cost": 0.1}, key=KEY)
+    assert r.status == 200
+    r = c.post(f"/api/v1/jobs/{job_id}/retry", {}, key=KEY)
+    assert r.status == 409 and r.json()["error"] == "cost_cap_exceeded"
+
+
+def test_a_claim_says_what_earlier_attempts_spent(tmp_path):
+    clock = FakeClock()
+    app = money_app(tmp_path, clock)
+    c = Client(app)
+    job_id = intake(c, max_cost=0.35).json()["job_id"]
+    first = claim(c)
+    assert first["cost_spent"] == 0
+    c.post(f"/api/v1/jobs/{job_id}/fail", {"lease_token": first["lease_token"], "error": "x",
+                                            "cost": 0.3}, key=KEY)
+    clock.advance(3600)
+    second = claim(c)
+    assert second["cost_spent"] == 0.3
+    # Reporting that plus this attempt's own 0.2 passes the cap: recorded, refused.
+    r = c.post(f"/api/v1/jobs/{job_id}/complete", {"lease_token": second["lease_token"],
+                                                    "result": {}, "cost": 0.5}, key=KEY)
+    assert r.status == 409 and r.json()["error"] == "cost_cap_exceeded"
+    assert c.get(f"/api/v1/status/{job_id}", key=KEY).json()["cost"]["spent"] == 0.5
