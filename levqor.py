@@ -13,7 +13,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from jobstore import MemoryJobStore, SqliteJobStore
 from ledger import Ledger
 from recorder import Recorder
 from storage import Database, KeyStore, UserStore
+from web import whole_number
 from wsgi_routes import Api, KeyRing, openapi_body
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -50,12 +50,12 @@ class ConfigError(Exception):
 
 def whole(low, high):
     def parse(raw):
-        # ASCII digits only: int() would take Arabic-Indic digits too.
-        if not re.fullmatch(r"-?[0-9]{1,18}", raw):
+        value = whole_number(raw)  # ASCII digits only
+        if value is None:
             raise ValueError(f"must be a whole number, not {raw!r}")
-        if not low <= int(raw) <= high:
+        if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}, not {raw}")
-        return int(raw)
+        return value
     return parse
 
 

@@ -333,3 +333,9 @@ def test_an_audited_change_is_refused_while_its_audit_row_could_not_be_kept(clie
     r = client.post(INTAKE, JOB)
     assert r.status == 503 and r.json()["error"] == "storage_busy"
     assert client.app.services.engine.counts()["by_status"]["queued"] == 0
+
+
+def test_the_memory_job_store_refuses_several_worker_processes():
+    with pytest.raises(levqor.ConfigError, match="WEB_CONCURRENCY"):
+        levqor.Settings.from_env({"WEB_CONCURRENCY": "2"})
+    assert levqor.Settings.from_env({"WEB_CONCURRENCY": "2", "JOB_STORE": "sqlite"}).workers == 2
