@@ -1,0 +1,160 @@
+"""The Python client (clients/python): Client, Worker, verify_webhook and
+the levqor command line, against real gunicorn on loopback; the pure parts
+again under Python 3.9, and the package installed into a fresh venv."""
+
+import base64
+import collections
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from support import KEY, ROOT, Server, wait_until
+
+CLIENT_DIR = os.path.join(ROOT, "clients", "python")
+if CLIENT_DIR not in sys.path:
+    sys.path.insert(0, CLIENT_DIR)
+
+import levqor_client  # noqa: E402
+from levqor_client import (AuthError, BudgetExceeded, Client, Conflict, LevqorError,  # noqa: E402
+                           NotFound, Permanent, RateLimited, ValidationError,
+                           WebhookVerificationError, Worker, verify_webhook)
+from levqor_client.errors import error_for  # noqa: E402
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
+FAST = {"API_KEYS": KEY, "RATE_BURST": 100000, "RATE_GLOBAL": 100000, "RATE_READ": 100000,
+        "RATE_WORKER": 100000}
+
+
+def sign(secret, msg_id, timestamp, body):
+    import hashlib
+    import hmac
+    key = base64.b64decode(secret[len("whsec_"):])
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path, **FAST).start()
+    yield srv
+    srv.stop()
+
+
+def run_worker(worker, **kw):
+    """Worker.run in a thread (signals are the main thread's); its thread."""
+    t = threading.Thread(target=worker.run, kwargs={"handle_signals": False, **kw}, daemon=True)
+    t.start()
+    return t
+
+
+# ---------------------------------------------------------------------------
+# Pure: errors, webhooks, construction
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status,code,cls", [
+    (401, "unauthorized", AuthError), (403, "forbidden", AuthError), (404, "not_found", NotFound),
+    (400, "validation_failed", ValidationError), (422, "idempotency_key_reused", ValidationError),
+    (429, "rate_limited", RateLimited), (429, "budget_exceeded", BudgetExceeded),
+    (409, "budget_exceeded", BudgetExceeded), (422, "cost_cap_exceeded", BudgetExceeded),
+    (409, "lease_lost", Conflict), (503, "queue_full", levqor_client.ServerError),
+    (418, "teapot", LevqorError),
+])
+def test_error_mapping(status, code, cls):
+    err = error_for(status, {"error": code, "message": "m", "request_id": "r1"}, None, 3.0)
+    assert type(err) is cls and isinstance(err, LevqorError)
+    assert (err.code, err.message, err.status, err.request_id, err.retry_after) == (code, "m", status,
+                                                                                    "r1", 3.0)
+
+
+def test_error_without_a_json_body_keeps_the_status_and_header_request_id():
+    err = error_for(502, "not json", "hdr-id")
+    assert (err.code, err.status, err.request_id) == ("http_502", 502, "hdr-id")
+
+
+def test_verify_webhook_cases():
+    body = b'{"type": "job.succeeded", "data": {"job_id": "j1"}}'
+    now = 1_800_000_000
+    headers = {"Webhook-Id": "msg_1", "Webhook-Timestamp": str(now),
+               "Webhook-Signature": "v1,bm90LWl0 " + sign(SECRET, "msg_1", now, body)}
+    assert verify_webhook(SECRET, headers, body, now=now)["data"]["job_id"] == "j1"
+    assert verify_webhook([OTHER_SECRET, SECRET], headers, body, now=now)["type"] == "job.succeeded"
+    environ = {"HTTP_WEBHOOK_ID": "msg_1", "HTTP_WEBHOOK_TIMESTAMP": str(now),
+               "HTTP_WEBHOOK_SIGNATURE": headers["Webhook-Signature"]}
+    assert verify_webhook(SECRET, environ, body, now=now)["type"] == "job.succeeded"
+    for case, args in {
+        "tampered body": (SECRET, headers, body.replace(b"j1", b"j2"), now),
+        "wrong secret": (OTHER_SECRET, headers, body, now),
+        "old timestamp": (SECRET, headers, body, now + 301),
+        "future timestamp": (SECRET, headers, body, now - 301),
+        "no signature header": (SECRET, {k: v for k, v in headers.items()
+                                         if k != "Webhook-Signature"}, body, now),
+        "not v1": (SECRET, {**headers, "Webhook-Signature": headers["Webhook-Signature"]
+                            .replace("v1,", "v2,")}, body, now),
+    }.items():
+        secret, hdrs, raw, at = args
+        with pytest.raises(WebhookVerificationError):
+            verify_webhook(secret, hdrs, raw, now=at)
+            pytest.fail(case)
+
+
+def test_client_defaults_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LEVQOR_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("LEVQOR_API_KEY", "env-key")
+    c = Client()
+    assert (c.base_url, c.api_key, c.timeout) == ("http://127.0.0.1:9", "env-key", 10)
+    with pytest.raises(ValueError):
+        Client("ftp://x")
+
+
+# ---------------------------------------------------------------------------
+# Against gunicorn
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_submit_wait_round_trip_and_wait_timeout(server):
+    c = Client(server.url, KEY)
+    job = c.submit("echo", {"hello": "world"}, priority="high", max_cost=0)
+    assert job.status == "queued" and job.job_id
+    final = c.wait(job.job_id, timeout=20)
+    assert final.ok and final.result == {"hello": "world"} and final.workflow == "echo"
+    assert c.get(job.job_id).status == "succeeded"
+    nobody = c.submit("nobody.runs.this", {})
+    with pytest.raises(TimeoutError):
+        c.wait(nobody.job_id, timeout=0.5)
+    assert c.cancel(nobody.job_id).status == "canceled"
+    assert c.retry(nobody.job_id).status == "queued"
+    with pytest.raises(NotFound):
+        c.get("no-such-job")
+    with pytest.raises(AuthError):
+        Client(server.url, "wrong-key-0123456789abcdef").submit("echo", {})
+    with pytest.raises(ValidationError) as info:
+        c.submit("echo", {}, delay=5)  # not an API of this server yet
+    assert info.value.code == "validation_failed" and info.value.request_id
+
+
+@pytest.mark.server
+def test_jobs_follows_every_page_and_the_rest_of_the_api(server):
+    c = Client(server.url, KEY)
+    ids = {c.submit("page.me", {"i": i}).job_id for i in range(7)}
+    listed = list(c.jobs(workflow="page.me", page_size=3))
+    assert {j.job_id for j in listed} == ids and len(listed) == 7  # three pages, none twice
+    assert [j.created_at for j in listed] == sorted((j.created_at for j in listed), reverse=True)
+    assert len(list(c.jobs(workflow="page.me", limit=5, page_size=2))) == 5
+    assert c.health()["ok"] is True
+    assert c.usage(group_by="workflow")["group_by"] == "workflow"
+    made = c.create_key("acme", "client", daily_budget=1)
+    assert made["key"].startswith("lq_")
+    assert any(k["id"] == made["id"] for k in c.keys())
+    assert c.revoke_key(made["id"])["revoked"] is True
+    with pytest.raises(AuthError):
+        Client(server.url, made["key"]).submit("echo", {})
