@@ -158,3 +158,98 @@ def test_jobs_follows_every_page_and_the_rest_of_the_api(server):
     assert c.revoke_key(made["id"])["revoked"] is True
     with pytest.raises(AuthError):
         Client(server.url, made["key"]).submit("echo", {})
+
+
+# ---------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------
+
+
+class Runs:
+    """Counts runs per job id, from any thread; the worker's function."""
+
+    def __init__(self, pause=0.0):
+        self.count = collections.Counter()
+        self.lock = threading.Lock()
+        self.pause = pause
+
+    def __call__(self, payload, ctx):
+        with self.lock:
+            self.count[ctx.job_id] += 1
+            n = self.count[ctx.job_id]
+        if self.pause:
+            time.sleep(self.pause)
+        return {"i": payload["i"], "job_id": ctx.job_id, "run": n}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_worker_drains_200_jobs_exactly_once(server):
+    c = Client(server.url, KEY)
+    ids = [c.submit("ext.count", {"i": i}).job_id for i in range(200)]
+    runs = Runs()
+    worker = Worker(c, {"ext.count": runs}, concurrency=4)
+    t = run_worker(worker)
+    try:
+        assert wait_until(lambda: len(runs.count) == 200, 120, 0.1), len(runs.count)
+        for i, job_id in enumerate(ids):
+            job = c.wait(job_id, timeout=30)
+            assert job.ok and job.result == {"i": i, "job_id": job_id, "run": 1}, job
+    finally:
+        worker.stop()
+        t.join(30)
+    assert not t.is_alive()
+    assert set(runs.count) == set(ids) and set(runs.count.values()) == {1}
+    assert worker.handled == 200 and worker.lost == []
+
+
+@pytest.mark.server
+def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
+    srv = Server(tmp_path, JOB_BACKOFF=1, JOB_BACKOFF_CAP=1, **FAST).start()
+    c = Client(srv.url, KEY)
+    canceled_seen = threading.Event()
+
+    def slow(payload, ctx):  # outlives its 1 s lease three times over
+        ctx.charge(0.01)
+        time.sleep(0.5)
+        ctx.charge(0.02)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        return {"attempt": ctx.attempt}
+
+    def bad(payload, ctx):
+        if payload["permanent"]:
+            raise Permanent("no such account")
+        raise ValueError("flaky")
+
+    def endless(payload, ctx):
+        assert wait_until(lambda: ctx.canceled, 30, 0.05)
+        canceled_seen.set()
+        return None
+
+    worker = Worker(c, {"w.slow": slow, "w.bad": bad, "w.endless": endless}, concurrency=4,
+                    lease_seconds=1)
+    t = run_worker(worker)
+    try:
+        slow_id = c.submit("w.slow", {}, max_cost=0.1).job_id
+        perm = c.submit("w.bad", {"permanent": True}).job_id
+        flaky = c.submit("w.bad", {"permanent": False}).job_id
+        endless_id = c.submit("w.endless", {}).job_id
+        job = c.wait(slow_id, 30)
+        assert job.ok and job.result == {"attempt": 1} and job.attempts == 1, job
+        assert job.cost["spent"] == 0.03
+        job = c.wait(perm, 30)
+        assert job.status == "failed" and job.attempts == 1
+        assert job.error["message"] == "Permanent: no such account", job.error
+        job = c.wait(flaky, 30)
+        assert job.status == "failed" and job.attempts == 3 and "ValueError: flaky" in job.error["message"]
+        assert wait_until(lambda: c.get(endless_id).status == "running", 10, 0.05)
+        c.cancel(endless_id)
+        assert canceled_seen.wait(30)
+        assert c.wait(endless_id, 30).status == "canceled"
+    finally:
+        worker.stop()
+        t.join(30)
+        srv.stop()
+    assert not t.is_alive()
