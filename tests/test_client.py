@@ -7,6 +7,7 @@ import collections
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from support import KEY, ROOT, Server, wait_until
+from support import KEY, ROOT, Server, children, wait_until
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "python")
 if CLIENT_DIR not in sys.path:
@@ -253,3 +254,143 @@ def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
         t.join(30)
         srv.stop()
     assert not t.is_alive()
+
+
+def crash(srv):
+    """kill -9 master and workers. The master is stopped first: killed after
+    its workers, it could fork a fresh one in between, which would keep the
+    port this test starts the server on again."""
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    for pid in children(srv.proc.pid) + [srv.proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    srv.proc.wait(timeout=10)
+    srv.log_file.close()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_worker_carries_on_through_a_server_restart(tmp_path):
+    """kill -9 mid-drain, start again on the same port and database: every
+    job finishes. A job runs twice only if its lease was lost mid-run: here
+    the jobs in hand when the server died, kept down past their 2 s lease
+    (or one whose completion was committed but never answered). The worker
+    lists each such job in ``lost``."""
+    env = {**FAST, "JOB_STORE": "sqlite"}
+    srv = Server(tmp_path, **env).start()
+    c = Client(srv.url, KEY, retry_time=5)
+    ids = [c.submit("ext.restart", {"i": i}).job_id for i in range(120)]
+    runs = Runs(pause=0.02)
+    worker = Worker(Client(srv.url, KEY, timeout=2, retry_time=3), {"ext.restart": runs},
+                    concurrency=4, lease_seconds=2)
+    t = run_worker(worker)
+    again = None
+    try:
+        assert wait_until(lambda: len(runs.count) >= 30, 60, 0.01)
+        crash(srv)
+        done_before = len(runs.count)
+        # Down long enough that the jobs in hand lose their leases: the
+        # worker gives up reporting them, and the server hands them out again.
+        assert wait_until(lambda: worker.lost, 30, 0.05)
+        again = Server(tmp_path, **env)
+        again.port, again.url, again.env["PORT"] = srv.port, srv.url, str(srv.port)
+        again.start()
+        for i, job_id in enumerate(ids):
+            job = c.wait(job_id, timeout=60)
+            assert job.ok and job.result["i"] == i, job
+    finally:
+        worker.stop()
+        t.join(30)
+        (again or srv).stop()
+    assert done_before < 120, "the kill came after the drain"
+    assert set(runs.count) == set(ids)
+    twice = {j for j, n in runs.count.items() if n > 1}
+    assert twice <= set(worker.lost), (twice, worker.lost)
+    assert all(n <= 2 for n in runs.count.values())
+
+
+@pytest.mark.server
+def test_a_429_is_retried_after_retry_after(tmp_path):
+    # 60 writes a minute: the 61st submit is refused with Retry-After: 1.
+    srv = Server(tmp_path, API_KEYS=KEY, RATE_BURST=60).start()
+    try:
+        c = Client(srv.url, KEY)
+        for i in range(60):
+            c.submit("nobody.runs.this", {"i": i})
+        assert c.retries == 0
+        job = c.submit("nobody.runs.this", {"i": 60})
+        assert c.retries >= 1 and job.status == "queued"
+        impatient = Client(srv.url, KEY, max_retries=0)
+        with pytest.raises(RateLimited) as info:
+            for i in range(100):
+                impatient.submit("nobody.runs.this", {"i": i})
+        assert info.value.retry_after >= 1 and info.value.status == 429
+    finally:
+        srv.stop()
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that forwards requests to the server but drops
+    the first ``drops`` connections once the server's answer starts, so the
+    request has acted and its sender never hears of it."""
+
+    def __init__(self, target_port, drops=1):
+        self.target_port, self.drops = target_port, drops
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                downstream, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            drop = self.dropped < self.drops
+            self.dropped += drop
+            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, drop), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, drop):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or drop:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.server
+def test_an_intake_retried_after_a_dropped_connection_makes_one_job(server):
+    proxy = DroppingProxy(server.port)
+    try:
+        c = Client(proxy.url, KEY)
+        job = c.submit("dropped.once", {"n": 1})
+        assert proxy.dropped == 1 and c.retries == 1
+        listed = list(Client(server.url, KEY).jobs(workflow="dropped.once"))
+        assert [j.job_id for j in listed] == [job.job_id]
+        # A claim is never sent again: it could take a job nobody would run.
+        proxy.drops = 2
+        c.close()  # so the claim goes over a new connection, one that is dropped
+        with pytest.raises(levqor_client.LevqorConnectionError):
+            c.claim(["dropped.once"])
+    finally:
+        proxy.close()
