@@ -394,3 +394,53 @@ def test_an_intake_retried_after_a_dropped_connection_makes_one_job(server):
             c.claim(["dropped.once"])
     finally:
         proxy.close()
+
+
+# ---------------------------------------------------------------------------
+# A real delivery, verified
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_verify_webhook_accepts_a_real_delivery(tmp_path):
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers.items()), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    srv = Server(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE=1, **FAST).start()
+    try:
+        c = Client(srv.url, KEY)
+        url = f"http://localhost:{receiver.server_address[1]}/hook"
+        job = c.submit("echo", {"x": 1}, callback_url=url)
+        assert wait_until(lambda: received, 30, 0.05)
+        headers, body = received[0]
+        event = verify_webhook(SECRET, headers, body)
+        assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job.job_id
+        assert verify_webhook([OTHER_SECRET, SECRET], headers, body)["data"]["result"] == {"x": 1}
+        stamp = int(headers["webhook-timestamp"])
+        for secret, raw, now in [(SECRET, body.replace(b'"x": 1', b'"x": 2').replace(b'"x":1', b'"x":2'),
+                                  None),
+                                 (OTHER_SECRET, body, None),
+                                 (SECRET, body, stamp + 301)]:
+            assert raw is body or raw != body
+            with pytest.raises(WebhookVerificationError):
+                verify_webhook(secret, headers, raw, now=now)
+        assert wait_until(lambda: c.get(job.job_id).callback["state"] == "delivered", 10, 0.05)
+        c.redeliver(job.job_id)
+        assert wait_until(lambda: len(received) == 2, 30, 0.05)
+        assert verify_webhook(SECRET, *received[1])["data"]["job_id"] == job.job_id
+    finally:
+        srv.stop()
+        receiver.shutdown()
+        receiver.server_close()
