@@ -444,3 +444,103 @@ def test_verify_webhook_accepts_a_real_delivery(tmp_path):
         srv.stop()
         receiver.shutdown()
         receiver.server_close()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def levqor(url, *args, key=KEY, stdin=None, cwd=None, timeout=60):
+    """Run ``python -m levqor_client``; (exit code, stdout, stderr)."""
+    env = {**os.environ, "LEVQOR_URL": url, "LEVQOR_API_KEY": key,
+           "PYTHONPATH": CLIENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-m", "levqor_client", *args], env=env, input=stdin,
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_usage_errors_and_help_on_every_command():
+    from levqor_client import cli
+    parser = cli._parser()
+    args = parser.parse_args(["submit", "echo", "--payload", '{"a": 1}', "--priority", "high",
+                              "--max-cost", "0.5", "--wait"])
+    assert (args.workflow, args.payload, args.priority, args.max_cost, args.wait) == (
+        "echo", {"a": 1}, "high", 0.5, True)
+    assert parser.parse_args(["jobs", "--status", "failed", "--limit", "3", "--json"]).limit == 3
+    assert parser.parse_args(["cancel", "a", "b"]).ids == ["a", "b"]
+    url = "http://127.0.0.1:9"
+    for bad in (["submit", "echo", "--payload", "{nope"], ["submit", "echo", "--payload", "[1]"],
+                ["submit", "echo", "--payload", "@/no/such/file"], ["jobs", "--status", "odd"],
+                ["frobnicate"], []):
+        code, _, err = levqor(url, *bad)
+        assert code == 2, (bad, err)
+    for command in ([], ["submit"], ["status"], ["wait"], ["jobs"], ["cancel"], ["retry"],
+                    ["usage"], ["keys"], ["worker"], ["health"]):
+        code, out, _ = levqor(url, *command, "--help")
+        assert code == 0 and "usage: levqor" in out, command
+        assert "examples:" in out, command
+    code, _, err = levqor(url, "health")  # nothing listens on port 9
+    assert code == 3 and "connection_error" in err
+
+
+WORKERS_MODULE = '''
+from levqor_client import Permanent
+
+def shout(payload, ctx):
+    if payload.get("fail"):
+        raise Permanent("asked to fail")
+    return {"text": payload["text"].upper(), "attempt": ctx.attempt}
+
+REGISTRY = {"cli.shout": shout}
+'''
+
+
+@pytest.mark.server
+def test_cli_commands_and_exit_codes(server, tmp_path):
+    url = server.url
+    code, out, _ = levqor(url, "health")
+    assert code == 0 and json.loads(out)["ok"] is True
+    code, out, err = levqor(url, "submit", "echo", "--payload", '{"a": 1}', "--wait")
+    assert code == 0 and json.loads(out[out.index("{"):])["result"] == {"a": 1}, (out, err)
+    (tmp_path / "p.json").write_text('{"text": "hi"}')
+    code, shout_id, _ = levqor(url, "submit", "cli.shout", "--payload", f"@{tmp_path / 'p.json'}")
+    shout_id = shout_id.strip()
+    code, fail_id, _ = levqor(url, "submit", "cli.shout", "--payload", "-", stdin='{"fail": true}')
+    fail_id = fail_id.strip()
+    assert code == 0 and shout_id and fail_id
+    code, out, err = levqor(url, "wait", shout_id, "--wait-timeout", "0.3")
+    assert code == 4 and f"{shout_id} queued" in out and "still queued" in err
+    (tmp_path / "cli_workers.py").write_text(WORKERS_MODULE)
+    code, out, err = levqor(url, "worker", "cli_workers:REGISTRY", "--concurrency", "2",
+                            "--idle-exit", "1", "--lease", "5", cwd=tmp_path)
+    assert code == 0 and "worker stopped after 2 jobs" in out, (out, err)
+    code, out, _ = levqor(url, "wait", shout_id)
+    assert code == 0 and json.loads(out[out.index("{"):])["result"] == {"text": "HI", "attempt": 1}
+    assert levqor(url, "status", shout_id)[0] == 0
+    code, out, _ = levqor(url, "status", fail_id)
+    assert code == 1 and json.loads(out)["status"] == "failed"
+    assert levqor(url, "wait", fail_id)[0] == 1
+    code, out, _ = levqor(url, "jobs", "--json")
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and {shout_id, fail_id} <= {j["job_id"] for j in listed}
+    code, out, _ = levqor(url, "jobs", "--workflow", "cli.shout", "--limit", "1")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["JOB_ID", "STATUS", "WORKFLOW", "PRIORITY",
+                                              "ATTEMPTS", "CREATED"] and len(lines) == 2
+    assert lines[1].index("cli.shout") == lines[0].index("WORKFLOW")  # aligned
+    code, out, err = levqor(url, "retry", fail_id)
+    assert code == 0 and out.split() == [fail_id, "queued"]
+    code, out, err = levqor(url, "cancel", fail_id, "no-such-job")
+    assert code == 3 and out.split() == [fail_id, "canceled"] and "not_found" in err
+    assert levqor(url, "usage")[0] == 0
+    code, out, _ = levqor(url, "usage", "--group-by", "workflow", "--json")
+    assert code == 0 and json.loads(out)["group_by"] == "workflow"
+    code, out, _ = levqor(url, "keys", "create", "acme", "--role", "worker", "--workflow", "cli.*")
+    made = json.loads(out)
+    assert code == 0 and made["key"].startswith("lq_") and made["workflows"] == ["cli.*"]
+    code, out, _ = levqor(url, "keys", "list")
+    assert code == 0 and made["id"] in out and "PREFIX" in out.splitlines()[0]
+    assert levqor(url, "keys", "revoke", made["id"])[0] == 0
+    code, _, err = levqor(url, "jobs", key="wrong-key-0123456789abcdef")
+    assert code == 3 and "forbidden" in err
