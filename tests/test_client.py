@@ -544,3 +544,79 @@ def test_cli_commands_and_exit_codes(server, tmp_path):
     assert levqor(url, "keys", "revoke", made["id"])[0] == 0
     code, _, err = levqor(url, "jobs", key="wrong-key-0123456789abcdef")
     assert code == 3 and "forbidden" in err
+
+
+# ---------------------------------------------------------------------------
+# Packaging, and Python 3.9
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_package_installs_into_a_bare_venv_with_nothing_else(tmp_path):
+    """Built with setuptools (requirements-dev.txt) without network or build
+    isolation, then installed into a fresh venv that holds only pip: the
+    package imports and ``levqor --help`` runs. The wheel is built by this
+    interpreter because a fresh venv's bundled setuptools (65 on Python
+    3.11, none from 3.12) cannot build wheels without the ``wheel`` package."""
+    pytest.importorskip("setuptools", reason="building the package needs setuptools "
+                                             "(requirements-dev.txt)")
+    import shutil
+    src = tmp_path / "src"  # a copy: an in-tree build leaves build/ and egg-info behind
+    shutil.copytree(CLIENT_DIR, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("levqor_client-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEVQOR_URL")}
+    probe = ("import levqor_client, sys; c = levqor_client.Client(); "
+             "assert c.base_url == 'http://127.0.0.1:5000'; "
+             "assert 'site-packages' in levqor_client.__file__; print(levqor_client.__version__)")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=clean,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0.1.0", out.stderr
+    out = subprocess.run([str(venv / "bin" / "levqor"), "--help"], cwd=tmp_path, env=clean,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: levqor" in out.stdout and "worker" in out.stdout, out.stderr
+
+
+PY39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
+PY39_SCRIPT = r'''
+import base64, hashlib, hmac, sys
+sys.path.insert(0, sys.argv[1])
+import levqor_client
+from levqor_client import Client, verify_webhook, WebhookVerificationError, RateLimited
+from levqor_client.errors import error_for
+from levqor_client import cli
+
+assert sys.version_info[:2] == (3, 9)
+secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+body, now = b'{"type": "job.failed"}', 1800000000
+mac = hmac.new(b"k" * 32, b"m1.%d." % now + body, hashlib.sha256).digest()
+headers = {"webhook-id": "m1", "webhook-timestamp": str(now),
+           "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+assert verify_webhook([secret], headers, body, now=now) == {"type": "job.failed"}
+for args in ((secret, headers, body + b" ", now), (secret, headers, body, now + 301)):
+    try:
+        verify_webhook(*args[:3], now=args[3])
+    except WebhookVerificationError:
+        pass
+    else:
+        raise AssertionError("accepted a bad delivery")
+c = Client("https://levqor.example/base/", "k" * 20, timeout=3)
+assert (c.base_url, c.timeout) == ("https://levqor.example/base", 3)
+assert isinstance(error_for(429, {"error": "rate_limited"}, None, 1.0), RateLimited)
+args = cli._parser().parse_args(["submit", "echo", "--payload", '{"a": 1}', "--wait"])
+assert args.payload == {"a": 1} and args.wait
+print("ok", levqor_client.__version__)
+'''
+
+
+@pytest.mark.skipif(not os.path.exists(PY39), reason=f"no Python 3.9 interpreter at {PY39}")
+def test_the_pure_parts_run_under_python_3_9():
+    out = subprocess.run([PY39, "-c", PY39_SCRIPT, CLIENT_DIR], capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok 0.1.0", out.stderr
