@@ -620,3 +620,37 @@ def test_the_pure_parts_run_under_python_3_9():
     out = subprocess.run([PY39, "-c", PY39_SCRIPT, CLIENT_DIR], capture_output=True, text=True,
                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0 and out.stdout.strip() == "ok 0.1.0", out.stderr
+
+
+SLOW_MODULE = '''
+import time
+
+def slow(payload, ctx):
+    time.sleep(1.5)
+    return {"done": True}
+
+REGISTRY = {"cli.slow": slow}
+'''
+
+
+@pytest.mark.server
+def test_sigterm_lets_the_worker_finish_the_job_in_hand(server, tmp_path):
+    c = Client(server.url, KEY)
+    job_id = c.submit("cli.slow", {}).job_id
+    (tmp_path / "slow_workers.py").write_text(SLOW_MODULE)
+    env = {**os.environ, "LEVQOR_URL": server.url, "LEVQOR_API_KEY": KEY,
+           "PYTHONPATH": CLIENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "levqor_client", "worker", "slow_workers:REGISTRY",
+                             "--concurrency", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: c.get(job_id).status == "running", 20, 0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and "worker stopped after 1 jobs" in out, out
+    job = c.get(job_id)
+    assert job.ok and job.result == {"done": True}, job
