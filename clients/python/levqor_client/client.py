@@ -1,0 +1,396 @@
+"""``Client``: Levqor's HTTP API over keep-alive connections, with bounded
+retries; ``Job``: what the status view says of a job."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import random
+import select
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import LevqorConnectionError, LevqorError, error_for
+
+FINAL = ("succeeded", "failed", "canceled")
+DEFAULT_URL = "http://127.0.0.1:5000"
+
+
+@dataclasses.dataclass
+class Job:
+    """A job as the status view shows it. Fields the answer did not carry
+    are None (intake answers only ``job_id`` and ``status``); ``raw`` is the
+    answer itself."""
+
+    job_id: str
+    status: str
+    workflow: Optional[str] = None
+    priority: Optional[str] = None
+    attempts: Optional[int] = None
+    max_attempts: Optional[int] = None
+    created_at: Optional[float] = None
+    updated_at: Optional[float] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    progress: Any = None
+    result: Any = None
+    error: Any = None
+    cost: Optional[Dict[str, Any]] = None
+    callback: Optional[Dict[str, Any]] = None
+    raw: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Job":
+        """A Job from a status view (unknown fields stay in ``raw`` only)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
+        return cls(**{k: v for k, v in data.items() if k in names}, raw=dict(data))
+
+    @property
+    def done(self) -> bool:
+        """True once the job is succeeded, failed or canceled."""
+        return self.status in FINAL
+
+    @property
+    def ok(self) -> bool:
+        """True if the job succeeded."""
+        return self.status == "succeeded"
+
+
+class Client:
+    """Levqor's HTTP API.
+
+    ``base_url`` and ``api_key`` default to the ``LEVQOR_URL`` and
+    ``LEVQOR_API_KEY`` environment variables. Each thread keeps one
+    keep-alive connection; every call has a ``timeout`` in seconds.
+
+    Connection errors, 429 and 503 are retried with jittered exponential
+    backoff, waiting at least the answer's ``Retry-After``, at most
+    ``max_retries`` times and never past ``retry_time`` seconds in all. A
+    request that may have acted before its connection broke is retried only
+    when sending it twice is harmless; intake is made so by an
+    ``Idempotency-Key`` (a fresh uuid when the caller gives none).
+    ``retries`` counts the requests sent again, for logs and tests.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 timeout: float = 10, *, max_retries: int = 4, retry_time: float = 30) -> None:
+        url = (base_url or os.environ.get("LEVQOR_URL") or DEFAULT_URL).rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be an http or https URL, not {url!r}")
+        self.base_url = url
+        self.api_key = api_key if api_key is not None else os.environ.get("LEVQOR_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_time = retry_time
+        self.retries = 0
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r})"
+
+    # -- jobs ----------------------------------------------------------------
+
+    def submit(self, workflow: str, payload: Mapping[str, Any], *, priority: Optional[str] = None,
+               callback_url: Optional[str] = None, max_cost: Optional[float] = None,
+               idempotency_key: Optional[str] = None, run_at: Optional[float] = None,
+               delay: Optional[float] = None, depends_on: Optional[Sequence[str]] = None,
+               concurrency_key: Optional[str] = None) -> Job:
+        """Submit a job; its ``Job`` (``job_id``, ``status`` queued).
+
+        Only the fields given are sent. ``run_at``, ``delay``, ``depends_on``
+        and ``concurrency_key`` are passed through for servers that know
+        them; this server answers them 400 ``validation_failed`` today. The
+        same ``idempotency_key`` and body within 24 hours give the first
+        job back; without one a uuid is used, so a retry never makes two.
+        """
+        body: Dict[str, Any] = {"workflow": workflow, "payload": dict(payload)}
+        optional = {"priority": priority, "callback_url": callback_url, "max_cost": max_cost,
+                    "run_at": run_at, "delay": delay, "concurrency_key": concurrency_key,
+                    "depends_on": list(depends_on) if depends_on is not None else None}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return Job.from_dict(self.request("POST", "/api/v1/intake", body, headers=headers))
+
+    def get(self, job_id: str) -> Job:
+        """The job's status view."""
+        return Job.from_dict(self.request("GET", f"/api/v1/status/{_seg(job_id)}"))
+
+    def wait(self, job_id: str, timeout: float = 60, *, poll_max: float = 1.0,
+             on_poll: Any = None) -> Job:
+        """Poll until the job is finished; the final ``Job``.
+
+        Polls fast at first, then every ``poll_max`` seconds; raises
+        ``TimeoutError`` if the job is not finished within ``timeout``
+        seconds. ``on_poll(job)``, if given, sees every answer.
+        """
+        deadline = time.monotonic() + timeout
+        step = 0.05
+        while True:
+            job = self.get(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            if job.done:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
+            time.sleep(min(step, left))
+            step = min(step * 2, poll_max)
+
+    def jobs(self, *, status: Optional[str] = None, workflow: Optional[str] = None,
+             limit: Optional[int] = None, page_size: int = 100) -> Iterator[Job]:
+        """The caller's jobs, newest first, following every page's cursor;
+        at most ``limit`` of them when given."""
+        query: Dict[str, Any] = {"status": status, "workflow": workflow}
+        seen = 0
+        cursor = None
+        while True:
+            size = page_size if limit is None else max(1, min(page_size, limit - seen))
+            page = self.request("GET", "/api/v1/jobs", query={**query, "limit": size,
+                                                               "cursor": cursor})
+            for item in page["jobs"]:
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield Job.from_dict(item)
+            cursor = page.get("next_cursor")
+            if not cursor or (limit is not None and seen >= limit):
+                return
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job (at once if queued; a running one is flagged). 409
+        ``Conflict`` if it has already finished."""
+        return self._job_post(job_id, "cancel")
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or canceled job again; 409 ``Conflict`` otherwise."""
+        return self._job_post(job_id, "retry")
+
+    def redeliver(self, job_id: str) -> Job:
+        """Send a finished job's callback again, as a new event."""
+        return self._job_post(job_id, "callback/redeliver")
+
+    def _job_post(self, job_id: str, action: str) -> Job:
+        # Not sent again after a broken connection: a second cancel or retry
+        # of one that acted would answer 409 and hide that it did.
+        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/{action}", {})
+        return Job.from_dict(answer["job"])
+
+    # -- money and keys ------------------------------------------------------
+
+    def usage(self, *, start: Optional[str] = None, end: Optional[str] = None,
+              group_by: Optional[str] = None) -> Dict[str, Any]:
+        """Spend, reserved money and job counts per day, workflow or key,
+        from ``start`` to ``end`` (``YYYY-MM-DD``, UTC; default today)."""
+        return self.request("GET", "/api/v1/usage",
+                            query={"from": start, "to": end, "group_by": group_by})
+
+    def create_key(self, name: str, role: str = "client", *, daily_budget: Optional[float] = None,
+                   rate_per_minute: Optional[int] = None,
+                   workflows: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """Make a managed key (admin only); the answer's ``key`` is shown once."""
+        body: Dict[str, Any] = {"name": name, "role": role}
+        optional = {"daily_budget": daily_budget, "rate_per_minute": rate_per_minute,
+                    "workflows": list(workflows) if workflows is not None else None}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return self.request("POST", "/api/v1/keys", body)
+
+    def keys(self) -> List[Dict[str, Any]]:
+        """Every managed key, without secrets (admin only)."""
+        return self.request("GET", "/api/v1/keys")["keys"]
+
+    def revoke_key(self, key_id: str) -> Dict[str, Any]:
+        """Revoke a managed key from its next request on (admin only)."""
+        return self.request("DELETE", f"/api/v1/keys/{_seg(key_id)}")
+
+    def health(self) -> Dict[str, Any]:
+        """``GET /health``: ``{"ok": true, "ts"}`` while the service answers."""
+        return self.request("GET", "/health")
+
+    # -- external workers ----------------------------------------------------
+
+    def claim(self, workflows: Sequence[str],
+              lease_seconds: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Claim a job of one of ``workflows``: ``{job_id, workflow, payload,
+        attempt, lease_token, lease_expires_at, ...}``, or None if none waits.
+        Not sent again after a broken connection (a claim that was made
+        would be lost until its lease ran out)."""
+        body: Dict[str, Any] = {"workflows": list(workflows)}
+        if lease_seconds is not None:
+            body["lease_seconds"] = lease_seconds
+        answer = self.request("POST", "/api/v1/jobs/claim", body, retry_unsure=False)
+        return None if answer is None else answer["job"]
+
+    def heartbeat(self, job_id: str, lease_token: str, *, lease_seconds: Optional[int] = None,
+                  cost: Optional[float] = None,
+                  progress: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Extend a claimed job's lease: ``{lease_expires_at, cancel_requested}``.
+        ``cost`` is the job's running total in dollars; 409 ``Conflict``
+        (``lease_lost``) if the lease is no longer this worker's."""
+        body: Dict[str, Any] = {"lease_token": lease_token}
+        optional = {"lease_seconds": lease_seconds, "cost": cost,
+                    "progress": dict(progress) if progress is not None else None}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/heartbeat", body,
+                            retry_unsure=True)
+
+    def complete(self, job_id: str, lease_token: str, result: Any, *,
+                 cost: Optional[float] = None) -> Job:
+        """Report a claimed job done with ``result`` (JSON) and its total cost."""
+        body: Dict[str, Any] = {"lease_token": lease_token, "result": result}
+        if cost is not None:
+            body["cost"] = cost
+        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/complete", body,
+                              retry_unsure=True)
+        return Job.from_dict(answer["job"])
+
+    def fail(self, job_id: str, lease_token: str, error: str, *, retryable: bool = True,
+             cost: Optional[float] = None) -> Job:
+        """Report a claimed job's attempt failed; retried by the server's
+        rules unless ``retryable`` is False."""
+        body: Dict[str, Any] = {"lease_token": lease_token, "error": error[:1000] or "error",
+                                "retryable": retryable}
+        if cost is not None:
+            body["cost"] = cost
+        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/fail", body,
+                              retry_unsure=True)
+        return Job.from_dict(answer["job"])
+
+    # -- transport -----------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                query: Optional[Mapping[str, Any]] = None,
+                headers: Optional[Mapping[str, str]] = None,
+                retry_unsure: Optional[bool] = None) -> Any:
+        """One API call: the answer's JSON (None for 204), or a LevqorError.
+
+        ``retry_unsure`` says whether the request may be sent again when its
+        connection broke after it was sent (it may have acted); by default
+        only for GET, HEAD and DELETE, and for a request with an
+        Idempotency-Key. 429 and 503 are retried whatever it says: the
+        server refused them without acting.
+        """
+        if retry_unsure is None:
+            retry_unsure = method in ("GET", "HEAD", "DELETE") or bool(
+                headers and "Idempotency-Key" in headers)
+        target = self._prefix + path
+        if query:
+            pairs = {k: v for k, v in query.items() if v is not None}
+            if pairs:
+                target += "?" + urllib.parse.urlencode(pairs)
+        data = None if body is None else json.dumps(body, allow_nan=False).encode()
+        sent_headers = {"Accept": "application/json", **(headers or {})}
+        if data is not None:
+            sent_headers["Content-Type"] = "application/json"
+        if self.api_key:
+            sent_headers["X-Api-Key"] = self.api_key
+        deadline = time.monotonic() + self.retry_time
+        attempt = 0
+        while True:
+            try:
+                status, answer_headers, raw = self._send(method, target, data, sent_headers)
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                error: LevqorError = LevqorConnectionError(
+                    f"{method} {path}: {type(exc).__name__}: {exc}", code="connection_error")
+                if not retry_unsure:
+                    raise error from exc
+                wait = _backoff(attempt)
+            else:
+                if status < 400:
+                    return _json(raw) if raw else None
+                retry_after = _retry_after(answer_headers.get("retry-after"))
+                error = error_for(status, _json(raw, {}), answer_headers.get("x-request-id"),
+                                  retry_after)
+                if status not in (429, 503):
+                    raise error
+                wait = max(retry_after or 0, 0) * random.uniform(1.0, 1.1) or _backoff(attempt)
+            if attempt >= self.max_retries or time.monotonic() + wait > deadline:
+                raise error
+            attempt += 1
+            self.retries += 1
+            time.sleep(wait)
+
+    def _send(self, method: str, target: str, data: Optional[bytes],
+              headers: Mapping[str, str]) -> Tuple[int, Dict[str, str], bytes]:
+        conn = self._connection()
+        conn.request(method, target, body=data, headers=dict(headers))
+        response = conn.getresponse()
+        raw = response.read()
+        answer_headers = {k.lower(): v for k, v in response.getheaders()}
+        if response.will_close:
+            self._drop()
+        return response.status, answer_headers, raw
+
+    def _connection(self) -> http.client.HTTPConnection:
+        """This thread's connection; a fresh one if the server closed the old
+        one while it was idle (a request on it would fail before arriving)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None:
+            readable, _, _ = select.select([conn.sock], [], [], 0)
+            if readable:  # idle and readable: the server closed it (EOF)
+                self._drop()
+                conn = None
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        self._drop()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _seg(value: str) -> str:
+    """A path segment, percent-encoded: an id can never change the path."""
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _backoff(attempt: int) -> float:
+    """Half to all of 0.1 s doubling per attempt, capped at 5 s (full jitter
+    would sometimes retry at once and hammer a struggling server)."""
+    return min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Retry-After in seconds (this server sends whole seconds), or None."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _json(raw: bytes, default: Any = None) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        if default is not None:
+            return default
+        raise LevqorError(f"the server answered something that is not JSON: {raw[:100]!r}",
+                          code="invalid_answer") from None

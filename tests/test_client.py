@@ -1,0 +1,656 @@
+"""The Python client (clients/python): Client, Worker, verify_webhook and
+the levqor command line, against real gunicorn on loopback; the pure parts
+again under Python 3.9, and the package installed into a fresh venv."""
+
+import base64
+import collections
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from support import KEY, ROOT, Server, children, wait_until
+
+CLIENT_DIR = os.path.join(ROOT, "clients", "python")
+if CLIENT_DIR not in sys.path:
+    sys.path.insert(0, CLIENT_DIR)
+
+import levqor_client  # noqa: E402
+from levqor_client import (AuthError, BudgetExceeded, Client, Conflict, LevqorError,  # noqa: E402
+                           NotFound, Permanent, RateLimited, ValidationError,
+                           WebhookVerificationError, Worker, verify_webhook)
+from levqor_client.errors import error_for  # noqa: E402
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
+FAST = {"API_KEYS": KEY, "RATE_BURST": 100000, "RATE_GLOBAL": 100000, "RATE_READ": 100000,
+        "RATE_WORKER": 100000}
+
+
+def sign(secret, msg_id, timestamp, body):
+    import hashlib
+    import hmac
+    key = base64.b64decode(secret[len("whsec_"):])
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path, **FAST).start()
+    yield srv
+    srv.stop()
+
+
+def run_worker(worker, **kw):
+    """Worker.run in a thread (signals are the main thread's); its thread."""
+    t = threading.Thread(target=worker.run, kwargs={"handle_signals": False, **kw}, daemon=True)
+    t.start()
+    return t
+
+
+# ---------------------------------------------------------------------------
+# Pure: errors, webhooks, construction
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status,code,cls", [
+    (401, "unauthorized", AuthError), (403, "forbidden", AuthError), (404, "not_found", NotFound),
+    (400, "validation_failed", ValidationError), (422, "idempotency_key_reused", ValidationError),
+    (429, "rate_limited", RateLimited), (429, "budget_exceeded", BudgetExceeded),
+    (409, "budget_exceeded", BudgetExceeded), (422, "cost_cap_exceeded", BudgetExceeded),
+    (409, "lease_lost", Conflict), (503, "queue_full", levqor_client.ServerError),
+    (418, "teapot", LevqorError),
+])
+def test_error_mapping(status, code, cls):
+    err = error_for(status, {"error": code, "message": "m", "request_id": "r1"}, None, 3.0)
+    assert type(err) is cls and isinstance(err, LevqorError)
+    assert (err.code, err.message, err.status, err.request_id, err.retry_after) == (code, "m", status,
+                                                                                    "r1", 3.0)
+
+
+def test_error_without_a_json_body_keeps_the_status_and_header_request_id():
+    err = error_for(502, "not json", "hdr-id")
+    assert (err.code, err.status, err.request_id) == ("http_502", 502, "hdr-id")
+
+
+def test_verify_webhook_cases():
+    body = b'{"type": "job.succeeded", "data": {"job_id": "j1"}}'
+    now = 1_800_000_000
+    headers = {"Webhook-Id": "msg_1", "Webhook-Timestamp": str(now),
+               "Webhook-Signature": "v1,bm90LWl0 " + sign(SECRET, "msg_1", now, body)}
+    assert verify_webhook(SECRET, headers, body, now=now)["data"]["job_id"] == "j1"
+    assert verify_webhook([OTHER_SECRET, SECRET], headers, body, now=now)["type"] == "job.succeeded"
+    environ = {"HTTP_WEBHOOK_ID": "msg_1", "HTTP_WEBHOOK_TIMESTAMP": str(now),
+               "HTTP_WEBHOOK_SIGNATURE": headers["Webhook-Signature"]}
+    assert verify_webhook(SECRET, environ, body, now=now)["type"] == "job.succeeded"
+    for case, args in {
+        "tampered body": (SECRET, headers, body.replace(b"j1", b"j2"), now),
+        "wrong secret": (OTHER_SECRET, headers, body, now),
+        "old timestamp": (SECRET, headers, body, now + 301),
+        "future timestamp": (SECRET, headers, body, now - 301),
+        "no signature header": (SECRET, {k: v for k, v in headers.items()
+                                         if k != "Webhook-Signature"}, body, now),
+        "not v1": (SECRET, {**headers, "Webhook-Signature": headers["Webhook-Signature"]
+                            .replace("v1,", "v2,")}, body, now),
+    }.items():
+        secret, hdrs, raw, at = args
+        with pytest.raises(WebhookVerificationError):
+            verify_webhook(secret, hdrs, raw, now=at)
+            pytest.fail(case)
+
+
+def test_client_defaults_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LEVQOR_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("LEVQOR_API_KEY", "env-key")
+    c = Client()
+    assert (c.base_url, c.api_key, c.timeout) == ("http://127.0.0.1:9", "env-key", 10)
+    with pytest.raises(ValueError):
+        Client("ftp://x")
+
+
+# ---------------------------------------------------------------------------
+# Against gunicorn
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_submit_wait_round_trip_and_wait_timeout(server):
+    c = Client(server.url, KEY)
+    job = c.submit("echo", {"hello": "world"}, priority="high", max_cost=0)
+    assert job.status == "queued" and job.job_id
+    final = c.wait(job.job_id, timeout=20)
+    assert final.ok and final.result == {"hello": "world"} and final.workflow == "echo"
+    assert c.get(job.job_id).status == "succeeded"
+    nobody = c.submit("nobody.runs.this", {})
+    with pytest.raises(TimeoutError):
+        c.wait(nobody.job_id, timeout=0.5)
+    assert c.cancel(nobody.job_id).status == "canceled"
+    assert c.retry(nobody.job_id).status == "queued"
+    with pytest.raises(NotFound):
+        c.get("no-such-job")
+    with pytest.raises(AuthError):
+        Client(server.url, "wrong-key-0123456789abcdef").submit("echo", {})
+    with pytest.raises(ValidationError) as info:
+        c.submit("echo", {}, delay=5)  # not an API of this server yet
+    assert info.value.code == "validation_failed" and info.value.request_id
+
+
+@pytest.mark.server
+def test_jobs_follows_every_page_and_the_rest_of_the_api(server):
+    c = Client(server.url, KEY)
+    ids = {c.submit("page.me", {"i": i}).job_id for i in range(7)}
+    listed = list(c.jobs(workflow="page.me", page_size=3))
+    assert {j.job_id for j in listed} == ids and len(listed) == 7  # three pages, none twice
+    assert [j.created_at for j in listed] == sorted((j.created_at for j in listed), reverse=True)
+    assert len(list(c.jobs(workflow="page.me", limit=5, page_size=2))) == 5
+    assert c.health()["ok"] is True
+    assert c.usage(group_by="workflow")["group_by"] == "workflow"
+    made = c.create_key("acme", "client", daily_budget=1)
+    assert made["key"].startswith("lq_")
+    assert any(k["id"] == made["id"] for k in c.keys())
+    assert c.revoke_key(made["id"])["revoked"] is True
+    with pytest.raises(AuthError):
+        Client(server.url, made["key"]).submit("echo", {})
+
+
+# ---------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------
+
+
+class Runs:
+    """Counts runs per job id, from any thread; the worker's function."""
+
+    def __init__(self, pause=0.0):
+        self.count = collections.Counter()
+        self.lock = threading.Lock()
+        self.pause = pause
+
+    def __call__(self, payload, ctx):
+        with self.lock:
+            self.count[ctx.job_id] += 1
+            n = self.count[ctx.job_id]
+        if self.pause:
+            time.sleep(self.pause)
+        return {"i": payload["i"], "job_id": ctx.job_id, "run": n}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_worker_drains_200_jobs_exactly_once(server):
+    c = Client(server.url, KEY)
+    ids = [c.submit("ext.count", {"i": i}).job_id for i in range(200)]
+    runs = Runs()
+    worker = Worker(c, {"ext.count": runs}, concurrency=4)
+    t = run_worker(worker)
+    try:
+        assert wait_until(lambda: len(runs.count) == 200, 120, 0.1), len(runs.count)
+        for i, job_id in enumerate(ids):
+            job = c.wait(job_id, timeout=30)
+            assert job.ok and job.result == {"i": i, "job_id": job_id, "run": 1}, job
+    finally:
+        worker.stop()
+        t.join(30)
+    assert not t.is_alive()
+    assert set(runs.count) == set(ids) and set(runs.count.values()) == {1}
+    assert worker.handled == 200 and worker.lost == []
+
+
+@pytest.mark.server
+def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
+    srv = Server(tmp_path, JOB_BACKOFF=1, JOB_BACKOFF_CAP=1, **FAST).start()
+    c = Client(srv.url, KEY)
+    canceled_seen = threading.Event()
+
+    def slow(payload, ctx):  # outlives its 1 s lease three times over
+        ctx.charge(0.01)
+        time.sleep(0.5)
+        ctx.charge(0.02)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        return {"attempt": ctx.attempt}
+
+    def bad(payload, ctx):
+        if payload["permanent"]:
+            raise Permanent("no such account")
+        raise ValueError("flaky")
+
+    def endless(payload, ctx):
+        assert wait_until(lambda: ctx.canceled, 30, 0.05)
+        canceled_seen.set()
+        return None
+
+    worker = Worker(c, {"w.slow": slow, "w.bad": bad, "w.endless": endless}, concurrency=4,
+                    lease_seconds=1)
+    t = run_worker(worker)
+    try:
+        slow_id = c.submit("w.slow", {}, max_cost=0.1).job_id
+        perm = c.submit("w.bad", {"permanent": True}).job_id
+        flaky = c.submit("w.bad", {"permanent": False}).job_id
+        endless_id = c.submit("w.endless", {}).job_id
+        job = c.wait(slow_id, 30)
+        assert job.ok and job.result == {"attempt": 1} and job.attempts == 1, job
+        assert job.cost["spent"] == 0.03
+        job = c.wait(perm, 30)
+        assert job.status == "failed" and job.attempts == 1
+        assert job.error["message"] == "Permanent: no such account", job.error
+        job = c.wait(flaky, 30)
+        assert job.status == "failed" and job.attempts == 3 and "ValueError: flaky" in job.error["message"]
+        assert wait_until(lambda: c.get(endless_id).status == "running", 10, 0.05)
+        c.cancel(endless_id)
+        assert canceled_seen.wait(30)
+        assert c.wait(endless_id, 30).status == "canceled"
+    finally:
+        worker.stop()
+        t.join(30)
+        srv.stop()
+    assert not t.is_alive()
+
+
+def crash(srv):
+    """kill -9 master and workers. The master is stopped first: killed after
+    its workers, it could fork a fresh one in between, which would keep the
+    port this test starts the server on again."""
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    for pid in children(srv.proc.pid) + [srv.proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    srv.proc.wait(timeout=10)
+    srv.log_file.close()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_worker_carries_on_through_a_server_restart(tmp_path):
+    """kill -9 mid-drain, start again on the same port and database: every
+    job finishes. A job runs twice only if its lease was lost mid-run: here
+    the jobs in hand when the server died, kept down past their 2 s lease
+    (or one whose completion was committed but never answered). The worker
+    lists each such job in ``lost``."""
+    env = {**FAST, "JOB_STORE": "sqlite"}
+    srv = Server(tmp_path, **env).start()
+    c = Client(srv.url, KEY, retry_time=5)
+    ids = [c.submit("ext.restart", {"i": i}).job_id for i in range(120)]
+    runs = Runs(pause=0.02)
+    worker = Worker(Client(srv.url, KEY, timeout=2, retry_time=3), {"ext.restart": runs},
+                    concurrency=4, lease_seconds=2)
+    t = run_worker(worker)
+    again = None
+    try:
+        assert wait_until(lambda: len(runs.count) >= 30, 60, 0.01)
+        crash(srv)
+        done_before = len(runs.count)
+        # Down long enough that the jobs in hand lose their leases: the
+        # worker gives up reporting them, and the server hands them out again.
+        assert wait_until(lambda: worker.lost, 30, 0.05)
+        again = Server(tmp_path, **env)
+        again.port, again.url, again.env["PORT"] = srv.port, srv.url, str(srv.port)
+        again.start()
+        for i, job_id in enumerate(ids):
+            job = c.wait(job_id, timeout=60)
+            assert job.ok and job.result["i"] == i, job
+    finally:
+        worker.stop()
+        t.join(30)
+        (again or srv).stop()
+    assert done_before < 120, "the kill came after the drain"
+    assert set(runs.count) == set(ids)
+    twice = {j for j, n in runs.count.items() if n > 1}
+    assert twice <= set(worker.lost), (twice, worker.lost)
+    assert all(n <= 2 for n in runs.count.values())
+
+
+@pytest.mark.server
+def test_a_429_is_retried_after_retry_after(tmp_path):
+    # 60 writes a minute: the 61st submit is refused with Retry-After: 1.
+    srv = Server(tmp_path, API_KEYS=KEY, RATE_BURST=60).start()
+    try:
+        c = Client(srv.url, KEY)
+        for i in range(60):
+            c.submit("nobody.runs.this", {"i": i})
+        assert c.retries == 0
+        job = c.submit("nobody.runs.this", {"i": 60})
+        assert c.retries >= 1 and job.status == "queued"
+        impatient = Client(srv.url, KEY, max_retries=0)
+        with pytest.raises(RateLimited) as info:
+            for i in range(100):
+                impatient.submit("nobody.runs.this", {"i": i})
+        assert info.value.retry_after >= 1 and info.value.status == 429
+    finally:
+        srv.stop()
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that forwards requests to the server but drops
+    the first ``drops`` connections once the server's answer starts, so the
+    request has acted and its sender never hears of it."""
+
+    def __init__(self, target_port, drops=1):
+        self.target_port, self.drops = target_port, drops
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                downstream, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            drop = self.dropped < self.drops
+            self.dropped += drop
+            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, drop), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, drop):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or drop:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.server
+def test_an_intake_retried_after_a_dropped_connection_makes_one_job(server):
+    proxy = DroppingProxy(server.port)
+    try:
+        c = Client(proxy.url, KEY)
+        job = c.submit("dropped.once", {"n": 1})
+        assert proxy.dropped == 1 and c.retries == 1
+        listed = list(Client(server.url, KEY).jobs(workflow="dropped.once"))
+        assert [j.job_id for j in listed] == [job.job_id]
+        # A claim is never sent again: it could take a job nobody would run.
+        proxy.drops = 2
+        c.close()  # so the claim goes over a new connection, one that is dropped
+        with pytest.raises(levqor_client.LevqorConnectionError):
+            c.claim(["dropped.once"])
+    finally:
+        proxy.close()
+
+
+# ---------------------------------------------------------------------------
+# A real delivery, verified
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_verify_webhook_accepts_a_real_delivery(tmp_path):
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers.items()), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    srv = Server(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE=1, **FAST).start()
+    try:
+        c = Client(srv.url, KEY)
+        url = f"http://localhost:{receiver.server_address[1]}/hook"
+        job = c.submit("echo", {"x": 1}, callback_url=url)
+        assert wait_until(lambda: received, 30, 0.05)
+        headers, body = received[0]
+        event = verify_webhook(SECRET, headers, body)
+        assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job.job_id
+        assert verify_webhook([OTHER_SECRET, SECRET], headers, body)["data"]["result"] == {"x": 1}
+        stamp = int(headers["webhook-timestamp"])
+        for secret, raw, now in [(SECRET, body.replace(b'"x": 1', b'"x": 2').replace(b'"x":1', b'"x":2'),
+                                  None),
+                                 (OTHER_SECRET, body, None),
+                                 (SECRET, body, stamp + 301)]:
+            assert raw is body or raw != body
+            with pytest.raises(WebhookVerificationError):
+                verify_webhook(secret, headers, raw, now=now)
+        assert wait_until(lambda: c.get(job.job_id).callback["state"] == "delivered", 10, 0.05)
+        c.redeliver(job.job_id)
+        assert wait_until(lambda: len(received) == 2, 30, 0.05)
+        assert verify_webhook(SECRET, *received[1])["data"]["job_id"] == job.job_id
+    finally:
+        srv.stop()
+        receiver.shutdown()
+        receiver.server_close()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def levqor(url, *args, key=KEY, stdin=None, cwd=None, timeout=60):
+    """Run ``python -m levqor_client``; (exit code, stdout, stderr)."""
+    env = {**os.environ, "LEVQOR_URL": url, "LEVQOR_API_KEY": key,
+           "PYTHONPATH": CLIENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-m", "levqor_client", *args], env=env, input=stdin,
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_usage_errors_and_help_on_every_command():
+    from levqor_client import cli
+    parser = cli._parser()
+    args = parser.parse_args(["submit", "echo", "--payload", '{"a": 1}', "--priority", "high",
+                              "--max-cost", "0.5", "--wait"])
+    assert (args.workflow, args.payload, args.priority, args.max_cost, args.wait) == (
+        "echo", {"a": 1}, "high", 0.5, True)
+    assert parser.parse_args(["jobs", "--status", "failed", "--limit", "3", "--json"]).limit == 3
+    assert parser.parse_args(["cancel", "a", "b"]).ids == ["a", "b"]
+    url = "http://127.0.0.1:9"
+    for bad in (["submit", "echo", "--payload", "{nope"], ["submit", "echo", "--payload", "[1]"],
+                ["submit", "echo", "--payload", "@/no/such/file"], ["jobs", "--status", "odd"],
+                ["frobnicate"], []):
+        code, _, err = levqor(url, *bad)
+        assert code == 2, (bad, err)
+    for command in ([], ["submit"], ["status"], ["wait"], ["jobs"], ["cancel"], ["retry"],
+                    ["usage"], ["keys"], ["worker"], ["health"]):
+        code, out, _ = levqor(url, *command, "--help")
+        assert code == 0 and "usage: levqor" in out, command
+        assert "examples:" in out, command
+    code, _, err = levqor(url, "health")  # nothing listens on port 9
+    assert code == 3 and "connection_error" in err
+
+
+WORKERS_MODULE = '''
+from levqor_client import Permanent
+
+def shout(payload, ctx):
+    if payload.get("fail"):
+        raise Permanent("asked to fail")
+    return {"text": payload["text"].upper(), "attempt": ctx.attempt}
+
+REGISTRY = {"cli.shout": shout}
+'''
+
+
+@pytest.mark.server
+def test_cli_commands_and_exit_codes(server, tmp_path):
+    url = server.url
+    code, out, _ = levqor(url, "health")
+    assert code == 0 and json.loads(out)["ok"] is True
+    code, out, err = levqor(url, "submit", "echo", "--payload", '{"a": 1}', "--wait")
+    assert code == 0 and json.loads(out[out.index("{"):])["result"] == {"a": 1}, (out, err)
+    (tmp_path / "p.json").write_text('{"text": "hi"}')
+    code, shout_id, _ = levqor(url, "submit", "cli.shout", "--payload", f"@{tmp_path / 'p.json'}")
+    shout_id = shout_id.strip()
+    code, fail_id, _ = levqor(url, "submit", "cli.shout", "--payload", "-", stdin='{"fail": true}')
+    fail_id = fail_id.strip()
+    assert code == 0 and shout_id and fail_id
+    code, out, err = levqor(url, "wait", shout_id, "--wait-timeout", "0.3")
+    assert code == 4 and f"{shout_id} queued" in out and "still queued" in err
+    (tmp_path / "cli_workers.py").write_text(WORKERS_MODULE)
+    code, out, err = levqor(url, "worker", "cli_workers:REGISTRY", "--concurrency", "2",
+                            "--idle-exit", "1", "--lease", "5", cwd=tmp_path)
+    assert code == 0 and "worker stopped after 2 jobs" in out, (out, err)
+    code, out, _ = levqor(url, "wait", shout_id)
+    assert code == 0 and json.loads(out[out.index("{"):])["result"] == {"text": "HI", "attempt": 1}
+    assert levqor(url, "status", shout_id)[0] == 0
+    code, out, _ = levqor(url, "status", fail_id)
+    assert code == 1 and json.loads(out)["status"] == "failed"
+    assert levqor(url, "wait", fail_id)[0] == 1
+    code, out, _ = levqor(url, "jobs", "--json")
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and {shout_id, fail_id} <= {j["job_id"] for j in listed}
+    code, out, _ = levqor(url, "jobs", "--workflow", "cli.shout", "--limit", "1")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["JOB_ID", "STATUS", "WORKFLOW", "PRIORITY",
+                                              "ATTEMPTS", "CREATED"] and len(lines) == 2
+    assert lines[1].index("cli.shout") == lines[0].index("WORKFLOW")  # aligned
+    code, out, err = levqor(url, "retry", fail_id)
+    assert code == 0 and out.split() == [fail_id, "queued"]
+    code, out, err = levqor(url, "cancel", fail_id, "no-such-job")
+    assert code == 3 and out.split() == [fail_id, "canceled"] and "not_found" in err
+    assert levqor(url, "usage")[0] == 0
+    code, out, _ = levqor(url, "usage", "--group-by", "workflow", "--json")
+    assert code == 0 and json.loads(out)["group_by"] == "workflow"
+    code, out, _ = levqor(url, "keys", "create", "acme", "--role", "worker", "--workflow", "cli.*")
+    made = json.loads(out)
+    assert code == 0 and made["key"].startswith("lq_") and made["workflows"] == ["cli.*"]
+    code, out, _ = levqor(url, "keys", "list")
+    assert code == 0 and made["id"] in out and "PREFIX" in out.splitlines()[0]
+    assert levqor(url, "keys", "revoke", made["id"])[0] == 0
+    code, _, err = levqor(url, "jobs", key="wrong-key-0123456789abcdef")
+    assert code == 3 and "forbidden" in err
+
+
+# ---------------------------------------------------------------------------
+# Packaging, and Python 3.9
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_package_installs_into_a_bare_venv_with_nothing_else(tmp_path):
+    """Built with setuptools (requirements-dev.txt) without network or build
+    isolation, then installed into a fresh venv that holds only pip: the
+    package imports and ``levqor --help`` runs. The wheel is built by this
+    interpreter because a fresh venv's bundled setuptools (65 on Python
+    3.11, none from 3.12) cannot build wheels without the ``wheel`` package."""
+    pytest.importorskip("setuptools", reason="building the package needs setuptools "
+                                             "(requirements-dev.txt)")
+    import shutil
+    src = tmp_path / "src"  # a copy: an in-tree build leaves build/ and egg-info behind
+    shutil.copytree(CLIENT_DIR, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("levqor_client-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEVQOR_URL")}
+    probe = ("import levqor_client, sys; c = levqor_client.Client(); "
+             "assert c.base_url == 'http://127.0.0.1:5000'; "
+             "assert 'site-packages' in levqor_client.__file__; print(levqor_client.__version__)")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=clean,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0.1.0", out.stderr
+    out = subprocess.run([str(venv / "bin" / "levqor"), "--help"], cwd=tmp_path, env=clean,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: levqor" in out.stdout and "worker" in out.stdout, out.stderr
+
+
+PY39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
+PY39_SCRIPT = r'''
+import base64, hashlib, hmac, sys
+sys.path.insert(0, sys.argv[1])
+import levqor_client
+from levqor_client import Client, verify_webhook, WebhookVerificationError, RateLimited
+from levqor_client.errors import error_for
+from levqor_client import cli
+
+assert sys.version_info[:2] == (3, 9)
+secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+body, now = b'{"type": "job.failed"}', 1800000000
+mac = hmac.new(b"k" * 32, b"m1.%d." % now + body, hashlib.sha256).digest()
+headers = {"webhook-id": "m1", "webhook-timestamp": str(now),
+           "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+assert verify_webhook([secret], headers, body, now=now) == {"type": "job.failed"}
+for args in ((secret, headers, body + b" ", now), (secret, headers, body, now + 301)):
+    try:
+        verify_webhook(*args[:3], now=args[3])
+    except WebhookVerificationError:
+        pass
+    else:
+        raise AssertionError("accepted a bad delivery")
+c = Client("https://levqor.example/base/", "k" * 20, timeout=3)
+assert (c.base_url, c.timeout) == ("https://levqor.example/base", 3)
+assert isinstance(error_for(429, {"error": "rate_limited"}, None, 1.0), RateLimited)
+args = cli._parser().parse_args(["submit", "echo", "--payload", '{"a": 1}', "--wait"])
+assert args.payload == {"a": 1} and args.wait
+print("ok", levqor_client.__version__)
+'''
+
+
+@pytest.mark.skipif(not os.path.exists(PY39), reason=f"no Python 3.9 interpreter at {PY39}")
+def test_the_pure_parts_run_under_python_3_9():
+    out = subprocess.run([PY39, "-c", PY39_SCRIPT, CLIENT_DIR], capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok 0.1.0", out.stderr
+
+
+SLOW_MODULE = '''
+import time
+
+def slow(payload, ctx):
+    time.sleep(1.5)
+    return {"done": True}
+
+REGISTRY = {"cli.slow": slow}
+'''
+
+
+@pytest.mark.server
+def test_sigterm_lets_the_worker_finish_the_job_in_hand(server, tmp_path):
+    c = Client(server.url, KEY)
+    job_id = c.submit("cli.slow", {}).job_id
+    (tmp_path / "slow_workers.py").write_text(SLOW_MODULE)
+    env = {**os.environ, "LEVQOR_URL": server.url, "LEVQOR_API_KEY": KEY,
+           "PYTHONPATH": CLIENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "levqor_client", "worker", "slow_workers:REGISTRY",
+                             "--concurrency", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: c.get(job_id).status == "running", 20, 0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and "worker stopped after 1 jobs" in out, out
+    job = c.get(job_id)
+    assert job.ok and job.result == {"done": True}, job
