@@ -205,6 +205,15 @@ def test_worker_drains_200_jobs_exactly_once(server):
 
 
 @pytest.mark.server
+def test_a_worker_reports_its_attempt_on_top_of_what_earlier_ones_spent():
+    from levqor_client.worker import JobContext
+    ctx = JobContext({"job_id": "j", "workflow": "w", "attempt": 2, "lease_token": "t",
+                      "cost_spent": 0.3})
+    assert ctx.cost is None  # nothing charged by this attempt: nothing to report
+    ctx.charge(0.2)
+    assert ctx.cost == 0.5
+
+
 def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
     srv = Server(tmp_path, JOB_BACKOFF=1, JOB_BACKOFF_CAP=1, **FAST).start()
     c = Client(srv.url, KEY)

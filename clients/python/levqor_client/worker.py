@@ -30,7 +30,8 @@ class JobContext:
     turns True when a heartbeat says the job was canceled or its lease was
     lost (stop early: the result will be discarded); ``charge(usd)`` adds
     money spent to the running total reported with heartbeats and the
-    completion.
+    completion, which starts from what earlier attempts spent (the claim's
+    ``cost_spent``): the server's cap covers all of a job's attempts.
     """
 
     def __init__(self, job: Mapping[str, Any]) -> None:
@@ -40,7 +41,8 @@ class JobContext:
         self.lease_token: str = job["lease_token"]
         self.canceled = False
         self.lease_lost = False
-        self._spent = decimal.Decimal(0)
+        self._earlier = decimal.Decimal(str(job.get("cost_spent") or 0))
+        self._spent = decimal.Decimal(0)  # by this attempt
         self._lock = threading.Lock()
 
     def charge(self, usd: float) -> None:
@@ -52,9 +54,10 @@ class JobContext:
 
     @property
     def cost(self) -> Optional[float]:
-        """The running total in dollars, or None if nothing was charged."""
+        """The job's running total in dollars across its attempts, or None
+        if this attempt charged nothing."""
         with self._lock:
-            return float(round(self._spent, 6)) if self._spent else None
+            return float(round(self._earlier + self._spent, 6)) if self._spent else None
 
 
 Handler = Callable[[Dict[str, Any], JobContext], Any]
