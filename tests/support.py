@@ -168,6 +168,10 @@ class Server:
 
     def kill(self):
         """kill -9 the whole server, master and worker, as a crash would."""
+        try:  # first stop the master, so it cannot fork a replacement worker meanwhile
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
         for pid in children(self.proc.pid) + [self.proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from support import KEY, ROOT, Server, children, wait_until
+from support import KEY, ROOT, Server, wait_until
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "python")
 if CLIENT_DIR not in sys.path:
@@ -266,16 +266,8 @@ def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
 
 
 def crash(srv):
-    """kill -9 master and workers. The master is stopped first: killed after
-    its workers, it could fork a fresh one in between, which would keep the
-    port this test starts the server on again."""
-    os.kill(srv.proc.pid, signal.SIGSTOP)
-    for pid in children(srv.proc.pid) + [srv.proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    srv.proc.wait(timeout=10)
+    """kill -9 master and workers (Server.kill), and let go of the log."""
+    srv.kill()
     srv.log_file.close()
 
 
