@@ -252,7 +252,7 @@ class Request:
         """The body as JSON; with ``optional``, an absent body is ``{}``."""
         if self._json is _MISSING:
             raw = self._read_body(optional)
-            if not raw.strip():
+            if not raw.strip(b" \t\r\n"):  # JSON's whitespace; \x0b and the like are not
                 if not optional:
                     raise HTTPError(400, "invalid_json", "request body is empty")
                 self._json = {}

@@ -339,3 +339,11 @@ def test_the_memory_job_store_refuses_several_worker_processes():
     with pytest.raises(levqor.ConfigError, match="WEB_CONCURRENCY"):
         levqor.Settings.from_env({"WEB_CONCURRENCY": "2"})
     assert levqor.Settings.from_env({"WEB_CONCURRENCY": "2", "JOB_STORE": "sqlite"}).workers == 2
+
+
+@pytest.mark.parametrize("raw", [b"\x0b", b"\x0c", b" \x0b ", b"\x1c"])
+def test_a_body_of_what_json_does_not_call_whitespace_is_invalid(client, raw):
+    job_id = client.post(INTAKE, JOB).json()["job_id"]
+    r = client.request("POST", f"/api/v1/_dev/complete/{job_id}", body=raw)
+    assert r.status == 400 and r.json()["error"] == "invalid_json"
+    assert client.get(f"/api/v1/status/{job_id}").json()["status"] == "queued"
