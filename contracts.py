@@ -7,7 +7,7 @@ engine, callbacks, guardrails and handlers rely on these promises and on
 nothing else, so any backend that keeps them can replace another.
 
     JobStore   jobs, the queue, and the callback outbox   jobstore.MemoryJobStore,
-                                                          jobstore.SqliteJobStore
+                                                          jobstore.SqlJobStore
     UserStore  user profiles                              storage.UserStore
     KeyStore   managed API keys                           storage.KeyStore
     Ledger     money: reservations, charges, budgets      ledger.Ledger
@@ -20,10 +20,17 @@ job's delivery state is fields of the job (``callback``, ``callback_id``,
 over jobs. A separate outbox would need its own atomicity with the job it
 belongs to, which one store gives for free.
 
-Adding a backend (PostgreSQL, say):
+The SQL stores (``jobstore.SqlJobStore``, ``storage.UserStore`` and
+``KeyStore``, ``ledger.Ledger``, ``recorder.Recorder``) each run on SQLite
+(``storage.Database``) and on PostgreSQL (``pg.PgDatabase``): their
+statements are written once, with a table of PostgreSQL overrides for the
+few that must differ.
+
+Adding a backend:
 
 1. Implement the protocols it will hold, one class each, with these method
-   names, parameters and return types. A job store is built as
+   names, parameters and return types (or, for another SQL database, a
+   database object like those two and its overrides). A job store is built as
    ``Store(<connection>, max_jobs, ttl, aging, clock)``; a store that
    reads the time takes a ``clock`` (a function returning Unix seconds),
    so tests can drive it.
@@ -95,11 +102,11 @@ class JobStore(Protocol):
         same update, so ``purge`` judges it by its next finish, not its last.
         """
 
-    def claim(self, workflows: Sequence[str] | None,
-              changes_for: Callable[[Job], dict[str, Any]]) -> Job | None:
+    def claim(self, workflows: Sequence[str] | None, changes: dict[str, Any],
+              per_workflow: dict[str, dict[str, Any]] | None = None) -> Job | None:
         """Take the best ready job of ``workflows`` (None: any workflow; empty:
-        none), apply ``changes_for(job)`` to it, and return the new copy; None
-        when no job is ready.
+        none), make it running, and return the new copy; None when no job is
+        ready.
 
         Ready: status "queued" and ``not_before`` reached by the store's
         clock. Best: the lowest ``max(not_before, queued_at) - head start``,
@@ -108,11 +115,13 @@ class JobStore(Protocol):
         job that has waited ``aging`` seconds longer than one of the next
         priority up goes first: low never starves.
 
-        ``changes_for`` returns the changes that make the job "running" (a
-        lease token and expiry, one more attempt); it is called inside the
-        atomic step, must not change the job it is given, and must not fail.
-        Two claimers, in one process or in several, never get the same job:
-        each time a job is queued, exactly one claim takes it.
+        The job gets ``changes`` (status "running", a lease token and
+        expiry), then the entry of ``per_workflow`` for its workflow if there
+        is one (what depends on the workflow: an in-process deadline), and
+        one more ``attempts``: values, not code, so that a database can
+        apply them in the statement that takes the job. Two claimers, in one
+        process or in several, never get the same job: each time a job is
+        queued, exactly one claim takes it.
         """
 
     def expired(self, now: float) -> list[Job]:
@@ -161,6 +170,11 @@ class JobStore(Protocol):
         whose JSON is not valid), so that no scan meets it again; the job
         ids set aside, each kept whole for the operator. A store that never
         reads jobs back from text has none."""
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (from a thread of the store's) whenever another
+        process may have queued a job, so idle workers need not wait for
+        their next poll. A store no other process writes does nothing."""
 
     def __len__(self) -> int:
         """How many jobs are held, of any status."""

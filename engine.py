@@ -335,30 +335,31 @@ class Engine:
 
     # -- attempts: shared by in-process and external workers ----------------------------------
 
-    def _start_attempt(self, runner, lease_seconds):
-        """The changes that make a claimed job running.
+    def _start_attempt(self, runner, lease_seconds, workflows=()):
+        """What makes a claimed job running: (changes, per workflow), as the
+        store's ``claim`` takes them (it adds one to ``attempts``).
 
         An external worker's lease is what it asked for. An in-process
-        attempt has a deadline (its timeout) and a short lease that this
-        process's sweeper renews while the attempt runs: if the process
-        dies, the lease runs out long before the timeout would, and the job
-        comes back by the usual lease rules (with a durable store, in any
-        process).
+        attempt has a deadline (its workflow's timeout, so the changes for
+        each of ``workflows``) and a short lease that this process's
+        sweeper renews while the attempt runs: if the process dies, the
+        lease runs out long before the timeout would, and the job comes back
+        by the usual lease rules (with a durable store, in any process).
         """
-        token = new_token()
         now = self.now()
-
-        def changes(job):
-            if runner == "local":
-                deadline = now + self._options(job["workflow"])[0]
-                seconds = min(self.local_lease, deadline - now)
-            else:
-                deadline, seconds = None, lease_seconds
-            return {"status": "running", "runner": runner, "lease_token": token,
-                    "lease_seconds": seconds, "lease_expires_at": now + seconds,
-                    "deadline_at": deadline, "attempts": job["attempts"] + 1,
-                    "started_at": now, "updated_at": now, "progress": None}
-        return changes
+        changes = {"status": "running", "runner": runner, "lease_token": new_token(),
+                   "started_at": now, "updated_at": now, "progress": None}
+        if runner != "local":
+            changes.update(lease_seconds=lease_seconds, lease_expires_at=now + lease_seconds,
+                           deadline_at=None)
+            return changes, None
+        per_workflow = {}
+        for name in workflows:
+            deadline = now + self._options(name)[0]
+            seconds = min(self.local_lease, deadline - now)
+            per_workflow[name] = {"deadline_at": deadline, "lease_seconds": seconds,
+                                  "lease_expires_at": now + seconds}
+        return changes, per_workflow
 
     def _renew_local_leases(self, now):
         with self._contexts_lock:
@@ -518,8 +519,8 @@ class Engine:
         external = [name for name in workflows if self.registry.get(name) is None]
         if not external:
             return None
-        start = self._start_attempt("external", lease_seconds)
-        return self.store.claim(external, lambda job: dict(start(job), claimed_by=key_id))
+        changes, _ = self._start_attempt("external", lease_seconds)
+        return self.store.claim(external, dict(changes, claimed_by=key_id))
 
     def _leased(self, job_id, token, key_id=None):
         job = self.get(job_id)
@@ -564,7 +565,8 @@ class Engine:
 
     def run_next(self):
         """Claim one job of a registered workflow and run it here; False if none waits."""
-        job = self.store.claim(self.registry.names(), self._start_attempt("local", None))
+        names = self.registry.names()
+        job = self.store.claim(names, *self._start_attempt("local", None, names))
         if job is None:
             return False
         ctx = JobContext(self, job)
@@ -663,6 +665,8 @@ class Engine:
         self._threads.append(threading.Thread(target=self._sweeper, name="levqor-sweeper", daemon=True))
         for t in self._threads:
             t.start()
+        if self.threads:
+            self.store.watch(self._notify)  # jobs queued by other processes wake the pool
 
     def stop(self, grace=25.0):
         """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""

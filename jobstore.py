@@ -36,6 +36,13 @@ def callback_due(job):
     return max(state.get("next_attempt_at") or 0, job.get("callback_sending_until") or 0)
 
 
+def claim_changes(job, changes, per_workflow):
+    """What a claim sets on ``job``: ``changes``, then its workflow's entry of
+    ``per_workflow``, and one more attempt."""
+    return {**changes, **(per_workflow or {}).get(job["workflow"], {}),
+            "attempts": job["attempts"] + 1}
+
+
 class MemoryJobStore:
     """Jobs in a dict behind one lock, in this process only.
 
@@ -182,9 +189,9 @@ class MemoryJobStore:
             self._set(job, changes, self.clock())
             return dict(job)
 
-    def claim(self, workflows, changes_for):
-        """Take the best ready job among ``workflows`` (None: any) and apply
-        ``changes_for(job)`` to it (it must make the job running); the new
+    def claim(self, workflows, changes, per_workflow=None):
+        """Take the best ready job among ``workflows`` (None: any) and make it
+        running with ``changes`` (see ``contracts.JobStore.claim``); the new
         copy, or None when nothing is waiting."""
         with self._lock:
             now = self.clock()
@@ -199,7 +206,7 @@ class MemoryJobStore:
             if best is None:
                 return None
             job = self._jobs[heapq.heappop(best[1])[2]]
-            self._set(job, changes_for(job), now)
+            self._set(job, claim_changes(job, changes, per_workflow), now)
             return dict(job)
 
     def expired(self, now):
@@ -249,7 +256,7 @@ class MemoryJobStore:
 
     def pending_callbacks(self, due_by=None):
         """(job_id, callback_id, due) of pending deliveries, those due by
-        ``due_by`` only if given (see SqliteJobStore.pending_callbacks)."""
+        ``due_by`` only if given (see SqlJobStore.pending_callbacks)."""
         with self._lock:
             found = [(job["job_id"], job["callback_id"], callback_due(job))
                      for job in self._jobs.values() if job["callback"] is not None]
@@ -258,16 +265,22 @@ class MemoryJobStore:
     def quarantine(self):
         return []  # nothing here was ever read back from text
 
+    def watch(self, wake):
+        """Nothing to watch: no other process can queue a job here."""
+
     def __len__(self):
         with self._lock:
             return len(self._jobs)
 
 
 # The columns beside each job's JSON, which the queue, the sweeps and the
-# listings search by; and every statement of the SQLite job store, named.
+# listings search by; and every statement of the SQL job store, named.
 JOB_COLUMNS = ("job_id", "status", "workflow", "priority", "key_id", "score", "not_before",
                "lease_expires_at", "finished_at", "callback_due", "data")
 NO_CURSOR = 2**62  # "before" for a first page: every seq is below it
+# Written for SQLite; POSTGRES below replaces the few that PostgreSQL must
+# have otherwise. NOTE: in "x = :p OR :p IS NULL" the comparison comes
+# first, so that PostgreSQL learns the parameter's type from it.
 SQL = {
     # The limit is checked by the insert itself, against the count that
     # triggers keep in the same transaction: exact across processes.
@@ -278,6 +291,7 @@ SQL = {
             " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
             " callback_due = :callback_due, data = :data WHERE job_id = :job_id",
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
+    "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "idempotent": "SELECT body_hash, job_id FROM idempotency"
                   " WHERE key_id = :key_id AND key = :key AND expires > :now",
     "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, expires)"
@@ -296,7 +310,7 @@ SQL = {
     "next_due": "SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued' AND not_before > :now",
     "counts": "SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority",
     "page": "SELECT seq, data FROM jobs WHERE key_id = :key_id AND seq < :before"
-            " AND (:status IS NULL OR status = :status) AND (:workflow IS NULL OR workflow = :workflow)"
+            " AND (status = :status OR :status IS NULL) AND (workflow = :workflow OR :workflow IS NULL)"
             " ORDER BY seq DESC LIMIT :limit",
     # NOTE: json_extract fails the whole query on one malformed row; CASE
     # (unlike AND) is sure to ask json_valid first.
@@ -310,22 +324,61 @@ SQL = {
     "delete_one": "DELETE FROM jobs WHERE seq = :seq",
     "purge_jobs": "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at IS NOT NULL"
                   " AND finished_at <= :cutoff LIMIT :batch)",
-    "purge_keys": "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
+    "purge_keys": "DELETE FROM idempotency WHERE (key_id, key) IN (SELECT key_id, key FROM idempotency"
                   " WHERE expires <= :now LIMIT :batch)",
     "count": "SELECT COUNT(*) AS n FROM jobs",
 }
 
+# The claim in PostgreSQL is one statement: the row lock is the claim. The
+# subquery takes the first ready job in index order (jobs_ready or
+# jobs_queue) and skips any row another claimer has locked, so claimers on
+# every host never wait on each other and never take the same job.
+_PG_CLAIM = (
+    "UPDATE jobs SET status = :status,"
+    " lease_expires_at = COALESCE(CAST(CAST(:per_workflow AS jsonb) -> workflow ->> 'lease_expires_at'"
+    " AS double precision), :lease_expires_at),"
+    " data = data || CAST(:changes AS jsonb) || COALESCE(CAST(:per_workflow AS jsonb) -> workflow, '{{}}')"
+    " || jsonb_build_object('attempts', CAST(data ->> 'attempts' AS integer) + 1)"
+    " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' AND not_before <= :now {only}"
+    " ORDER BY score, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " RETURNING seq, data")
+POSTGRES = {
+    # The count is a row of its own, taken in the same statement as the
+    # insert: the row lock makes concurrent intakes on every host count in
+    # turn (a snapshot read of the count, as SQLite's statement has, would
+    # let them all see room for one more).
+    "insert": "WITH slot AS (UPDATE job_count SET n = n + 1 WHERE id = 1 AND n < :max_jobs RETURNING n)"
+              f" INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
+              f" SELECT {', '.join(':' + c for c in JOB_COLUMNS[:-1])}, CAST(:data AS jsonb)"
+              " FROM slot RETURNING seq",
+    # SQLite's BEGIN IMMEDIATE already holds the database; here a row lock.
+    "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id FOR UPDATE",
+    "claim": _PG_CLAIM.format(only=""),
+    "claim_in": _PG_CLAIM.format(
+        only="AND workflow IN (SELECT jsonb_array_elements_text(CAST(:workflows AS jsonb)))"),
+    "pending_callbacks": "SELECT job_id, callback_due AS due, data ->> 'callback_id' AS callback_id"
+                         " FROM jobs WHERE callback_due IS NOT NULL AND callback_due <= :due_by",
+    # jsonb holds valid JSON only: no row can be unreadable.
+    "unreadable": "SELECT seq FROM jobs WHERE FALSE",
+}
 
-class SqliteJobStore:
-    """Jobs in the SQLite database, shared by every process that opens it.
+
+def _dumps(value):
+    # No NaN or Infinity: neither database's JSON takes them.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+class SqlJobStore:
+    """Jobs in a SQL database (SQLite, or PostgreSQL), shared by every
+    process, and every host, that opens it.
 
     The same interface and rules as MemoryJobStore, made durable: an
     acknowledged intake is committed before it is answered, and every
-    change, claims included, is one short ``BEGIN IMMEDIATE`` transaction, so
-    two processes can never both move a job from queued to running. Leases,
-    retries and timeouts are timestamps in the table, so any process's sweep
-    finds a job whose worker died. Finished jobs past ``ttl`` are purged in
-    small batches (``purge``), so no purge holds the database for long.
+    change, claims included, is one short transaction, so two processes can
+    never both move a job from queued to running. Leases, retries and
+    timeouts are timestamps in the table, so any process's sweep finds a
+    job whose worker died. Finished jobs past ``ttl`` are purged in small
+    batches (``purge``), so no purge holds the database for long.
     """
 
     PURGE_BATCH = 500
@@ -336,6 +389,8 @@ class SqliteJobStore:
         self.ttl = ttl
         self.aging = aging
         self.clock = clock
+        self.postgres = db.dialect == "postgres"
+        self.sql = SQL | POSTGRES if self.postgres else SQL
 
     def _columns(self, job):
         ready_at = max(job["not_before"], job["queued_at"])
@@ -344,21 +399,24 @@ class SqliteJobStore:
                 "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
                 "finished_at": job.get("finished_at"), "callback_due": callback_due(job),
-                # No NaN or Infinity: SQLite's JSON functions refuse a row holding one.
-                "data": json.dumps(job, separators=(",", ":"), allow_nan=False)}
+                "data": _dumps(job)}
+
+    @staticmethod
+    def _job(row):
+        return dict(json.loads(row["data"]), seq=row["seq"])
 
     def _load(self, conn, job_id):
-        row = conn.execute(SQL["get"], {"job_id": job_id}).fetchone()
-        return None if row is None else dict(json.loads(row["data"]), seq=row["seq"])
+        row = conn.execute(self.sql["get_to_change"], {"job_id": job_id}).fetchone()
+        return None if row is None else self._job(row)
 
     def _save(self, conn, job):
-        conn.execute(SQL["save"], self._columns(job))
+        conn.execute(self.sql["save"], self._columns(job))
 
     def add(self, job, idempotency=None):
         now = self.clock()
         job = dict(job, queued_at=job["created_at"])
         params = dict(self._columns(job), max_jobs=self.max_jobs)
-        insert = SQL["insert"]
+        insert = self.sql["insert"]
         if idempotency is None:  # PERF: one statement, its own transaction
             for _ in range(2):  # full: purge what is past its time, then once more
                 rows = self.db.write_one(insert, params)
@@ -370,8 +428,11 @@ class SqliteJobStore:
             raise QueueFull("the job store is full")
         key_id, key, body_hash, ttl = idempotency
         for _ in range(2):
-            with self.db.write() as conn:
-                row = conn.execute(SQL["idempotent"], {"key_id": key_id, "key": key, "now": now}).fetchone()
+            # The lock makes the check and the record one step for this key
+            # (SQLite's write transactions are one at a time anyway).
+            with self.db.write(lock=f"idempotency:{key_id}:{key}") as conn:
+                row = conn.execute(self.sql["idempotent"], {"key_id": key_id, "key": key,
+                                                            "now": now}).fetchone()
                 existing = row and self._load(conn, row["job_id"])
                 if existing:
                     if row["body_hash"] != body_hash:
@@ -380,16 +441,17 @@ class SqliteJobStore:
                 inserted = conn.execute(insert, params).fetchone()
                 if inserted is not None:
                     job["seq"] = inserted["seq"]
-                    conn.execute(SQL["remember"], {"key_id": key_id, "key": key, "body_hash": body_hash,
-                                                   "job_id": job["job_id"], "expires": now + ttl})
+                    conn.execute(self.sql["remember"], {"key_id": key_id, "key": key,
+                                                        "body_hash": body_hash,
+                                                        "job_id": job["job_id"], "expires": now + ttl})
                     return job, True
             if not self.purge(now):
                 break
         raise QueueFull("the job store is full")
 
     def get(self, job_id):
-        rows = self.db.query(SQL["get"], {"job_id": job_id})
-        return dict(json.loads(rows[0]["data"]), seq=rows[0]["seq"]) if rows else None
+        rows = self.db.query(self.sql["get"], {"job_id": job_id})
+        return self._job(rows[0]) if rows else None
 
     def update(self, job_id, expect=None, **changes):
         with self.db.write() as conn:
@@ -400,31 +462,34 @@ class SqliteJobStore:
             self._save(conn, job)
         return job
 
-    def claim(self, workflows, changes_for):
-        now = self.clock()
+    def claim(self, workflows, changes, per_workflow=None):
         if workflows is not None and not workflows:
             return None
-        params = {"now": now, "workflows": json.dumps(list(workflows or ()))}
+        params = {"now": self.clock(), "workflows": _dumps(list(workflows or ()))}
+        if self.postgres:
+            rows = self.db.write_one(self.sql["claim" if workflows is None else "claim_in"], dict(
+                params, status=changes["status"], lease_expires_at=changes.get("lease_expires_at"),
+                changes=_dumps(changes), per_workflow=_dumps(per_workflow or {})))
+            return self._job(rows[0]) if rows else None
         with self.db.write() as conn:
-            row = conn.execute(SQL["next_queued" if workflows is None else "next_queued_in"],
+            row = conn.execute(self.sql["next_queued" if workflows is None else "next_queued_in"],
                                params).fetchone()
             if row is None:
                 return None
             job = self._load(conn, row["job_id"])
-            job.update(changes_for(job))
+            job.update(claim_changes(job, changes, per_workflow))
             self._save(conn, job)
         return job
 
     def expired(self, now):
-        rows = self.db.query(SQL["expired"], {"now": now})
-        return [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+        return [self._job(r) for r in self.db.query(self.sql["expired"], {"now": now})]
 
     def next_due(self):
-        rows = self.db.query(SQL["next_due"], {"now": self.clock()})
+        rows = self.db.query(self.sql["next_due"], {"now": self.clock()})
         return rows[0]["t"]
 
     def counts(self):
-        rows = self.db.query(SQL["counts"])
+        rows = self.db.query(self.sql["counts"])
         by_status = dict.fromkeys(JOB_STATUSES, 0)
         queued = dict.fromkeys(PRIORITIES, 0)
         for r in rows:
@@ -434,33 +499,34 @@ class SqliteJobStore:
         return {"by_status": by_status, "queued_by_priority": queued}
 
     def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
-        rows = self.db.query(SQL["page"], {
+        rows = self.db.query(self.sql["page"], {
             "key_id": key_id, "status": status, "workflow": workflow, "limit": limit + 1,
             "before": NO_CURSOR if before_seq is None else before_seq})
-        jobs = [dict(json.loads(r["data"]), seq=r["seq"]) for r in rows]
+        jobs = [self._job(r) for r in rows]
         return jobs[:limit], len(jobs) > limit
 
     def pending_callbacks(self, due_by=None):
         """(job_id, callback_id, due) of deliveries still to make: all of them
         for a process that starts after another stopped mid-schedule; with
         ``due_by``, those due by then that no sender holds (the periodic scan)."""
-        rows = self.db.query(SQL["pending_callbacks"], {"due_by": float("inf") if due_by is None else due_by})
+        rows = self.db.query(self.sql["pending_callbacks"],
+                             {"due_by": float("inf") if due_by is None else due_by})
         return [(r["job_id"], r["callback_id"], r["due"]) for r in rows if r["callback_id"]]
 
     def quarantine(self):
         """Move every row whose data is not valid JSON to jobs_quarantine;
         the job ids moved. json_valid reads any row without failing."""
-        found = self.db.query(SQL["unreadable"])
+        found = self.db.query(self.sql["unreadable"])
         if not found:
             return []
         moved = []
         with self.db.write() as conn:
             for row in found:  # another process may have moved it since
-                got = conn.execute(SQL["unreadable_one"], row).fetchone()
+                got = conn.execute(self.sql["unreadable_one"], row).fetchone()
                 if got is None:
                     continue
-                conn.execute(SQL["set_aside"], {"now": self.clock(), "seq": row["seq"]})
-                conn.execute(SQL["delete_one"], row)
+                conn.execute(self.sql["set_aside"], {"now": self.clock(), "seq": row["seq"]})
+                conn.execute(self.sql["delete_one"], row)
                 moved.append(got["job_id"])
         return moved
 
@@ -469,9 +535,17 @@ class SqliteJobStore:
         idempotency keys; returns how many jobs went."""
         cutoff = now - self.ttl
         with self.db.write() as conn:
-            gone = conn.execute(SQL["purge_jobs"], {"cutoff": cutoff, "batch": self.PURGE_BATCH}).rowcount
-            conn.execute(SQL["purge_keys"], {"now": now, "batch": self.PURGE_BATCH})
+            gone = conn.execute(self.sql["purge_jobs"], {"cutoff": cutoff,
+                                                          "batch": self.PURGE_BATCH}).rowcount
+            conn.execute(self.sql["purge_keys"], {"now": now, "batch": self.PURGE_BATCH})
         return gone
 
+    def watch(self, wake):
+        """Have ``wake`` called when another process may have queued a job:
+        with PostgreSQL, on its notification (pg.Listener); SQLite has none,
+        so workers there poll."""
+        if self.postgres:
+            self.db.listen(wake)
+
     def __len__(self):
-        return self.db.query(SQL["count"])[0]["n"]
+        return self.db.query(self.sql["count"])[0]["n"]

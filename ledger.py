@@ -5,16 +5,18 @@ import time
 
 from costs import BudgetExceeded, fits, utc_day
 
-# Named statements, with named parameters. ledger_days and ledger_jobs are
-# running totals of the ledger rows, written in the same transactions.
+# Named statements, with named parameters, the same on SQLite and
+# PostgreSQL (sums are cast, as PostgreSQL's sum of bigints is numeric).
+# ledger_days and ledger_jobs are running totals of the ledger rows, written
+# in the same transactions.
 SQL = {
     "row": "INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
            " VALUES (:ts, :day, :job_id, :key_id, :workflow, :amount, :kind, :note)",
     "add_use": "INSERT INTO ledger_days (day, key_id, used) VALUES (:day, :key_id, :amount)"
                " ON CONFLICT (day, key_id) DO UPDATE SET used = ledger_days.used + excluded.used",
     "used": "SELECT used FROM ledger_days WHERE day = :day AND key_id = :key_id",
-    "outstanding": "SELECT COALESCE(SUM(reserved), 0) AS r FROM ledger_jobs"
-                   " WHERE day = :day AND reserved > 0 AND (:key_id IS NULL OR key_id = :key_id)",
+    "outstanding": "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT) AS r FROM ledger_jobs"
+                   " WHERE day = :day AND reserved > 0 AND (key_id = :key_id OR :key_id IS NULL)",
     "hold": "INSERT INTO ledger_jobs (job_id, day, key_id, workflow, reserved, spent)"
             " VALUES (:job_id, :day, :key_id, :workflow, :amount, 0)"
             " ON CONFLICT (job_id) DO UPDATE SET day = excluded.day,"
@@ -30,15 +32,23 @@ SQL = {
             " AND (SELECT MAX(ts) FROM ledger WHERE ledger.job_id = j.job_id) < :before LIMIT :limit",
     # Grouped by day, workflow or key: {column} is one of those three names.
     "usage_money": "SELECT {column} AS g,"
-                   " COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0) AS spend,"
-                   " COALESCE(SUM(CASE WHEN kind != 'charge' THEN amount END), 0) AS reserved"
+                   " CAST(COALESCE(SUM(CASE WHEN kind = 'charge' THEN amount END), 0) AS BIGINT) AS spend,"
+                   " CAST(COALESCE(SUM(CASE WHEN kind != 'charge' THEN amount END), 0) AS BIGINT) AS reserved"
                    " FROM ledger WHERE day BETWEEN :first AND :last"
-                   " AND (:key_id IS NULL OR key_id = :key_id) GROUP BY g",
-    "usage_outcomes": "SELECT {column} AS g, status, SUM(n) AS n FROM job_outcomes"
-                      " WHERE day BETWEEN :first AND :last AND (:key_id IS NULL OR key_id = :key_id)"
+                   " AND (key_id = :key_id OR :key_id IS NULL) GROUP BY g",
+    "usage_outcomes": "SELECT {column} AS g, status, CAST(SUM(n) AS BIGINT) AS n FROM job_outcomes"
+                      " WHERE day BETWEEN :first AND :last AND (key_id = :key_id OR :key_id IS NULL)"
                       " GROUP BY g, status",
 }
 GROUP_COLUMNS = {"day": "day", "workflow": "workflow", "key": "key_id"}
+# Every transaction that moves money takes this lock first (an advisory lock
+# in PostgreSQL; SQLite's write transactions run one at a time anyway), so
+# checks and writes never interleave, on one host or many. Row locks would
+# serialise them all the same (every reservation writes the service's row
+# of the day), with more statements and a lock order to keep; serializable
+# transactions would abort and retry exactly under the 300-way races the
+# budget exists for.
+MONEY = "ledger"
 
 
 class Ledger:
@@ -105,7 +115,7 @@ class Ledger:
         written then. An amount of 0 only checks that something is left."""
         now = self.clock()
         day = utc_day(now)
-        with self.db.write() as conn:
+        with self.db.write(lock=MONEY) as conn:
             refused = self._refusal(conn, day, amount, limits)
             if refused is not None:
                 raise BudgetExceeded(refused)
@@ -121,7 +131,7 @@ class Ledger:
         or the last attempt's is not released yet."""
         now = self.clock()
         day = utc_day(now)
-        with self.db.write() as conn:
+        with self.db.write(lock=MONEY) as conn:
             row = conn.execute(SQL["job"], job).fetchone() or {"reserved": 0, "spent": 0}
             if row["reserved"]:
                 return None
@@ -138,7 +148,7 @@ class Ledger:
         workflow about to spend up to that); BudgetExceeded, and nothing
         written, if the difference does not fit ``limits``."""
         now = self.clock()
-        with self.db.write() as conn:
+        with self.db.write(lock=MONEY) as conn:
             row = conn.execute(SQL["job"], job).fetchone()
             held = row["reserved"] if row else 0
             if amount <= held:
@@ -157,7 +167,7 @@ class Ledger:
         in all, the state of the first of ``limits`` that rest passed, or
         None). One transaction: concurrent reports of one total charge once."""
         now = self.clock()
-        with self.db.write() as conn:
+        with self.db.write(lock=MONEY) as conn:
             row = conn.execute(SQL["job"], job).fetchone() or {"reserved": 0, "spent": 0}
             if total:
                 amount -= row["spent"]
@@ -182,7 +192,7 @@ class Ledger:
     def settle(self, job_id, note):
         """Release what is left of a job's reservation; returns what it spent."""
         now = self.clock()
-        with self.db.write() as conn:
+        with self.db.write(lock=MONEY) as conn:
             job = conn.execute(SQL["job"], {"job_id": job_id}).fetchone()
             if job is None:
                 return 0

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from json.encoder import encode_basestring_ascii as _esc
 
 import jsonschema
@@ -26,12 +27,13 @@ import costs
 import engine
 import llm
 import middleware
+import pg
 import schemas
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
-from jobstore import MemoryJobStore, SqliteJobStore
+from jobstore import MemoryJobStore, SqlJobStore
 from ledger import Ledger
 from recorder import Recorder
-from storage import Database, KeyStore, UserStore
+from storage import Database, KeyStore, StorageError, UserStore
 from web import whole_number
 from wsgi_routes import Api, KeyRing, openapi_body
 
@@ -120,6 +122,13 @@ def networks(raw):
     return tuple(ipaddress.ip_network(p, strict=False) for p in names(raw))
 
 
+def database_url(raw):
+    # The message never repeats the value: it may hold a password.
+    if raw and urllib.parse.urlsplit(raw).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// (or postgres://) URL")
+    return raw
+
+
 def secret(raw):
     if raw:
         callbacks.parse_secret(raw)
@@ -148,6 +157,10 @@ SETTINGS = (
     ("trusted_proxies", "TRUSTED_PROXIES", networks, ""),
     ("max_content_length", "MAX_CONTENT_LENGTH", whole(1024, 64 * 1024 * 1024), "524288"),
     ("cors_origins", "CORS_ORIGINS", names, "https://levqor.ai"),
+    # Set: every store is in PostgreSQL, shared by every host (SQLITE_PATH
+    # and JOB_STORE are then ignored). Blank: the SQLite file and JOB_STORE.
+    ("database_url", "DATABASE_URL", database_url, ""),
+    ("database_statement_timeout", "DATABASE_STATEMENT_TIMEOUT_MS", whole(100, 600_000), "5000"),
     ("sqlite_path", "SQLITE_PATH", text, "levqor.db"),
     ("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT_MS", whole(10, 600_000), "5000"),
     ("job_store", "JOB_STORE", choice("memory", "sqlite"), "memory"),
@@ -209,6 +222,8 @@ class Settings:
     trusted_proxies: tuple
     max_content_length: int
     cors_origins: tuple
+    database_url: str = dataclasses.field(repr=False)  # may hold a password
+    database_statement_timeout: int  # ms any one PostgreSQL statement may take
     sqlite_path: str
     sqlite_busy_timeout: int     # ms a write waits for another process's lock
     job_store: str
@@ -271,12 +286,18 @@ class Settings:
         return f"{host}:{self.port}"
 
     @property
+    def shared_jobs(self):
+        """Whether jobs are in a database every process can open (SQLite or
+        PostgreSQL), rather than in one process's memory."""
+        return bool(self.database_url) or self.job_store == "sqlite"
+
+    @property
     def workers(self):
         """gunicorn worker processes: one with the memory job store (jobs
-        live in one process's memory), one per core with SQLite."""
+        live in one process's memory), one per core with a database."""
         if self.web_concurrency:
             return self.web_concurrency
-        return (os.cpu_count() or 1) if self.job_store == "sqlite" else 1
+        return (os.cpu_count() or 1) if self.shared_jobs else 1
 
     @classmethod
     def from_env(cls, environ=None):
@@ -295,7 +316,8 @@ class Settings:
         if values["callback_secret_next"] and not values["callback_secret"]:
             raise ConfigError("CALLBACK_SECRET_NEXT is set without CALLBACK_SECRET")
         values["log_level"] = values["log_level"].upper()
-        if values["job_store"] == "memory" and values["web_concurrency"] > 1:
+        if values["job_store"] == "memory" and values["web_concurrency"] > 1 \
+                and not values["database_url"]:
             # Each process would hold jobs the others cannot see, and release
             # money they hold as if their jobs were gone.
             raise ConfigError("JOB_STORE=memory keeps jobs in one process: set WEB_CONCURRENCY "
@@ -419,21 +441,32 @@ class Services:
         self.settings = settings
         self.log = log
         self.keys = KeyRing(settings.api_keys + settings.api_keys_next)
-        self.db = Database(settings.sqlite_path, settings.sqlite_busy_timeout,
-                           shared=settings.job_store == "sqlite")
-        self.users = UserStore(self.db, schemas.MAX_META_KEYS, schemas.MAX_META_BYTES)
-        if settings.job_store == "sqlite":
-            self.jobs = SqliteJobStore(self.db, settings.max_jobs, settings.job_ttl,
-                                       settings.job_priority_aging)
+        clock = time.time
+        if settings.database_url:
+            self.db = self._postgres(settings)
+            # Every host reads the database's clock: leases, backoffs, TTLs
+            # and budget days agree however far apart the hosts' clocks are.
+            clock = pg.DbClock(self.db)
+            self.jobs = SqlJobStore(self.db, settings.max_jobs, settings.job_ttl,
+                                    settings.job_priority_aging, clock=clock)
         else:
-            self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl, settings.job_priority_aging)
-        self.recorder = Recorder(self.db, log)
+            self.db = Database(settings.sqlite_path, settings.sqlite_busy_timeout,
+                               shared=settings.job_store == "sqlite")
+            if settings.job_store == "sqlite":
+                self.jobs = SqlJobStore(self.db, settings.max_jobs, settings.job_ttl,
+                                        settings.job_priority_aging)
+            else:
+                self.jobs = MemoryJobStore(settings.max_jobs, settings.job_ttl,
+                                           settings.job_priority_aging)
+        self.clock = clock
+        self.users = UserStore(self.db, schemas.MAX_META_KEYS, schemas.MAX_META_BYTES)
+        self.recorder = Recorder(self.db, log, clock=clock)
         self.callbacks = callbacks.Callbacks(
             self.jobs, log, settings.callback_secrets, settings.callback_allow_private,
             threads=settings.callback_threads, view=engine.status_view,
-            scan_interval=settings.callback_scan_interval)
-        self.ledger = Ledger(self.db)
-        self.key_store = KeyStore(self.db)
+            scan_interval=settings.callback_scan_interval, clock=clock)
+        self.ledger = Ledger(self.db, clock=clock)
+        self.key_store = KeyStore(self.db, clock=clock)
         self.guardrails = costs.Guardrails(self.ledger, settings.max_cost_per_job,
                                            settings.max_cost_per_day,
                                            key_budget=settings.key_daily_budget,
@@ -444,7 +477,7 @@ class Services:
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
             local_lease=settings.job_lease, guardrails=self.guardrails,
             sweep_interval=settings.sweep_interval, purge_interval=settings.purge_interval,
-            on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
+            clock=clock, on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
         if settings.openai_api_key and settings.model_prices:
             try:
                 prices = llm.load_prices(settings.model_prices)
@@ -460,8 +493,36 @@ class Services:
                 jsonschema.Draft202012Validator.check_schema(schema)
                 self.payload_validators[name] = jsonschema.Draft202012Validator(schema)
         self.started_at = time.time()
+        self._db_checked = (float("-inf"), True)  # (when, answer) of the last ping
         self.pid = None  # the process whose background threads are running
         self._lock = threading.Lock()
+
+    def _postgres(self, settings):
+        # A connection for each thread that may query at once: request
+        # threads, job and callback threads, and the background ones
+        # (sweeper, recorder, callback scanner, and one to spare).
+        pool_size = settings.threads + settings.worker_threads + settings.callback_threads + 4
+        try:
+            return pg.PgDatabase(settings.database_url, pool_size=pool_size,
+                                 statement_timeout_ms=settings.database_statement_timeout,
+                                 log=self.log)
+        except RuntimeError as exc:  # psycopg is not installed
+            raise ConfigError(str(exc)) from None
+
+    def database_ok(self):
+        """Whether the database answers, asked at most once a second (the
+        health check is polled hard). The SQLite file is this host's own:
+        a request that cannot use it says so itself."""
+        if not self.settings.database_url:
+            return True
+        now = time.monotonic()
+        if now - self._db_checked[0] >= 1.0:
+            try:
+                ok = self.db.ping()
+            except Exception:
+                ok = False
+            self._db_checked = (now, ok)
+        return self._db_checked[1]
 
     def _finished(self, job):
         self.recorder.count("finished")
@@ -476,8 +537,16 @@ class Services:
         with self._lock:
             if self.pid == os.getpid():
                 return
-            self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.log.start()
+            if self.settings.database_url:
+                self.log.info("storage: PostgreSQL; SQLITE_PATH and JOB_STORE are ignored",
+                              database=pg.redact(self.settings.database_url))
+                try:
+                    self.db.connection()  # opens the pool and migrates
+                except StorageError:  # serve 503s meanwhile; the first query retries
+                    self.log.error("the database is unavailable at start; retrying on use")
+            else:
+                self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.recorder.start()
             self._quarantine()
             self.engine.start()
@@ -503,6 +572,8 @@ class Services:
         self.engine.stop(grace)
         self.callbacks.stop()
         self.recorder.stop()
+        if self.settings.database_url:
+            self.db.close()  # the pool and the listening connection
         self.log.stop()
 
 

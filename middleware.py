@@ -15,10 +15,22 @@ import traceback
 from storage import StorageError
 from web import STATUS_LINES, HTTPError, json_body
 
+# What each kind of storage.StorageError answers.
+STORAGE_ERRORS = {
+    "busy": lambda msg: HTTPError(503, "storage_busy", msg, [("Retry-After", "1")]),
+    "unavailable": lambda msg: HTTPError(503, "storage_unavailable", msg, [("Retry-After", "5")]),
+    "full": lambda msg: HTTPError(507, "insufficient_storage", msg, [("Retry-After", "60")]),
+    # A value the database cannot hold (PostgreSQL's text has no U+0000):
+    # the request's fault, refused before anything was written.
+    "refused": lambda msg: HTTPError(400, "validation_failed", msg),
+}
+
+
 class ErrorGuard:
     """The one place errors become responses.
 
-    An HTTPError becomes its JSON body; a storage failure becomes 503 or 507;
+    An HTTPError becomes its JSON body; a storage failure becomes 503, 507
+    or, for a value the database cannot hold, 400;
     anything else is logged with its traceback and the request id, and the
     client gets a generic 500 that leaks nothing. KeyboardInterrupt and
     SystemExit pass through.
@@ -34,10 +46,7 @@ class ErrorGuard:
         except HTTPError as exc:
             error = exc
         except StorageError as exc:
-            if exc.kind == "busy":
-                error = HTTPError(503, "storage_busy", str(exc), [("Retry-After", "1")])
-            else:
-                error = HTTPError(507, "insufficient_storage", str(exc), [("Retry-After", "60")])
+            error = STORAGE_ERRORS[exc.kind](str(exc))
             self.log.warning("storage unavailable", request_id=environ["levqor.request_id"],
                              kind=exc.kind)
         except Exception:

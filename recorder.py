@@ -8,8 +8,9 @@ import time
 from costs import utc_day
 from storage import COUNTERS, StorageError
 
-# Named statements. The minutes upsert adds what was counted to what the
-# minute already holds, so several processes can write the same minute.
+# Named statements, the same on SQLite and PostgreSQL. The minutes upsert
+# adds what was counted to what the minute already holds, so several
+# processes (and hosts) can write the same minute.
 SQL = {
     "audit": "INSERT INTO audit_log (ts, key_id, method, path, status, request_id)"
              " VALUES (:ts, :key_id, :method, :path, :status, :request_id)",
@@ -22,8 +23,10 @@ SQL = {
                 " ON CONFLICT (day, workflow, key_id, status) DO UPDATE SET n = job_outcomes.n + excluded.n",
     "first_minute": "SELECT MIN(minute) AS m FROM minutes",
     "minutes_up": "SELECT COUNT(*) AS n FROM minutes WHERE minute >= :start AND minute < :end",
-    "since": "SELECT COALESCE(SUM(jobs), 0) AS jobs, COALESCE(SUM(finished), 0) AS finished,"
-             " COALESCE(SUM(auth_writes), 0) AS auth_writes FROM minutes WHERE minute >= :start",
+    "since": "SELECT CAST(COALESCE(SUM(jobs), 0) AS BIGINT) AS jobs,"
+             " CAST(COALESCE(SUM(finished), 0) AS BIGINT) AS finished,"
+             " CAST(COALESCE(SUM(auth_writes), 0) AS BIGINT) AS auth_writes"
+             " FROM minutes WHERE minute >= :start",
     "audited_since": "SELECT COUNT(*) AS n FROM audit_log WHERE ts >= :since",
 }
 AUDIT_FIELDS = ("ts", "key_id", "method", "path", "status", "request_id")
@@ -171,9 +174,11 @@ class Recorder:
                 try:
                     with self.db.write() as conn:
                         conn.executemany(SQL["audit"], [dict(zip(AUDIT_FIELDS, r)) for r in rows])
-                        conn.executemany(SQL["minutes"], [{"minute": m, **c} for m, c in minutes.items()])
-                        conn.executemany(SQL["outcomes"], [dict(zip(OUTCOME_FIELDS, k), n=n)
-                                                           for k, n in outcomes.items()])
+                        # Rows in key order: hosts flushing at once lock them in one order.
+                        conn.executemany(SQL["minutes"], [{"minute": m, **minutes[m]}
+                                                          for m in sorted(minutes)])
+                        conn.executemany(SQL["outcomes"], [dict(zip(OUTCOME_FIELDS, k), n=outcomes[k])
+                                                           for k in sorted(outcomes)])
                     self._beat_minute = this_minute
                 except Exception:
                     with self._lock:  # put it back for the next batch, newest last

@@ -262,6 +262,8 @@ class Database:
     reused (the pid is checked). Every connection sets its pragmas at open.
     """
 
+    dialect = "sqlite"
+
     def __init__(self, path, busy_timeout_ms=5000, shared=False):
         self.path = path
         self.shared = shared  # several processes write (JOB_STORE=sqlite): lock across them
@@ -362,8 +364,12 @@ class Database:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def write(self):
-        """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error."""
+    def write(self, lock=None):
+        """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error.
+
+        ``lock`` names what the transaction must have to itself (see
+        pg.PgDatabase.write); here every write transaction has the whole
+        database to itself, so it needs nothing more."""
         conn = self.connection()
         with self._writer():
             try:
@@ -429,7 +435,10 @@ class MetaTooLarge(ValueError):
 
 _USER = "id, email, name, locale, currency, meta, created_at, updated_at"
 # NOTE: a field not given is bound as NULL and keeps its value (no profile
-# field may be set to null), so each write is one fixed statement.
+# field may be set to null), so each write is one fixed statement. The same
+# statements run on PostgreSQL, where json_patch is a function of the
+# schema's (pg.MIGRATIONS) and "owner = :owner" comes before ":owner IS
+# NULL" so that PostgreSQL learns the parameter's type from it.
 USER_SQL = {
     "upsert": f"""
         INSERT INTO users (id, owner, email, name, locale, currency, meta, created_at, updated_at)
@@ -443,9 +452,9 @@ USER_SQL = {
         UPDATE users SET name = COALESCE(:name, name), locale = COALESCE(:locale, locale),
             currency = COALESCE(:currency, currency), meta = json_patch(meta, :meta),
             updated_at = :now
-        WHERE id = :id AND (:owner IS NULL OR owner = :owner)
+        WHERE id = :id AND (owner = :owner OR :owner IS NULL)
         RETURNING {_USER}""",
-    "get": f"SELECT {_USER} FROM users WHERE id = :id AND (:owner IS NULL OR owner = :owner)",
+    "get": f"SELECT {_USER} FROM users WHERE id = :id AND (owner = :owner OR :owner IS NULL)",
     "get_by_email": f"SELECT {_USER} FROM users WHERE owner = :owner AND email = :email",
 }
 

@@ -114,6 +114,9 @@ def openapi_document(req):
 
 
 def health(req):
+    if not req.services.database_ok():  # PostgreSQL, asked at most once a second
+        raise HTTPError(503, "storage_unavailable", "the database is unavailable",
+                        [("Retry-After", "5")], database="unavailable")
     # PERF: the hottest endpoint; the same bytes json_body would make.
     body = b'{"ok":true,"ts":%d}' % int(time.time())
     return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body

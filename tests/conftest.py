@@ -2,7 +2,8 @@
 
 import pytest
 
-from support import KEY, NEXT_KEY, Client, Server, make_app
+from support import (KEY, NEXT_KEY, Client, Server, close_postgres_databases, drop_postgres,
+                     make_app)
 
 
 @pytest.fixture
@@ -31,3 +32,14 @@ def server(tmp_path):
     srv = Server(tmp_path, API_KEYS=KEY, RATE_BURST=200).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_postgres():
+    """Every PostgreSQL pool a test opened is closed after it."""
+    yield
+    close_postgres_databases()
+
+
+def pytest_sessionfinish(session):
+    drop_postgres()

@@ -206,3 +206,63 @@ def children(pid):
             except (OSError, ValueError, IndexError):
                 pass
     return found
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: a database of this run's own, a fresh schema per use
+# ---------------------------------------------------------------------------
+
+POSTGRES = {}  # "url": this run's database, "dbs": PgDatabase objects to close
+
+
+def postgres_url():
+    """The URL of a fresh, empty schema in a database made for this test run
+    (dropped at its end, by conftest). Without LEVQOR_TEST_DATABASE_URL the
+    test skips, saying why; with LEVQOR_REQUIRE_POSTGRES=1 it fails instead."""
+    import pytest
+    base = os.environ.get("LEVQOR_TEST_DATABASE_URL")
+    missing = None
+    if not base:
+        missing = "LEVQOR_TEST_DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/postgres)"
+    else:
+        try:
+            import psycopg
+        except ImportError:
+            missing = "psycopg is not installed: pip install -r requirements-postgres.txt"
+    if missing:
+        if os.environ.get("LEVQOR_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required (LEVQOR_REQUIRE_POSTGRES=1): {missing}")
+        pytest.skip(f"PostgreSQL test: {missing}")
+    from urllib.parse import quote, urlsplit
+    if "url" not in POSTGRES:
+        name = f"levqor_test_{os.getpid()}_{os.urandom(3).hex()}"
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        POSTGRES["admin"], POSTGRES["name"] = base, name
+        POSTGRES["url"] = urlsplit(base)._replace(path="/" + name, query="").geturl()
+    schema = "t_" + os.urandom(6).hex()
+    with psycopg.connect(POSTGRES["url"], autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return POSTGRES["url"] + "?options=" + quote(f"-c search_path={schema}")
+
+
+def postgres_database(url=None, **options):
+    """A pg.PgDatabase on a fresh schema (or on ``url``), closed after the test."""
+    import pg
+    db = pg.PgDatabase(url or postgres_url(), **options)
+    POSTGRES.setdefault("dbs", []).append(db)
+    return db
+
+
+def close_postgres_databases():
+    for db in POSTGRES.pop("dbs", []):
+        db.close()
+
+
+def drop_postgres():
+    """Drop this run's database, connections and all."""
+    if "name" in POSTGRES:
+        import psycopg
+        with psycopg.connect(POSTGRES["admin"], autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{POSTGRES["name"]}" WITH (FORCE)')
+        POSTGRES.clear()

@@ -113,7 +113,7 @@ def store_kind(request, tmp_path):
 def setup(url, secrets=(SECRET,), allow_private=True, post=callbacks.post, finish_status="succeeded"):
     clock = FakeClock()
     if STORE["kind"] == "sqlite":
-        store = jobstore.SqliteJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
+        store = jobstore.SqlJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
     else:
         store = jobstore.MemoryJobStore(clock=clock)
     eng = engine.Engine(store, engine.Registry(), Log(), clock=clock)

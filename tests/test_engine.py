@@ -34,7 +34,7 @@ def store_kind(request, tmp_path):
 
 def new_store(clock):
     if STORE["kind"] == "sqlite":
-        return jobstore.SqliteJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
+        return jobstore.SqlJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
                                       clock=clock)
     return jobstore.MemoryJobStore(aging=60, clock=clock)
 
@@ -237,7 +237,7 @@ def test_a_local_attempt_whose_process_died_comes_back_by_lease():
     eng, clock = make_engine(reg, local_lease=10)
     job_id = submit(eng, "long")
     # The attempt starts in a process that then dies: nobody renews its lease.
-    eng.store.claim(["long"], eng._start_attempt("local", None))
+    eng.store.claim(["long"], *eng._start_attempt("local", None, ["long"]))
     survivor = engine.Engine(eng.store, reg, Log(), clock=clock, local_lease=10)
     clock.advance(9)
     survivor.tick()

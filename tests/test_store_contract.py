@@ -21,6 +21,7 @@ import recorder as recorder_module
 import storage
 from costs import BudgetExceeded, utc_day
 from jobstore import JOB_STATUSES, PRIORITIES, IdempotencyMismatch, QueueFull
+import support
 from support import FakeClock
 
 # ---------------------------------------------------------------------------
@@ -59,8 +60,8 @@ class SqliteBackend:
         return storage.Database(self.path, shared=True)
 
     def jobs(self, elsewhere=False, **options):
-        return jobstore.SqliteJobStore(self.connect() if elsewhere else self.db,
-                                      clock=self.clock, **options)
+        return jobstore.SqlJobStore(self.connect() if elsewhere else self.db,
+                                    clock=self.clock, **options)
 
     def users(self):
         return storage.UserStore(self.db)
@@ -75,7 +76,23 @@ class SqliteBackend:
         return recorder_module.Recorder(self.db, Log(), clock=self.clock)
 
 
-BACKENDS = {"memory": MemoryBackend, "sqlite": SqliteBackend}
+class PostgresBackend(SqliteBackend):
+    """Every store in one PostgreSQL schema, shared between hosts as with
+    DATABASE_URL: "another process" is a database object of its own, with
+    its own pool of connections."""
+
+    def __init__(self, tmp_path, clock):
+        self.url = support.postgres_url()
+        self.clock = clock
+        self.db = self.connect()
+
+    def connect(self):
+        return support.postgres_database(self.url)
+
+
+BACKENDS = {"memory": MemoryBackend, "sqlite": SqliteBackend, "postgres": PostgresBackend}
+ALL = ["memory", "sqlite", "postgres"]
+DATABASES = ["sqlite", "postgres"]
 
 
 @pytest.fixture
@@ -83,27 +100,27 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=ALL)
 def job_backend(request, tmp_path, clock):
     return BACKENDS[request.param](tmp_path, clock)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=DATABASES)
 def user_backend(request, tmp_path, clock):
     return BACKENDS[request.param](tmp_path, clock)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=DATABASES)
 def key_backend(request, tmp_path, clock):
     return BACKENDS[request.param](tmp_path, clock)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=DATABASES)
 def ledger_backend(request, tmp_path, clock):
     return BACKENDS[request.param](tmp_path, clock)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=DATABASES)
 def recorder_backend(request, tmp_path, clock):
     return BACKENDS[request.param](tmp_path, clock)
 
@@ -235,12 +252,9 @@ def add(store, clock, **kw):
 
 
 def running(clock, lease=60.0):
-    """What a claimer asks of the job it takes, as the engine does."""
-    def changes_for(job):
-        return {"status": "running", "lease_token": engine.new_token(),
-                "lease_expires_at": clock() + lease, "attempts": job["attempts"] + 1,
-                "started_at": clock(), "updated_at": clock()}
-    return changes_for
+    """What a claimer sets on the job it takes, as the engine does."""
+    return {"status": "running", "lease_token": engine.new_token(),
+            "lease_expires_at": clock() + lease, "started_at": clock(), "updated_at": clock()}
 
 
 def claim(store, clock, workflows=None, lease=60.0):
@@ -332,18 +346,29 @@ def test_racing_updates_expecting_the_same_values_apply_once(jobs, clock):
 
 def test_claim_applies_the_claimers_changes(jobs, clock):
     job = add(jobs, clock)
-    seen = []
-
-    def changes_for(j):
-        seen.append(dict(j))
-        return running(clock, lease=30)(j)
-
-    got = jobs.claim(None, changes_for)
-    assert seen[0]["job_id"] == job["job_id"] and seen[0]["status"] == "queued"
+    got = jobs.claim(None, running(clock, lease=30))
+    assert got["job_id"] == job["job_id"]
     assert got["status"] == "running" and got["attempts"] == 1
     assert got["lease_expires_at"] == clock() + 30
     assert jobs.get(job["job_id"]) == got
     assert claim(jobs, clock) is None
+
+
+def test_claim_adds_the_changes_of_the_jobs_workflow(jobs, clock):
+    """An in-process claim over several workflows: each has its own deadline."""
+    add(jobs, clock, workflow="short")
+    add(jobs, clock, workflow="long")
+    per_workflow = {"short": {"deadline_at": clock() + 5, "lease_expires_at": clock() + 5},
+                    "long": {"deadline_at": clock() + 500, "lease_expires_at": clock() + 30}}
+    first = jobs.claim(["short", "long"], running(clock, lease=60), per_workflow)
+    second = jobs.claim(["short", "long"], running(clock, lease=60), per_workflow)
+    assert (first["workflow"], first["deadline_at"], first["lease_expires_at"]) == \
+        ("short", clock() + 5, clock() + 5)
+    assert (second["workflow"], second["deadline_at"], second["lease_expires_at"]) == \
+        ("long", clock() + 500, clock() + 30)
+    # The lease the store searches by is the one the job holds.
+    clock.advance(6)
+    assert [j["job_id"] for j in jobs.expired(clock())] == [first["job_id"]]
 
 
 def test_claim_order_is_priority_then_first_in_first_out(jobs, clock):

@@ -54,7 +54,7 @@ def test_max_jobs_is_exact_under_concurrent_intakes_across_workers(tmp_path):
 def _store(path, **options):
     import jobstore
     import storage
-    return jobstore.SqliteJobStore(storage.Database(str(path)), **options)
+    return jobstore.SqlJobStore(storage.Database(str(path)), **options)
 
 
 def _job(job_id, **fields):
