@@ -266,3 +266,22 @@ def drop_postgres():
         with psycopg.connect(POSTGRES["admin"], autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{POSTGRES["name"]}" WITH (FORCE)')
         POSTGRES.clear()
+
+
+STORES = ("memory", "sqlite", "postgres")
+
+
+def store_env(kind):
+    """The settings that choose where jobs live: "memory", "sqlite" (the
+    SQLite file with JOB_STORE=sqlite) or "postgres" (a fresh schema)."""
+    return {"DATABASE_URL": postgres_url()} if kind == "postgres" else {"JOB_STORE": kind}
+
+
+def job_store(kind, path, **options):
+    """A job store of ``kind`` on its own database (a file under ``path``)."""
+    import jobstore
+    import storage
+    if kind == "memory":
+        return jobstore.MemoryJobStore(**options)
+    db = postgres_database() if kind == "postgres" else storage.Database(str(path / "jobs.db"))
+    return jobstore.SqlJobStore(db, **options)

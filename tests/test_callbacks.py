@@ -17,9 +17,7 @@ import requests
 
 import callbacks
 import engine
-import jobstore
-import storage
-from support import KEY, Client, FakeClock, Server, make_app, wait_until
+from support import STORES, KEY, Client, FakeClock, Server, job_store, make_app, store_env, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"levqor-test-secret-0123456789").decode()
 NEXT_SECRET = "whsec_" + base64.b64encode(b"levqor-next-secret-9876543210").decode()
@@ -104,7 +102,7 @@ class Log:
 STORE = {}
 
 
-@pytest.fixture(autouse=True, params=["memory", "sqlite"])
+@pytest.fixture(autouse=True, params=STORES)
 def store_kind(request, tmp_path):
     STORE.update(kind=request.param, path=tmp_path)
     return request.param
@@ -112,10 +110,7 @@ def store_kind(request, tmp_path):
 
 def setup(url, secrets=(SECRET,), allow_private=True, post=callbacks.post, finish_status="succeeded"):
     clock = FakeClock()
-    if STORE["kind"] == "sqlite":
-        store = jobstore.SqlJobStore(storage.Database(str(STORE["path"] / "cb.db")), clock=clock)
-    else:
-        store = jobstore.MemoryJobStore(clock=clock)
+    store = job_store(STORE["kind"], STORE["path"], clock=clock)
     eng = engine.Engine(store, engine.Registry(), Log(), clock=clock)
     cbs = callbacks.Callbacks(store, Log(), secrets, allow_private, clock=clock, post=post,
                               view=engine.status_view)
@@ -357,7 +352,7 @@ def test_any_forbidden_answer_refuses_the_name():
 
 def test_status_view_and_redeliver(tmp_path, receiver):
     app = make_app(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1",
-                   JOB_STORE=STORE["kind"])
+                   **store_env(STORE["kind"]))
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "echo", "payload": {"a": 1},
                                        "callback_url": receiver.named_url + "/hook"}, key=KEY).json()["job_id"]
@@ -381,7 +376,7 @@ def test_status_view_and_redeliver(tmp_path, receiver):
 
 
 def test_canceled_jobs_notify_too(tmp_path, receiver):
-    app = make_app(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1", JOB_STORE=STORE["kind"])
+    app = make_app(tmp_path, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1", **store_env(STORE["kind"]))
     c = Client(app)
     job_id = c.post("/api/v1/intake", {"workflow": "ext", "payload": {},
                                        "callback_url": receiver.named_url + "/hook"}).json()["job_id"]
@@ -395,7 +390,7 @@ def test_canceled_jobs_notify_too(tmp_path, receiver):
 @pytest.mark.server
 def test_end_to_end_through_gunicorn(tmp_path, receiver):
     srv = Server(tmp_path, API_KEYS=KEY, CALLBACK_SECRET=SECRET, CALLBACK_ALLOW_PRIVATE="1",
-                 JOB_STORE=STORE["kind"]).start()
+                 **store_env(STORE["kind"])).start()
     try:
         r = requests.post(srv.url + "/api/v1/intake", headers={"X-Api-Key": KEY}, timeout=5,
                           json={"workflow": "demo.flow", "payload": {"text": "call me back"},

@@ -6,9 +6,7 @@ import threading
 import pytest
 
 import engine
-import jobstore
-import storage
-from support import KEY, Client, FakeClock, make_app, wait_until  # noqa: F401
+from support import STORES, KEY, Client, FakeClock, job_store, make_app, store_env, wait_until  # noqa: F401
 
 
 class Log:
@@ -26,21 +24,18 @@ class Log:
 STORE = {}
 
 
-@pytest.fixture(autouse=True, params=["memory", "sqlite"])
+@pytest.fixture(autouse=True, params=STORES)
 def store_kind(request, tmp_path):
     STORE.update(kind=request.param, path=tmp_path)
     return request.param
 
 
 def new_store(clock):
-    if STORE["kind"] == "sqlite":
-        return jobstore.SqlJobStore(storage.Database(str(STORE["path"] / "jobs.db")), aging=60,
-                                      clock=clock)
-    return jobstore.MemoryJobStore(aging=60, clock=clock)
+    return job_store(STORE["kind"], STORE["path"], aging=60, clock=clock)
 
 
 def app_for(tmp_path, **env):
-    return make_app(tmp_path, JOB_STORE=STORE["kind"], **env)
+    return make_app(tmp_path, **store_env(STORE["kind"]), **env)
 
 
 def make_engine(registry=None, clock=None, **options):
