@@ -12,6 +12,7 @@ module imports them only when a PgDatabase is made.
 """
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -211,6 +212,7 @@ def translate(sql):
     return _TOKENS.sub(one, sql)
 
 
+UNAVAILABLE = "the database is unavailable; try again shortly"
 # SQLSTATE classes and codes, and what a caller is told.
 _BUSY = {"57014", "40001", "40P01", "55P03"}  # statement timeout, serialization, deadlock, lock
 _REFUSED = {"22P05"}  # a string PostgreSQL cannot store (\u0000)
@@ -223,7 +225,7 @@ def _storage_error(exc):
     import psycopg_pool
     if isinstance(exc, psycopg_pool.PoolTimeout) or isinstance(exc, psycopg.OperationalError) \
             and getattr(exc, "sqlstate", None) not in _BUSY | {"53100"}:
-        return StorageError("unavailable", "the database is unavailable; try again shortly")
+        return StorageError("unavailable", UNAVAILABLE)
     state = getattr(exc, "sqlstate", None)
     if state in _BUSY:
         return StorageError("busy", "the database is busy, try again shortly")
@@ -265,6 +267,7 @@ class PgDatabase:
     """
 
     dialect = "postgres"
+    DOWN_FOR = 1.0  # seconds after a connection failure in which requests fail at once
 
     def __init__(self, url, pool_size=10, statement_timeout_ms=5000, connect_timeout=3,
                  log=None):
@@ -285,6 +288,10 @@ class PgDatabase:
         self._migrated_in = None
         self._sql = {}  # statement as written -> as psycopg takes it
         self._listener = None
+        self._down_until = 0.0  # while the database is failing: until when to answer at once
+        # The pool logs every failed reconnection to stderr; Levqor logs the
+        # outage itself, once per refused request, as JSON.
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
     # -- connections -------------------------------------------------------------
 
@@ -325,6 +332,15 @@ class PgDatabase:
     def _connection(self):
         import psycopg
         import psycopg_pool
+        down_until = self._down_until
+        if down_until:
+            # The database failed lately. Within DOWN_FOR of that, answer at
+            # once rather than have every thread wait out the pool's timeout;
+            # then one request at a time tries again.
+            now = time.monotonic()
+            if now < down_until:
+                raise StorageError("unavailable", UNAVAILABLE)
+            self._down_until = now + self.DOWN_FOR
         try:
             with self._pool_now().connection() as conn:
                 yield conn
@@ -332,9 +348,12 @@ class PgDatabase:
             error = _storage_error(exc)
             if error is None:
                 raise
-            if error.kind == "unavailable" and self._pool is not None:
-                self._pool.check()  # replace the other idle connections that broke too
+            if error.kind == "unavailable":
+                self._down_until = time.monotonic() + self.DOWN_FOR
+                if self._pool is not None:
+                    self._pool.check()  # replace the other idle connections that broke too
             raise error from exc
+        self._down_until = 0.0
 
     def connection(self):
         """Open the pool and migrate (what storage.Database.connection does at start)."""
@@ -499,15 +518,19 @@ class Listener:
 
     def _run(self):
         import psycopg
+        lost = False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    lost = False
                     self.wake()  # anything queued while we were not listening
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=1.0):
                             self.wake()
             except Exception as exc:
-                if self.log is not None and not self._stop.is_set():
-                    self.log.warning("listen connection lost", error=type(exc).__name__)
+                if self.log is not None and not lost and not self._stop.is_set():
+                    self.log.warning("job notifications lost; polling until the database is back",
+                                     error=type(exc).__name__)
+                lost = True
                 self._stop.wait(1.0)

@@ -11,6 +11,13 @@ way), and bench/floor.py. Then drives each endpoint with `wrk -t1 -c8`,
 several rounds, alternating which app goes first, and reports medians:
 req/s, p50 and p99 latency, and Levqor's ratios to the floor.
 
+Beside them, in the same rounds: Levqor with jobs in SQLite
+(JOB_STORE=sqlite) and with every store in PostgreSQL (DATABASE_URL), on
+one worker and on one worker per core. For PostgreSQL the run makes
+databases of its own on the server at LEVQOR_BENCH_DATABASE_URL (default
+postgresql://postgres@127.0.0.1:5432/postgres) and drops them at the end;
+without psycopg, or a server that answers, those rows are skipped, saying why.
+
 Needs wrk (Debian: apt-get install wrk). Sends traffic to 127.0.0.1 only.
 """
 
@@ -21,12 +28,14 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +55,10 @@ ENDPOINTS = [
     ("POST /api/v1/users/upsert", "POST", "/api/v1/users/upsert", "EMAILS", 0.55),
 ]
 P99_LIMIT = 2.0  # Levqor's p99 may be at most this multiple of the floor's
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Where the results of bench/jobqueue.py begin in RESULTS.md: each script
+# rewrites its own part of the file and keeps the other's.
+QUEUE_HEADING = "## Job queue"
 
 
 def free_port():
@@ -54,25 +67,109 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(app, env, workdir, name, workers=1):
+def launch(app, env, workdir, name, workers=1):
+    """Start a gunicorn server without waiting for it: (process, url, log path)."""
     port = free_port()
-    log = open(os.path.join(workdir, f"{name}.log"), "wb")
+    log = os.path.join(workdir, f"{name}.log")
     full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1",
                 "WEB_CONCURRENCY": str(workers), "THREADS": os.environ.get("BENCH_THREADS", "4")}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
-                            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
+                                cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_ready(proc, url, log, limit=20):
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{name} did not start; see {log.name}")
+            raise SystemExit(f"{url} did not start; see {log}")
         try:
             urllib.request.urlopen(url + "/health", timeout=1).read()
-            return proc, url
+            return
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise SystemExit(f"{name} did not answer within 20 s; see {log.name}")
+    raise SystemExit(f"{url} did not answer within {limit} s; see {log}")
+
+
+def start(app, env, workdir, name, workers=1):
+    proc, url, log = launch(app, env, workdir, name, workers)
+    wait_ready(proc, url, log)
+    return proc, url
+
+
+def stop(procs):
+    """SIGTERM every server, then wait for each (gunicorn drains gracefully)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def exit_on_sigterm():
+    # A SIGTERM'd run still stops its servers and drops its databases:
+    # SystemExit unwinds through the finally blocks that do it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+class Postgres:
+    """Databases made for this run on one PostgreSQL server, dropped at the end.
+
+    ``Postgres.connect()`` gives one, or None and why it cannot (no psycopg,
+    or no server answering), so a run without PostgreSQL still measures the
+    rest. Each ``new()`` database is a fresh, empty one: every Levqor in it
+    starts from the same empty schema, and no two share a NOTIFY channel
+    (LISTEN/NOTIFY is per database), so one's intakes never wake another's
+    workers.
+    """
+
+    def __init__(self, admin_url, psycopg):
+        self.admin_url = admin_url
+        self.psycopg = psycopg
+        self.prefix = f"levqor_bench_{os.getpid()}_{os.urandom(3).hex()}"
+        self.names = []
+        with self.admin() as conn:
+            row = conn.execute("SELECT current_setting('server_version'),"
+                               " current_setting('synchronous_commit')").fetchone()
+        self.describe = (f"PostgreSQL {row[0]} on the same machine (synchronous_commit {row[1]}), "
+                         f"psycopg {psycopg.__version__}")
+
+    @classmethod
+    def connect(cls):
+        url = os.environ.get("LEVQOR_BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL
+        parts = urllib.parse.urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or 5432}"  # never the password
+        try:
+            import psycopg
+        except ImportError:
+            return None, "psycopg is not installed (pip install -r requirements-postgres.txt)"
+        try:
+            return cls(url, psycopg), None
+        except psycopg.Error as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return None, f"PostgreSQL at {where} does not answer: {first_line}"
+
+    def admin(self):
+        return self.psycopg.connect(self.admin_url, autocommit=True, connect_timeout=3)
+
+    def new(self):
+        """A fresh database; its URL (the admin URL's, with its name)."""
+        name = f"{self.prefix}_{len(self.names)}"
+        with self.admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.names.append(name)
+        return urllib.parse.urlsplit(self.admin_url)._replace(path="/" + name).geturl()
+
+    def drop_all(self):
+        """Drop every database this run made, whoever is still connected."""
+        with self.admin() as conn:
+            while self.names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.names.pop()}" WITH (FORCE)')
 
 
 def call(url, method, path, body):
@@ -82,13 +179,13 @@ def call(url, method, path, body):
         return json.loads(r.read())
 
 
-def wrk(url, method, path, body, seconds, round_no):
+def wrk(url, method, path, body, seconds, round_no, connections=8):
     env = {**os.environ, "BENCH_METHOD": method, "BENCH_PATH": path, "BENCH_KEY": KEY}
     if body == "EMAILS":
         env["BENCH_EMAILS"] = f"r{round_no}-{time.monotonic_ns()}-"
     elif body:
         env["BENCH_BODY"] = body
-    out = subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds}s", "--timeout", "5s",
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
                           "-s", os.path.join(HERE, "wrk.lua"), url + path],
                          env=env, capture_output=True, text=True, timeout=seconds + 30)
     m = re.search(r"^BENCH (\{.*\})$", out.stdout, re.M)
@@ -99,7 +196,23 @@ def wrk(url, method, path, body, seconds, round_no):
         raise SystemExit(f"{method} {path}: {r['non2xx']} non-2xx answers and "
                          f"{r['socket_errors']} socket errors: the run does not measure success")
     return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50": r["p50_us"] / 1000,
-            "p99": r["p99_us"] / 1000}
+            "p99": r["p99_us"] / 1000, "requests": r["requests"]}
+
+
+def write_results(path, main=None, queue=None):
+    """Rewrite one part of RESULTS.md, run.py's (``main``, before
+    QUEUE_HEADING) or jobqueue.py's (``queue``, from it on), keeping the other."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    cut = old.find("\n" + QUEUE_HEADING)
+    old_main, old_queue = (old, "") if cut < 0 else (old[:cut + 1], old[cut + 1:])
+    main = (old_main if main is None else main).strip("\n")
+    queue = (old_queue if queue is None else queue).strip("\n")
+    with open(path, "w") as f:
+        f.write(main + "\n" + ("\n" + queue + "\n" if queue else ""))
 
 
 def machine():
@@ -126,11 +239,13 @@ def main():
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--smoke", action="store_true", help="1 round of 1 s; write no results")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--note", help="a line on the machine for the report (shared? noisy?)")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.seconds = 1, 1
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed. On Debian or Ubuntu: apt-get install wrk")
+    exit_on_sigterm()
 
     workdir = tempfile.mkdtemp(prefix="levqor-bench-")
     big = "1000000000"
@@ -138,15 +253,23 @@ def main():
                   "RATE_BURST": big, "RATE_GLOBAL": big, "RATE_READ": big}
     cores = os.cpu_count() or 1
     # name -> (app, env, workers). The first Levqor is the headline: the
-    # defaults (jobs in memory, one worker); the others are JOB_STORE=sqlite.
+    # defaults (jobs in memory, one worker); the others are JOB_STORE=sqlite,
+    # then DATABASE_URL (each in a database of its own).
     apps = {
         "floor": ("bench.floor:app", {}, 1),
         "levqor": ("levqor:app", levqor_env, 1),
         "sqlite ×1": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, 1),
         f"sqlite ×{cores}": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, cores),
     }
+    pg, pg_skipped = Postgres.connect()
+    if pg_skipped:
+        print(f"bench: the PostgreSQL rows are skipped: {pg_skipped}", file=sys.stderr, flush=True)
     servers, ids = {}, {}
     try:
+        if pg is not None:
+            for workers in (1, cores):
+                apps[f"postgres ×{workers}"] = ("levqor:app",
+                                                {**levqor_env, "DATABASE_URL": pg.new()}, workers)
         for name, (app, env, workers) in apps.items():
             env = dict(env, SQLITE_PATH=os.path.join(workdir, f"{len(servers)}.db")) if env else env
             servers[name] = start(app, env, workdir, f"app{len(servers)}", workers)
@@ -170,13 +293,9 @@ def main():
                           f"{result['rps']:8.0f} req/s  p50 {result['p50']:.2f} ms  "
                           f"p99 {result['p99']:.2f} ms", flush=True)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-        for proc, _ in servers.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop([proc for proc, _ in servers.values()])
+        if pg is not None:
+            pg.drop_all()
 
     def median(name, app, key):
         return statistics.median(s[key] for s in samples[name, app])
@@ -200,6 +319,7 @@ def main():
         "- Levqor: LEVQOR_ENV=production with an API key; rate limits raised out of the way, "
         "everything else on (auth, limiter, validation, headers, audit, JSON access log to a file); "
         "the main table is the default setup, jobs in memory and one worker",
+        "- the servers, wrk and the database share the machine's cores" + (f"; {args.note}" if args.note else ""),
         "",
         "| endpoint | floor req/s | Levqor req/s | ratio | target | floor p50 / p99 ms | Levqor p50 / p99 ms | p99 ratio (≤ 2) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -214,8 +334,8 @@ def main():
     missed = [name for name, _, ratio, target, p99 in rows if ratio < target or p99 > P99_LIMIT]
     lines += ["", "Targets missed: " + (", ".join(missed) if missed else "none"), ""]
     others = [a for a in servers if a not in ("floor", "levqor")]
-    lines += ["With jobs in SQLite (`JOB_STORE=sqlite`): req/s, and the ratio to the same "
-              "run's floor (one worker):", "",
+    lines += ["With jobs in SQLite (`JOB_STORE=sqlite`), and with every store in PostgreSQL "
+              "(`DATABASE_URL`): req/s, and the ratio to the same run's floor (one worker):", "",
               "| endpoint | floor | Levqor, memory ×1 | " + " | ".join(f"Levqor, {a}" for a in others) + " |",
               "|---|---:|---:|" + "---:|" * len(others)]
     for name, *_ in ENDPOINTS:
@@ -224,6 +344,11 @@ def main():
                  for a in ["levqor", *others]]
         lines.append(f"| {name} | {floor:.0f} | " + " | ".join(cells) + " |")
     lines.append("")
+    if pg is not None:
+        lines += [f"PostgreSQL: {pg.describe}; each configuration in a database made for the run, "
+                  "and dropped after it.", ""]
+    else:
+        lines += [f"PostgreSQL: skipped, {pg_skipped}.", ""]
     micro = subprocess.run([sys.executable, os.path.join(HERE, "micro.py"), "-n", "300" if args.smoke else "5000"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines += ["In-process cost, through the WSGI callable with no server (`bench/micro.py`):", "",
@@ -231,8 +356,7 @@ def main():
     report = "\n".join(lines)
     print("\n" + report)
     if not args.smoke:
-        with open(args.out, "w") as f:
-            f.write(report)
+        write_results(args.out, main=report)
         print(f"written to {os.path.relpath(args.out, ROOT)}")
     shutil.rmtree(workdir, ignore_errors=True)
 
