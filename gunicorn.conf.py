@@ -6,10 +6,10 @@ How many workers depends on where jobs live (JOB_STORE):
   that accepted them; with two workers, a job submitted through one would
   be invisible to a status poll answered by the other. So Levqor runs one
   process with several threads.
-- sqlite: one worker per core. Jobs live in the SQLite database that every
-  worker opens, claims are atomic transactions, so any worker can serve
-  any job, and Python's one-core-per-process limit no longer caps the
-  service.
+- sqlite, or PostgreSQL (DATABASE_URL): one worker per core. Jobs live in
+  the database that every worker opens, claims are atomic, so any worker
+  can serve any job, and Python's one-core-per-process limit no longer
+  caps the service.
 
 WEB_CONCURRENCY overrides either default.
 """

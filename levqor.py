@@ -545,6 +545,8 @@ class Services:
                     self.db.connection()  # opens the pool and migrates
                 except StorageError:  # serve 503s meanwhile; the first query retries
                     self.log.error("the database is unavailable at start; retrying on use")
+                self.clock.measure()
+                self.clock.start()
             else:
                 self.db.connection()  # migrates; a bad SQLITE_PATH fails here, loudly
             self.recorder.start()
@@ -573,6 +575,7 @@ class Services:
         self.callbacks.stop()
         self.recorder.stop()
         if self.settings.database_url:
+            self.clock.stop()
             self.db.close()  # the pool and the listening connection
         self.log.stop()
 

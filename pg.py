@@ -457,8 +457,9 @@ class DbClock:
     Every host judges leases, backoffs, TTLs and budget days by this clock,
     so hosts whose own clocks disagree still agree on them. It is the host's
     clock plus an offset measured against ``clock_timestamp()`` (to within
-    half a round trip), measured again every ``every`` seconds; if the
-    database cannot be asked, the last offset stands.
+    half a round trip): once on first use, then every ``every`` seconds by a
+    thread of its own once ``start``ed, so that reading the time never waits
+    on the database. If the database cannot be asked, the last offset stands.
     """
 
     def __init__(self, db, host_clock=time.time, every=30.0):
@@ -466,28 +467,34 @@ class DbClock:
         self.host_clock = host_clock
         self.every = every
         self.offset = 0.0
-        self._measured = None  # monotonic time of the last measurement
-        self._lock = threading.Lock()
+        self._measured = False
+        self._stop = threading.Event()
 
     def measure(self):
-        before = self.host_clock()
-        db_now = self.db.now()
-        after = self.host_clock()
+        try:
+            before = self.host_clock()
+            db_now = self.db.now()
+            after = self.host_clock()
+        except StorageError:
+            return self.offset  # keep the last one
         self.offset = db_now - (before + after) / 2
-        self._measured = time.monotonic()
         return self.offset
 
+    def start(self):
+        self._stop.clear()
+        threading.Thread(target=self._run, name="levqor-clock", daemon=True).start()
+
+    def stop(self):
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.measure()
+
     def __call__(self):
-        measured = self._measured
-        if (measured is None or time.monotonic() - measured > self.every) \
-                and self._lock.acquire(blocking=False):
-            try:
-                self._measured = time.monotonic()  # one try per period, even a failed one
-                self.measure()
-            except Exception:
-                pass  # keep the last offset; StorageError is for requests, not clocks
-            finally:
-                self._lock.release()
+        if not self._measured:
+            self._measured = True
+            self.measure()
         return self.host_clock() + self.offset
 
 

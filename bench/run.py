@@ -136,7 +136,7 @@ class Postgres:
         with self.admin() as conn:
             row = conn.execute("SELECT current_setting('server_version'),"
                                " current_setting('synchronous_commit')").fetchone()
-        self.describe = (f"PostgreSQL {row[0]} on the same machine (synchronous_commit {row[1]}), "
+        self.describe = (f"PostgreSQL {row[0].split()[0]} on the same machine (synchronous_commit {row[1]}), "
                          f"psycopg {psycopg.__version__}")
 
     @classmethod
@@ -192,6 +192,8 @@ def wrk(url, method, path, body, seconds, round_no, connections=8):
     if out.returncode != 0 or not m:
         raise SystemExit(f"wrk failed: {out.stdout}{out.stderr}")
     r = json.loads(m.group(1))
+    if not r["requests"]:  # every request outlasted the run: wrk counts no error for that
+        raise SystemExit(f"{method} {path}: no request was answered within {seconds} s")
     if r["non2xx"] or r["socket_errors"]:
         raise SystemExit(f"{method} {path}: {r['non2xx']} non-2xx answers and "
                          f"{r['socket_errors']} socket errors: the run does not measure success")

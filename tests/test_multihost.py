@@ -338,6 +338,7 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
                     try:
                         r = intake(urls[n % HOSTS], "ext.pg", {"w": n, "i": i}, timeout=15)
                     except requests.RequestException as exc:
+                        print("DIAG exc", time.monotonic(), n, repr(exc))
                         refusals[type(exc).__name__] += 1
                         time.sleep(0.05)
                         continue
@@ -347,6 +348,8 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
                         code = r.json().get("error") if r.headers.get("Content-Type") \
                             == "application/json" else r.text[:80]
                         refusals[r.status_code, code] += 1
+                        if code != "storage_unavailable":
+                            print("DIAG odd", time.monotonic(), n, r.status_code, r.text)
                         time.sleep(0.02)  # do not spin while the database is away
 
             threads = [threading.Thread(target=writer, args=(n,)) for n in range(2 * HOSTS)]
@@ -359,6 +362,7 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
                 stopped = pg_ctlcluster("stop", "-m", "fast")
                 assert stopped.returncode == 0, stopped.stderr
                 down = time.monotonic()
+                print("DIAG down at", down)
                 before = len(acknowledged)
                 # While it is away every host says so: /health is 503...
                 for srv in servers:
