@@ -105,8 +105,8 @@ class JobStore(Protocol):
     def claim(self, workflows: Sequence[str] | None, changes: dict[str, Any],
               per_workflow: dict[str, dict[str, Any]] | None = None) -> Job | None:
         """Take the best ready job of ``workflows`` (None: any workflow; empty:
-        none), make it running, and return the new copy; None when no job is
-        ready.
+        none) that its workflow's limits let start now, make it running, and
+        return the new copy; None when no such job is ready.
 
         Ready: status "queued" and ``not_before`` reached by the store's
         clock. Best: the lowest ``max(not_before, queued_at) - head start``,
@@ -114,6 +114,15 @@ class JobStore(Protocol):
         normal and low; then the lowest ``seq`` (first in, first out). So a
         job that has waited ``aging`` seconds longer than one of the next
         priority up goes first: low never starves.
+
+        Limits (``set_limits``): a workflow with ``max_concurrency`` jobs
+        running, or ``rate["count"]`` jobs started in the last
+        ``rate["per"]`` seconds, starts none; a job whose
+        ``concurrency_key`` has ``max_concurrency_per_key`` jobs of its
+        workflow running waits (a job with no key is not limited per key).
+        A held-back job is passed over, never refused: the best job that
+        may start is taken, whatever waits before it. Exact however many
+        claimers race, in however many processes.
 
         The job gets ``changes`` (status "running", a lease token and
         expiry), then the entry of ``per_workflow`` for its workflow if there
@@ -124,6 +133,22 @@ class JobStore(Protocol):
         queued, exactly one claim takes it.
         """
 
+    def set_limits(self, workflow: str, limits: dict[str, Any] | None) -> None:
+        """Replace the workflow's limits (``jobstore.LIMIT_NAMES``; a
+        missing one is no limit; None or empty: none at all). Every claim,
+        in every process, obeys them within a second."""
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """Every workflow's limits, by workflow name."""
+
+    def due(self, now: float) -> list[Job]:
+        """Copies of the "scheduled" jobs whose ``not_before`` is at or
+        before ``now`` (up to a batch of them): time to queue them."""
+
+    def waiting(self, limit: int = 500) -> list[Job]:
+        """Copies of up to ``limit`` jobs of status "waiting" (for their
+        parents), oldest first."""
+
     def expired(self, now: float) -> list[Job]:
         """Copies of the running jobs whose ``lease_expires_at`` is at or
         before ``now``: attempts whose worker stopped reporting."""
@@ -132,17 +157,20 @@ class JobStore(Protocol):
         """The earliest ``not_before`` of the queued jobs not ready yet (later
         than the store's clock), or None: how long an idle worker may sleep."""
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """``{"by_status": {status: n}, "queued_by_priority": {priority: n}}``,
-        with every status of ``jobstore.JOB_STATUSES`` and every priority of
-        ``jobstore.PRIORITIES`` present, zero included."""
+    def counts(self) -> dict[str, dict[str, Any]]:
+        """``{"by_status": {status: n}, "queued_by_priority": {priority: n},
+        "by_workflow": {workflow: {status: n}}}``, with every status of
+        ``jobstore.JOB_STATUSES`` and every priority of
+        ``jobstore.PRIORITIES`` present, zero included (in ``by_workflow``,
+        for every workflow that has a job held)."""
 
-    def page(self, key_id: str, status: str | None = None, workflow: str | None = None,
-             limit: int = 20, before_seq: int | None = None) -> tuple[list[Job], bool]:
+    def page(self, key_id: str, filters: dict[str, Any] | None = None, limit: int = 20,
+             before_seq: int | None = None) -> tuple[list[Job], bool]:
         """Up to ``limit`` copies of the jobs made with ``key_id`` (never
         another key's), newest first (by ``seq``), with ``seq`` below
-        ``before_seq`` and the ``status`` and ``workflow`` given; and whether
-        more such jobs follow."""
+        ``before_seq`` and passing ``filters`` (``jobstore.FILTERS``: a list
+        of statuses, a workflow, schedule and concurrency key, and bounds on
+        ``created_at``, each optional); and whether more such jobs follow."""
 
     def purge(self, now: float) -> int:
         """Delete jobs in a final status whose ``finished_at`` is at or before

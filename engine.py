@@ -53,6 +53,15 @@ class CostCapFailure(PermanentFailure):
     error_type = "cost_cap_exceeded"
 
 
+class RetryLater(Exception):
+    """Raised by a workflow that must wait (a provider's rate limit): the job
+    goes back to the queue for ``seconds`` without spending an attempt."""
+
+    def __init__(self, seconds, message="rate limited"):
+        super().__init__(message)
+        self.seconds = max(0.0, float(seconds))
+
+
 @dataclasses.dataclass(frozen=True)
 class Workflow:
     name: str
@@ -122,6 +131,7 @@ class JobContext:
         self.job_id = job["job_id"]
         self.attempt = job["attempts"]
         self.workflow = job["workflow"]
+        self.parents = job.get("parents") or {}  # {parent job id: its result}
         self._token = job["lease_token"]
         self._cancel = threading.Event()
 
@@ -179,11 +189,14 @@ class JobError(Exception):
 STATUS_VIEW = ("job_id", "status", "created_at", "updated_at", "workflow", "priority",
                "attempts", "max_attempts", "started_at", "finished_at", "progress",
                "result", "error", "callback")
+# Fields of later versions: a job stored before them shows None.
+FLOW_VIEW = ("run_at", "schedule", "concurrency_key", "depends_on")
 
 
 def status_view(job):
     """What a client may see of a job: not its payload, callback URL or lease."""
     view = {k: job[k] for k in STATUS_VIEW}
+    view.update({k: job.get(k) for k in FLOW_VIEW})
     view["cost"] = {"max": costs.to_usd(job["max_cost"]), "spent": costs.to_usd(job["cost_spent"])}
     return view
 
@@ -240,27 +253,115 @@ class Engine:
         wf = self.registry.get(workflow)
         return wf.max_cost if wf is not None else None
 
-    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0, declared=True):
+    def new_job(self, workflow, payload, priority, callback_url, key_id, max_cost=0, declared=True,
+                run_at=None, concurrency_key=None, schedule=None, depends_on=()):
+        """A new job, to ``submit``: queued; "scheduled" until ``run_at`` if
+        that is later than now; "waiting" while it ``depends_on`` others."""
         now = self.now()
+        status = "waiting" if depends_on else "scheduled" if run_at and run_at > now else "queued"
         return {
-            "job_id": new_token(), "status": "queued", "workflow": workflow, "payload": payload,
+            "job_id": new_token(), "status": status, "workflow": workflow, "payload": payload,
             "priority": priority, "callback_url": callback_url, "key_id": key_id,
             "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
-            "attempts": 0, "max_attempts": self._options(workflow)[1], "not_before": now,
+            "attempts": 0, "max_attempts": self._options(workflow)[1],
+            "not_before": max(now, run_at or now), "run_at": run_at,
             "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
             "deadline_at": None,
             "cancel_requested": False, "progress": None, "result": None, "error": None,
             "callback": None, "callback_id": None, "callback_body": None,
             "callback_sending_until": None, "max_cost": max_cost, "cost_spent": 0,
             "cost_declared": declared,  # False: reserves nothing, charged as it spends
+            "concurrency_key": concurrency_key, "schedule": schedule,
+            "depends_on": list(depends_on), "parents": None, "children": [],
         }
 
     def submit(self, job, idempotency=None):
-        """Store a new job (see MemoryJobStore.add) and wake a worker."""
+        """Store a new job (see the store's ``add``) and wake a worker; a job
+        that depends on others is linked to them and may then start at once."""
         job, created = self.store.add(job, idempotency)
-        if created:
+        if created and job["status"] == "waiting":
+            for parent_id in job["depends_on"]:
+                self._link(parent_id, job["job_id"])
+            job = self._resolve(job) or job
+        elif created and job["status"] == "queued":
             self._notify()
         return job, created
+
+    def accept(self, job, key=None, idempotency=None):
+        """Reserve the job's cap against today's budgets (for ``key``, a
+        managed key's record, or None), then submit it; (job, created).
+        Nothing stays reserved if it is not stored or is a replay. Raises
+        costs.BudgetExceeded, and the store's QueueFull and IdempotencyMismatch."""
+        self.guardrails.reserve(job, key)
+        try:
+            submitted, created = self.submit(job, idempotency)
+        except BaseException as exc:  # no job was stored: nothing may stay reserved for it
+            self.guardrails.settle(job, f"intake refused: {type(exc).__name__}")
+            raise
+        if not created:
+            self.guardrails.settle(job, "idempotent replay")
+        return submitted, created
+
+    # -- dependencies -------------------------------------------------------------
+
+    MAX_CHILDREN = 1000  # jobs that may depend on one job
+
+    def _link(self, parent_id, child_id):
+        """Note the child on its parent, so the parent's end resolves it. A
+        compare-and-set on the parent's status and children: if the parent
+        ends meanwhile, the child is resolved by ``submit`` instead."""
+        for _ in range(50):  # each lost race is another writer's progress
+            parent = self.store.get(parent_id)
+            if parent is None or parent["status"] in JOB_FINAL:
+                return
+            children = parent.get("children") or []
+            if self.store.update(parent_id, expect={"status": parent["status"], "children":
+                                                    parent.get("children")},
+                                 children=children + [child_id]) is not None:
+                return
+
+    def _resolve(self, job):
+        """A waiting job whose parents have all ended: queued (or scheduled)
+        with their results if all succeeded, else canceled with
+        ``dependency_failed``. None while any parent is still going."""
+        results = {}
+        for parent_id in job["depends_on"]:
+            parent = self.store.get(parent_id)
+            if parent is not None and parent["status"] not in JOB_FINAL:
+                return None
+            if parent is None or parent["status"] != "succeeded":
+                now = self.now()
+                state = "gone" if parent is None else parent["status"]
+                done = self.store.update(job["job_id"], expect={"status": "waiting"}, status="canceled",
+                                         updated_at=now, finished_at=now, error={
+                                             "type": "dependency_failed", "code": "dependency_failed",
+                                             "message": f"job {parent_id} it depends on is {state}"})
+                if done is not None:
+                    self.finished(done)
+                return done
+            results[parent_id] = parent["result"]
+        now = self.now()
+        status = "scheduled" if job.get("run_at") and job["run_at"] > now else "queued"
+        done = self.store.update(job["job_id"], expect={"status": "waiting"}, status=status,
+                                 parents=results, queued_at=now, not_before=max(now, job["not_before"]),
+                                 updated_at=now)
+        if done is not None and status == "queued":
+            self._notify()
+        return done
+
+    def _release_children(self, job):
+        for child_id in job.get("children") or ():
+            child = self.store.get(child_id)
+            if child is not None and child["status"] == "waiting":
+                self._resolve(child)
+
+    def _promote_due(self, now):
+        """Scheduled jobs whose time has come join the queue."""
+        for job in self.store.due(now):
+            if self.store.update(job["job_id"], expect={"status": "scheduled",
+                                                        "not_before": job["not_before"]},
+                                 status="queued", updated_at=now) is not None:
+                self._notify()
 
     def get(self, job_id):
         job = self.store.get(job_id)
@@ -269,15 +370,16 @@ class Engine:
         return job
 
     def cancel(self, job_id):
-        """Queued: canceled at once. Running: flagged; it ends canceled when
+        """Not started yet (queued, scheduled, waiting): canceled at once.
+        Running: flagged; it ends canceled when
         its handler notices, its worker reports, or its lease runs out."""
         for _ in range(3):  # a race with a worker changes the status: look again
             job = self.get(job_id)
             now = self.now()
             if job["status"] in JOB_FINAL:
                 raise JobError("conflict", f"the job is already {job['status']}")
-            if job["status"] == "queued":
-                done = self.store.update(job_id, expect={"status": "queued"}, status="canceled",
+            if job["status"] in ("queued", "scheduled", "waiting"):  # not started: ends now
+                done = self.store.update(job_id, expect={"status": job["status"]}, status="canceled",
                                          updated_at=now, finished_at=now)
                 if done is not None:
                     self.finished(done)
@@ -291,20 +393,40 @@ class Engine:
                 return done
         raise JobError("conflict", "the job is changing state; try again")
 
-    def retry(self, job_id):
-        """A failed or canceled job goes back to the queue with fresh attempts."""
+    def retry(self, job_id, key=None):
+        """A failed or canceled job goes back to the queue with fresh attempts,
+        having reserved what is left of its cap against today's budgets (for
+        ``key``, the managed key it belongs to): costs.BudgetExceeded if that
+        does not fit. Only one retry can take the reservation: while the job
+        holds one no other may reserve, so a losing retry is refused having
+        touched no money."""
         job = self.get(job_id)
         if job["status"] not in ("failed", "canceled"):
             raise JobError("conflict", f"only failed or canceled jobs can be retried, not {job['status']}")
+        if job.get("cost_declared", True) and job["max_cost"] and job["cost_spent"] >= job["max_cost"]:
+            raise JobError("cost_cap_exceeded", "the job has spent its whole cost cap: a retry "
+                                                "could spend nothing (submit a new job)")
+        reserved = self.guardrails.reserve_retry(job, key) if self.guardrails else 0
+        if reserved is None:
+            raise JobError("conflict", "the job is changing state; try again")
         now = self.now()
+        # A job that depends on others waits for them again (they may have
+        # been retried too); one whose parents all succeeded runs at once.
         done = self.store.update(
             job_id, expect={"status": job["status"], "finished_at": job["finished_at"]},
-            status="queued", attempts=0, error=None, result=None, progress=None,
+            status="waiting" if job.get("depends_on") else "queued", attempts=0, error=None,
+            result=None, progress=None,
             cancel_requested=False, started_at=None, finished_at=None, runner=None,
             lease_token=None, lease_expires_at=None, deadline_at=None, not_before=now, queued_at=now,
             updated_at=now)
         if done is None:
+            if reserved:  # the job changed under us: the reservation it took goes back
+                self.guardrails.settle(job, "retry refused")
             raise JobError("conflict", "the job is changing state; try again")
+        if done["status"] == "waiting":
+            for parent_id in done["depends_on"]:
+                self._link(parent_id, job_id)
+            return self._resolve(done) or done
         self._notify()
         return done
 
@@ -326,9 +448,50 @@ class Engine:
                 return done
         raise JobError("conflict", "the job is changing state; try again")
 
-    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
+    def page(self, key_id, filters=None, limit=20, before_seq=None):
         """A page of the jobs made with ``key_id``, newest first (see the store's ``page``)."""
-        return self.store.page(key_id, status, workflow, limit, before_seq)
+        return self.store.page(key_id, filters, limit, before_seq)
+
+    BULK_BATCH = 200
+    BULK_MOST = 10_000  # jobs one bulk call may look at
+
+    def bulk(self, key_id, filters, action, key=None):
+        """Cancel (``action`` "cancel") or retry ("retry": failed and canceled
+        only) every job of ``key_id`` that passes ``filters``, a page at a
+        time; (matched, changed). A job that changes state meanwhile is
+        counted as matched, not changed."""
+        if action == "retry":
+            wanted = [s for s in (filters.get("status") or ("failed", "canceled"))
+                      if s in ("failed", "canceled")]
+            filters = dict(filters, status=wanted)
+            if not wanted:
+                return 0, 0
+        do = self.cancel if action == "cancel" else self.retry
+        matched = changed = 0
+        before = None
+        while matched < self.BULK_MOST:
+            jobs, more = self.page(key_id, filters, min(self.BULK_BATCH, self.BULK_MOST - matched),
+                                   before)
+            for job in jobs:
+                matched += 1
+                if action == "cancel" and job["status"] in JOB_FINAL:
+                    continue
+                try:
+                    do(job["job_id"], key) if action == "retry" else do(job["job_id"])
+                    changed += 1
+                except (JobError, BudgetExceeded):  # it changed meanwhile, or no money is left
+                    pass
+            if not more:
+                break
+            before = jobs[-1]["seq"]
+        return matched, changed
+
+    def set_limits(self, workflow, limits):
+        self.store.set_limits(workflow, limits)
+        self._notify_all()  # a raised limit may let waiting jobs start
+
+    def limits(self):
+        return self.store.limits()
 
     def counts(self):
         return self.store.counts()
@@ -390,6 +553,8 @@ class Engine:
         return done
 
     def finished(self, job):
+        self._release_children(job)
+        self._notify()  # a slot under a concurrency limit may be free
         for hook in self.on_finish:
             try:
                 hook(job)
@@ -417,6 +582,17 @@ class Engine:
         return self._finish(job, token, status="failed",
                             error={"type": error_type, "message": message, "attempts": job["attempts"]})
 
+    def later(self, job, token, seconds, message):
+        """Put a running job back in the queue for ``seconds``, the attempt not
+        counted (a provider's rate limit is no fault of the job's)."""
+        if job["cancel_requested"]:
+            return self._finish(job, token, status="canceled")
+        now = self.now()
+        return self._finish(job, token, status="queued", not_before=now + seconds, queued_at=now,
+                            attempts=job["attempts"] - 1,
+                            error={"type": "rate_limited", "message": str(message)[:500],
+                                   "attempts": job["attempts"] - 1, "retry_in": round(seconds, 3)})
+
     def tick(self):
         """End every attempt whose lease or timeout has run out. In-process
         jobs past their timeout fail with ``timeout`` (their thread is told
@@ -425,6 +601,7 @@ class Engine:
         or fail with ``lease_expired`` after the last one."""
         now = self.now()
         self._renew_local_leases(now)
+        self._promote_due(now)
         for job in self.store.expired(now):
             try:  # one job's fault must not stop the sweep of the others
                 self._end_expired(job, now)
@@ -577,6 +754,8 @@ class Engine:
         token = job["lease_token"]
         try:
             result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
+        except RetryLater as exc:
+            done = self.later(self.store.get(job["job_id"]) or job, token, exc.seconds, str(exc))
         except PermanentFailure as exc:
             done = self.fail(self.store.get(job["job_id"]) or job, token, exc.error_type,
                              exc, retryable=False)
@@ -608,6 +787,10 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def _notify_all(self):
+        with self._wake:
+            self._wake.notify_all()
+
     def _worker(self):
         while not self._stopping.is_set():
             try:
@@ -623,7 +806,7 @@ class Engine:
                 self._wake.wait(wait)
 
     def housekeeping(self, batches=20):
-        """Retention and money that outlived its job: purge finished jobs past
+        """Retention, dependencies and money that outlived its job: purge finished jobs past
         their time (batch after batch while whole ones come back, at most
         ``batches``), and release reservations still held for jobs that
         have ended or are gone (a release that failed when the job ended,
@@ -631,6 +814,10 @@ class Engine:
         for _ in range(batches):
             if self.store.purge(self.now()) < getattr(self.store, "PURGE_BATCH", 1):
                 break
+        # A waiting job is resolved when its last parent ends; this finds one
+        # whose parent's process died before it could say so.
+        for job in self.store.waiting():
+            self._resolve(job)
         if self.guardrails is None:
             return
         # A minute's grace: an intake reserves before its job is stored, and

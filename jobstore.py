@@ -1,12 +1,13 @@
-"""Where jobs live: the job vocabulary (statuses, priorities, the errors a
-store raises) and the two job stores, in memory and in SQLite, which keep
-one contract (``contracts.JobStore``)."""
+"""Where jobs live: the job vocabulary (statuses, priorities, limits, the
+errors a store raises) and the job stores, in memory and in SQL (SQLite or
+PostgreSQL), which keep one contract (``contracts.JobStore``)."""
 
 import collections
 import heapq
 import json
 import threading
 import time
+
 
 class QueueFull(Exception):
     """The job store holds as many jobs as it may."""
@@ -20,11 +21,18 @@ class IdempotencyMismatch(Exception):
 # names to it (no control or direction characters can hide in one).
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 JOB_FINAL = frozenset({"succeeded", "failed", "canceled"})
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+# scheduled: waits for its run_at; waiting: for the jobs it depends on.
+JOB_STATUSES = ("scheduled", "waiting", "queued", "running", "succeeded", "failed", "canceled")
 PRIORITIES = ("high", "normal", "low")
 # How far ahead of a low job each priority starts, in units of the aging step:
 # a waiting job overtakes a fresher one of the next priority up after one step.
 PRIORITY_HEAD_START = {"high": 2, "normal": 1, "low": 0}
+# A workflow's limits (PUT /api/v1/workflows/<name>/limits), each optional:
+# max_concurrency, max_concurrency_per_key, rate {"count": n, "per": seconds}.
+LIMIT_NAMES = ("max_concurrency", "max_concurrency_per_key", "rate")
+MAX_RATE_WINDOW = 86_400  # seconds: the longest "per" of a rate
+# What GET /api/v1/jobs may filter by (JobStore.page): every one optional.
+FILTERS = ("status", "workflow", "schedule", "concurrency_key", "created_after", "created_before")
 
 
 def callback_due(job):
@@ -43,6 +51,37 @@ def claim_changes(job, changes, per_workflow):
             "attempts": job["attempts"] + 1}
 
 
+def matches(job, filters):
+    """Whether ``job`` passes ``filters`` (see FILTERS; status is a list)."""
+    f = filters or {}
+    return ((not f.get("status") or job["status"] in f["status"])
+            and all(f.get(k) is None or job.get(k) == f[k]
+                    for k in ("workflow", "schedule", "concurrency_key"))
+            and (f.get("created_after") is None or job["created_at"] > f["created_after"])
+            and (f.get("created_before") is None or job["created_at"] < f["created_before"]))
+
+
+class Limiter:
+    """Which (workflow, concurrency key) may start a job now, by the
+    workflow's limits: the jobs of it running, of it and that key running,
+    and its starts within the rate's window (``starts``: times, oldest first)."""
+
+    @staticmethod
+    def allows(limits, running, running_key, starts, now):
+        if not limits:
+            return True
+        most = limits.get("max_concurrency")
+        if most is not None and running >= most:
+            return False
+        per_key = limits.get("max_concurrency_per_key")
+        if per_key is not None and running_key is not None and running_key >= per_key:
+            return False
+        rate = limits.get("rate")
+        if rate is not None and sum(1 for t in starts if t > now - rate["per"]) >= rate["count"]:
+            return False
+        return True
+
+
 class MemoryJobStore:
     """Jobs in a dict behind one lock, in this process only.
 
@@ -53,12 +92,15 @@ class MemoryJobStore:
     by accident. Finished jobs are kept ``ttl`` seconds, then dropped; at
     most ``max_jobs`` are held at once.
 
-    It is also the queue. A queued job waits in a heap per workflow, ordered
-    by when it became ready less its priority's head start (``aging`` seconds
-    per level), so high goes before normal before low, first in first out
-    within a priority, and a job that has waited ``aging`` seconds longer
-    than another overtakes it whatever their priorities: low never starves.
-    A job waiting out a retry backoff sits in a second heap by ``not_before``.
+    It is also the queue. A queued job waits in a heap per workflow and
+    concurrency key, ordered by when it became ready less its priority's
+    head start (``aging`` seconds per level), so high goes before normal
+    before low, first in first out within a priority, and a job that has
+    waited ``aging`` seconds longer than another overtakes it whatever their
+    priorities: low never starves. A claim looks only at the heaps whose
+    workflow and key the limits let start a job now, so a job held back by
+    a limit holds back nobody else. A job waiting out a retry backoff sits in
+    a second heap by ``not_before``; a scheduled one, in a third.
 
     Its methods are the ``contracts.JobStore`` contract, which every job
     store keeps (tests/test_store_contract.py). Every change is a
@@ -73,13 +115,18 @@ class MemoryJobStore:
         self.clock = clock
         self._lock = threading.Lock()
         self._jobs = {}                       # job_id -> job, in creation order
-        self._ready = {}                      # workflow -> heap of (score, seq, job_id, version)
+        self._ready = {}                      # (workflow, key) -> heap of (score, seq, job_id, version)
         self._delayed = []                    # heap of (not_before, seq, job_id, version)
+        self._scheduled = []                  # heap of (not_before, seq, job_id): status scheduled
+        self._waiting = set()                 # job ids of status waiting
         self._running = set()
+        self._running_by = collections.Counter()  # workflow, and (workflow, key) -> n running
+        self._starts = {}                     # workflow -> deque of claim times (rate limits)
+        self._limits = {}                     # workflow -> limits
         self._finished = collections.deque()  # (finished_at, job_id), oldest first
         self._idempotency = {}                # (key_id, key) -> (body_hash, job_id, expires)
         self._idempotency_order = collections.deque()  # (expires, (key_id, key))
-        self._counts = collections.Counter()  # (status, priority) -> n
+        self._counts = collections.Counter()  # (status, priority, workflow) -> n
         self._seq = 0
 
     # -- bookkeeping, always under the lock -----------------------------------
@@ -94,7 +141,7 @@ class MemoryJobStore:
             # A job retried after it finished has a newer finish time: keep it.
             if job is not None and job["status"] in JOB_FINAL and job["finished_at"] <= cutoff:
                 del self._jobs[job_id]
-                self._counts[job["status"], job["priority"]] -= 1
+                self._counts[job["status"], job["priority"], job["workflow"]] -= 1
                 gone += 1
         order = self._idempotency_order
         while order and order[0][0] <= now:
@@ -112,7 +159,8 @@ class MemoryJobStore:
         else:
             ready_at = max(job["not_before"], job["queued_at"])
             score = ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging
-            heapq.heappush(self._ready.setdefault(job["workflow"], []), (score, *entry_tail))
+            lane = (job["workflow"], job.get("concurrency_key"))
+            heapq.heappush(self._ready.setdefault(lane, []), (score, *entry_tail))
 
     def _live(self, entry):
         job = self._jobs.get(entry[2])
@@ -127,20 +175,43 @@ class MemoryJobStore:
             if job is not None:
                 self._enqueue(job, now)
 
+    def _running_count(self, job, step):
+        self._running_by[job["workflow"]] += step
+        if job.get("concurrency_key") is not None:
+            self._running_by[job["workflow"], job["concurrency_key"]] += step
+
     def _set(self, job, changes, now):
         old_status = job["status"]
         job.update(changes)
         new_status = job["status"]
         if new_status != old_status:
-            self._counts[old_status, job["priority"]] -= 1
-            self._counts[new_status, job["priority"]] += 1
-            self._running.discard(job["job_id"])
+            self._counts[old_status, job["priority"], job["workflow"]] -= 1
+            self._counts[new_status, job["priority"], job["workflow"]] += 1
+            if old_status == "running":
+                self._running.discard(job["job_id"])
+                self._running_count(job, -1)
+            self._waiting.discard(job["job_id"])
             if new_status == "running":
                 self._running.add(job["job_id"])
+                self._running_count(job, 1)
             elif new_status in JOB_FINAL:
-                self._finished.append((job["finished_at"], job["job_id"]))
+                if job.get("finished_at") is not None:
+                    self._finished.append((job["finished_at"], job["job_id"]))
+            elif new_status == "waiting":
+                self._waiting.add(job["job_id"])
+            elif new_status == "scheduled":
+                heapq.heappush(self._scheduled, (job["not_before"], job["seq"], job["job_id"]))
         if new_status == "queued" and ("not_before" in changes or old_status != "queued"):
             self._enqueue(job, now)
+
+    def _allows(self, lane, now):
+        workflow, key = lane
+        limits = self._limits.get(workflow)
+        if not limits:
+            return True
+        starts = self._starts.get(workflow, ())
+        return Limiter.allows(limits, self._running_by[workflow],
+                              None if key is None else self._running_by[workflow, key], starts, now)
 
     # -- the interface ----------------------------------------------------------
 
@@ -165,15 +236,14 @@ class MemoryJobStore:
             if len(self._jobs) >= self.max_jobs:
                 raise QueueFull("the job store is full")
             self._seq += 1
-            job = dict(job, seq=self._seq, queued_at=job["created_at"])
-            self._jobs[job["job_id"]] = job
-            self._counts[job["status"], job["priority"]] += 1
-            if job["status"] == "queued":
-                self._enqueue(job, now)
+            stored = dict(job, seq=self._seq, queued_at=job["created_at"], status=None)
+            self._jobs[stored["job_id"]] = stored
+            self._counts[None, stored["priority"], stored["workflow"]] += 1
+            self._set(stored, {"status": job["status"]}, now)
             if idempotency is not None:
-                self._idempotency[key_id, key] = (body_hash, job["job_id"], now + ttl)
+                self._idempotency[key_id, key] = (body_hash, stored["job_id"], now + ttl)
                 self._idempotency_order.append((now + ttl, (key_id, key)))
-            return dict(job), True
+            return dict(stored), True
 
     def get(self, job_id):
         with self._lock:
@@ -190,22 +260,32 @@ class MemoryJobStore:
             return dict(job)
 
     def claim(self, workflows, changes, per_workflow=None):
-        """Take the best ready job among ``workflows`` (None: any) and make it
-        running with ``changes`` (see ``contracts.JobStore.claim``); the new
-        copy, or None when nothing is waiting."""
+        """Take the best ready job among ``workflows`` (None: any) that its
+        workflow's limits let start, and make it running with ``changes``
+        (see ``contracts.JobStore.claim``); the new copy, or None."""
         with self._lock:
             now = self.clock()
             self._promote(now)
+            wanted = None if workflows is None else set(workflows)
             best = None
-            for workflow in (self._ready if workflows is None else workflows):
-                heap = self._ready.get(workflow)
+            for lane, heap in list(self._ready.items()):
+                if wanted is not None and lane[0] not in wanted:
+                    continue
                 while heap and self._live(heap[0]) is None:
                     heapq.heappop(heap)  # canceled, or queued again since
-                if heap and (best is None or heap[0] < best[0]):
+                if not heap:
+                    del self._ready[lane]
+                elif (best is None or heap[0] < best[0]) and self._allows(lane, now):
                     best = (heap[0], heap)
             if best is None:
                 return None
             job = self._jobs[heapq.heappop(best[1])[2]]
+            rate = (self._limits.get(job["workflow"]) or {}).get("rate")
+            if rate is not None:
+                starts = self._starts.setdefault(job["workflow"], collections.deque())
+                while starts and starts[0] <= now - rate["per"]:
+                    starts.popleft()
+                starts.append(now)
             self._set(job, claim_changes(job, changes, per_workflow), now)
             return dict(job)
 
@@ -215,6 +295,26 @@ class MemoryJobStore:
             jobs = (self._jobs[i] for i in self._running)
             return [dict(j) for j in jobs if j["lease_expires_at"] is not None
                     and j["lease_expires_at"] <= now]
+
+    def due(self, now):
+        """Scheduled jobs whose ``not_before`` has come."""
+        found = []
+        with self._lock:
+            heap = self._scheduled
+            while heap and heap[0][0] <= now:
+                _, _, job_id = heapq.heappop(heap)
+                job = self._jobs.get(job_id)
+                if job is not None and job["status"] == "scheduled":
+                    if job["not_before"] > now:  # its time was moved on
+                        heapq.heappush(heap, (job["not_before"], job["seq"], job_id))
+                        continue
+                    found.append(dict(job))
+        return found
+
+    def waiting(self, limit=500):
+        with self._lock:
+            return [dict(self._jobs[i]) for i in sorted(self._waiting,
+                                                        key=lambda i: self._jobs[i]["seq"])[:limit]]
 
     def next_due(self):
         """When the next delayed job becomes ready, or None."""
@@ -226,28 +326,44 @@ class MemoryJobStore:
             return delayed[0][0] if delayed else None
 
     def counts(self):
-        """Jobs held by status, and queued jobs by priority."""
+        """Jobs held by status, queued jobs by priority, and by workflow and status."""
         with self._lock:
-            counts = self._counts
-            by_status = {s: sum(counts[s, p] for p in PRIORITIES) for s in JOB_STATUSES}
-            queued = {p: counts["queued", p] for p in PRIORITIES}
-        return {"by_status": by_status, "queued_by_priority": queued}
+            by_status = dict.fromkeys(JOB_STATUSES, 0)
+            queued = dict.fromkeys(PRIORITIES, 0)
+            by_workflow = {}
+            for (status, priority, workflow), n in self._counts.items():
+                if n and status is not None:
+                    by_status[status] += n
+                    by_workflow.setdefault(workflow, dict.fromkeys(JOB_STATUSES, 0))[status] += n
+                    if status == "queued":
+                        queued[priority] += n
+        return {"by_status": by_status, "queued_by_priority": queued, "by_workflow": by_workflow}
 
-    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
-        """Up to ``limit`` jobs made with ``key_id``, newest first, older than
-        ``before_seq``; and whether more follow."""
+    def page(self, key_id, filters=None, limit=20, before_seq=None):
+        """Up to ``limit`` jobs made with ``key_id`` that pass ``filters``,
+        newest first, older than ``before_seq``; and whether more follow."""
         found = []
         with self._lock:
             for job in reversed(self._jobs.values()):
                 if before_seq is not None and job["seq"] >= before_seq:
                     continue
-                if job["key_id"] != key_id or (status is not None and job["status"] != status) \
-                        or (workflow is not None and job["workflow"] != workflow):
+                if job["key_id"] != key_id or not matches(job, filters):
                     continue
                 if len(found) == limit:
                     return found, True
                 found.append(dict(job))
         return found, False
+
+    def set_limits(self, workflow, limits):
+        with self._lock:
+            if limits:
+                self._limits[workflow] = dict(limits)
+            else:
+                self._limits.pop(workflow, None)
+
+    def limits(self):
+        with self._lock:
+            return {w: dict(v) for w, v in self._limits.items()}
 
     def purge(self, now):
         """Drop finished jobs past their time (add() does it too); returns how many went."""
@@ -273,11 +389,33 @@ class MemoryJobStore:
             return len(self._jobs)
 
 
-# The columns beside each job's JSON, which the queue, the sweeps and the
-# listings search by; and every statement of the SQL job store, named.
+# The columns beside each job's JSON, which the queue, the sweeps, the
+# limits and the listings search by; and every statement of the SQL job
+# store, named.
 JOB_COLUMNS = ("job_id", "status", "workflow", "priority", "key_id", "score", "not_before",
-               "lease_expires_at", "finished_at", "callback_due", "data")
+               "lease_expires_at", "finished_at", "callback_due", "concurrency_key", "schedule",
+               "created_at", "data")
 NO_CURSOR = 2**62  # "before" for a first page: every seq is below it
+# A list of values is bound as one JSON array, and read as a subquery: the
+# one piece of SQL each dialect spells its own way ({name} in a statement).
+IN_LIST = {"sqlite": "(SELECT value FROM json_each(:{0}))",
+           "postgres": "(SELECT jsonb_array_elements_text(CAST(:{0} AS jsonb)))"}
+
+
+def _pick(only=False, limited=False):
+    """Which queued jobs a claim may take: ready, of the workflows asked for
+    (``only``), and not held back by a limit (``limited``): the workflows
+    that may start nothing now, and the "workflow|key" pairs at their
+    per-key limit. (A workflow name holds no "|".)"""
+    where = "status = 'queued' AND not_before <= :now"
+    if only:
+        where += " AND workflow IN {workflows}"
+    if limited:
+        where += (" AND workflow NOT IN {blocked}"
+                  " AND (workflow || '|' || COALESCE(concurrency_key, '')) NOT IN {pairs}")
+    return where
+
+
 # Written for SQLite; POSTGRES below replaces the few that PostgreSQL must
 # have otherwise. NOTE: in "x = :p OR :p IS NULL" the comparison comes
 # first, so that PostgreSQL learns the parameter's type from it.
@@ -287,9 +425,8 @@ SQL = {
     "insert": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
               f" SELECT {', '.join(':' + c for c in JOB_COLUMNS)}"
               " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq",
-    "save": "UPDATE jobs SET status = :status, score = :score, not_before = :not_before,"
-            " lease_expires_at = :lease_expires_at, finished_at = :finished_at,"
-            " callback_due = :callback_due, data = :data WHERE job_id = :job_id",
+    "save": "UPDATE jobs SET " + ", ".join(f"{c} = :{c}" for c in JOB_COLUMNS[1:])
+            + " WHERE job_id = :job_id",
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "idempotent": "SELECT body_hash, job_id FROM idempotency"
@@ -298,19 +435,34 @@ SQL = {
                 " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
                 " ON CONFLICT (key_id, key) DO UPDATE SET body_hash = excluded.body_hash,"
                 " job_id = excluded.job_id, expires = excluded.expires",
-    # SQLite binds no lists: the workflows come as one JSON array. Two
-    # statements, not one with "OR :any", which would keep SQLite from the
-    # jobs_queue index.
-    "next_queued": "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= :now"
-                   " ORDER BY score, seq LIMIT 1",
-    "next_queued_in": "SELECT job_id FROM jobs WHERE status = 'queued' AND not_before <= :now"
-                      " AND workflow IN (SELECT value FROM json_each(:workflows))"
-                      " ORDER BY score, seq LIMIT 1",
+    # Four spellings of one pick, not one with "OR :any", which would keep
+    # the planner from the queue's indexes.
+    **{f"next_queued{'_in' * only}{'_limited' * limited}":
+       f"SELECT job_id FROM jobs WHERE {_pick(only, limited)} ORDER BY score, seq LIMIT 1"
+       for only in (False, True) for limited in (False, True)},
+    "running_of": "SELECT workflow, concurrency_key, COUNT(*) AS n FROM jobs"
+                  " WHERE status = 'running' AND workflow IN {limited}"
+                  " GROUP BY workflow, concurrency_key",
+    "starts_of": "SELECT COUNT(*) AS n FROM workflow_starts WHERE workflow = :workflow AND ts > :since",
+    "start": "INSERT INTO workflow_starts (workflow, ts) VALUES (:workflow, :now)",
+    "limits": "SELECT workflow, limits FROM workflow_limits",
+    "set_limits": "INSERT INTO workflow_limits (workflow, limits) VALUES (:workflow, :limits)"
+                  " ON CONFLICT (workflow) DO UPDATE SET limits = excluded.limits",
+    "clear_limits": "DELETE FROM workflow_limits WHERE workflow = :workflow",
     "expired": "SELECT seq, data FROM jobs WHERE status = 'running' AND lease_expires_at <= :now",
+    "due": "SELECT seq, data FROM jobs WHERE status = 'scheduled' AND not_before <= :now"
+           " ORDER BY not_before LIMIT 500",
+    "waiting": "SELECT seq, data FROM jobs WHERE status = 'waiting' ORDER BY seq LIMIT :limit",
     "next_due": "SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued' AND not_before > :now",
-    "counts": "SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority",
+    "counts": "SELECT status, priority, workflow, COUNT(*) AS n FROM jobs"
+              " GROUP BY status, priority, workflow",
     "page": "SELECT seq, data FROM jobs WHERE key_id = :key_id AND seq < :before"
-            " AND (status = :status OR :status IS NULL) AND (workflow = :workflow OR :workflow IS NULL)"
+            " AND (status IN {statuses} OR :any_status = 1)"
+            " AND (workflow = :workflow OR :workflow IS NULL)"
+            " AND (schedule = :schedule OR :schedule IS NULL)"
+            " AND (concurrency_key = :concurrency_key OR :concurrency_key IS NULL)"
+            " AND (created_at > :created_after OR :created_after IS NULL)"
+            " AND (created_at < :created_before OR :created_before IS NULL)"
             " ORDER BY seq DESC LIMIT :limit",
     # NOTE: json_extract fails the whole query on one malformed row; CASE
     # (unlike AND) is sure to ask json_valid first.
@@ -326,6 +478,7 @@ SQL = {
                   " AND finished_at <= :cutoff LIMIT :batch)",
     "purge_keys": "DELETE FROM idempotency WHERE (key_id, key) IN (SELECT key_id, key FROM idempotency"
                   " WHERE expires <= :now LIMIT :batch)",
+    "purge_starts": "DELETE FROM workflow_starts WHERE ts < :before",
     "count": "SELECT COUNT(*) AS n FROM jobs",
 }
 
@@ -337,9 +490,9 @@ _PG_CLAIM = (
     "UPDATE jobs SET status = :status,"
     " lease_expires_at = COALESCE(CAST(CAST(:per_workflow AS jsonb) -> workflow ->> 'lease_expires_at'"
     " AS double precision), :lease_expires_at),"
-    " data = data || CAST(:changes AS jsonb) || COALESCE(CAST(:per_workflow AS jsonb) -> workflow, '{{}}')"
+    " data = data || CAST(:changes AS jsonb) || COALESCE(CAST(:per_workflow AS jsonb) -> workflow, jsonb_build_object())"
     " || jsonb_build_object('attempts', CAST(data ->> 'attempts' AS integer) + 1)"
-    " WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' AND not_before <= :now {only}"
+    " WHERE seq = (SELECT seq FROM jobs WHERE {pick}"
     " ORDER BY score, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
     " RETURNING seq, data")
 POSTGRES = {
@@ -353,14 +506,22 @@ POSTGRES = {
               " FROM slot RETURNING seq",
     # SQLite's BEGIN IMMEDIATE already holds the database; here a row lock.
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id FOR UPDATE",
-    "claim": _PG_CLAIM.format(only=""),
-    "claim_in": _PG_CLAIM.format(
-        only="AND workflow IN (SELECT jsonb_array_elements_text(CAST(:workflows AS jsonb)))"),
+    **{f"claim{'_in' * only}{'_limited' * limited}":
+       _PG_CLAIM.replace("{pick}", _pick(only, limited))
+       for only in (False, True) for limited in (False, True)},
     "pending_callbacks": "SELECT job_id, callback_due AS due, data ->> 'callback_id' AS callback_id"
                          " FROM jobs WHERE callback_due IS NOT NULL AND callback_due <= :due_by",
     # jsonb holds valid JSON only: no row can be unreadable.
     "unreadable": "SELECT seq FROM jobs WHERE FALSE",
 }
+
+
+def statements(dialect):
+    """Every statement of the job store in ``dialect``, lists spelt its way."""
+    lists = {name: IN_LIST[dialect].format(name)
+             for name in ("workflows", "blocked", "pairs", "limited", "statuses")}
+    chosen = SQL | POSTGRES if dialect == "postgres" else SQL
+    return {name: sql.format(**lists) for name, sql in chosen.items()}
 
 
 def _dumps(value):
@@ -379,9 +540,18 @@ class SqlJobStore:
     timeouts are timestamps in the table, so any process's sweep finds a
     job whose worker died. Finished jobs past ``ttl`` are purged in small
     batches (``purge``), so no purge holds the database for long.
+
+    Workflow limits are a table beside the jobs, read at most once a second
+    per process (a new limit applies everywhere within a second). A claim
+    that may take a limited workflow's job counts what runs and what started
+    in the same transaction as it takes the job, under one lock for all
+    such claims ("limits": SQLite's write transactions are one at a time
+    anyway; PostgreSQL takes an advisory lock), so limits hold exactly
+    across processes and hosts; claims of unlimited workflows take no lock.
     """
 
     PURGE_BATCH = 500
+    LIMITS_FOR = 1.0  # seconds a process keeps the limits it read
 
     def __init__(self, db, max_jobs=100_000, ttl=86_400, aging=60.0, clock=time.time):
         self.db = db
@@ -390,7 +560,8 @@ class SqlJobStore:
         self.aging = aging
         self.clock = clock
         self.postgres = db.dialect == "postgres"
-        self.sql = SQL | POSTGRES if self.postgres else SQL
+        self.sql = statements(db.dialect)
+        self._limits = (float("-inf"), {})  # (monotonic time read, limits)
 
     def _columns(self, job):
         ready_at = max(job["not_before"], job["queued_at"])
@@ -399,7 +570,8 @@ class SqlJobStore:
                 "score": ready_at - PRIORITY_HEAD_START[job["priority"]] * self.aging,
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
                 "finished_at": job.get("finished_at"), "callback_due": callback_due(job),
-                "data": _dumps(job)}
+                "concurrency_key": job.get("concurrency_key"), "schedule": job.get("schedule"),
+                "created_at": job["created_at"], "data": _dumps(job)}
 
     @staticmethod
     def _job(row):
@@ -462,27 +634,86 @@ class SqlJobStore:
             self._save(conn, job)
         return job
 
+    # -- claims and limits ---------------------------------------------------------
+
+    def _current_limits(self):
+        read_at, limits = self._limits
+        if time.monotonic() - read_at > self.LIMITS_FOR:
+            limits = self.limits()
+            self._limits = (time.monotonic(), limits)
+        return limits
+
+    def _held_back(self, conn, limits, now):
+        """(workflows that may start nothing now, "workflow|key" pairs at
+        their per-key limit), counted inside the claim's transaction."""
+        running = conn.execute(self.sql["running_of"], {"limited": _dumps(list(limits))}).fetchall()
+        blocked, pairs = [], []
+        for workflow, lim in limits.items():
+            mine = [r for r in running if r["workflow"] == workflow]
+            most = lim.get("max_concurrency")
+            rate = lim.get("rate")
+            if most is not None and sum(r["n"] for r in mine) >= most or rate is not None and \
+                    conn.execute(self.sql["starts_of"], {"workflow": workflow, "since": now - rate["per"]}
+                                 ).fetchone()["n"] >= rate["count"]:
+                blocked.append(workflow)
+                continue
+            per_key = lim.get("max_concurrency_per_key")
+            if per_key is not None:
+                pairs += [f"{workflow}|{r['concurrency_key']}" for r in mine
+                          if r["concurrency_key"] is not None and r["n"] >= per_key]
+        return blocked, pairs
+
     def claim(self, workflows, changes, per_workflow=None):
         if workflows is not None and not workflows:
             return None
-        params = {"now": self.clock(), "workflows": _dumps(list(workflows or ()))}
-        if self.postgres:
-            rows = self.db.write_one(self.sql["claim" if workflows is None else "claim_in"], dict(
-                params, status=changes["status"], lease_expires_at=changes.get("lease_expires_at"),
-                changes=_dumps(changes), per_workflow=_dumps(per_workflow or {})))
+        now = self.clock()
+        limits = self._current_limits()
+        if workflows is not None:
+            limits = {w: v for w, v in limits.items() if w in workflows}
+        which = ("_in" if workflows is not None else "") + ("_limited" if limits else "")
+        params = {"now": now, "workflows": _dumps(list(workflows or ())),
+                  "status": changes["status"], "lease_expires_at": changes.get("lease_expires_at"),
+                  "changes": _dumps(changes), "per_workflow": _dumps(per_workflow or {})}
+        if self.postgres and not limits:  # PERF: one statement, no lock
+            rows = self.db.write_one(self.sql["claim" + which], params)
             return self._job(rows[0]) if rows else None
-        with self.db.write() as conn:
-            row = conn.execute(self.sql["next_queued" if workflows is None else "next_queued_in"],
-                               params).fetchone()
-            if row is None:
-                return None
-            job = self._load(conn, row["job_id"])
-            job.update(claim_changes(job, changes, per_workflow))
-            self._save(conn, job)
-        return job
+        with self.db.write(lock="limits" if limits else None) as conn:
+            if limits:
+                blocked, pairs = self._held_back(conn, limits, now)
+                params.update(blocked=_dumps(blocked), pairs=_dumps(pairs))
+            if self.postgres:
+                row = conn.execute(self.sql["claim" + which], params).fetchone()
+                job = row and self._job(row)
+            else:
+                row = conn.execute(self.sql["next_queued" + which], params).fetchone()
+                job = row and self._load(conn, row["job_id"])
+                if job:
+                    job.update(claim_changes(job, changes, per_workflow))
+                    self._save(conn, job)
+            if job and (limits.get(job["workflow"]) or {}).get("rate"):
+                conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now})
+        return job or None
+
+    def set_limits(self, workflow, limits):
+        if limits:
+            self.db.write_one(self.sql["set_limits"], {"workflow": workflow, "limits": _dumps(limits)})
+        else:
+            self.db.write_one(self.sql["clear_limits"], {"workflow": workflow})
+        self._limits = (float("-inf"), {})  # this process sees its own change at once
+
+    def limits(self):
+        return {r["workflow"]: json.loads(r["limits"]) for r in self.db.query(self.sql["limits"])}
+
+    # -- sweeps and listings ------------------------------------------------------------
 
     def expired(self, now):
         return [self._job(r) for r in self.db.query(self.sql["expired"], {"now": now})]
+
+    def due(self, now):
+        return [self._job(r) for r in self.db.query(self.sql["due"], {"now": now})]
+
+    def waiting(self, limit=500):
+        return [self._job(r) for r in self.db.query(self.sql["waiting"], {"limit": limit})]
 
     def next_due(self):
         rows = self.db.query(self.sql["next_due"], {"now": self.clock()})
@@ -492,16 +723,21 @@ class SqlJobStore:
         rows = self.db.query(self.sql["counts"])
         by_status = dict.fromkeys(JOB_STATUSES, 0)
         queued = dict.fromkeys(PRIORITIES, 0)
+        by_workflow = {}
         for r in rows:
             by_status[r["status"]] += r["n"]
+            by_workflow.setdefault(r["workflow"], dict.fromkeys(JOB_STATUSES, 0))[r["status"]] += r["n"]
             if r["status"] == "queued":
                 queued[r["priority"]] += r["n"]
-        return {"by_status": by_status, "queued_by_priority": queued}
+        return {"by_status": by_status, "queued_by_priority": queued, "by_workflow": by_workflow}
 
-    def page(self, key_id, status=None, workflow=None, limit=20, before_seq=None):
+    def page(self, key_id, filters=None, limit=20, before_seq=None):
+        f = filters or {}
         rows = self.db.query(self.sql["page"], {
-            "key_id": key_id, "status": status, "workflow": workflow, "limit": limit + 1,
-            "before": NO_CURSOR if before_seq is None else before_seq})
+            "key_id": key_id, "limit": limit + 1,
+            "before": NO_CURSOR if before_seq is None else before_seq,
+            "statuses": _dumps(list(f.get("status") or ())), "any_status": 0 if f.get("status") else 1,
+            **{k: f.get(k) for k in FILTERS if k != "status"}})
         jobs = [self._job(r) for r in rows]
         return jobs[:limit], len(jobs) > limit
 
@@ -531,13 +767,15 @@ class SqlJobStore:
         return moved
 
     def purge(self, now):
-        """Delete one small batch of finished jobs past ``ttl``, and expired
-        idempotency keys; returns how many jobs went."""
+        """Delete one small batch of finished jobs past ``ttl``, expired
+        idempotency keys, and starts older than any rate's window; returns
+        how many jobs went."""
         cutoff = now - self.ttl
         with self.db.write() as conn:
             gone = conn.execute(self.sql["purge_jobs"], {"cutoff": cutoff,
                                                           "batch": self.PURGE_BATCH}).rowcount
             conn.execute(self.sql["purge_keys"], {"now": now, "batch": self.PURGE_BATCH})
+            conn.execute(self.sql["purge_starts"], {"before": now - MAX_RATE_WINDOW})
         return gone
 
     def watch(self, wake):

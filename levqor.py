@@ -33,6 +33,7 @@ from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verif
 from jobstore import MemoryJobStore, SqlJobStore
 from ledger import Ledger
 from recorder import Recorder
+from schedules import Scheduler, ScheduleStore
 from storage import Database, KeyStore, StorageError, UserStore
 from web import whole_number
 from wsgi_routes import Api, KeyRing, openapi_body
@@ -478,6 +479,8 @@ class Services:
             local_lease=settings.job_lease, guardrails=self.guardrails,
             sweep_interval=settings.sweep_interval, purge_interval=settings.purge_interval,
             clock=clock, on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
+        self.schedules = ScheduleStore(self.db, clock=clock)
+        self.scheduler = Scheduler(self.schedules, self.engine, self.key_store, log, clock=clock)
         if settings.openai_api_key and settings.model_prices:
             try:
                 prices = llm.load_prices(settings.model_prices)
@@ -553,6 +556,7 @@ class Services:
             self._quarantine()
             self.engine.start()
             self.callbacks.start()
+            self.scheduler.start()
             self.pid = os.getpid()
 
     def _quarantine(self):
@@ -571,6 +575,7 @@ class Services:
 
     def stop(self, grace=25.0):
         """Let running jobs finish within ``grace`` seconds, then write what is buffered."""
+        self.scheduler.stop()
         self.engine.stop(grace)
         self.callbacks.stop()
         self.recorder.stop()

@@ -25,10 +25,13 @@ def obj(required=(), **properties):
 
 
 COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+STATUSES = ["scheduled", "waiting", "queued", "running", "succeeded", "failed", "canceled"]
 JOB_STATUS = obj(
     ("job_id", "status", "created_at", "updated_at", "workflow", "priority", "attempts",
      "max_attempts", "result", "error", "progress", "callback", "cost"),
-    job_id=STR, status={"enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+    job_id=STR, status={"enum": STATUSES},
+    run_at=NULLABLE_NUM, schedule=NULLABLE_STR, concurrency_key=NULLABLE_STR,
+    depends_on={"type": ["array", "null"], "items": STR},
     created_at=NUM, updated_at=NUM, workflow=STR, priority={"enum": ["low", "normal", "high"]},
     attempts={"type": "integer"}, max_attempts={"type": "integer"}, started_at=NULLABLE_NUM,
     finished_at=NULLABLE_NUM, result={},
@@ -60,7 +63,8 @@ RESPONSES = {
                    queue_depth=COUNTS, running={"type": "integer"}),
     "OpsHealth": obj(("ok", "ts", "checks", "jobs"), ok={"type": "boolean"}, ts={"type": "integer"},
                      checks={"type": "object"}, jobs=COUNTS, queue_depth=COUNTS),
-    "Accepted": obj(("job_id", "status"), job_id=STR, status={"const": "queued"}),
+    "Accepted": obj(("job_id", "status"), job_id=STR,
+                    status={"enum": ["queued", "scheduled", "waiting", "canceled"]}),
     "JobStatus": JOB_STATUS,
     "JobEnvelope": obj(("job",), job=ref("JobStatus")),
     "JobList": obj(("jobs", "next_cursor"), jobs={"type": "array", "items": ref("JobStatus")},
@@ -68,7 +72,27 @@ RESPONSES = {
     "Claimed": obj(("job",), job=obj(("job_id", "workflow", "payload", "attempt", "lease_token",
                                       "lease_expires_at", "cost_spent"),
                                      job_id=STR, workflow=STR, payload=OBJ, attempt={"type": "integer"},
-                                     lease_token=STR, lease_expires_at=NUM, cost_spent=NUM)),
+                                     lease_token=STR, lease_expires_at=NUM, cost_spent=NUM,
+                                     parents={"type": "object",
+                                              "description": "each parent job's result, by id"})),
+    "BulkResult": obj(("matched", "changed"), matched={"type": "integer"}, changed={"type": "integer"}),
+    "Limits": obj(("max_concurrency", "max_concurrency_per_key", "rate"),
+                  max_concurrency={"type": ["integer", "null"]},
+                  max_concurrency_per_key={"type": ["integer", "null"]},
+                  rate={"type": ["object", "null"]}),
+    "WorkflowLimits": obj(("workflow", "limits"), workflow=STR, limits=ref("Limits")),
+    "WorkflowList": obj(("workflows",), workflows={"type": "array", "items": obj(
+        ("name", "in_process", "limits", "counts"), name=STR, in_process={"type": "boolean"},
+        limits=ref("Limits"), counts=COUNTS)}),
+    "Schedule": obj(("name", "workflow", "payload", "paused", "next_fire"), name=STR, workflow=STR,
+                    payload=OBJ, priority=NULLABLE_STR, max_cost=NULLABLE_NUM,
+                    callback_url=NULLABLE_STR, cron=NULLABLE_STR, timezone=NULLABLE_STR,
+                    every={"type": ["integer", "null"]}, paused={"type": "boolean"},
+                    next_fire=NULLABLE_NUM, last_fire=NULLABLE_NUM, last_job=NULLABLE_STR,
+                    created_at=NUM, updated_at=NUM),
+    "ScheduleEnvelope": obj(("schedule",), schedule=ref("Schedule")),
+    "ScheduleList": obj(("schedules",), schedules={"type": "array", "items": ref("Schedule")}),
+    "Deleted": obj(("deleted",), deleted=STR),
     "Heartbeat": obj(("job_id", "lease_expires_at", "cancel_requested"), job_id=STR,
                      lease_expires_at=NUM, cancel_requested={"type": "boolean"}),
     "Ok": obj(("ok",), ok={"const": True}),
@@ -86,6 +110,15 @@ RESPONSES = {
 def query(name, schema, description):
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
+
+FILTER_QUERY = [
+    query("status", STR, "only jobs in these states, comma-separated: " + ", ".join(STATUSES)),
+    query("workflow", STR, "only this workflow"),
+    query("schedule", STR, "only jobs made by this schedule"),
+    query("concurrency_key", STR, "only jobs with this concurrency key"),
+    query("created_after", {"type": "string", "format": "date-time"}, "made after (RFC 3339)"),
+    query("created_before", {"type": "string", "format": "date-time"}, "made before (RFC 3339)"),
+]
 
 # (method, pattern) -> summary, request body (a SCHEMAS name, "optional:" + name, or None),
 # success responses {status: (description, schema or None)}, query parameters.
@@ -105,13 +138,28 @@ ROUTE_DOCS = {
     ("GET", "/api/v1/ops/health"): ("Operational checks (admin)", None,
                                     {200: ("Healthy", "OpsHealth"), 503: ("A check fails", "OpsHealth")}),
     ("GET", "/api/v1/jobs"): ("The caller's jobs, newest first", None, {200: ("A page", "JobList")},
-                              [query("status", {"enum": ["queued", "running", "succeeded", "failed",
-                                                          "canceled"]}, "only jobs in this state"),
-                               query("workflow", STR, "only this workflow"),
+                              [*FILTER_QUERY,
                                query("limit", {"type": "integer", "minimum": 1, "maximum": 100},
                                      "page size, default 20"),
                                query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
                                      "next_cursor of the previous page")]),
+    ("POST", "/api/v1/jobs/cancel"): ("Cancel every job of the caller's that passes the filters "
+                                      "(at least one; up to 10,000 a call)", "bulk",
+                                      {200: ("What matched, and what changed", "BulkResult")}),
+    ("POST", "/api/v1/jobs/retry"): ("Retry every failed or canceled job of the caller's that passes "
+                                     "the filters (at least one; up to 10,000 a call)", "bulk",
+                                     {200: ("What matched, and what changed", "BulkResult")}),
+    ("GET", "/api/v1/workflows"): ("Every known workflow, its limits and live counts", None,
+                                   {200: ("The workflows", "WorkflowList")}),
+    ("PUT", "/api/v1/workflows/<name>/limits"): ("Set a workflow's limits (admin; null removes one)",
+                                                 "limits", {200: ("The limits now", "WorkflowLimits")}),
+    ("POST", "/api/v1/schedules"): ("Create a recurring schedule", "schedule",
+                                    {201: ("The schedule", "ScheduleEnvelope")}),
+    ("GET", "/api/v1/schedules"): ("The caller's schedules", None, {200: ("The schedules", "ScheduleList")}),
+    ("GET", "/api/v1/schedules/<name>"): ("A schedule", None, {200: ("The schedule", "ScheduleEnvelope")}),
+    ("PATCH", "/api/v1/schedules/<name>"): ("Change or pause a schedule", "schedule_patch",
+                                            {200: ("The schedule", "ScheduleEnvelope")}),
+    ("DELETE", "/api/v1/schedules/<name>"): ("Delete a schedule", None, {200: ("Deleted", "Deleted")}),
     ("POST", "/api/v1/jobs/claim"): ("Claim the next job (external worker)", "claim",
                                      {200: ("A job and its lease", "Claimed"), 204: ("Nothing waits", None)}),
     ("POST", "/api/v1/jobs/<job_id>/heartbeat"): ("Extend a lease", "heartbeat",

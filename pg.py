@@ -89,6 +89,9 @@ MIGRATIONS = [
         lease_expires_at double precision,
         finished_at      double precision,
         callback_due     double precision,
+        concurrency_key  text,
+        schedule         text,
+        created_at       double precision,
         data             jsonb NOT NULL
     );
     -- A claim reads the first entry of one of these: the score (priority
@@ -100,6 +103,25 @@ MIGRATIONS = [
     CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX jobs_owner ON jobs (key_id, seq);
     CREATE INDEX jobs_callbacks ON jobs (callback_due) WHERE callback_due IS NOT NULL;
+    CREATE INDEX jobs_running ON jobs (workflow, concurrency_key) WHERE status = 'running';
+    CREATE INDEX jobs_scheduled ON jobs (not_before) WHERE status = 'scheduled';
+    CREATE INDEX jobs_waiting ON jobs (seq) WHERE status = 'waiting';
+    CREATE TABLE workflow_limits (workflow text PRIMARY KEY, limits text NOT NULL);
+    CREATE TABLE workflow_starts (workflow text NOT NULL, ts double precision NOT NULL);
+    CREATE INDEX workflow_starts_ts ON workflow_starts (workflow, ts);
+    CREATE TABLE schedules (
+        key_id     text NOT NULL,
+        name       text NOT NULL,
+        spec       text NOT NULL,
+        paused     integer NOT NULL DEFAULT 0,
+        next_fire  double precision,
+        last_fire  double precision,
+        last_job   text,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (key_id, name)
+    );
+    CREATE INDEX schedules_due ON schedules (next_fire) WHERE paused = 0;
 
     -- How many jobs are held: an intake takes a slot in the same statement
     -- as its insert (jobstore.POSTGRES["insert"]), and deletes give theirs

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import jsonschema
 from jsonschema.exceptions import best_match
 
-from jobstore import WORKFLOW_NAME_PATTERN
+from jobstore import FILTERS, MAX_RATE_WINDOW, WORKFLOW_NAME_PATTERN
 from web import HTTPError
 
 FORMATS = jsonschema.FormatChecker(formats=())
@@ -69,6 +69,20 @@ PROFILE_PROPERTIES = {
     "meta": {"type": "object", "maxProperties": MAX_META_KEYS},
 }
 
+SCHEDULE_PROPERTIES = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": WORKFLOW_NAME_PATTERN},
+    "workflow": WORKFLOW_NAME,
+    "payload": {"type": "object"},
+    "priority": {"enum": ["low", "normal", "high"]},
+    "max_cost": {"type": "number", "minimum": 0},
+    "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url",
+                     "pattern": CALLBACK_URL_PATTERN},
+    "cron": {"type": "string", "minLength": 1, "maxLength": 200},
+    "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
+    "every": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
+    "paused": {"type": "boolean"},
+}
+
 SCHEMAS = {
     "intake": {
         "type": "object",
@@ -79,6 +93,11 @@ SCHEMAS = {
                              "pattern": CALLBACK_URL_PATTERN},
             "priority": {"enum": ["low", "normal", "high"]},
             "max_cost": {"type": "number", "minimum": 0},
+            "run_at": {"type": "string", "minLength": 10, "maxLength": 40},
+            "delay": {"type": "number", "minimum": 0, "maximum": 31_536_000},
+            "concurrency_key": {"type": "string", "minLength": 1, "maxLength": 200},
+            "depends_on": {"type": "array", "maxItems": 100, "uniqueItems": True,
+                           "items": {"type": "string", "minLength": 1, "maxLength": 64}},
         },
         "required": ["workflow", "payload"],
         "additionalProperties": False,
@@ -147,6 +166,39 @@ SCHEMAS = {
         "required": ["email"],
         "additionalProperties": False,
     },
+    "bulk": {
+        "type": "object",
+        "properties": {name: {"type": "string", "minLength": 1, "maxLength": 200} for name in FILTERS},
+        "minProperties": 1,
+        "additionalProperties": False,
+    },
+    "limits": {
+        "type": "object",
+        "properties": {
+            "max_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000},
+            "max_concurrency_per_key": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000},
+            "rate": {"oneOf": [{"type": "null"}, {
+                "type": "object",
+                "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                               "per": {"type": "number", "minimum": 0.001,
+                                       "maximum": MAX_RATE_WINDOW}},
+                "required": ["count", "per"], "additionalProperties": False}]},
+        },
+        "minProperties": 1,
+        "additionalProperties": False,
+    },
+    "schedule": {
+        "type": "object",
+        "properties": SCHEDULE_PROPERTIES,
+        "required": ["name", "workflow", "payload"],
+        "additionalProperties": False,
+    },
+    "schedule_patch": {
+        "type": "object",
+        "properties": {k: v for k, v in SCHEDULE_PROPERTIES.items() if k != "name"},
+        "minProperties": 1,
+        "additionalProperties": False,
+    },
     "user_patch": {
         "type": "object",
         "properties": PROFILE_PROPERTIES,
@@ -195,7 +247,7 @@ def fast_check(schema):
         return None
     checks = []
     if "type" in schema:
-        py_types = _PY_TYPES.get(schema["type"])
+        py_types = _PY_TYPES.get(schema["type"]) if isinstance(schema["type"], str) else None
         if py_types is None:
             return None
         checks.append(lambda v: type(v) in py_types)  # exact: a bool is not an int

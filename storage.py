@@ -228,6 +228,38 @@ MIGRATIONS = [
     -- as a JSON list; NULL: any.
     ALTER TABLE api_keys ADD COLUMN workflows TEXT;
     """,
+    """
+    -- Flow control. Jobs gain the columns that limits and searches read;
+    -- scheduled jobs wait for their time, waiting ones for their parents.
+    ALTER TABLE jobs ADD COLUMN concurrency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    ALTER TABLE jobs ADD COLUMN created_at REAL;
+    UPDATE jobs SET created_at = CASE WHEN json_valid(data) THEN json_extract(data, '$.created_at') END;
+    CREATE INDEX jobs_running ON jobs(workflow, concurrency_key) WHERE status = 'running';
+    CREATE INDEX jobs_scheduled ON jobs(not_before) WHERE status = 'scheduled';
+    CREATE INDEX jobs_waiting ON jobs(seq) WHERE status = 'waiting';
+    -- Each workflow's limits (JSON), and the times its jobs started, for
+    -- a rate's window (kept a day at most).
+    CREATE TABLE workflow_limits (workflow TEXT PRIMARY KEY, limits TEXT NOT NULL);
+    CREATE TABLE workflow_starts (workflow TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE INDEX workflow_starts_ts ON workflow_starts(workflow, ts);
+    -- Recurring schedules, each its owner's (key_id) by name. next_fire is
+    -- when it next makes a job; moving it on is a compare-and-set, so one
+    -- process makes each fire's job.
+    CREATE TABLE schedules (
+        key_id     TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        spec       TEXT NOT NULL,
+        paused     INTEGER NOT NULL DEFAULT 0,
+        next_fire  REAL,
+        last_fire  REAL,
+        last_job   TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (key_id, name)
+    );
+    CREATE INDEX schedules_due ON schedules(next_fire) WHERE paused = 0;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished")

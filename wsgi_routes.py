@@ -17,17 +17,17 @@ import time
 from urllib.parse import unquote
 
 import callbacks
+import flow
 import openapi
 import ratelimit
 from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lookup, user_patch,
                       user_upsert)
 from costs import BudgetExceeded, to_usd
 from engine import JobError, status_view
-from jobstore import JOB_FINAL, JOB_STATUSES, IdempotencyMismatch, QueueFull
+from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
 from schemas import SCHEMAS, validate
 from static import robots, security_txt, static_file
-from web import (STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond,
-                 whole_number)
+from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond
 
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
@@ -156,8 +156,6 @@ def ops_health(req):
 # -- jobs ------------------------------------------------------------------------
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-CURSOR_PATTERN = r"^[0-9]{1,18}$"
-_CURSOR = re.compile(CURSOR_PATTERN)
 IDEMPOTENCY_TTL = 86_400
 _JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409,
                "cost_cap_exceeded": 409}
@@ -184,6 +182,8 @@ def intake(req):
     payload_validator = services.payload_validators.get(body["workflow"])
     if payload_validator is not None:
         validate(None, body["payload"], payload_validator, prefix=("payload",))
+    run_at = flow.run_at(body, services.engine.now())
+    depends_on = flow.parents(req, body.get("depends_on", ()))
     idempotency = None
     idem_key = req.environ.get("HTTP_IDEMPOTENCY_KEY")
     if idem_key is not None:
@@ -200,44 +200,39 @@ def intake(req):
     # A declared cost is reserved at intake; a job without one is charged as it spends.
     declared = body.get("max_cost") is not None or default is not None
     job = services.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
-                             body.get("callback_url"), req.key_id, cap, declared)
-    _reserve(req, job)
-    try:
-        submitted, created = services.engine.submit(job, idempotency)
-    except BaseException as exc:  # no job was stored: nothing may stay reserved for it
-        services.guardrails.settle(job, f"intake refused: {type(exc).__name__}")
-        if isinstance(exc, QueueFull):
-            raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
-                            [("Retry-After", "30")])
-        if isinstance(exc, IdempotencyMismatch):
-            raise HTTPError(422, "idempotency_key_reused",
-                            "this Idempotency-Key was used with a different request body")
-        raise
-    if not created:
-        services.guardrails.settle(job, "idempotent replay")
-    job = submitted
+                                  body.get("callback_url"), req.key_id, cap, declared, run_at=run_at,
+                                  concurrency_key=body.get("concurrency_key"), depends_on=depends_on)
+    job, created = accept(req, job, idempotency)
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
     if created:
         services.recorder.count("jobs")
     else:
         headers.append(("Idempotent-Replayed", "true"))
     # A replay answers exactly what the first request was answered.
-    return respond({"job_id": job["job_id"], "status": "queued"}, 202, headers)
+    return respond({"job_id": job["job_id"], "status": job["status"] if created else "queued"},
+                   202, headers)
 
 
-def _reserve(req, job, retry=False):
-    """Reserve the job's cap (for a retry, what is left of it) against
-    today's budgets; 429 if one would be passed. A managed key is not shown
-    the service's figures, only its own."""
-    guardrails = req.services.guardrails
+def accept(req, job, idempotency=None):
+    """Reserve and store a new job (``Engine.accept``), its refusals answered."""
     try:
-        if retry:
-            return guardrails.reserve_retry(job, req.key if req.key_id == job["key_id"] else None)
-        return guardrails.reserve(job, req.key)
+        return req.services.engine.accept(job, req.key, idempotency)
     except BudgetExceeded as exc:
-        retry_after, state = guardrails.refusal(exc, full=req.key is None)
-        raise HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
-                        [("Retry-After", str(retry_after))], budget=state)
+        raise budget_refusal(req, exc)
+    except QueueFull:
+        raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
+                        [("Retry-After", "30")])
+    except IdempotencyMismatch:
+        raise HTTPError(422, "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request body")
+
+
+def budget_refusal(req, exc):
+    """429 for a budget that would be passed. A managed key is not shown the
+    service's figures, only its own."""
+    retry_after, state = req.services.guardrails.refusal(exc, full=req.key is None)
+    return HTTPError(429, "budget_exceeded", f"the {state['scope']} daily budget is spent",
+                     [("Retry-After", str(retry_after))], budget=state)
 
 
 def _own_job(req, job_id):
@@ -267,27 +262,11 @@ def job_cancel(req, job_id):
 
 def job_retry(req, job_id):
     job = _own_job(req, job_id)
-    reserved = 0
-    if job.get("cost_declared", True) and job["max_cost"] and job["cost_spent"] >= job["max_cost"]:
-        raise HTTPError(409, "cost_cap_exceeded", "the job has spent its whole cost cap: a retry "
-                                                  "could spend nothing (submit a new job)")
-    if job["status"] in ("failed", "canceled"):
-        # What is left of the job's cap, against today's budgets, before the
-        # job's compare-and-set. Only one retry can take it: while the job
-        # holds a reservation no other may reserve, so a losing retry is
-        # refused here, having touched no money.
-        reserved = _reserve(req, job, retry=True)
-        if reserved is None:
-            raise HTTPError(409, "conflict", "the job is changing state; try again")
+    key = req.key if req.key_id == job["key_id"] else None  # whose budget the retry uses
     try:
-        return respond({"job": status_view(_job_call(req.services.engine.retry, job_id))})
-    except HTTPError:
-        if reserved:
-            # The job changed under this request (it was retried and ended
-            # again, or completed in development): the reservation it took,
-            # which no other request can hold, goes back.
-            req.services.guardrails.settle(job, "retry refused")
-        raise
+        return respond({"job": status_view(_job_call(req.services.engine.retry, job_id, key))})
+    except BudgetExceeded as exc:
+        raise budget_refusal(req, exc)
 
 
 def job_redeliver(req, job_id):
@@ -345,33 +324,6 @@ def job_fail(req, job_id):
     return respond({"job": status_view(job)})
 
 
-def _query_int(req, name, default, low, high):
-    raw = req.query.get(name)  # present but empty is a value, and not a number
-    if raw is None:
-        return default
-    value = whole_number(raw)
-    if value is None or not low <= value <= high:
-        raise HTTPError(400, "invalid_query", f"{name} must be a whole number from {low} to {high}")
-    return value
-
-
-def job_list(req):
-    query = req.query
-    limit = _query_int(req, "limit", 20, 1, 100)
-    status = query.get("status")
-    if status is not None and status not in JOB_STATUSES:
-        raise HTTPError(400, "invalid_query", "status must be one of " + ", ".join(JOB_STATUSES))
-    before = None
-    if "cursor" in query:
-        # Opaque to clients; in fact the position to continue below.
-        if not _CURSOR.match(query["cursor"]):
-            raise HTTPError(400, "invalid_cursor", "the cursor is not one this service gave")
-        before = int(query["cursor"])
-    jobs, more = req.services.engine.page(req.key_id, status, query.get("workflow"), limit, before)
-    cursor = str(jobs[-1]["seq"]) if more else None
-    return respond({"jobs": [status_view(j) for j in jobs], "next_cursor": cursor})
-
-
 # ---------------------------------------------------------------------------
 # The route table
 # ---------------------------------------------------------------------------
@@ -397,7 +349,9 @@ ROUTES = [
     ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
     ("GET", "/api/v1/ops/health", ops_health, KEY, ("admin",)),
-    ("GET", "/api/v1/jobs", job_list, KEY, ()),
+    ("GET", "/api/v1/jobs", flow.job_list, KEY, ()),
+    ("POST", "/api/v1/jobs/cancel", flow.jobs_cancel, KEY, ("audit",)),
+    ("POST", "/api/v1/jobs/retry", flow.jobs_retry, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/claim", job_claim, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/heartbeat", job_heartbeat, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/complete", job_complete, KEY, ("audit", "worker")),
@@ -406,6 +360,13 @@ ROUTES = [
     ("POST", "/api/v1/jobs/<job_id>/retry", job_retry, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/callback/redeliver", job_redeliver, KEY, ("audit",)),
     ("GET", "/api/v1/usage", usage, KEY, ()),
+    ("GET", "/api/v1/workflows", flow.workflow_list, KEY, ()),
+    ("PUT", "/api/v1/workflows/<name>/limits", flow.workflow_limits, KEY, ("audit", "admin")),
+    ("POST", "/api/v1/schedules", flow.schedule_create, KEY, ("audit",)),
+    ("GET", "/api/v1/schedules", flow.schedule_list, KEY, ()),
+    ("GET", "/api/v1/schedules/<name>", flow.schedule_get, KEY, ()),
+    ("PATCH", "/api/v1/schedules/<name>", flow.schedule_patch, KEY, ("audit",)),
+    ("DELETE", "/api/v1/schedules/<name>", flow.schedule_delete, KEY, ("audit",)),
     ("POST", "/api/v1/keys", key_create, KEY, ("audit", "admin")),
     ("GET", "/api/v1/keys", key_list, KEY, ("admin",)),
     ("DELETE", "/api/v1/keys/<key_id>", key_revoke, KEY, ("audit", "admin")),

@@ -263,8 +263,13 @@ def drop_postgres():
     """Drop this run's database, connections and all."""
     if "name" in POSTGRES:
         import psycopg
-        with psycopg.connect(POSTGRES["admin"], autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{POSTGRES["name"]}" WITH (FORCE)')
+        for _ in range(10):  # a test may have just restarted the server
+            try:
+                with psycopg.connect(POSTGRES["admin"], autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{POSTGRES["name"]}" WITH (FORCE)')
+                break
+            except psycopg.OperationalError:
+                time.sleep(1)
         POSTGRES.clear()
 
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -12,13 +13,45 @@ from support import ROOT
 pytestmark = pytest.mark.slow
 
 
+def bench_env(**extra):
+    """The environment for a benchmark: PostgreSQL from LEVQOR_TEST_DATABASE_URL
+    when the suite has one (without it, the scripts skip those setups, saying why)."""
+    env = dict(os.environ)
+    if os.environ.get("LEVQOR_TEST_DATABASE_URL"):
+        env["LEVQOR_BENCH_DATABASE_URL"] = os.environ["LEVQOR_TEST_DATABASE_URL"]
+    return {**env, **extra}
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_bench_harness_smoke_run():
-    result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, env=bench_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for endpoint in ("GET /health", "POST /api/v1/intake", "POST /api/v1/users/upsert"):
         assert f"| {endpoint} |" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_queue_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, "bench/jobqueue.py", "--smoke"], cwd=ROOT,
+                            env=bench_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| SQLite, 1 host |" in result.stdout
+    if os.environ.get("LEVQOR_REQUIRE_POSTGRES") == "1":
+        assert "| PostgreSQL, 2 hosts, A runs none |" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_queue_benchmark_without_postgres_measures_sqlite_and_says_why():
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = bench_env(LEVQOR_BENCH_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    result = subprocess.run([sys.executable, "bench/jobqueue.py", "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| SQLite, 1 host |" in result.stdout and "| PostgreSQL" not in result.stdout
+    assert f"PostgreSQL: skipped, PostgreSQL at 127.0.0.1:{port} does not answer" in result.stdout
 
 
 def test_bench_harness_fails_clearly_without_wrk(tmp_path):

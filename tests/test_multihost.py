@@ -40,15 +40,15 @@ FAST = {"API_KEYS": KEY, "RATE_BURST": 100_000, "RATE_GLOBAL": 100_000, "RATE_RE
 @contextlib.contextmanager
 def hosts(tmp_path, **env):
     """Three gunicorn masters on the same DATABASE_URL, started together (so
-    they also race to migrate the schema); all stopped afterwards."""
+    they also race to migrate the schema) and stopped together afterwards."""
     servers = [Server(tmp_path, **{**FAST, **env}) for _ in range(HOSTS)]
     try:
         with concurrent.futures.ThreadPoolExecutor(HOSTS) as pool:
-            list(pool.map(lambda s: s.start(timeout=30), servers))
+            list(pool.map(lambda srv: srv.start(timeout=30), servers))
         yield servers
     finally:
-        for srv in servers:
-            srv.stop()
+        with concurrent.futures.ThreadPoolExecutor(HOSTS) as pool:
+            list(pool.map(lambda srv: srv.stop(), servers))
 
 
 _local = threading.local()
@@ -166,6 +166,7 @@ def test_2000_jobs_across_three_hosts_each_run_exactly_once(tmp_path):
 
         # Each external job was handed out once, and only once, over all hosts.
         assert len(ids) == len(set(ids)) == total
+        assert len(completed) == len(external), f"{len(completed)} of {len(external)} completed"
         assert set(claims) == external and set(claims.values()) == {1}
         assert sorted(claimed_via) == list(range(HOSTS)), claimed_via
 
@@ -188,9 +189,11 @@ def test_2000_jobs_across_three_hosts_each_run_exactly_once(tmp_path):
 
 def test_a_killed_hosts_leases_run_out_and_other_hosts_finish_its_jobs_once(tmp_path):
     url = postgres_url()
-    with hosts(tmp_path, DATABASE_URL=url, JOB_LEASE=2) as (a, b, c):
-        total, held_count, short_lease = 300, 15, 3
-        ids = [submitted((a, b, c)[i % HOSTS].url, "ext.work", {"i": i}) for i in range(total)]
+    with hosts(tmp_path, DATABASE_URL=url) as (a, b, c):
+        total, held_count, short_lease = 150, 15, 3
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            ids = list(pool.map(lambda i: submitted((a, b, c)[i % HOSTS].url, "ext.work", {"i": i}),
+                                range(total)))
 
         # Host A hands out leases that nobody completes...
         held = {}
@@ -237,12 +240,12 @@ def test_a_killed_hosts_leases_run_out_and_other_hosts_finish_its_jobs_once(tmp_
             if job_id not in held:
                 assert [attempt for attempt, _ in handed_out[job_id]] == [1]
                 continue
-            # A's job came back only when its lease had run out (one clock,
-            # the database's, for every host), was handed out again once, as
-            # its second attempt...
+            # A's job was handed out again once, as its second attempt, when
+            # its lease had run out and within seconds of it (every host reads
+            # the database's clock, so these times compare)...
             (attempt, expires), = handed_out[job_id]
-            assert attempt == 2
-            assert expires - 30 >= held[job_id]["lease_expires_at"] - 0.1
+            came_back_after = (expires - 30) - held[job_id]["lease_expires_at"]
+            assert attempt == 2 and -0.1 <= came_back_after < 10, (attempt, came_back_after)
             # ...after the sweep of a live host had queued it again, saying why.
             again = seen_running[job_id]
             assert again["status"] == "running" and again["attempts"] == 2
@@ -300,15 +303,6 @@ def pg_ctlcluster(action, *options):
                            *options], capture_output=True, text=True, timeout=60)
 
 
-def health(url):
-    """(status, error code) of /health; (None, exception name) if it did not answer."""
-    try:
-        r = session().get(url + "/health", timeout=5)
-    except requests.RequestException as exc:
-        return None, type(exc).__name__
-    return r.status_code, r.json().get("error")
-
-
 def postgres_up():
     import psycopg
     try:
@@ -328,7 +322,7 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
         with hosts(tmp_path, DATABASE_URL=url) as servers:
             urls = [s.url for s in servers]
             acknowledged = []
-            refusals = collections.Counter()  # (status, error code), or the exception's name
+            refusals = collections.Counter()  # (status, error, Retry-After), or what was raised
             stop = threading.Event()
 
             def writer(n):
@@ -337,51 +331,36 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
                         return
                     try:
                         r = intake(urls[n % HOSTS], "ext.pg", {"w": n, "i": i}, timeout=15)
-                    except requests.RequestException as exc:
-                        print("DIAG exc", time.monotonic(), n, repr(exc))
-                        refusals[type(exc).__name__] += 1
+                    except requests.ConnectionError:
+                        refusals["connection error"] += 1
                         time.sleep(0.05)
+                        continue
+                    except requests.RequestException as exc:  # a hang is not an answer
+                        refusals[type(exc).__name__] += 1
                         continue
                     if r.status_code == 202:
                         acknowledged.append(r.json()["job_id"])
-                    else:
-                        code = r.json().get("error") if r.headers.get("Content-Type") \
-                            == "application/json" else r.text[:80]
-                        refusals[r.status_code, code] += 1
-                        if code != "storage_unavailable":
-                            print("DIAG odd", time.monotonic(), n, r.status_code, r.text)
-                        time.sleep(0.02)  # do not spin while the database is away
+                        continue
+                    json_body = r.headers.get("Content-Type") == "application/json"
+                    refusals[r.status_code, r.json().get("error") if json_body else r.text[:80],
+                             r.headers.get("Retry-After")] += 1
+                    time.sleep(0.02)  # do not spin while the database is away
 
             threads = [threading.Thread(target=writer, args=(n,)) for n in range(2 * HOSTS)]
             for t in threads:
                 t.start()
             try:
                 assert wait_until(lambda: len(acknowledged) >= 150, 30, 0.05)
-                # A restart with the server held down a few seconds, so the
-                # outage is long enough to look at.
-                stopped = pg_ctlcluster("stop", "-m", "fast")
-                assert stopped.returncode == 0, stopped.stderr
-                down = time.monotonic()
-                print("DIAG down at", down)
-                before = len(acknowledged)
-                # While it is away every host says so: /health is 503...
-                for srv in servers:
-                    assert wait_until(lambda: health(srv.url) == (503, "storage_unavailable"), 10, 0.1)
-                # ...and the writers meet refusals, not acceptances.
-                assert wait_until(lambda: sum(refusals.values()) >= 2 * HOSTS, 15, 0.1), refusals
-                print("DIAG outage", time.monotonic() - down, refusals, len(acknowledged) - before)
-                started = pg_ctlcluster("start")
-                assert started.returncode == 0, started.stderr
-                up = time.monotonic()
+                restarted = pg_ctlcluster("restart", "-m", "fast")  # drops every connection
+                assert restarted.returncode == 0, restarted.stderr
                 time.sleep(2)  # the writers go on against the server that is back
             finally:
                 stop.set()
                 for t in threads:
                     t.join(30)
             assert not any(t.is_alive() for t in threads)
-            print("DIAG after", refusals, len(acknowledged) - before)
 
-            # Every host comes back by itself: health, and a new intake each.
+            # Every host comes back by itself, unrestarted: /health, and a new intake each.
             def recovered(srv):
                 try:
                     return (session().get(srv.url + "/health", timeout=5).status_code == 200
@@ -392,18 +371,19 @@ def test_hosts_answer_503_while_postgres_restarts_and_recover_by_themselves(tmp_
             for srv in servers:
                 assert wait_until(lambda: recovered(srv), 15, 0.2), srv.log()[-3000:]
 
-            # Meanwhile nothing worse than "the database is unavailable".
-            allowed = {(503, "storage_unavailable"), "ConnectionError", "ReadTimeout"}
-            assert set(refusals) <= allowed, refusals
-            assert len(acknowledged) > before, "no intake succeeded after the restart"
+            # The outage was seen, and it was never worse than "the database
+            # is unavailable, retry in 5 s" (or a refused connection).
+            assert refusals, "the restart went unnoticed: nothing was refused"
+            assert set(refusals) <= {(503, "storage_unavailable", "5"), "connection error"}, refusals
             for srv in servers:
                 assert '"unhandled exception"' not in srv.log()
 
-            # No acknowledged intake was lost with the connections.
+            # No acknowledged intake was lost with the connections, and none was half-written.
             views = statuses(urls, acknowledged)
             assert all(v["status"] == "queued" for v in views.values())
-            stored = {row[0] for row in sql(url, "SELECT job_id FROM jobs")}
-            assert set(acknowledged) <= stored
+            assert set(acknowledged) <= {row[0] for row in sql(url, "SELECT job_id FROM jobs")}
+            held, rows = sql(url, "SELECT (SELECT n FROM job_count), (SELECT count(*) FROM jobs)")[0]
+            assert held == rows
     finally:
         if not postgres_up():  # never leave the machine's PostgreSQL down
             pg_ctlcluster("start")

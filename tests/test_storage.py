@@ -25,13 +25,13 @@ def test_schema_is_versioned_and_migrates_once(tmp_path):
 
 def test_each_thread_gets_its_own_connection(tmp_path):
     db = storage.Database(str(tmp_path / "t.db"))
-    seen = []
-    threads = [threading.Thread(target=lambda: seen.append(id(db.connection()))) for _ in range(4)]
+    seen = []  # the connections themselves: an id may be reused once its thread's is gone
+    threads = [threading.Thread(target=lambda: seen.append(db.connection())) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(seen)) == 4 and id(db.connection()) not in seen
+    assert len({id(c) for c in seen}) == 4 and all(c is not db.connection() for c in seen)
 
 
 def test_concurrent_upserts_of_one_new_email_make_one_user(client, app):
@@ -132,8 +132,8 @@ def test_job_counts_by_status_and_priority():
                                             ("running", "low"), ("failed", "normal")]):
         store.add(job(str(i), status, priority=priority))
     counts = store.counts()
-    assert counts["by_status"] == {"queued": 2, "running": 1, "succeeded": 0, "failed": 1,
-                                   "canceled": 0}
+    assert counts["by_status"] == {"scheduled": 0, "waiting": 0, "queued": 2, "running": 1,
+                                   "succeeded": 0, "failed": 1, "canceled": 0}
     assert counts["queued_by_priority"] == {"high": 1, "normal": 0, "low": 1}
 
 

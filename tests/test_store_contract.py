@@ -485,17 +485,21 @@ def test_next_due_is_the_next_delayed_job_still_in_the_future(jobs, clock):
     assert jobs.next_due() is None
 
 
-def test_counts_by_status_and_queued_by_priority(jobs, clock):
+def test_counts_by_status_by_priority_and_by_workflow(jobs, clock):
     empty = jobs.counts()
     assert empty == {"by_status": dict.fromkeys(JOB_STATUSES, 0),
-                     "queued_by_priority": dict.fromkeys(PRIORITIES, 0)}
+                     "queued_by_priority": dict.fromkeys(PRIORITIES, 0), "by_workflow": {}}
     for priority in ("high", "high", "low", "normal", "normal"):
         add(jobs, clock, priority=priority)
+    add(jobs, clock, workflow="later", status="scheduled", delay=60)
     finish(jobs, clock, claim(jobs, clock)["job_id"], "failed")  # a high one
     claim(jobs, clock)  # the other high one
+    zero = dict.fromkeys(JOB_STATUSES, 0)
     assert jobs.counts() == {
-        "by_status": {"queued": 3, "running": 1, "succeeded": 0, "failed": 1, "canceled": 0},
-        "queued_by_priority": {"high": 0, "normal": 2, "low": 1}}
+        "by_status": dict(zero, scheduled=1, queued=3, running=1, failed=1),
+        "queued_by_priority": {"high": 0, "normal": 2, "low": 1},
+        "by_workflow": {"w": dict(zero, queued=3, running=1, failed=1),
+                        "later": dict(zero, scheduled=1)}}
 
 
 # -- page ----------------------------------------------------------------------------------
@@ -514,13 +518,112 @@ def test_page_is_newest_first_by_cursor_with_filters_and_only_the_keys_own(jobs,
     assert seen == mine[::-1]
     page, more = jobs.page("k", limit=7)
     assert len(page) == 7 and more is False
-    page, more = jobs.page("k", workflow="ext")
+    page, more = jobs.page("k", {"workflow": "ext"})
     assert [j["job_id"] for j in page] == [mine[5], mine[3], mine[1]] and more is False
     claim(jobs, clock, ["w"])
-    assert [j["job_id"] for j in jobs.page("k", status="running")[0]] == [mine[0]]
-    assert jobs.page("k", status="running", workflow="ext") == ([], False)
+    assert [j["job_id"] for j in jobs.page("k", {"status": ["running"]})[0]] == [mine[0]]
+    assert jobs.page("k", {"status": ["running"], "workflow": "ext"}) == ([], False)
+    assert len(jobs.page("k", {"status": ["running", "queued"]})[0]) == 7
     assert [j["key_id"] for j in jobs.page("other")[0]] == ["other"]
     assert jobs.page("nobody") == ([], False)
+
+
+def test_page_filters_by_schedule_concurrency_key_and_creation_time(jobs, clock):
+    first = add(jobs, clock, schedule="nightly", concurrency_key="acme")["job_id"]
+    clock.advance(10)
+    second = add(jobs, clock, concurrency_key="acme")["job_id"]
+    clock.advance(10)
+    third = add(jobs, clock)["job_id"]
+    ids = lambda filters: [j["job_id"] for j in jobs.page("k", filters)[0]]  # noqa: E731
+    assert ids({"schedule": "nightly"}) == [first]
+    assert ids({"concurrency_key": "acme"}) == [second, first]
+    assert ids({"created_after": clock() - 15}) == [third, second]
+    assert ids({"created_before": clock() - 5, "created_after": clock() - 15}) == [second]
+
+
+# -- scheduled and waiting -----------------------------------------------------------------
+
+
+def test_due_lists_scheduled_jobs_whose_time_has_come(jobs, clock):
+    soon = add(jobs, clock, status="scheduled", delay=10)["job_id"]
+    add(jobs, clock, status="scheduled", delay=100)
+    assert jobs.due(clock()) == [] and claim(jobs, clock) is None
+    clock.advance(10)
+    assert [j["job_id"] for j in jobs.due(clock())] == [soon]
+    assert claim(jobs, clock) is None, "a scheduled job is claimed only once queued"
+    jobs.update(soon, expect={"status": "scheduled"}, status="queued")
+    assert jobs.due(clock()) == [] and claim(jobs, clock)["job_id"] == soon
+
+
+def test_waiting_lists_the_jobs_waiting_for_their_parents(jobs, clock):
+    parent = add(jobs, clock)["job_id"]
+    child = add(jobs, clock, status="waiting", depends_on=[parent])["job_id"]
+    assert [j["job_id"] for j in jobs.waiting()] == [child]
+    assert claim(jobs, clock)["job_id"] == parent and claim(jobs, clock) is None
+    jobs.update(child, expect={"status": "waiting"}, status="queued")
+    assert jobs.waiting() == [] and claim(jobs, clock)["job_id"] == child
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+
+def test_limits_are_kept_and_replaced(job_backend, clock):
+    jobs = job_backend.jobs()
+    assert jobs.limits() == {}
+    jobs.set_limits("w", {"max_concurrency": 2})
+    jobs.set_limits("v", {"rate": {"count": 5, "per": 2}})
+    jobs.set_limits("w", {"max_concurrency_per_key": 1})
+    assert jobs.limits() == {"w": {"max_concurrency_per_key": 1}, "v": {"rate": {"count": 5, "per": 2}}}
+    jobs.set_limits("v", None)
+    assert jobs.limits() == {"w": {"max_concurrency_per_key": 1}}
+    if job_backend.__class__ is not MemoryBackend:  # every process sees them
+        assert job_backend.jobs(elsewhere=True).limits() == jobs.limits()
+
+
+def test_max_concurrency_holds_back_the_workflow_and_no_other(jobs, clock):
+    jobs.set_limits("w", {"max_concurrency": 2})
+    limited = [add(jobs, clock, workflow="w", priority="high")["job_id"] for _ in range(4)]
+    other = add(jobs, clock, workflow="v", priority="low")["job_id"]
+    first, second = claim(jobs, clock), claim(jobs, clock)
+    assert {first["job_id"], second["job_id"]} == set(limited[:2])
+    assert claim(jobs, clock)["job_id"] == other, "the limited ones wait; the next may start"
+    assert claim(jobs, clock) is None
+    finish(jobs, clock, first["job_id"])
+    assert claim(jobs, clock)["job_id"] == limited[2]
+
+
+def test_max_concurrency_per_key_lets_other_keys_pass(jobs, clock):
+    jobs.set_limits("w", {"max_concurrency_per_key": 1})
+    a1, a2 = (add(jobs, clock, concurrency_key="a")["job_id"] for _ in range(2))
+    b1 = add(jobs, clock, concurrency_key="b")["job_id"]
+    free = [add(jobs, clock)["job_id"] for _ in range(2)]  # no key: not limited per key
+    taken = [claim(jobs, clock)["job_id"] for _ in range(4)]
+    assert taken == [a1, b1, *free] and claim(jobs, clock) is None
+    finish(jobs, clock, a1)
+    assert claim(jobs, clock)["job_id"] == a2
+
+
+def test_a_rate_holds_starts_within_its_window(jobs, clock):
+    jobs.set_limits("w", {"rate": {"count": 2, "per": 10}})
+    ids = [add(jobs, clock)["job_id"] for _ in range(5)]
+    assert [claim(jobs, clock)["job_id"] for _ in range(2)] == ids[:2]
+    assert claim(jobs, clock) is None
+    clock.advance(9)
+    assert claim(jobs, clock) is None
+    clock.advance(1.5)
+    assert [claim(jobs, clock)["job_id"] for _ in range(2)] == ids[2:4]
+    assert claim(jobs, clock) is None
+
+
+def test_racing_claimers_never_pass_a_limit(job_backend, clock):
+    stores = [job_backend.jobs()]
+    if job_backend.__class__ is not MemoryBackend:
+        stores.append(job_backend.jobs(elsewhere=True))
+    stores[0].set_limits("w", {"max_concurrency": 3})
+    for _ in range(20):
+        add(stores[0], clock)
+    taken = race(8, lambda i: claim(stores[i % len(stores)], clock))
+    assert sum(t is not None for t in taken) == 3
 
 
 # -- purge -----------------------------------------------------------------------------------
