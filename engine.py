@@ -212,6 +212,7 @@ class Engine:
         self.store = store
         self.guardrails = guardrails  # costs.Guardrails; None: every charge is refused
         self.llm = None  # llm.Client for the llm.chat workflow, when configured
+        self.llm_limits = None  # llm.ProviderLimits, when LLM_LIMITS is set
         self.local_lease = local_lease  # seconds an in-process attempt holds, renewed as it runs
         self.sweep_interval = sweep_interval  # seconds between lease sweeps (tick)
         self.purge_interval = purge_interval  # seconds between retention purges

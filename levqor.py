@@ -130,6 +130,15 @@ def database_url(raw):
     return raw
 
 
+def llm_limits(raw):
+    if not raw:
+        return {}
+    try:
+        return llm.load_limits(raw)
+    except json.JSONDecodeError:
+        raise ValueError("must be JSON, such as {\"gpt-4o-mini\": {\"rpm\": 500, \"tpm\": 200000}}") from None
+
+
 def secret(raw):
     if raw:
         callbacks.parse_secret(raw)
@@ -186,6 +195,7 @@ SETTINGS = (
     ("openai_base_url", "OPENAI_BASE_URL", text, "https://api.openai.com/v1"),
     ("openai_api_key", "OPENAI_API_KEY", text, ""),
     ("model_prices", "MODEL_PRICES", text, ""),  # path of a JSON file
+    ("llm_limits", "LLM_LIMITS", llm_limits, ""),
     ("log_level", "LOG_LEVEL", choice("debug", "info", "warning", "error"), "info"),
     ("public_dir", "LEVQOR_PUBLIC_DIR", text, os.path.join(HERE, "public")),
     # Read by gunicorn.conf.py: the server around the app.
@@ -249,6 +259,7 @@ class Settings:
     openai_base_url: str
     openai_api_key: str
     model_prices: str
+    llm_limits: dict             # {model: {"rpm": n, "tpm": n}}; empty: none
     log_level: str
     public_dir: str
     host: str
@@ -487,6 +498,8 @@ class Services:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"MODEL_PRICES: {exc}") from None
             self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
+        if settings.llm_limits:
+            self.engine.llm_limits = llm.ProviderLimits(self.db, settings.llm_limits, clock)
         self.openapi_body = openapi_body(settings.max_cost_per_job, settings.job_status_public)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}

@@ -7,13 +7,18 @@ with ``budget_exceeded`` without calling if that does not fit what the job
 may still spend, or what today's budgets can hold for it. After the call it
 charges the real cost from the answer's ``usage``, in full even if the API
 billed past the worst case. Prices come from the operator's MODEL_PRICES
-file; a model without a price is refused. Only the standard library's HTTP
+file; a model without a price is refused. LLM_LIMITS caps each model's
+requests and tokens a minute across the service; a job over them, or told
+to wait by the provider (429 with Retry-After), goes back to the queue for
+that long without spending an attempt. Only the standard library's HTTP
 client is used.
 """
 
 import decimal
+import email.utils
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -65,6 +70,75 @@ def estimate_prompt_tokens(messages):
     return size + 8 * len(messages) + 16
 
 
+def retry_after(value, now=None):
+    """Seconds a Retry-After header asks for (seconds or an HTTP date), at
+    most an hour; None if there is none or it cannot be read."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(3600.0, float(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(3600.0, max(0.0, when - (time.time() if now is None else now)))
+
+
+def load_limits(text):
+    """LLM_LIMITS: {model: {"rpm": n, "tpm": n}}, each optional, whole and above 0."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError("must be a JSON object of models")
+    for model, limits in raw.items():
+        if not isinstance(limits, dict) or not set(limits) <= {"rpm", "tpm"} or not all(
+                type(v) is int and v > 0 for v in limits.values()):
+            raise ValueError(f"{model!r} needs rpm and/or tpm, whole numbers above 0")
+    return raw
+
+
+# Named statements, the same on SQLite and PostgreSQL: one row per model and
+# minute. The update is the check: it adds only while both stay in bounds,
+# so processes and hosts racing for the last request of a minute take it once.
+LIMIT_SQL = {
+    "minute": "INSERT INTO llm_minutes (model, minute, requests, tokens) VALUES (:model, :minute, 0, 0)"
+              " ON CONFLICT (model, minute) DO NOTHING",
+    "take": "UPDATE llm_minutes SET requests = requests + 1, tokens = tokens + :tokens"
+            " WHERE model = :model AND minute = :minute AND requests < :rpm AND tokens + :tokens <= :tpm",
+    "forget": "DELETE FROM llm_minutes WHERE minute < :before",
+}
+UNLIMITED = 2**62
+
+
+class ProviderLimits:
+    """Requests and tokens per minute per model (LLM_LIMITS), counted in the
+    database every process and host shares, so they cap the whole service."""
+
+    def __init__(self, db, limits, clock=time.time):
+        self.db = db
+        self.limits = limits
+        self.clock = clock
+
+    def take(self, model, tokens):
+        """Count one request of up to ``tokens`` for ``model`` this minute;
+        None if it fits, else the seconds until the next minute."""
+        limits = self.limits.get(model)
+        if not limits:
+            return None
+        if tokens > limits.get("tpm", UNLIMITED):
+            raise engine.PermanentFailure(f"the request may use {tokens} tokens, more than "
+                                          f"{model}'s {limits['tpm']} a minute (LLM_LIMITS)")
+        now = self.clock()
+        minute = int(now // 60)
+        params = {"model": model, "minute": minute, "tokens": tokens,
+                  "rpm": limits.get("rpm", UNLIMITED), "tpm": limits.get("tpm", UNLIMITED)}
+        with self.db.write() as conn:
+            conn.execute(LIMIT_SQL["minute"], params)
+            taken = conn.execute(LIMIT_SQL["take"], params).rowcount == 1
+            conn.execute(LIMIT_SQL["forget"], {"before": minute - 5})
+        return None if taken else (minute + 1) * 60 - now
+
+
 class Client:
     def __init__(self, base_url, api_key, prices, timeout=60):
         self.base_url = base_url.rstrip("/")
@@ -80,6 +154,9 @@ class Client:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 answer = json.loads(response.read(4 * 1024 * 1024))
         except urllib.error.HTTPError as exc:  # an answer with a status: nothing was billed
+            wait = retry_after(exc.headers.get("Retry-After")) if exc.code == 429 else None
+            if wait is not None:  # the provider's own rate limit: no fault of the job's
+                raise engine.RetryLater(wait, f"the model API asked to wait {wait:g} s") from None
             if exc.code == 429 or exc.code >= 500:
                 raise TransientError(f"the model API answered {exc.code}") from None
             raise engine.PermanentFailure(f"the model API refused the request: HTTP {exc.code}") from None
@@ -126,6 +203,11 @@ def chat(payload, ctx):
     if worst > left:
         raise engine.BudgetFailure(f"the worst case, {worst / 1e6:.6f} dollars, does not fit the "
                                    f"{left / 1e6:.6f} dollars left of the job's cost cap")
+    limits = ctx.engine.llm_limits
+    if limits is not None:
+        wait = limits.take(payload["model"], estimate_prompt_tokens(payload["messages"]) + max_tokens)
+        if wait is not None:
+            raise engine.RetryLater(wait, f"{payload['model']}: LLM_LIMITS reached this minute")
     ctx.reserve(worst)  # against today's budgets too, before any money is spent
     messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
     try:

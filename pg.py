@@ -122,6 +122,13 @@ MIGRATIONS = [
         PRIMARY KEY (key_id, name)
     );
     CREATE INDEX schedules_due ON schedules (next_fire) WHERE paused = 0;
+    CREATE TABLE llm_minutes (
+        model    text NOT NULL,
+        minute   bigint NOT NULL,
+        requests bigint NOT NULL,
+        tokens   bigint NOT NULL,
+        PRIMARY KEY (model, minute)
+    );
 
     -- How many jobs are held: an intake takes a slot in the same statement
     -- as its insert (jobstore.POSTGRES["insert"]), and deletes give theirs

@@ -259,6 +259,14 @@ MIGRATIONS = [
         PRIMARY KEY (key_id, name)
     );
     CREATE INDEX schedules_due ON schedules(next_fire) WHERE paused = 0;
+    -- Requests and tokens per model and minute (LLM_LIMITS), kept a few minutes.
+    CREATE TABLE llm_minutes (
+        model    TEXT NOT NULL,
+        minute   INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens   INTEGER NOT NULL,
+        PRIMARY KEY (model, minute)
+    );
     """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.

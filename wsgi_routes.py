@@ -298,7 +298,9 @@ def job_claim(req):
                             "lease_expires_at": job["lease_expires_at"],
                             # What earlier attempts spent: a reported cost is the
                             # job's total across attempts, so it starts from here.
-                            "cost_spent": to_usd(job["cost_spent"])}})
+                            "cost_spent": to_usd(job["cost_spent"]),
+                            # The results of the jobs it depends on, by id.
+                            "parents": job.get("parents") or {}}})
 
 
 def job_heartbeat(req, job_id):

@@ -5,6 +5,7 @@ import decimal
 import http.server
 import json
 import threading
+import time
 
 import pytest
 import requests
@@ -12,6 +13,7 @@ import requests
 import costs
 import engine
 import ledger
+import levqor
 import storage
 import wsgi_routes
 from support import STORES, KEY, Client, FakeClock, Server, make_app, store_env
@@ -348,11 +350,13 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, self.headers.get("Authorization"), body))
-                status, answer = fake.answers.pop(0) if fake.answers else (200, {
+                status, answer, *headers = fake.answers.pop(0) if fake.answers else (200, {
                     "choices": [{"message": {"role": "assistant", "content": "Hello!"}}],
                     "usage": {"prompt_tokens": 1000, "completion_tokens": 500}})
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                for name, value in (headers[0] if headers else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -470,3 +474,57 @@ def test_llm_chat_charges_the_worst_case_when_the_answer_is_lost_or_unreadable(t
     # each cost the worst case.
     assert view["cost"]["spent"] == 2 * worst / 1e6
     app.stop()
+
+
+def test_a_provider_429_with_retry_after_waits_without_spending_an_attempt(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env)
+    c = Client(app)
+    openai.answers.append((429, {"error": "slow down"}, {"Retry-After": "7"}))
+    job_id = chat(c).json()["job_id"]
+    before = time.time()
+    app.services.engine.run_next()
+    job = app.services.jobs.get(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0
+    assert job["error"]["type"] == "rate_limited" and 6.5 <= job["not_before"] - before <= 7.5
+    assert app.services.ledger.spent(job_id) == 0
+    app.stop()
+
+
+def test_llm_limits_cap_requests_a_minute_across_the_service(tmp_path, openai):
+    env = dict(openai.env, LLM_LIMITS=json.dumps({"tiny-model": {"rpm": 2, "tpm": 100_000}}))
+    app = money_app(tmp_path, **env)
+    other = money_app(tmp_path / "other", **env, DATABASE_URL=app.services.settings.database_url) \
+        if STORE["kind"] == "postgres" else None
+    try:
+        c = Client(app)
+        ids = [chat(c, max_tokens=10).json()["job_id"] for _ in range(3)]
+        for _ in range(3):
+            app.services.engine.run_next()
+        views = [c.get(f"/api/v1/status/{j}").json() for j in ids]
+        assert [v["status"] for v in views] == ["succeeded", "succeeded", "queued"]
+        assert views[2]["error"]["type"] == "rate_limited" and views[2]["attempts"] == 0
+        assert len(openai.requests) == 2
+        if other is not None:  # another host shares the minute's count
+            assert other.services.engine.llm_limits.take("tiny-model", 10) is not None
+    finally:
+        app.stop()
+        if other is not None:
+            other.stop()
+
+
+def test_a_request_larger_than_a_minutes_tokens_fails_at_once(tmp_path, openai):
+    app = money_app(tmp_path, **openai.env, LLM_LIMITS=json.dumps({"tiny-model": {"tpm": 50}}))
+    c = Client(app)
+    job_id = chat(c, max_tokens=100).json()["job_id"]
+    app.services.engine.run_next()
+    view = c.get(f"/api/v1/status/{job_id}").json()
+    assert view["status"] == "failed" and "LLM_LIMITS" in view["error"]["message"]
+    assert openai.requests == []
+    app.stop()
+
+
+@pytest.mark.parametrize("raw", ['{"m": {"rpm": 0}}', '{"m": {"rps": 1}}', "[]", "{nope",
+                                 '{"m": {"tpm": 1.5}}'])
+def test_malformed_llm_limits_refuse_to_start(raw):
+    with pytest.raises(levqor.ConfigError):
+        levqor.Settings.from_env({"LLM_LIMITS": raw})
