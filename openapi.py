@@ -9,6 +9,8 @@ fails when a route exists in the router but not here, or the reverse.
 
 import copy
 
+from schemas import RFC3339, STATUS_LIST_PATTERN, WORKFLOW_NAME
+
 OBJ = {"type": "object"}
 NUM = {"type": "number"}
 STR = {"type": "string"}
@@ -112,12 +114,13 @@ def query(name, schema, description):
 
 
 FILTER_QUERY = [
-    query("status", STR, "only jobs in these states, comma-separated: " + ", ".join(STATUSES)),
-    query("workflow", STR, "only this workflow"),
+    query("status", {"type": "string", "pattern": STATUS_LIST_PATTERN},
+          "only jobs in these states, comma-separated: " + ", ".join(STATUSES)),
+    query("workflow", WORKFLOW_NAME, "only this workflow"),
     query("schedule", STR, "only jobs made by this schedule"),
     query("concurrency_key", STR, "only jobs with this concurrency key"),
-    query("created_after", {"type": "string", "format": "date-time"}, "made after (RFC 3339)"),
-    query("created_before", {"type": "string", "format": "date-time"}, "made before (RFC 3339)"),
+    query("created_after", RFC3339, "made after (RFC 3339)"),
+    query("created_before", RFC3339, "made before (RFC 3339)"),
 ]
 
 # (method, pattern) -> summary, request body (a SCHEMAS name, "optional:" + name, or None),

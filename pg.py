@@ -365,11 +365,14 @@ class PgDatabase:
         if down_until:
             # The database failed lately. Within DOWN_FOR of that, answer at
             # once rather than have every thread wait out the pool's timeout;
-            # then one request at a time tries again.
+            # then one request at a time looks, with a connection of its own
+            # (the pool, having failed to connect, would make it wait out its
+            # whole timeout).
             now = time.monotonic()
             if now < down_until:
                 raise StorageError("unavailable", UNAVAILABLE)
             self._down_until = now + self.DOWN_FOR
+            self._probe()
         try:
             with self._pool_now().connection() as conn:
                 yield conn
@@ -383,6 +386,18 @@ class PgDatabase:
                     self._pool.check()  # replace the other idle connections that broke too
             raise error from exc
         self._down_until = 0.0
+
+    def _probe(self):
+        """Whether the database answers again: StorageError if not."""
+        import psycopg
+        try:
+            with psycopg.connect(self.url, connect_timeout=self.connect_timeout) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            self._down_until = time.monotonic() + self.DOWN_FOR
+            raise StorageError("unavailable", UNAVAILABLE) from exc
+        if self._pool is not None:
+            self._pool.check()  # back: replace what broke while it was away
 
     def connection(self):
         """Open the pool and migrate (what storage.Database.connection does at start)."""

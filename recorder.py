@@ -65,6 +65,7 @@ class Recorder:
         self._urgent = False  # someone waits for what is pending
         self._taken = 0       # batches taken for writing
         self._written = 0     # batches committed
+        self._failed = 0      # the last batch whose write failed (its rows wait for the next)
         self._beat_minute = None  # the last minute with a heartbeat written
         self._stop = threading.Event()
         self._thread = None
@@ -114,6 +115,9 @@ class Recorder:
         deadline = time.monotonic() + self.WAIT
         with self._cond:
             while self._written < ticket:
+                if self._failed >= ticket:  # the database refused it: no use waiting longer
+                    raise StorageError("unavailable", "the audit log cannot be written now; "
+                                                      "its row is kept for the next write")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StorageError("busy", "the audit log could not be written in time")
@@ -186,6 +190,8 @@ class Recorder:
                         self._counts.update(counts)
                         self._outcomes.update(outcomes)
                         self._urgent = self._urgent or bool(rows or outcomes)
+                        self._failed = batch
+                        self._cond.notify_all()
                     raise
             with self._cond:
                 self._written = batch

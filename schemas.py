@@ -45,6 +45,12 @@ EMAIL_INPUT_PATTERN = "^[ ]*" + EMAIL_PATTERN[1:-1] + "[ ]*$"
 _PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 CALLBACK_URL_PATTERN = (rf"^https?://(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z])?"
                         rf"(?::{_PORT})?(?:[/?#][!-~]*)?$")
+# RFC 3339 date-time with an offset (a calendar check follows in flow.timestamp).
+RFC3339_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3])"
+                   r":[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+RFC3339 = {"type": "string", "maxLength": 40, "pattern": RFC3339_PATTERN}
+STATUS_LIST_PATTERN = ("^({0})(,({0}))*$".format(
+    "|".join(("scheduled", "waiting", "queued", "running", "succeeded", "failed", "canceled"))))
 WORKFLOW_NAME = {"type": "string", "minLength": 1, "maxLength": 128,
                  "pattern": WORKFLOW_NAME_PATTERN}
 CURRENCIES = ["GBP", "USD", "EUR"]
@@ -78,7 +84,8 @@ SCHEDULE_PROPERTIES = {
     "callback_url": {"type": "string", "maxLength": 2048, "format": "http-url",
                      "pattern": CALLBACK_URL_PATTERN},
     "cron": {"type": "string", "minLength": 1, "maxLength": 200},
-    "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
+    "timezone": {"type": "string", "minLength": 1, "maxLength": 64,
+                 "pattern": r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"},
     "every": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
     "paused": {"type": "boolean"},
 }
@@ -93,7 +100,7 @@ SCHEMAS = {
                              "pattern": CALLBACK_URL_PATTERN},
             "priority": {"enum": ["low", "normal", "high"]},
             "max_cost": {"type": "number", "minimum": 0},
-            "run_at": {"type": "string", "minLength": 10, "maxLength": 40},
+            "run_at": RFC3339,
             "delay": {"type": "number", "minimum": 0, "maximum": 31_536_000},
             "concurrency_key": {"type": "string", "minLength": 1, "maxLength": 200},
             "depends_on": {"type": "array", "maxItems": 100, "uniqueItems": True,
@@ -168,7 +175,9 @@ SCHEMAS = {
     },
     "bulk": {
         "type": "object",
-        "properties": {name: {"type": "string", "minLength": 1, "maxLength": 200} for name in FILTERS},
+        "properties": {name: {"type": "string", "minLength": 1, "maxLength": 200} for name in FILTERS}
+        | {"status": {"type": "string", "maxLength": 200, "pattern": STATUS_LIST_PATTERN},
+           "workflow": WORKFLOW_NAME, "created_after": RFC3339, "created_before": RFC3339},
         "minProperties": 1,
         "additionalProperties": False,
     },

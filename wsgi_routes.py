@@ -27,6 +27,7 @@ from engine import JobError, status_view
 from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
 from schemas import SCHEMAS, validate
 from static import robots, security_txt, static_file
+from storage import StorageError
 from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond
 
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
@@ -495,8 +496,10 @@ def openapi_body(max_cost_per_job, job_status_public=False):
     """The OpenAPI document, from the route table and the schemas the
     validators use, with this service's cost cap and whether a key is
     optional for job status (built once per app)."""
-    schemas = dict(SCHEMAS, intake=json.loads(json.dumps(SCHEMAS["intake"])))
-    schemas["intake"]["properties"]["max_cost"]["maximum"] = max_cost_per_job / 1_000_000
+    schemas = dict(SCHEMAS)
+    for name in ("intake", "schedule", "schedule_patch"):
+        schemas[name] = json.loads(json.dumps(SCHEMAS[name]))
+        schemas[name]["properties"]["max_cost"]["maximum"] = max_cost_per_job / 1_000_000
     return json_body(openapi.build(ROUTES, schemas, VERSION,
                                    key_optional=lambda access: job_status_public and access == JOB_READ))
 
@@ -562,10 +565,23 @@ class Api:
                 status = exc.status
                 raise
             finally:
-                self.services.recorder.audit(req.key_id, req.method, req.path, status,
-                                             req.request_id)
+                self._audit(req, status)
         start_response(STATUS_LINES[status], headers)
         return [] if req.method == "HEAD" else [body]
+
+    def _audit(self, req, status):
+        """The request's audit row. An accepted change waits for its row to be
+        written; if the database cannot take it now, the change is made all
+        the same, so the client is told so (not a 503 that would invite a
+        duplicate): the row stays queued for the next write, and the log says
+        it is late."""
+        try:
+            self.services.recorder.audit(req.key_id, req.method, req.path, status, req.request_id)
+        except StorageError:
+            if not 200 <= status < 300:
+                raise
+            self.services.log.warning("audit row written late: the database is unavailable",
+                                      request_id=req.request_id, status=status)
 
     def _limit(self, req, route, write):
         """The client address's buckets for this request: 429 when empty."""

@@ -191,3 +191,38 @@ def test_metrics_survive_a_restart(tmp_path):
     app.stop()  # flushes
     again = Client(make_app(tmp_path, log=io.StringIO()))
     assert again.get("/public/metrics").json()["jobs_today"] == 1
+
+
+class Unwritable:
+    """A database that refuses every write, as one that has gone away does."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def write(self, lock=None):
+        raise storage.StorageError("unavailable", "the database is unavailable; try again shortly")
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_change_made_while_its_audit_row_cannot_be_written_is_still_acknowledged(tmp_path):
+    """The job is stored: a 503 would invite a duplicate. The row waits and
+    is written once the database takes writes again."""
+    log = io.StringIO()
+    app = make_app(tmp_path, log=log, API_KEYS="k" * 20)
+    try:
+        app.start()
+        c = Client(app)
+        services = app.services
+        services.recorder.db = Unwritable(services.db)
+        r = c.post("/api/v1/intake", {"workflow": "echo", "payload": {}}, key="k" * 20)
+        assert r.status == 202 and services.jobs.get(r.json()["job_id"]) is not None
+        assert "audit row written late" in log.getvalue()
+        services.recorder.db = services.db
+        services.recorder.flush()
+        rows = services.db.query("SELECT status FROM audit_log WHERE request_id = :id",
+                                 {"id": r.headers["x-request-id"]})
+        assert rows == [{"status": 202}]
+    finally:
+        app.stop()
