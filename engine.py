@@ -526,10 +526,16 @@ class Engine:
         return changes, per_workflow
 
     def _renew_local_leases(self, now):
+        """Renew the leases of this process's running attempts, and pass on
+        what other processes did to them."""
         with self._contexts_lock:
             running = list(self._contexts.values())
         for ctx in running:
             job = self.store.get(ctx.job_id)
+            # Canceled, timed out or ended through another process (whose
+            # cancel cannot reach this thread): tell the workflow to stop.
+            if job is None or job["lease_token"] != ctx._token or job["cancel_requested"]:
+                ctx._cancel.set()
             if job is None or job["lease_token"] != ctx._token or job["deadline_at"] is None:
                 continue
             if job["lease_expires_at"] - now < self.local_lease / 2:

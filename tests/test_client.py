@@ -139,7 +139,7 @@ def test_submit_wait_round_trip_and_wait_timeout(server):
     with pytest.raises(AuthError):
         Client(server.url, "wrong-key-0123456789abcdef").submit("echo", {})
     with pytest.raises(ValidationError) as info:
-        c.submit("echo", {}, delay=5)  # not an API of this server yet
+        c.submit("echo", {}, priority="urgent")
     assert info.value.code == "validation_failed" and info.value.request_id
 
 

@@ -590,3 +590,27 @@ def test_pool_threads_run_jobs_and_stop_cleanly(tmp_path):
     assert all(c.get(f"/api/v1/status/{i}").json()["result"] == {"i": n} for n, i in enumerate(ids))
     app.stop(grace=5)
     assert "job engine stopped" in log.getvalue()
+
+
+def test_a_cancel_made_through_another_process_stops_the_running_workflow():
+    """The canceling process cannot reach the thread running the job; the
+    running process's sweep passes the cancel on."""
+    stopped = threading.Event()
+
+    def long(payload, ctx):
+        if ctx.sleep(10):
+            stopped.set()
+        return "finished"
+
+    reg = engine.Registry()
+    reg.register("long", long, timeout=100)
+    eng, clock = make_engine(reg)
+    other = engine.Engine(eng.store, reg, Log(), clock=clock)
+    job_id = submit(eng, "long")
+    runner = threading.Thread(target=eng.run_next)
+    runner.start()
+    assert wait_until(lambda: eng.get(job_id)["status"] == "running", 5)
+    assert other.cancel(job_id)["cancel_requested"]
+    eng.tick()
+    runner.join(5)
+    assert stopped.is_set() and eng.get(job_id)["status"] == "canceled"
