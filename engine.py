@@ -122,6 +122,7 @@ class JobContext:
         self.job_id = job["job_id"]
         self.attempt = job["attempts"]
         self.workflow = job["workflow"]
+        self.traceparent = job.get("traceparent")  # the submitter's W3C trace, or None
         self._token = job["lease_token"]
         self._cancel = threading.Event()
 
