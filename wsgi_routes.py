@@ -17,8 +17,10 @@ import time
 from urllib.parse import unquote
 
 import callbacks
+import metrics as prometheus
 import openapi
 import ratelimit
+import tracing
 from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lookup, user_patch,
                       user_upsert)
 from costs import BudgetExceeded, to_usd
@@ -201,6 +203,7 @@ def intake(req):
     declared = body.get("max_cost") is not None or default is not None
     job = services.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
                              body.get("callback_url"), req.key_id, cap, declared)
+    tracing.attach(job, req.environ)
     _reserve(req, job)
     try:
         submitted, created = services.engine.submit(job, idempotency)
@@ -219,6 +222,7 @@ def intake(req):
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
     if created:
         services.recorder.count("jobs")
+        services.metrics.job_enqueued(job)
     else:
         headers.append(("Idempotent-Replayed", "true"))
     # A replay answers exactly what the first request was answered.
@@ -319,7 +323,8 @@ def job_claim(req):
                             "lease_expires_at": job["lease_expires_at"],
                             # What earlier attempts spent: a reported cost is the
                             # job's total across attempts, so it starts from here.
-                            "cost_spent": to_usd(job["cost_spent"])}})
+                            "cost_spent": to_usd(job["cost_spent"]),
+                            "traceparent": job.get("traceparent")}})
 
 
 def job_heartbeat(req, job_id):
@@ -393,6 +398,7 @@ ROUTES = [
     ("GET", "/openapi.json", openapi_document, PUBLIC, ()),
     ("GET", "/health", health, PUBLIC, ()),
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
+    ("GET", "/metrics", prometheus.scrape, PUBLIC, ()),  # an admin key or METRICS_TOKEN
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
     ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
@@ -568,6 +574,7 @@ class Api:
         write = req.method in WRITE_METHODS
         try:
             route, params = self.router.match(req.method, req.raw_path)
+            environ["levqor.route"] = route.pattern  # what metrics label the request by
             if route.dev and not settings.dev_endpoints:
                 raise HTTPError(404, "not_found", "no such endpoint")
         except HTTPError:
