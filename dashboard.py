@@ -126,6 +126,8 @@ def span(seconds):
     """A duration as a person says it: 0.42 s, 12 s, 3 min 5 s, 2 h 10 min."""
     if seconds is None:
         return "—"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -174,22 +176,22 @@ def options(choices, current):
 # ---------------------------------------------------------------------------
 
 BAR_CHART = tpl('<figure class="chart"><svg viewBox="0 0 $w $h" role="img" aria-label="$label" '
-              'preserveAspectRatio="none">$grid$bars</svg>'
-              '<figcaption><span>$first</span><span class="legend">$legend</span><span>$last</span>'
-              '</figcaption></figure>')
+                'preserveAspectRatio="none">$bars</svg>'
+                '<figcaption><span>$first</span><span class="legend">$legend · $peak</span>'
+                '<span>$last</span></figcaption></figure>')
 RECT = tpl('<rect x="$x" y="$y" width="$w" height="$h" class="$cls"><title>$title</title></rect>')
-GRID = tpl('<line x1="0" x2="$w" y1="$y" y2="$y" class="grid"></line>'
-         '<text x="2" y="$ty" class="axis">$text</text>')
 KEY = tpl('<i class="swatch $cls"></i>$text ')
 METER = tpl('<figure class="meter"><svg viewBox="0 0 100 8" role="img" aria-label="$label" '
           'preserveAspectRatio="none"><rect x="0" y="0" width="100" height="8" class="track"></rect>'
           '$parts</svg><figcaption>$caption</figcaption></figure>')
 
 
-def bar_chart(label, buckets, series, first, last, width=600, height=140):
+def bar_chart(label, buckets, series, first, last, unit=str, width=600, height=140):
     """Stacked bars, one per bucket: ``series`` is [(css class, legend,
-    [value per bucket])], drawn bottom up; ``buckets`` names each bar."""
-    top = max([sum(s[2][i] for s in series) for i in range(len(buckets))] + [1])
+    [value per bucket])], drawn bottom up; ``buckets`` names each bar, and
+    ``unit`` writes a value. The tallest bar is the chart's height."""
+    peak = max([sum(s[2][i] for s in series) for i in range(len(buckets))] + [0])
+    top = peak or 1
     plot = height - 4
     slot = width / max(1, len(buckets))
     bars = []
@@ -202,11 +204,10 @@ def bar_chart(label, buckets, series, first, last, width=600, height=140):
                 y -= h
                 bars.append(render(RECT, x=f"{i * slot + slot * 0.1:.2f}", y=f"{y:.2f}",
                                    w=f"{slot * 0.8:.2f}", h=f"{h:.2f}", cls=cls,
-                                   title=f"{name}: {value} {legend}"))
-    grid = render(GRID, w=width, y=f"{height - plot:.2f}", ty="12", text=f"{top:g}")
+                                   title=f"{name}: {unit(value)} {legend}"))
     legend = join(render(KEY, cls=cls, text=text) for cls, text, _ in series)
-    return render(BAR_CHART, w=width, h=height, label=label, grid=grid, bars=join(bars),
-                  first=first, last=last, legend=legend)
+    return render(BAR_CHART, w=width, h=height, label=label, bars=join(bars), first=first, last=last,
+                  legend=legend, peak=f"peak {unit(peak)}" if peak else "nothing yet")
 
 
 def meter(label, parts, limit, caption):
@@ -498,7 +499,6 @@ OVERVIEW = tpl("""<div class="cards">$cards</div>
 <section><h2>Spend today</h2>$spend</section>
 <section class="split"><div><h2>Jobs by workflow</h2>$workflows</div>
 <div><h2>Run time by workflow, last 24 hours</h2>$runs</div></section>""")
-FINISHED = (("ok", "succeeded or canceled"), ("bad", "failed"))
 
 
 def overview(p):
@@ -523,7 +523,7 @@ def overview(p):
     this_minute = int(now // 60)
     minutes = {r["minute"]: r for r in insights.minutes(this_minute - 1439)}
 
-    def chart(label, count, width, fmt):
+    def chart(label, count, width, fmt, first):
         done, bad = [], []
         for i in range(count):
             rows = [minutes.get(this_minute - (count - 1 - i) * width - j) for j in range(width)]
@@ -532,13 +532,13 @@ def overview(p):
             bad.append(failed)
             done.append(max(0, finished - failed))
         names = [fmt((this_minute - (count - 1 - i) * width) * 60) for i in range(count)]
-        return bar_chart(label, names, [("bad", "failed", bad), ("ok", "finished", done)],
-                         names[0], "now")
+        return bar_chart(label, names, [("bad", "failed", bad), ("ok", "succeeded or canceled", done)],
+                         first, "now", lambda n: f"{n:,}")
 
     hour = chart("Jobs finished per minute, last hour", 60, 1,
-                 lambda t: time.strftime("%H:%M", time.gmtime(t)))
+                 lambda t: "minute to " + time.strftime("%H:%M", time.gmtime(t + 60)), "60 min ago")
     day = chart("Jobs finished per hour, last 24 hours", 24, 60,
-                lambda t: time.strftime("%H:00", time.gmtime(t)))
+                lambda t: "hour to " + time.strftime("%H:%M", time.gmtime(t + 60)), "24 h ago")
 
     today = costs.utc_day(now)
     usage = services.ledger.usage(today, today, "day").get(today, {"spend": 0, "reserved": 0})
@@ -655,7 +655,7 @@ def bulk(p):
 
 JOB = tpl("""<p class="actions">$actions</p>
 <div class="scroll"><dl class="facts">$facts</dl></div>
-<section class="split"><div><h2>Payload</h2>$payload</div><div><h2>Result</h2>$result</div></section>
+<section class="split"><div><h2>Payload</h2>$payload</div><div><h2>$outcome</h2>$result</div></section>
 <section><h2>Attempts</h2>$attempts<p class="note">$attempts_note</p></section>
 <section><h2>Callback</h2>$callback</section>
 <section><h2>Ledger</h2>$ledger</section>""")
@@ -718,6 +718,7 @@ def job_page(p, job_id, status=200, flash=None):
                     for r in p.services.insights.ledger_lines(job_id)], "No money moved for this job.")
     content = render(JOB, actions=join(actions), facts=join(render(FACT, name=n, value=v) for n, v in facts),
                      payload=render(PRE, text=pretty(job["payload"])),
+                     outcome="Error" if job["result"] is None and job["error"] else "Result",
                      result=render(PRE, text=pretty(job["result"])) if job["result"] is not None
                      else render(PRE, text=pretty(job["error"]) if job["error"] else "—"),
                      attempts=attempts, attempts_note=note, callback=callback, ledger=ledger)
@@ -841,8 +842,8 @@ def spend(p):
     days = [(first + datetime.timedelta(days=i)).isoformat() for i in range(30)]
     empty = {"spend": 0, "reserved": 0, "jobs": {}}
     chart = bar_chart("Dollars spent per day", days,
-                      [("bad", "micro-dollars spent", [per_day.get(d, empty)["spend"] for d in days])],
-                      days[0], days[-1])
+                      [("bad", "spent", [per_day.get(d, empty)["spend"] for d in days])],
+                      days[0], days[-1], usd)
     limit = p.services.settings.max_cost_per_day
     day_rows = [[d, usd(g["spend"]), usd(max(0, g["reserved"])), f"{100 * g['spend'] / limit:.1f}%"
                  if limit else "—", _outcomes(g["jobs"])]
