@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 import pytest
 
 import engine
-from support import KEY, NEXT_KEY, Client, make_app, wait_until
+from support import KEY, NEXT_KEY, STORES, Client, make_app, store_env, wait_until
 
 FORM = "application/x-www-form-urlencoded"
 XSS = {"a": "<script>alert(1)</script>", "b": '"><img src=x onerror=alert(2)>'}
@@ -424,3 +424,38 @@ def test_callback_delivery_carries_the_traceparent_and_is_counted(tmp_path):
     finally:
         application.stop()
         server.shutdown()
+
+
+# -- every job store ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_every_page_and_filter_on_every_job_store(tmp_path, kind):
+    """The operator's questions (insights.py) are SQL per dialect, or a walk
+    of the memory store: each page, each filter, on each store."""
+    application = make_app(tmp_path, API_KEYS=KEY, **store_env(kind))
+    try:
+        ids = submit(application, 3)
+        run_all(application)
+        submit(application, 2, workflow="ext.wait")
+        failed = failed_job(application)
+        b = Browser(application)
+        assert b.login().status == 303
+        body = b.get("/admin").body.decode()
+        cards = dict(re.findall(r'<span class="label">([a-z ]+)</span><span class="value[^"]*">([^<]+)<', body))
+        assert (cards["succeeded"], cards["queued"], cards["failed"]) == ("3", "2", "1"), kind
+        assert "echo" in body and " ms" in body  # run times
+        key_id = application.services.jobs.get(ids[0])["key_id"]
+        query = urlencode({"status": "succeeded", "workflow": "echo", "key": key_id,
+                           "from": "2000-01-01", "to": "2100-01-01T00:00", "limit": "10"})
+        listed = re.findall(r'href="/admin/jobs/([0-9a-f]{32})"', b.get("/admin/jobs?" + query).body.decode())
+        assert listed == list(reversed(ids)), kind
+        assert b"Retry" in b.get(f"/admin/jobs/{failed}").body
+        audit = b.get("/admin/audit?" + urlencode({"key": key_id, "method": "POST", "status": "202",
+                                                    "from": "2000-01-01"})).body.decode()
+        assert audit.count("/api/v1/intake") == 6, kind  # failed_job made one too
+        assert b.get("/admin/spend").status == 200 and b.get("/admin/keys").status == 200
+        text = Client(application).get("/metrics", key=KEY).body.decode()
+        assert 'levqor_jobs{status="queued",workflow="ext.wait"} 2' in text, kind
+    finally:
+        application.stop()
