@@ -89,7 +89,7 @@ $content
 </html>
 """)
 NAV = tpl('<nav>$links<form method="post" action="/admin/logout" class="inline">'
-        '<input type="hidden" name="csrf" value="$csrf"><button class="link">Log out</button></form></nav>')
+          '<input type="hidden" name="csrf" value="$csrf"><button class="link">Log out</button></form></nav>')
 NAV_LINK = tpl('<a href="$href"$current>$label</a>')
 FLASH = tpl('<p class="flash $kind" role="status">$text</p>\n')
 TABLE = tpl('<div class="scroll"><table$cls><thead><tr>$head</tr></thead><tbody>$rows</tbody></table></div>')
@@ -102,14 +102,13 @@ BADGE = tpl('<span class="badge $status">$status</span>')
 CODE = tpl('<code>$text</code>')
 PRE = tpl('<pre>$text</pre>')
 CARD = tpl('<div class="card"><span class="label">$label</span><span class="value $cls">$value</span>'
-         '<span class="note">$note</span></div>')
-SECTION = tpl('<section><h2>$title</h2>$body</section>\n')
+           '<span class="note">$note</span></div>')
 HIDDEN = tpl('<input type="hidden" name="$name" value="$value">')
 OPTION = tpl('<option value="$value"$selected>$label</option>')
 SELECT = tpl('<label>$label<select name="$name">$options</select></label>')
 INPUT = tpl('<label>$label<input type="$type" name="$name" value="$value"$extra></label>')
 ACTION = tpl('<form method="post" action="$action" class="inline" data-confirm="$confirm">'
-           '<input type="hidden" name="csrf" value="$csrf"><button class="$cls">$label</button></form>')
+             '<input type="hidden" name="csrf" value="$csrf"><button class="$cls">$label</button></form>')
 
 # ---------------------------------------------------------------------------
 # Formatting
@@ -166,6 +165,21 @@ def table(head, rows, empty="Nothing here yet.", cls=""):
     return render(TABLE, head=head_html, rows=body, cls=attr(cls, f' class="{cls}"'))
 
 
+def pager(path, kept, cursor, next_cursor, first, more):
+    """Links to the first page (when not on it) and the next (when there is one),
+    keeping the filters ``kept``."""
+    links = []
+    if cursor is not None:
+        links.append(render(LINK, href=f"{path}?{urlencode(kept)}", text=first))
+    if next_cursor is not None:
+        links.append(render(LINK, href=f"{path}?{urlencode({**kept, 'cursor': next_cursor})}", text=more))
+    return join(links)
+
+
+def kept_filters(query, names):
+    return {k: v for k, v in query.items() if k in names and v}
+
+
 def options(choices, current):
     return join(render(OPTION, value=v, label=label, selected=attr(v == current, " selected"))
                 for v, label in choices)
@@ -182,8 +196,8 @@ BAR_CHART = tpl('<figure class="chart"><svg viewBox="0 0 $w $h" role="img" aria-
 RECT = tpl('<rect x="$x" y="$y" width="$w" height="$h" class="$cls"><title>$title</title></rect>')
 KEY = tpl('<i class="swatch $cls"></i>$text ')
 METER = tpl('<figure class="meter"><svg viewBox="0 0 100 8" role="img" aria-label="$label" '
-          'preserveAspectRatio="none"><rect x="0" y="0" width="100" height="8" class="track"></rect>'
-          '$parts</svg><figcaption>$caption</figcaption></figure>')
+            'preserveAspectRatio="none"><rect x="0" y="0" width="100" height="8" class="track"></rect>'
+            '$parts</svg><figcaption>$caption</figcaption></figure>')
 
 
 def bar_chart(label, buckets, series, first, last, unit=str, width=600, height=140):
@@ -302,6 +316,8 @@ _SAFE_NEXT = re.compile(r"^/admin(?:/[A-Za-z0-9/_.-]*)?(?:\?[A-Za-z0-9=&%_.:+-]*
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _WORKFLOW = re.compile(WORKFLOW_NAME_PATTERN)
+_WHEN = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?$")
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
 REFRESH = Markup(' data-refresh="5"')
 
 
@@ -361,7 +377,7 @@ class Page:
 
     def time_query(self, name):
         """A date (YYYY-MM-DD) or date and time (YYYY-MM-DDTHH:MM[:SS]), UTC, as Unix seconds."""
-        value = self.query(name, re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?$"))
+        value = self.query(name, _WHEN)
         if value is None:
             return None, ""
         try:
@@ -437,7 +453,7 @@ $field
 </form>
 <p class="note">$note</p>""")
 KEY_FIELD = tpl('<label>Admin API key<input type="password" name="key" autocomplete="off" '
-              'required autofocus></label>')
+                'required autofocus></label>')
 
 
 def login_form(p, status=200, flash=None):
@@ -570,7 +586,7 @@ $table
 <p class="actions">$bulk<span class="pages">$pages</span></p>
 </form>""")
 BULK = tpl('<button name="action" value="cancel">Cancel ticked</button> '
-         '<button name="action" value="retry">Retry ticked</button>')
+           '<button name="action" value="retry">Retry ticked</button>')
 TICK = tpl('<input type="checkbox" name="job_id" value="$job_id" aria-label="select $job_id">')
 PAGE_SIZES = (10, 20, 50, 100)
 
@@ -589,7 +605,7 @@ def jobs(p):
     since, since_text = p.time_query("from")
     until, until_text = p.time_query("to")
     limit = int(p.query("limit", re.compile("^(" + "|".join(map(str, PAGE_SIZES)) + ")$"), "20"))
-    cursor = p.query("cursor", re.compile(r"^[0-9]{1,18}$"))
+    cursor = p.query("cursor", _CURSOR)
     found, more = p.services.insights.list(status, workflow, key_id, since, until, limit,
                                            None if cursor is None else int(cursor))
     keys = [("", "any key")] + [(k, key_label(p, k)) for k in sorted(p.dash.key_names())]
@@ -610,13 +626,9 @@ def jobs(p):
              j["workflow"], render(BADGE, status=j["status"]), j["priority"], key_label(p, j["key_id"]),
              when(j["created_at"]), f"{j['attempts']}/{j['max_attempts']}", usd(j["cost_spent"])]
             for j in found]
-    kept = {k: v for k, v in query.items() if k in ("status", "workflow", "key", "from", "to", "limit") and v}
-    pages = []
-    if cursor is not None:
-        pages.append(render(LINK, href="/admin/jobs?" + urlencode(kept), text="« First page"))
-    if more:
-        pages.append(render(LINK, href="/admin/jobs?" + urlencode({**kept, "cursor": found[-1]["seq"]}),
-                            text="Next page »"))
+    kept = kept_filters(query, ("status", "workflow", "key", "from", "to", "limit"))
+    pages = pager("/admin/jobs", kept, cursor, found[-1]["seq"] if more else None,
+                  "« First page", "Next page »")
     flash = None
     done, ok, refused = query.get("bulk"), whole_number(query.get("ok", "")), whole_number(query.get("refused", ""))
     if done in ("cancel", "retry") and ok is not None and refused is not None:
@@ -626,7 +638,7 @@ def jobs(p):
     content = render(JOBS, filters=filters, csrf=p.csrf_field(), back=back,
                      table=table(["", "Job", "Workflow", "Status", "Priority", "Key", "Created (UTC)",
                                   "#Attempts", "#Spent"], rows, "No job matches these filters."),
-                     bulk=render(BULK) if found else "", pages=join(pages))
+                     bulk=render(BULK) if found else "", pages=pages)
     return p.page("Jobs", content, flash=flash)
 
 
@@ -747,7 +759,7 @@ $fields<button>Create key</button></form>
 <p class="note">A client key submits and reads its own jobs; a worker key claims and reports
 jobs. The secret is shown once, on the next page; only its digest is kept.</p></section>""")
 SECRET = tpl('<section class="secret"><h2>New key: $name</h2><p>Copy it now: it is not shown again.</p>'
-           '<pre>$key</pre></section>')
+             '<pre>$key</pre></section>')
 
 
 def keys(p, status=200, flash=None, created=None, form=None):
@@ -872,7 +884,7 @@ def audit(p):
     status_text = p.query("status", re.compile(r"^[1-5][0-9]{2}$"))
     since, since_text = p.time_query("from")
     until, until_text = p.time_query("to")
-    cursor = p.query("cursor", re.compile(r"^[0-9]{1,18}$"))
+    cursor = p.query("cursor", _CURSOR)
     rows, more = p.services.insights.audit(key_id, method, None if status_text is None else int(status_text),
                                            since, until, 50, None if cursor is None else int(cursor))
     filters = join([
@@ -885,14 +897,9 @@ def audit(p):
         render(INPUT, label="From (UTC)", type="datetime-local", name="from", value=since_text, extra=""),
         render(INPUT, label="to", type="datetime-local", name="to", value=until_text, extra=""),
     ])
-    kept = {k: v for k, v in p.req.query.items() if k in ("key", "method", "status", "from", "to") and v}
-    pages = []
-    if cursor is not None:
-        pages.append(render(LINK, href="/admin/audit?" + urlencode(kept), text="« Newest"))
-    if more:
-        pages.append(render(LINK, href="/admin/audit?" + urlencode({**kept, "cursor": rows[-1]["id"]}),
-                            text="Older »"))
-    content = render(AUDIT, filters=filters, pages=join(pages), table=table(
+    kept = kept_filters(p.req.query, ("key", "method", "status", "from", "to"))
+    pages = pager("/admin/audit", kept, cursor, rows[-1]["id"] if more else None, "« Newest", "Older »")
+    content = render(AUDIT, filters=filters, pages=pages, table=table(
         ["Time (UTC)", "Key", "Method", "Path", "#Status", "Request id"],
         [[when(r["ts"]), key_label(p, r["key_id"]), r["method"], r["path"],
           render(BADGE, status=str(r["status"])) if r["status"] >= 400 else str(r["status"]),

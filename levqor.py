@@ -24,9 +24,9 @@ import jsonschema
 
 import callbacks
 import costs
+import dashboard
 import engine
 import llm
-import dashboard
 import metrics
 import middleware
 import pg

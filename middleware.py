@@ -86,7 +86,7 @@ class SecureHeaders:
                   ("Vary", "Origin")]
         if settings.production:
             common.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
-        # PERF: built once; each response copies one of two lists.
+        # PERF: built once; each response copies one of these lists.
         self.api_headers = common + [("Content-Security-Policy", API_CSP)]
         self.html_headers = common + [("Content-Security-Policy", HTML_CSP)]
         self.admin_headers = common + [("Content-Security-Policy", ADMIN_CSP)]
