@@ -42,7 +42,9 @@ import costs
 import ratelimit
 import wsgi_routes
 from jobstore import JOB_FINAL, JOB_STATUSES, WORKFLOW_NAME_PATTERN
+from middleware import STORAGE_ERRORS
 from schemas import validate
+from storage import StorageError
 from web import STATUS_LINES, VERSION, HTTPError, Request, whole_number
 
 # ---------------------------------------------------------------------------
@@ -974,6 +976,8 @@ class Dashboard:
             status, headers, body = self._serve(page, route, params)
         except HTTPError as exc:
             status, headers, body = self._error(page, exc)
+        except StorageError as exc:  # a page, not the API's JSON, says the database is away
+            status, headers, body = self._error(page, STORAGE_ERRORS[exc.kind](str(exc)))
         headers.append(("Cache-Control", "no-store"))  # back after logout asks again
         start_response(STATUS_LINES[status], headers)
         return [] if req.method == "HEAD" else [body]

@@ -459,3 +459,15 @@ def test_every_page_and_filter_on_every_job_store(tmp_path, kind):
         assert 'levqor_jobs{status="queued",workflow="ext.wait"} 2' in text, kind
     finally:
         application.stop()
+
+
+def test_a_database_fault_is_an_html_page(app, browser, monkeypatch):
+    from storage import StorageError
+
+    def busy(*args, **kwargs):
+        raise StorageError("busy", "the database is busy, try again shortly")
+
+    monkeypatch.setattr(app.services.db, "query", busy)
+    r = browser.get("/admin")
+    assert r.status == 503 and r.headers["retry-after"] == "1"
+    assert r.headers["content-type"].startswith("text/html") and b"database is busy" in r.body

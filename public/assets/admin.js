@@ -30,9 +30,10 @@
     if (busy()) {
       return schedule();
     }
-    fetch(window.location.href, { credentials: "same-origin", cache: "no-store" })
+    var here = window.location.href.split("#")[0];
+    fetch(here, { credentials: "same-origin", cache: "no-store" })
       .then(function (response) {
-        if (!response.ok || response.url !== window.location.href) {
+        if (!response.ok || response.url !== here) {
           window.location.reload(); // logged out, or gone: let the server say
           return null;
         }
