@@ -674,6 +674,7 @@ JOB = tpl("""<p class="actions">$actions</p>
 <section><h2>Callback</h2>$callback</section>
 <section><h2>Ledger</h2>$ledger</section>""")
 FACT = tpl('<div><dt>$name</dt><dd>$value</dd></div>')
+OUTCOMES = {"queued": "retried", "succeeded": "succeeded", "failed": "failed", "canceled": "canceled"}
 ACTIONS = {"cancel": wsgi_routes.job_cancel, "retry": wsgi_routes.job_retry,
            "redeliver": wsgi_routes.job_redeliver}
 DONE = {"cancel": "Cancel requested.", "retry": "Queued again.", "redeliver": "Callback sent again."}
@@ -710,16 +711,18 @@ def job_page(p, job_id, status=200, flash=None):
              ("Progress", "—" if not job.get("progress") else
               f"{job['progress'].get('fraction', 0):.0%} {job['progress'].get('note') or ''}"),
              ("Trace", render(CODE, text=job.get("traceparent") or "—"))]
-    error = job.get("error") or {}
-    ran = None
-    if job["started_at"] is not None:
-        ran = (job["finished_at"] or p.now()) - job["started_at"]
-    attempts = table(["#Attempt", "Started (UTC)", "Ended (UTC)", "#Duration", "Error"],
-                     [[str(job["attempts"]), when(job["started_at"]), when(job["finished_at"]),
-                       span(ran), f"{error.get('type', '')}: {error.get('message', '')}" if error else "—"]]
-                     if job["attempts"] else [], "Not started yet.")
-    note = ("The job keeps its latest attempt; an earlier attempt's error, if any, is the one shown "
-            "until the next attempt ends." if job["attempts"] > 1 else "")
+    log = job.get("attempt_log") or []
+    rows = [[str(a["attempt"]), a["runner"] or "—", when(a["started_at"]), when(a["ended_at"]),
+             span(None if a["started_at"] is None else a["ended_at"] - a["started_at"]),
+             OUTCOMES.get(a["outcome"], a["outcome"]),
+             f"{a['error']['type']}: {a['error']['message']}" if a["error"] else "—"] for a in log]
+    if job["status"] == "running":
+        rows.append([str(job["attempts"]), job.get("runner") or "—", when(job["started_at"]), "—",
+                     span(p.now() - job["started_at"]), "running", "—"])
+    attempts = table(["#Attempt", "Runner", "Started (UTC)", "Ended (UTC)", "#Duration", "Outcome",
+                      "Error"], rows, "Not started yet.")
+    unlogged = job["attempts"] - (job["status"] == "running") - len(log)
+    note = "Attempts that ended before this version kept an attempt log are not listed." if unlogged > 0 else ""
     cb = job.get("callback")
     callback = table(["URL", "State", "#Attempts", "#Last status", "Last error", "Next attempt (UTC)"],
                      [[job.get("callback_url") or "—", cb["state"], str(cb["attempts"]),

@@ -471,3 +471,34 @@ def test_a_database_fault_is_an_html_page(app, browser, monkeypatch):
     r = browser.get("/admin")
     assert r.status == 503 and r.headers["retry-after"] == "1"
     assert r.headers["content-type"].startswith("text/html") and b"database is busy" in r.body
+
+
+def test_every_attempt_is_listed_with_its_error_and_duration(tmp_path):
+    registry = engine.registry.copy()
+
+    def third_time_lucky(payload, ctx):
+        if ctx.attempt < 3:
+            raise RuntimeError(f"<b>attempt {ctx.attempt} fell over</b>")
+        return {"ok": True}
+
+    registry.register("lucky", third_time_lucky, max_cost=0)
+    application = make_app(tmp_path, API_KEYS=KEY, JOB_BACKOFF=0, registry=registry)
+    try:
+        [job_id] = submit(application, workflow="lucky")
+        run_all(application)
+        log = application.services.jobs.get(job_id)["attempt_log"]
+        assert [(a["attempt"], a["outcome"], a["runner"]) for a in log] == [
+            (1, "queued", "local"), (2, "queued", "local"), (3, "succeeded", "local")]
+        assert log[0]["error"] == {"type": "RuntimeError", "message": "<b>attempt 1 fell over</b>"}
+        assert all(a["ended_at"] >= a["started_at"] for a in log)
+        b = Browser(application)
+        b.login()
+        body = b.get(f"/admin/jobs/{job_id}").body.decode()
+        rows = re.findall(r"<tr><td class=\"num\">(\d)</td><td>local</td>.*?</tr>", body)
+        assert rows == ["1", "2", "3"]
+        assert body.count("retried") == 2 and "RuntimeError: &lt;b&gt;attempt 2 fell over&lt;/b&gt;" in body
+        assert "not listed" not in body
+        # Nothing of the log reaches a client: the status view is unchanged.
+        assert "attempt_log" not in Client(application).get(f"/api/v1/status/{job_id}", key=KEY).json()
+    finally:
+        application.stop()
