@@ -562,7 +562,7 @@ def overview(p):
     usage = services.ledger.usage(today, today, "day").get(today, {"spend": 0, "reserved": 0})
     limit = services.settings.max_cost_per_day
     spend = meter("Spend today against MAX_COST_PER_DAY",
-                  [("bad", usage["spend"]), ("warn", max(0, usage["reserved"]))], limit,
+                  [("ok", usage["spend"]), ("warn", max(0, usage["reserved"]))], limit,
                   f"{usd(usage['spend'])} spent and {usd(max(0, usage['reserved']))} reserved "
                   f"of {usd(limit)} (MAX_COST_PER_DAY, UTC day {today})")
 

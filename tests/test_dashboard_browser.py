@@ -234,6 +234,24 @@ def test_open_a_failed_job_and_retry_it(driver, site):
     assert status["status"] == "queued"
 
 
+def test_pages_read_and_filter_with_javascript_off(driver, site):
+    driver.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    try:
+        open_page(driver, site, "/admin/jobs")
+        by_css(driver, "input[name=workflow]")[0].send_keys("ext.flaky")
+        click(driver, "form.filters button")
+        assert wait_until(lambda: "workflow=ext.flaky" in driver.current_url, 5)
+        assert job_ids_listed(driver) == [site["flaky"]]
+        click(driver, "td a[href*='/admin/jobs/']")
+        assert wait_until(lambda: site["flaky"][:12] in title(driver), 5)
+        assert "upstream said no" in by_css(driver, "main table")[0].text  # the attempts
+        open_page(driver, site, "/admin")
+        health = site["api"].get(site["server"].url + "/api/v1/ops/health", timeout=10).json()["jobs"]
+        assert {s: int(cards(driver)[s]) for s in health} == health
+    finally:
+        driver.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+
+
 def test_a_hostile_payload_is_shown_as_text_and_runs_nothing(driver, site):
     from selenium.common.exceptions import NoAlertPresentException
     driver.get_log("browser")  # start from an empty log
