@@ -332,6 +332,8 @@ class Callbacks:
             "webhook-timestamp": str(stamp),
             "webhook-signature": " ".join(sign(k, event_id, stamp, body) for k in self.keys),
         }
+        if job.get("traceparent"):  # the submitter's trace goes on to its receiver
+            headers["traceparent"] = job["traceparent"]
         state["attempts"] += 1
         retry_after = detail = None
         try:

@@ -28,6 +28,7 @@ import traceback
 
 import costs
 from costs import BudgetExceeded
+from insights import attempt_log
 from jobstore import JOB_FINAL, WORKFLOW_NAME_PATTERN
 
 # ---------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class JobContext:
         self.attempt = job["attempts"]
         self.workflow = job["workflow"]
         self.parents = job.get("parents") or {}  # {parent job id: its result}
+        self.traceparent = job.get("traceparent")  # the submitter's W3C trace, or None
         self._token = job["lease_token"]
         self._cancel = threading.Event()
 
@@ -548,6 +550,7 @@ class Engine:
         if changes.get("status") in JOB_FINAL:
             changes["finished_at"] = now
         changes.update(updated_at=now, lease_token=None, lease_expires_at=None, deadline_at=None)
+        changes["attempt_log"] = attempt_log(job, changes, now)  # kept with the job, for the dashboard
         done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token},
                                  **changes)
         if done is not None:

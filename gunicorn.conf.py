@@ -14,6 +14,7 @@ How many workers depends on where jobs live (JOB_STORE):
 WEB_CONCURRENCY overrides either default.
 """
 
+import metrics
 import ratelimit
 from levqor import Settings
 
@@ -33,6 +34,9 @@ keepalive = 5
 # memory made here, in the master, before any worker is forked. One table
 # holds the address buckets and the per-key ones.
 ratelimit.prepare_shared(2 * _settings.rate_table_size)
+# Likewise the metrics' counters: every worker adds to one table, so any
+# worker's scrape shows them all.
+metrics.prepare_shared()
 
 # Levqor does not use gunicorn's control socket, and its one default path
 # would be shared by every Levqor server on the machine (tests, benchmarks).

@@ -24,13 +24,16 @@ import jsonschema
 
 import callbacks
 import costs
+import dashboard
 import engine
 import llm
+import metrics
 import middleware
 import pg
 import schemas
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
 from jobstore import MemoryJobStore, SqlJobStore
+from insights import Insights
 from ledger import Ledger
 from recorder import Recorder
 from schedules import Scheduler, ScheduleStore
@@ -106,6 +109,12 @@ def api_keys(raw):
         if key.startswith("lq_"):  # the managed keys' prefix: such a key could never authenticate
             raise ValueError("keys must not start with lq_ (the prefix of managed keys)")
     return keys
+
+
+def token(raw):
+    if raw and (not raw.isascii() or not raw.isprintable() or " " in raw or len(raw) < 16):
+        raise ValueError("must be at least 16 printable ASCII characters without spaces")
+    return raw
 
 
 def money(raw):
@@ -211,6 +220,8 @@ SETTINGS = (
     ("key_daily_budget", "KEY_DAILY_BUDGET", money_or_blank, ""),
     ("callback_scan_interval", "CALLBACK_SCAN_INTERVAL", seconds(0.1, 3600), "30"),
     ("public_job_status", "PUBLIC_JOB_STATUS", flag, "0"),
+    ("admin_session_ttl", "ADMIN_SESSION_TTL", whole(60, 30 * 86_400), "28800"),  # 8 h
+    ("metrics_token", "METRICS_TOKEN", token, ""),  # a bearer token for scrapers; blank: none
 )
 
 
@@ -272,6 +283,8 @@ class Settings:
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
     callback_scan_interval: float  # seconds between scans for deliveries whose sender died
     public_job_status: bool      # production: anyone with a job id may read its status
+    admin_session_ttl: int       # seconds a dashboard session lasts from its login
+    metrics_token: str = dataclasses.field(repr=False)  # Bearer token that may read /metrics
 
     @property
     def production(self):
@@ -500,6 +513,12 @@ class Services:
             self.engine.llm = llm.Client(settings.openai_base_url, settings.openai_api_key, prices)
         if settings.llm_limits:
             self.engine.llm_limits = llm.ProviderLimits(self.db, settings.llm_limits, clock)
+        # The operator's views across every key, and this host's metrics
+        # (the dashboard and /metrics): outcomes, and callback attempts, counted.
+        self.insights = Insights(self.jobs, self.db)
+        self.metrics = metrics.Metrics(self)
+        self.engine.on_finish.append(self.metrics.on_finish)
+        self.callbacks.post = self.metrics.counted(self.callbacks.post)
         self.openapi_body = openapi_body(settings.max_cost_per_job, settings.job_status_public)
         # Workflows' payload schemas, compiled once.
         self.payload_validators = {}
@@ -542,6 +561,8 @@ class Services:
 
     def _finished(self, job):
         self.recorder.count("finished")
+        if job["status"] == "failed":  # the dashboard's failure charts
+            self.recorder.count("failed")
         self.recorder.outcome(job)
 
     def start(self):
@@ -646,7 +667,9 @@ def create_app(settings=None, log_stream=None, registry=None):
         registry = engine.registry
     services = Services(settings, log, registry.copy())
     wsgi = Api(services)
+    wsgi = dashboard.Dashboard(wsgi, services)  # /admin: the operator's pages
     wsgi = middleware.ErrorGuard(wsgi, log)
+    wsgi = metrics.HttpMetrics(wsgi, services.metrics)
     wsgi = middleware.SecureHeaders(wsgi, settings)
     wsgi = middleware.AccessLog(wsgi, settings, log)
     return Levqor(wsgi, services)

@@ -65,6 +65,10 @@ class ErrorGuard:
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 HTML_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'none'; "
             "base-uri 'none'; form-action 'none'")
+# The operator's pages (/admin) post forms to themselves and run one script
+# of their own (refresh and confirmation): never an inline one.
+ADMIN_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+             "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 EXPOSED = "X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Location"
 
 
@@ -82,9 +86,10 @@ class SecureHeaders:
                   ("Vary", "Origin")]
         if settings.production:
             common.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
-        # PERF: built once; each response copies one of two lists.
+        # PERF: built once; each response copies one of these lists.
         self.api_headers = common + [("Content-Security-Policy", API_CSP)]
         self.html_headers = common + [("Content-Security-Policy", HTML_CSP)]
+        self.admin_headers = common + [("Content-Security-Policy", ADMIN_CSP)]
         self.origins = frozenset(settings.cors_origins)
         self.preflight = [("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
                           ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Api-Key"),
@@ -99,7 +104,10 @@ class SecureHeaders:
             # but must repeat the page's CSP: caches merge its headers into the
             # stored page's.
             html = status[0] == "3" or (bool(headers) and headers[0][1].startswith("text/html"))
-            headers.extend(self.html_headers if html else self.api_headers)
+            if html and environ.get("levqor.admin"):
+                headers.extend(self.admin_headers)
+            else:
+                headers.extend(self.html_headers if html else self.api_headers)
             headers.append(("X-Request-ID", environ["levqor.request_id"]))
             if origin is not None and origin in self.origins:
                 headers.append(("Access-Control-Allow-Origin", origin))

@@ -76,7 +76,8 @@ RESPONSES = {
                                      job_id=STR, workflow=STR, payload=OBJ, attempt={"type": "integer"},
                                      lease_token=STR, lease_expires_at=NUM, cost_spent=NUM,
                                      parents={"type": "object",
-                                              "description": "each parent job's result, by id"})),
+                                              "description": "each parent job's result, by id"},
+                                     traceparent=NULLABLE_STR)),
     "BulkResult": obj(("matched", "changed"), matched={"type": "integer"}, changed={"type": "integer"}),
     "Limits": obj(("max_concurrency", "max_concurrency_per_key", "rate"),
                   max_concurrency={"type": ["integer", "null"]},
@@ -131,6 +132,8 @@ ROUTE_DOCS = {
     ("GET", "/health"): ("Liveness", None, {200: ("Up", "Health")}),
     ("GET", "/public/metrics"): ("Measured uptime, jobs today, audit coverage", None,
                                  {200: ("Metrics", "Metrics")}),
+    ("GET", "/metrics"): ("Prometheus metrics, text format 0.0.4 (an admin key, or METRICS_TOKEN as "
+                          "a Bearer token)", None, {200: ("The metrics", "text/plain")}),
     ("POST", "/api/v1/intake"): ("Submit a job", "intake",
                                  {202: ("Accepted (or replayed, with Idempotent-Replayed)", "Accepted")}),
     ("GET", "/api/v1/status/<job_id>"): ("A job's status (in production, for the key that made it "
@@ -197,6 +200,9 @@ ROUTE_DOCS = {
                                      {200: ("The file", "text/html"), 304: ("Not modified", None)}),
 }
 
+# Routes that check their own credentials (a public route as the router sees it).
+SECURITY = {("GET", "/metrics"): [{"ApiKey": []}, {"MetricsToken": []}]}
+
 ERRORS = {400: "Malformed or invalid input", 401: "No API key", 403: "Key not valid, or role not allowed",
           404: "No such thing", 405: "Method not allowed", 409: "Not in a state that allows this",
           411: "Content-Length required", 413: "Body too large", 415: "Body is not JSON",
@@ -235,6 +241,8 @@ def build(routes, schemas, version, keyed=lambda access: access != "public",
                 "application/json": {"schema": ref(body.removeprefix("optional:"))}}}
         if keyed(access):
             op["security"] = [{}, {"ApiKey": []}] if key_optional(access) else [{"ApiKey": []}]
+        if (method, pattern) in SECURITY:
+            op["security"] = SECURITY[method, pattern]
         for status, (description, schema) in success.items():
             response = {"description": description}
             if schema in RESPONSES:
@@ -259,7 +267,8 @@ def build(routes, schemas, version, keyed=lambda access: access != "public",
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+                                "MetricsToken": {"type": "http", "scheme": "bearer"}},
         },
     }
 

@@ -214,6 +214,18 @@ MIGRATIONS = [
         PRIMARY KEY (day, workflow, key_id, status)
     );
     """,
+    """
+    -- Operator dashboard sessions, as in storage.MIGRATIONS.
+    CREATE TABLE admin_sessions (
+        digest     text PRIMARY KEY,
+        key_id     text NOT NULL,
+        csrf       text NOT NULL,
+        created_at double precision NOT NULL,
+        expires_at double precision NOT NULL
+    );
+    CREATE INDEX admin_sessions_expires ON admin_sessions (expires_at);
+    ALTER TABLE minutes ADD COLUMN failed bigint NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -10,6 +10,7 @@ from web import not_found
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
     ".txt": "text/plain; charset=utf-8",
     ".json": "application/json",
     ".svg": "image/svg+xml",

@@ -268,9 +268,24 @@ MIGRATIONS = [
         PRIMARY KEY (model, minute)
     );
     """,
+    """
+    -- Operator dashboard sessions (dashboard.py): only a digest of each
+    -- cookie's token is kept, so a copy of the database opens no session.
+    CREATE TABLE admin_sessions (
+        digest     TEXT PRIMARY KEY,
+        key_id     TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX admin_sessions_expires ON admin_sessions(expires_at);
+    -- Jobs that ended failed, per minute, beside those that finished: the
+    -- dashboard's failure charts.
+    ALTER TABLE minutes ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
-COUNTERS = ("jobs", "auth_writes", "finished")
+COUNTERS = ("jobs", "auth_writes", "finished", "failed")
 
 
 class StorageError(Exception):

@@ -18,8 +18,10 @@ from urllib.parse import unquote
 
 import callbacks
 import flow
+import metrics as prometheus
 import openapi
 import ratelimit
+import tracing
 from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lookup, user_patch,
                       user_upsert)
 from costs import BudgetExceeded, to_usd
@@ -203,10 +205,12 @@ def intake(req):
     job = services.engine.new_job(body["workflow"], body["payload"], body.get("priority", "normal"),
                                   body.get("callback_url"), req.key_id, cap, declared, run_at=run_at,
                                   concurrency_key=body.get("concurrency_key"), depends_on=depends_on)
+    tracing.attach(job, req.environ)
     job, created = accept(req, job, idempotency)
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
     if created:
         services.recorder.count("jobs")
+        services.metrics.job_enqueued(job)
     else:
         headers.append(("Idempotent-Replayed", "true"))
     # A replay answers exactly what the first request was answered.
@@ -301,7 +305,8 @@ def job_claim(req):
                             # job's total across attempts, so it starts from here.
                             "cost_spent": to_usd(job["cost_spent"]),
                             # The results of the jobs it depends on, by id.
-                            "parents": job.get("parents") or {}}})
+                            "parents": job.get("parents") or {},
+                            "traceparent": job.get("traceparent")}})
 
 
 def job_heartbeat(req, job_id):
@@ -348,6 +353,7 @@ ROUTES = [
     ("GET", "/openapi.json", openapi_document, PUBLIC, ()),
     ("GET", "/health", health, PUBLIC, ()),
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
+    ("GET", "/metrics", prometheus.scrape, PUBLIC, ()),  # an admin key or METRICS_TOKEN
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
     ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
@@ -534,6 +540,7 @@ class Api:
         write = req.method in WRITE_METHODS
         try:
             route, params = self.router.match(req.method, req.raw_path)
+            environ["levqor.route"] = route.pattern  # what metrics label the request by
             if route.dev and not settings.dev_endpoints:
                 raise HTTPError(404, "not_found", "no such endpoint")
         except HTTPError:
