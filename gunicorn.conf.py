@@ -15,12 +15,16 @@ WEB_CONCURRENCY overrides either default.
 """
 
 import metrics
+import pg
 import ratelimit
 from levqor import Settings
 
 # The same settings, read the same way, as the app's: a bad value stops the
 # master here with the variable's name. (Importing levqor builds no app.)
 _settings = Settings.from_env()
+if _settings.database_url and not pg.installed():
+    # One line, in the master, before any worker tries: what to install.
+    raise SystemExit(f"levqor: DATABASE_URL is set but psycopg is not installed: {pg.INSTALL_HINT}")
 
 bind = _settings.bind
 workers = _settings.workers

@@ -229,6 +229,16 @@ MIGRATIONS = [
 ]
 
 
+def installed():
+    """Whether psycopg and psycopg_pool can be imported."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def redact(url):
     """The URL with its password replaced: what a log line may show."""
     parts = urllib.parse.urlsplit(url)
@@ -312,12 +322,8 @@ class PgDatabase:
 
     def __init__(self, url, pool_size=10, statement_timeout_ms=5000, connect_timeout=3,
                  log=None):
-        try:
-            import psycopg  # noqa: F401
-            import psycopg_pool  # noqa: F401
-        except ImportError:
-            raise RuntimeError(f"DATABASE_URL is set but psycopg is not installed: {INSTALL_HINT}") \
-                from None
+        if not installed():
+            raise RuntimeError(f"DATABASE_URL is set but psycopg is not installed: {INSTALL_HINT}")
         self.url = url
         self.pool_size = pool_size
         self.statement_timeout_ms = statement_timeout_ms

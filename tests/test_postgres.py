@@ -9,8 +9,10 @@ with it; several real hosts are in test_multihost.py.
 """
 
 import io
+import os
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ import engine
 import jobstore
 import levqor
 import pg
-from support import (KEY, Client, make_app, postgres_database, postgres_url,
+from support import (KEY, ROOT, Client, free_port, make_app, postgres_database, postgres_url,
                      wait_until)
 
 
@@ -81,6 +83,21 @@ def test_without_psycopg_the_start_is_refused_naming_the_install_command(tmp_pat
         make_app(tmp_path, DATABASE_URL="postgresql://postgres@127.0.0.1:5432/postgres")
     assert "pip install -r requirements-postgres.txt" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_gunicorn_without_psycopg_refuses_to_start_with_one_line(tmp_path):
+    hidden = tmp_path / "hidden" / "psycopg"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('psycopg is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hidden"), "PORT": str(free_port()),
+           "DATABASE_URL": "postgresql://levqor:s3cret-pw@127.0.0.1:5432/levqor"}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "levqor:app"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "levqor: DATABASE_URL is set but psycopg is not installed: "
+        "pip install -r requirements-postgres.txt"]
+    assert "s3cret-pw" not in done.stdout + done.stderr
 
 
 # -- migrations --------------------------------------------------------------------------------
