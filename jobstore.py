@@ -61,27 +61,6 @@ def matches(job, filters):
             and (f.get("created_before") is None or job["created_at"] < f["created_before"]))
 
 
-class Limiter:
-    """Which (workflow, concurrency key) may start a job now, by the
-    workflow's limits: the jobs of it running, of it and that key running,
-    and its starts within the rate's window (``starts``: times, oldest first)."""
-
-    @staticmethod
-    def allows(limits, running, running_key, starts, now):
-        if not limits:
-            return True
-        most = limits.get("max_concurrency")
-        if most is not None and running >= most:
-            return False
-        per_key = limits.get("max_concurrency_per_key")
-        if per_key is not None and running_key is not None and running_key >= per_key:
-            return False
-        rate = limits.get("rate")
-        if rate is not None and sum(1 for t in starts if t > now - rate["per"]) >= rate["count"]:
-            return False
-        return True
-
-
 class MemoryJobStore:
     """Jobs in a dict behind one lock, in this process only.
 
@@ -205,13 +184,26 @@ class MemoryJobStore:
             self._enqueue(job, now)
 
     def _allows(self, lane, now):
+        """Whether the workflow's limits let a job of this lane (workflow,
+        concurrency key) start now."""
         workflow, key = lane
         limits = self._limits.get(workflow)
         if not limits:
             return True
-        starts = self._starts.get(workflow, ())
-        return Limiter.allows(limits, self._running_by[workflow],
-                              None if key is None else self._running_by[workflow, key], starts, now)
+        most = limits.get("max_concurrency")
+        if most is not None and self._running_by[workflow] >= most:
+            return False
+        per_key = limits.get("max_concurrency_per_key")
+        if per_key is not None and key is not None and self._running_by[workflow, key] >= per_key:
+            return False
+        rate = limits.get("rate")
+        if rate is not None:
+            starts = self._starts.get(workflow, ())
+            while starts and starts[0] <= now - rate["per"]:
+                starts.popleft()  # out of the window: forget it
+            if len(starts) >= rate["count"]:
+                return False
+        return True
 
     # -- the interface ----------------------------------------------------------
 
@@ -280,12 +272,8 @@ class MemoryJobStore:
             if best is None:
                 return None
             job = self._jobs[heapq.heappop(best[1])[2]]
-            rate = (self._limits.get(job["workflow"]) or {}).get("rate")
-            if rate is not None:
-                starts = self._starts.setdefault(job["workflow"], collections.deque())
-                while starts and starts[0] <= now - rate["per"]:
-                    starts.popleft()
-                starts.append(now)
+            if (self._limits.get(job["workflow"]) or {}).get("rate"):
+                self._starts.setdefault(job["workflow"], collections.deque()).append(now)
             self._set(job, claim_changes(job, changes, per_workflow), now)
             return dict(job)
 
@@ -360,6 +348,7 @@ class MemoryJobStore:
                 self._limits[workflow] = dict(limits)
             else:
                 self._limits.pop(workflow, None)
+            self._starts.pop(workflow, None)
 
     def limits(self):
         with self._lock:
@@ -440,14 +429,26 @@ SQL = {
     **{f"next_queued{'_in' * only}{'_limited' * limited}":
        f"SELECT job_id FROM jobs WHERE {_pick(only, limited)} ORDER BY score, seq LIMIT 1"
        for only in (False, True) for limited in (False, True)},
-    "running_of": "SELECT workflow, concurrency_key, COUNT(*) AS n FROM jobs"
-                  " WHERE status = 'running' AND workflow IN {limited}"
-                  " GROUP BY workflow, concurrency_key",
-    "starts_of": "SELECT COUNT(*) AS n FROM workflow_starts WHERE workflow = :workflow AND ts > :since",
-    "start": "INSERT INTO workflow_starts (workflow, ts) VALUES (:workflow, :now)",
+    # What the limited workflows have running (by key), and which of them
+    # have a full rate window (started 1): the oldest of their last
+    # rate_count starts is still in it. One statement for a claim to read.
+    "held_back": "SELECT workflow, concurrency_key, COUNT(*) AS n, 0 AS started FROM jobs"
+                 " WHERE status = 'running' AND workflow IN {limited} GROUP BY workflow, concurrency_key"
+                 " UNION ALL SELECT l.workflow, NULL, 1, 1 FROM workflow_limits AS l"
+                 " JOIN workflow_starts AS s ON s.workflow = l.workflow AND s.slot = l.next_slot"
+                 " WHERE l.workflow IN {limited} AND s.started > :now - l.rate_per",
+    # A start takes the ring's next slot (the oldest) and moves it on.
+    "next_slot": "UPDATE workflow_limits SET next_slot = (next_slot + 1) % rate_count"
+                 " WHERE workflow = :workflow RETURNING (next_slot + rate_count - 1) % rate_count AS slot",
+    "start": "INSERT INTO workflow_starts (workflow, slot, started) VALUES (:workflow, :slot, :now)"
+             " ON CONFLICT (workflow, slot) DO UPDATE SET started = excluded.started",
     "limits": "SELECT workflow, limits FROM workflow_limits",
-    "set_limits": "INSERT INTO workflow_limits (workflow, limits) VALUES (:workflow, :limits)"
-                  " ON CONFLICT (workflow) DO UPDATE SET limits = excluded.limits",
+    # A new rate starts with an empty ring.
+    "set_limits": "INSERT INTO workflow_limits (workflow, limits, rate_count, rate_per, next_slot)"
+                  " VALUES (:workflow, :limits, :rate_count, :rate_per, 0) ON CONFLICT (workflow)"
+                  " DO UPDATE SET limits = excluded.limits, rate_count = excluded.rate_count,"
+                  " rate_per = excluded.rate_per, next_slot = 0",
+    "forget_starts": "DELETE FROM workflow_starts WHERE workflow = :workflow",
     "clear_limits": "DELETE FROM workflow_limits WHERE workflow = :workflow",
     "expired": "SELECT seq, data FROM jobs WHERE status = 'running' AND lease_expires_at <= :now",
     "due": "SELECT seq, data FROM jobs WHERE status = 'scheduled' AND not_before <= :now"
@@ -478,7 +479,6 @@ SQL = {
                   " AND finished_at <= :cutoff LIMIT :batch)",
     "purge_keys": "DELETE FROM idempotency WHERE (key_id, key) IN (SELECT key_id, key FROM idempotency"
                   " WHERE expires <= :now LIMIT :batch)",
-    "purge_starts": "DELETE FROM workflow_starts WHERE ts < :before",
     "count": "SELECT COUNT(*) AS n FROM jobs",
 }
 
@@ -542,7 +542,9 @@ class SqlJobStore:
     batches (``purge``), so no purge holds the database for long.
 
     Workflow limits are a table beside the jobs, read at most once a second
-    per process (a new limit applies everywhere within a second). A claim
+    per process (a new limit applies everywhere within a second). A rate is
+    checked in one row: the start ``count`` starts ago, kept in a ring of
+    ``count`` slots, must have left the window. A claim
     that may take a limited workflow's job counts what runs and what started
     in the same transaction as it takes the job, under one lock for all
     such claims ("limits": SQLite's write transactions are one at a time
@@ -646,20 +648,19 @@ class SqlJobStore:
     def _held_back(self, conn, limits, now):
         """(workflows that may start nothing now, "workflow|key" pairs at
         their per-key limit), counted inside the claim's transaction."""
-        running = conn.execute(self.sql["running_of"], {"limited": _dumps(list(limits))}).fetchall()
+        counted = conn.execute(self.sql["held_back"], {"limited": _dumps(list(limits)),
+                                                       "now": now}).fetchall()
         blocked, pairs = [], []
         for workflow, lim in limits.items():
-            mine = [r for r in running if r["workflow"] == workflow]
+            running = [r for r in counted if r["workflow"] == workflow and not r["started"]]
+            window_full = any(r["workflow"] == workflow and r["started"] for r in counted)
             most = lim.get("max_concurrency")
-            rate = lim.get("rate")
-            if most is not None and sum(r["n"] for r in mine) >= most or rate is not None and \
-                    conn.execute(self.sql["starts_of"], {"workflow": workflow, "since": now - rate["per"]}
-                                 ).fetchone()["n"] >= rate["count"]:
+            if most is not None and sum(r["n"] for r in running) >= most or window_full:
                 blocked.append(workflow)
                 continue
             per_key = lim.get("max_concurrency_per_key")
             if per_key is not None:
-                pairs += [f"{workflow}|{r['concurrency_key']}" for r in mine
+                pairs += [f"{workflow}|{r['concurrency_key']}" for r in running
                           if r["concurrency_key"] is not None and r["n"] >= per_key]
         return blocked, pairs
 
@@ -691,14 +692,21 @@ class SqlJobStore:
                     job.update(claim_changes(job, changes, per_workflow))
                     self._save(conn, job)
             if job and (limits.get(job["workflow"]) or {}).get("rate"):
-                conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now})
+                slot = conn.execute(self.sql["next_slot"], {"workflow": job["workflow"]}).fetchone()
+                conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now,
+                                                 "slot": slot["slot"]})
         return job or None
 
     def set_limits(self, workflow, limits):
-        if limits:
-            self.db.write_one(self.sql["set_limits"], {"workflow": workflow, "limits": _dumps(limits)})
-        else:
-            self.db.write_one(self.sql["clear_limits"], {"workflow": workflow})
+        rate = (limits or {}).get("rate") or {}
+        with self.db.write(lock="limits") as conn:
+            conn.execute(self.sql["forget_starts"], {"workflow": workflow})
+            if limits:
+                conn.execute(self.sql["set_limits"], {
+                    "workflow": workflow, "limits": _dumps(limits),
+                    "rate_count": rate.get("count"), "rate_per": rate.get("per")})
+            else:
+                conn.execute(self.sql["clear_limits"], {"workflow": workflow})
         self._limits = (float("-inf"), {})  # this process sees its own change at once
 
     def limits(self):
@@ -767,15 +775,13 @@ class SqlJobStore:
         return moved
 
     def purge(self, now):
-        """Delete one small batch of finished jobs past ``ttl``, expired
-        idempotency keys, and starts older than any rate's window; returns
-        how many jobs went."""
+        """Delete one small batch of finished jobs past ``ttl``, and expired
+        idempotency keys; returns how many jobs went."""
         cutoff = now - self.ttl
         with self.db.write() as conn:
             gone = conn.execute(self.sql["purge_jobs"], {"cutoff": cutoff,
                                                           "batch": self.PURGE_BATCH}).rowcount
             conn.execute(self.sql["purge_keys"], {"now": now, "batch": self.PURGE_BATCH})
-            conn.execute(self.sql["purge_starts"], {"before": now - MAX_RATE_WINDOW})
         return gone
 
     def watch(self, wake):

@@ -106,9 +106,19 @@ MIGRATIONS = [
     CREATE INDEX jobs_running ON jobs (workflow, concurrency_key) WHERE status = 'running';
     CREATE INDEX jobs_scheduled ON jobs (not_before) WHERE status = 'scheduled';
     CREATE INDEX jobs_waiting ON jobs (seq) WHERE status = 'waiting';
-    CREATE TABLE workflow_limits (workflow text PRIMARY KEY, limits text NOT NULL);
-    CREATE TABLE workflow_starts (workflow text NOT NULL, ts double precision NOT NULL);
-    CREATE INDEX workflow_starts_ts ON workflow_starts (workflow, ts);
+    CREATE TABLE workflow_limits (
+        workflow   text PRIMARY KEY,
+        limits     text NOT NULL,
+        rate_count integer,
+        rate_per   double precision,
+        next_slot  integer NOT NULL DEFAULT 0
+    );
+    CREATE TABLE workflow_starts (
+        workflow text NOT NULL,
+        slot     integer NOT NULL,
+        started  double precision NOT NULL,
+        PRIMARY KEY (workflow, slot)
+    );
     CREATE TABLE schedules (
         key_id     text NOT NULL,
         name       text NOT NULL,

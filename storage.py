@@ -238,11 +238,23 @@ MIGRATIONS = [
     CREATE INDEX jobs_running ON jobs(workflow, concurrency_key) WHERE status = 'running';
     CREATE INDEX jobs_scheduled ON jobs(not_before) WHERE status = 'scheduled';
     CREATE INDEX jobs_waiting ON jobs(seq) WHERE status = 'waiting';
-    -- Each workflow's limits (JSON), and the times its jobs started, for
-    -- a rate's window (kept a day at most).
-    CREATE TABLE workflow_limits (workflow TEXT PRIMARY KEY, limits TEXT NOT NULL);
-    CREATE TABLE workflow_starts (workflow TEXT NOT NULL, ts REAL NOT NULL);
-    CREATE INDEX workflow_starts_ts ON workflow_starts(workflow, ts);
+    -- Each workflow's limits (JSON, with its rate's count and window beside
+    -- it), and the times of its last rate_count starts, a ring: the slot
+    -- next_slot holds the oldest, and a start may come only once that one
+    -- has left the window. One row to read a claim, whatever the rate.
+    CREATE TABLE workflow_limits (
+        workflow   TEXT PRIMARY KEY,
+        limits     TEXT NOT NULL,
+        rate_count INTEGER,
+        rate_per   REAL,
+        next_slot  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE workflow_starts (
+        workflow TEXT NOT NULL,
+        slot     INTEGER NOT NULL,
+        started  REAL NOT NULL,
+        PRIMARY KEY (workflow, slot)
+    );
     -- Recurring schedules, each its owner's (key_id) by name. next_fire is
     -- when it next makes a job; moving it on is a compare-and-set, so one
     -- process makes each fire's job.
