@@ -126,9 +126,14 @@ def open_page(driver, site, path):
 
 
 def log_in(driver, site, key=KEY):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
     open_page(driver, site, "/admin/login")
+    form = by_css(driver, "main h1")[0]
     by_css(driver, "input[name=key]")[0].send_keys(key)
     click(driver, "form.login button")
+    # The login form's own page has an h1 too: wait until the answer replaced it.
+    WebDriverWait(driver, 5).until(expected_conditions.staleness_of(form))
     assert wait_until(lambda: driver.execute_script("return document.readyState") == "complete"
                       and by_css(driver, "main h1"), 5)
 
