@@ -3,8 +3,11 @@
 Owns the pages, their routes, the session an admin key opens, and the
 CSRF tokens of their forms; not the figures (``insights`` and the stores)
 nor the actions, which are the API's own handlers (``wsgi_routes``,
-``accounts``), called as the admin the session belongs to, so a retry from
-a page follows exactly the rules, money included, of a retry by the API.
+``flow``, ``accounts``), called as the admin the session belongs to, so a
+retry from a page follows exactly the rules, money included, of a retry by
+the API, and a limit set on a page is checked as the API checks it. A
+schedule is its owner's: pausing or deleting one acts on the owner's, and
+is audited under the session's key.
 
 - **Sessions.** The login form takes an admin API key (never a managed
   one) and answers with a cookie holding a random token; the database keeps
@@ -31,21 +34,23 @@ import datetime
 import hashlib
 import hmac
 import html
+import io
 import json
 import re
 import secrets
 import string
 import time
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 import costs
+import flow
 import ratelimit
 import wsgi_routes
 from jobstore import JOB_FINAL, JOB_STATUSES, WORKFLOW_NAME_PATTERN
 from middleware import STORAGE_ERRORS
 from schemas import validate
 from storage import StorageError
-from web import STATUS_LINES, VERSION, HTTPError, Request, whole_number
+from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, whole_number
 
 # ---------------------------------------------------------------------------
 # HTML: the one place values are escaped
@@ -110,7 +115,9 @@ OPTION = tpl('<option value="$value"$selected>$label</option>')
 SELECT = tpl('<label>$label<select name="$name">$options</select></label>')
 INPUT = tpl('<label>$label<input type="$type" name="$name" value="$value"$extra></label>')
 ACTION = tpl('<form method="post" action="$action" class="inline" data-confirm="$confirm">'
-             '<input type="hidden" name="csrf" value="$csrf"><button class="$cls">$label</button></form>')
+             '<input type="hidden" name="csrf" value="$csrf">$fields<button class="$cls">$label</button></form>')
+CLIPPED = tpl('<span title="$full">$shown</span>')
+SUB = tpl('<span class="sub">$text</span>')
 
 # ---------------------------------------------------------------------------
 # Formatting
@@ -146,8 +153,25 @@ def usd(micro):
     return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
+def period(seconds):
+    """A period of whole units when it is one: 30 s, 5 min, 2 h, 1 d; else seconds."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
 def pretty(value):
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def clip(text, most=24):
+    """Long text cut to ``most`` characters, whole on hover."""
+    if text is None:
+        return "—"
+    if len(text) <= most:
+        return text
+    return render(CLIPPED, full=text, shown=text[:most - 1] + "…")
 
 
 def attr(flag, text):
@@ -183,6 +207,10 @@ def kept_filters(query, names):
 
 
 def options(choices, current):
+    """<option>s of (value, label); a current value not among them is added,
+    so the filter in force is the one shown."""
+    if current and current not in [v for v, _ in choices]:
+        choices = [*choices, (current, current)]
     return join(render(OPTION, value=v, label=label, selected=attr(v == current, " selected"))
                 for v, label in choices)
 
@@ -320,6 +348,9 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _WORKFLOW = re.compile(WORKFLOW_NAME_PATTERN)
 _WHEN = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?$")
 _CURSOR = re.compile(r"^[0-9]{1,18}$")
+_STATUSES = re.compile("^({0})(,({0}))*$".format("|".join(JOB_STATUSES)))
+# What the list API takes for schedule and concurrency_key: text, here without control characters.
+_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 REFRESH = Markup(' data-refresh="5"')
 
 
@@ -421,15 +452,36 @@ class Page:
     def csrf_field(self):
         return render(HIDDEN, name="csrf", value=self.session["csrf"])
 
-    def action(self, path, label, confirm, cls=""):
+    def action(self, path, label, confirm, cls="", back=None):
+        fields = "" if back is None else render(HIDDEN, name="back", value=back)
         return render(ACTION, action=path, label=label, confirm=confirm, csrf=self.session["csrf"],
-                      cls=cls)
+                      cls=cls, fields=fields)
 
-    def as_admin(self, handler, *args):
-        """Call an API handler as the admin of this session, audited as the API
-        audits it; its HTTPError is raised on."""
+    def api_request(self, body=None, owner=None):
+        """This request made ready for an API handler, as the admin of this
+        session; with ``body``, a copy whose body is that JSON, read and
+        checked by the API's own parser. ``owner``: the key whose records the
+        handler acts on (a schedule's), when not the session's own."""
         req = self.req
-        req.key_id, req.role, req.key = self.session["key_id"], "admin", None
+        if body is not None:
+            raw = json_body(body)
+            environ = {k: v for k, v in req.environ.items()
+                       if k not in ("HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_ENCODING")}
+            environ.update({"CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(raw)),
+                            "wsgi.input": io.BytesIO(raw)})
+            req = Request(environ, self.services)
+        req.key_id, req.role, req.key = owner or self.session["key_id"], "admin", None
+        return req
+
+    def api(self, handler, *args):
+        """What an API handler that reads answers this session's admin, as JSON."""
+        return json.loads(handler(self.api_request(), *args)[2])
+
+    def as_admin(self, handler, *args, body=None, owner=None):
+        """Call an API handler as the admin of this session (see
+        ``api_request``), audited under the session's key as the API audits
+        it; its HTTPError is raised on."""
+        req = self.api_request(body, owner)
         status = 500
         try:
             status = handler(req, *args)[0]
@@ -438,11 +490,16 @@ class Page:
             status = exc.status
             raise
         finally:
-            self.services.recorder.audit(req.key_id, "POST", req.path, status, req.request_id)
+            self.audit(status)
+
+    def audit(self, status):
+        req = self.req
+        self.services.recorder.audit(self.session["key_id"], "POST", req.path, status, req.request_id)
 
 
-PAGES = (("/admin", "Overview"), ("/admin/jobs", "Jobs"), ("/admin/keys", "Keys"),
-         ("/admin/spend", "Spend"), ("/admin/audit", "Audit"))
+PAGES = (("/admin", "Overview"), ("/admin/jobs", "Jobs"), ("/admin/schedules", "Schedules"),
+         ("/admin/workflows", "Workflows"), ("/admin/keys", "Keys"), ("/admin/spend", "Spend"),
+         ("/admin/audit", "Audit"))
 
 # ---------------------------------------------------------------------------
 # Pages
@@ -591,6 +648,11 @@ BULK = tpl('<button name="action" value="cancel">Cancel ticked</button> '
            '<button name="action" value="retry">Retry ticked</button>')
 TICK = tpl('<input type="checkbox" name="job_id" value="$job_id" aria-label="select $job_id">')
 PAGE_SIZES = (10, 20, 50, 100)
+STATUS_CHOICES = ([("", "any")] + [(s, s) for s in JOB_STATUSES]
+                  + [("scheduled,waiting", "scheduled or waiting"),
+                     ("scheduled,waiting,queued,running", "not finished"),
+                     ("failed,canceled", "failed or canceled")])
+JOB_FILTERS = ("status", "workflow", "key", "schedule", "concurrency_key", "from", "to", "limit")
 
 
 def key_label(p, key_id):
@@ -599,24 +661,53 @@ def key_label(p, key_id):
     return f"{name} ({key_id})" if name else key_id
 
 
+def key_name(p, key_id):
+    """A key as a wide table names it: by name, its id on hover."""
+    name = p.dash.key_names().get(key_id)
+    return render(CLIPPED, full=key_id, shown=name) if name else key_id
+
+
+def schedule_href(key_id, name):
+    return f"/admin/schedules/{quote(key_id, safe='')}/{quote(name, safe='')}"
+
+
+def status_cell(job, now):
+    """A job's status badge, with when a scheduled one runs and what a waiting one waits on."""
+    note = ""
+    if job["status"] == "scheduled":
+        at = job.get("run_at") or job["not_before"]
+        note = render(SUB, text=render(CLIPPED, full=when(at) + " UTC",
+                                       shown="due now" if at <= now else "runs in " + span(at - now)))
+    elif job["status"] == "waiting":
+        waits = len(job.get("depends_on") or ())
+        note = render(SUB, text=f"on {waits} job{'s' * (waits != 1)}")
+    return join([render(BADGE, status=job["status"]), note])
+
+
 def jobs(p):
     query = p.req.query
-    status = p.query("status", re.compile("^(" + "|".join(JOB_STATUSES) + ")$"))
+    status = p.query("status", _STATUSES)
     workflow = p.query("workflow", _WORKFLOW)
     key_id = p.query("key", _KEY_ID)
+    schedule = p.query("schedule", _TEXT)
+    lane = p.query("concurrency_key", _TEXT)
     since, since_text = p.time_query("from")
     until, until_text = p.time_query("to")
     limit = int(p.query("limit", re.compile("^(" + "|".join(map(str, PAGE_SIZES)) + ")$"), "20"))
     cursor = p.query("cursor", _CURSOR)
-    found, more = p.services.insights.list(status, workflow, key_id, since, until, limit,
-                                           None if cursor is None else int(cursor))
+    statuses = list(dict.fromkeys(status.split(","))) if status else []
+    found, more = p.services.insights.list(statuses, workflow, key_id, since, until, limit,
+                                           None if cursor is None else int(cursor), schedule, lane)
     keys = [("", "any key")] + [(k, key_label(p, k)) for k in sorted(p.dash.key_names())]
     filters = join([
-        render(SELECT, label="Status", name="status",
-               options=options([("", "any")] + [(s, s) for s in JOB_STATUSES], status or "")),
+        render(SELECT, label="Status", name="status", options=options(STATUS_CHOICES, status or "")),
         render(INPUT, label="Workflow", type="text", name="workflow", value=workflow or "",
                extra=Markup(' placeholder="any" maxlength="128"')),
         render(SELECT, label="Key", name="key", options=options(keys, key_id or "")),
+        render(INPUT, label="Schedule", type="text", name="schedule", value=schedule or "",
+               extra=Markup(' placeholder="any" maxlength="200"')),
+        render(INPUT, label="Concurrency key", type="text", name="concurrency_key", value=lane or "",
+               extra=Markup(' placeholder="any" maxlength="200"')),
         render(INPUT, label="Created from (UTC)", type="datetime-local", name="from", value=since_text,
                extra=""),
         render(INPUT, label="to", type="datetime-local", name="to", value=until_text, extra=""),
@@ -625,10 +716,14 @@ def jobs(p):
     ])
     rows = [[render(TICK, job_id=j["job_id"]),
              render(LINK, href=f"/admin/jobs/{j['job_id']}", text=j["job_id"][:12] + "…"),
-             j["workflow"], render(BADGE, status=j["status"]), j["priority"], key_label(p, j["key_id"]),
+             j["workflow"], status_cell(j, p.now()), j["priority"], key_name(p, j["key_id"]),
+             render(LINK, href=schedule_href(j["key_id"], j["schedule"]), text=clip(j["schedule"]))
+             if j.get("schedule") else "—",
+             render(LINK, href="/admin/jobs?" + urlencode({"concurrency_key": j["concurrency_key"]}),
+                    text=clip(j["concurrency_key"])) if j.get("concurrency_key") is not None else "—",
              when(j["created_at"]), f"{j['attempts']}/{j['max_attempts']}", usd(j["cost_spent"])]
             for j in found]
-    kept = kept_filters(query, ("status", "workflow", "key", "from", "to", "limit"))
+    kept = kept_filters(query, JOB_FILTERS)
     pages = pager("/admin/jobs", kept, cursor, found[-1]["seq"] if more else None,
                   "« First page", "Next page »")
     flash = None
@@ -638,8 +733,9 @@ def jobs(p):
                  f"{done.capitalize()}: {ok} done, {refused} refused (their state does not allow it).")
     back = p.req.path + ("?" + urlencode(kept) if kept else "")
     content = render(JOBS, filters=filters, csrf=p.csrf_field(), back=back,
-                     table=table(["", "Job", "Workflow", "Status", "Priority", "Key", "Created (UTC)",
-                                  "#Attempts", "#Spent"], rows, "No job matches these filters."),
+                     table=table(["", "Job", "Workflow", "Status", "Priority", "Key", "Schedule",
+                                  "Concurrency key", "Created (UTC)", "#Attempts", "#Spent"], rows,
+                                 "No job matches these filters.", cls="jobs"),
                      bulk=render(BULK) if found else "", pages=pages)
     return p.page("Jobs", content, flash=flash)
 
@@ -670,10 +766,13 @@ def bulk(p):
 JOB = tpl("""<p class="actions">$actions</p>
 <div class="scroll"><dl class="facts">$facts</dl></div>
 <section class="split"><div><h2>Payload</h2>$payload</div><div><h2>$outcome</h2>$result</div></section>
-<section><h2>Attempts</h2>$attempts<p class="note">$attempts_note</p></section>
+$flow<section><h2>Attempts</h2>$attempts<p class="note">$attempts_note</p></section>
 <section><h2>Callback</h2>$callback</section>
 <section><h2>Ledger</h2>$ledger</section>""")
 FACT = tpl('<div><dt>$name</dt><dd>$value</dd></div>')
+SECTION = tpl('<section><h2>$title</h2>$content</section>\n')
+MORE_LINKS = tpl('<p class="note">And $count more: $links</p>')
+MAX_CHILDREN_READ = 100  # dependents whose status the page reads; the rest are links
 OUTCOMES = {"queued": "retried", "succeeded": "succeeded", "failed": "failed", "canceled": "canceled"}
 ACTIONS = {"cancel": wsgi_routes.job_cancel, "retry": wsgi_routes.job_retry,
            "redeliver": wsgi_routes.job_redeliver}
@@ -710,6 +809,11 @@ def job_page(p, job_id, status=200, flash=None):
              ("Cost", f"{usd(job['cost_spent'])} spent of {usd(job['max_cost'])}"),
              ("Progress", "—" if not job.get("progress") else
               f"{job['progress'].get('fraction', 0):.0%} {job['progress'].get('note') or ''}"),
+             ("Run at", when(job.get("run_at"))),
+             ("Schedule", render(LINK, href=schedule_href(job["key_id"], job["schedule"]),
+                                 text=job["schedule"]) if job.get("schedule") else "—"),
+             ("Concurrency key", render(CODE, text=job["concurrency_key"])
+              if job.get("concurrency_key") is not None else "—"),
              ("Trace", render(CODE, text=job.get("traceparent") or "—"))]
     log = job.get("attempt_log") or []
     rows = [[str(a["attempt"]), a["runner"] or "—", when(a["started_at"]), when(a["ended_at"]),
@@ -734,12 +838,48 @@ def job_page(p, job_id, status=200, flash=None):
                      else "−" + usd(-r["amount"]), r["note"] or ""]
                     for r in p.services.insights.ledger_lines(job_id)], "No money moved for this job.")
     content = render(JOB, actions=join(actions), facts=join(render(FACT, name=n, value=v) for n, v in facts),
+                     flow=dependencies(p, job),
                      payload=render(PRE, text=pretty(job["payload"])),
                      outcome="Error" if job["result"] is None and job["error"] else "Result",
                      result=render(PRE, text=pretty(job["result"])) if job["result"] is not None
                      else render(PRE, text=pretty(job["error"]) if job["error"] else "—"),
                      attempts=attempts, attempts_note=note, callback=callback, ledger=ledger)
     return p.page(f"Job {job_id[:12]}…", content, status, flash=flash)
+
+
+def _related(p, job_ids):
+    """Rows of the jobs named: a link, its workflow, status and end (gone if purged)."""
+    rows = []
+    for job_id in job_ids:
+        other = p.services.jobs.get(job_id) if _JOB_ID.match(job_id) else None
+        link = render(LINK, href=f"/admin/jobs/{job_id}", text=job_id[:12] + "…")
+        rows.append([link, "—", "gone (purged after JOB_TTL)", "—"] if other is None else
+                    [link, other["workflow"], render(BADGE, status=other["status"]),
+                     when(other["finished_at"])])
+    return rows
+
+
+def dependencies(p, job):
+    """The job's parents with their status, the results it received from
+    them, and its dependents: only for a job that has any."""
+    parts = []
+    parents = job.get("depends_on") or []
+    if parents:
+        parts.append(render(SECTION, title=f"Depends on ({len(parents)})", content=table(
+            ["Job", "Workflow", "Status", "Finished (UTC)"], _related(p, parents))))
+    if job.get("parents"):
+        parts.append(render(SECTION, title="Results received from its parents",
+                            content=render(PRE, text=pretty(job["parents"]))))
+    children = job.get("children") or []
+    if children:
+        more = children[MAX_CHILDREN_READ:]
+        content = table(["Job", "Workflow", "Status", "Finished (UTC)"],
+                        _related(p, children[:MAX_CHILDREN_READ]))
+        if more:
+            content = join([content, render(MORE_LINKS, count=len(more), links=join(
+                render(LINK, href=f"/admin/jobs/{c}", text=c[:12] + "… ") for c in more))])
+        parts.append(render(SECTION, title=f"Dependents ({len(children)})", content=content))
+    return join(parts)
 
 
 def job_action(p, job_id, action):
@@ -754,6 +894,261 @@ def job_action(p, job_id, action):
             raise
         return job_page(p, job_id, exc.status, ("error", exc.message))
     return p.redirect(f"/admin/jobs/{job_id}?done={action}")
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+SCHEDULES = tpl("""<form method="get" action="/admin/schedules" class="filters">$filters
+<button>Filter</button> <a href="/admin/schedules">Clear</a></form>
+$table<p class="actions"><span class="pages">$pages</span></p>
+<p class="note">Every key's schedules (each key sees only its own through the API). Pausing,
+resuming and deleting here is the API's PATCH and DELETE, audited under your key; a resumed
+schedule's next fire is counted from now.</p>""")
+SCHEDULE = tpl("""<p class="actions">$actions</p>
+<div class="scroll"><dl class="facts">$facts</dl></div>
+<section><h2>Payload</h2>$payload</section>
+<section><h2>Its newest jobs</h2>$jobs<p class="actions">$all</p></section>""")
+_SCHEDULE_CURSOR = re.compile(r"^[^\x00-\x1f\x7f]{1,200}/[A-Za-z0-9_]{1,64}$")
+SCHEDULE_DONE = {"pause": "Schedule paused.", "resume": "Schedule resumed.", "delete": "Schedule deleted."}
+
+
+def timing_text(schedule, zone=False):
+    """A schedule's clock as its owner wrote it: the cron expression (and,
+    with ``zone``, its timezone under it), or every so long."""
+    if schedule.get("cron") is not None:
+        cron = render(CODE, text=schedule["cron"])
+        return join([cron, render(SUB, text=timezone(schedule))]) if zone else cron
+    return "every " + period(schedule["every"]) if schedule.get("every") is not None else "—"
+
+
+def timezone(schedule):
+    return schedule["timezone"] or "UTC" if schedule.get("cron") is not None else "—"
+
+
+def state_badge(schedule):
+    return render(BADGE, status="paused" if schedule["paused"] else "active")
+
+
+def schedule_actions(p, schedule, back=None):
+    href = schedule_href(schedule["key_id"], schedule["name"])
+    toggle = ("resume", "Resume", "Resume this schedule? Its next fire is counted from now.") \
+        if schedule["paused"] else ("pause", "Pause", "Pause this schedule? It makes no job until resumed.")
+    return join([p.action(f"{href}/{toggle[0]}", toggle[1], toggle[2], back=back), " ",
+                 p.action(f"{href}/delete", "Delete", f"Delete the schedule {schedule['name']}? "
+                          "Jobs it made are kept.", "danger", back=back)])
+
+
+def schedule_list(p):
+    key_id = p.query("key", _KEY_ID)
+    state = p.query("state", re.compile("^(active|paused)$"))
+    cursor = p.query("cursor", _SCHEDULE_CURSOR)
+    after = None if cursor is None else tuple(cursor.rsplit("/", 1))
+    found, more = p.services.insights.schedules(key_id, None if state is None else state == "paused",
+                                                50, after)
+    kept = kept_filters(p.req.query, ("key", "state"))
+    back = p.req.path + ("?" + urlencode(kept) if kept else "")
+    rows = [[render(LINK, href=schedule_href(s["key_id"], s["name"]), text=s["name"]),
+             key_name(p, s["key_id"]), s["workflow"], timing_text(s, zone=True), state_badge(s),
+             "—" if s["paused"] else when(s["next_fire"]), when(s["last_fire"]),
+             render(LINK, href=f"/admin/jobs/{s['last_job']}", text=s["last_job"][:12] + "…")
+             if s["last_job"] else "—",
+             schedule_actions(p, s, back)] for s in found]
+    keys = [("", "any key")] + [(k, key_label(p, k)) for k in sorted(p.dash.key_names())]
+    filters = join([
+        render(SELECT, label="Key", name="key", options=options(keys, key_id or "")),
+        render(SELECT, label="State", name="state",
+               options=options([("", "any"), ("active", "active"), ("paused", "paused")], state or "")),
+    ])
+    last = found[-1] if more else None
+    pages = pager("/admin/schedules", kept, cursor, None if last is None else f"{last['name']}/{last['key_id']}",
+                  "« First page", "Next page »")
+    flash = ("ok", SCHEDULE_DONE[p.req.query["done"]]) if p.req.query.get("done") in SCHEDULE_DONE else None
+    content = render(SCHEDULES, filters=filters, pages=pages, table=table(
+        ["Name", "Key", "Workflow", "When (timezone)", "State", "Next fire (UTC)", "Last fire (UTC)",
+         "Last job", ""], rows, "No schedule matches these filters.", cls="schedules"))
+    return p.page("Schedules", content, flash=flash)
+
+
+def _schedule(p, key_id, name):
+    found = p.services.schedules.get(key_id, name) if _KEY_ID.match(key_id) else None
+    if found is None:
+        raise HTTPError(404, "not_found", "no such schedule (it may have been deleted)")
+    return found
+
+
+def schedule_page(p, key_id, name, status=200, flash=None):
+    s = _schedule(p, key_id, name)
+    if flash is None and p.req.query.get("done") in SCHEDULE_DONE:
+        flash = ("ok", SCHEDULE_DONE[p.req.query["done"]])
+    facts = [("Name", s["name"]), ("Key", key_label(p, s["key_id"])), ("Workflow", s["workflow"]),
+             ("When", timing_text(s)),
+             ("Timezone", timezone(s)),
+             ("State", state_badge(s)), ("Next fire", "—" if s["paused"] else when(s["next_fire"])),
+             ("Last fire", when(s["last_fire"])),
+             ("Last job", render(LINK, href=f"/admin/jobs/{s['last_job']}", text=render(CODE, text=s["last_job"]))
+              if s["last_job"] else "—"),
+             ("Priority", s["priority"] or "normal"),
+             ("Max cost", "—" if s["max_cost"] is None else usd(costs.to_micro(s["max_cost"]))),
+             ("Callback", s["callback_url"] or "—"),
+             ("Created", when(s["created_at"])), ("Changed", when(s["updated_at"]))]
+    made, _ = p.services.insights.list(key_id=s["key_id"], schedule=s["name"], limit=10)
+    rows = [[render(LINK, href=f"/admin/jobs/{j['job_id']}", text=j["job_id"][:12] + "…"),
+             status_cell(j, p.now()), when(j["created_at"]), when(j["finished_at"])] for j in made]
+    everything = render(LINK, href="/admin/jobs?" + urlencode({"key": s["key_id"], "schedule": s["name"]}),
+                        text="Every job of this schedule »")
+    content = render(SCHEDULE, actions=schedule_actions(p, s),
+                     facts=join(render(FACT, name=n, value=v) for n, v in facts),
+                     payload=render(PRE, text=pretty(s["payload"])),
+                     jobs=table(["Job", "Status", "Created (UTC)", "Finished (UTC)"], rows,
+                                "It has made no job yet (or they were purged after JOB_TTL)."),
+                     all=everything if made else "")
+    return p.page(f"Schedule {s['name']}", content, status, flash=flash)
+
+
+def schedule_action(p, key_id, name, action):
+    """Pause, resume or delete a schedule: the API's PATCH and DELETE,
+    acting on the owner's schedule, audited under the session's key."""
+    if action not in SCHEDULE_DONE:
+        raise HTTPError(404, "not_found", "no such action")
+    try:
+        _schedule(p, key_id, name)
+        if action == "delete":
+            p.as_admin(flow.schedule_delete, name, owner=key_id)
+        else:
+            p.as_admin(flow.schedule_patch, name, body={"paused": action == "pause"}, owner=key_id)
+    except HTTPError as exc:
+        if exc.status == 404:
+            raise
+        return schedule_page(p, key_id, name, exc.status, ("error", exc.message))
+    back = p.field("back")
+    if not (_SAFE_NEXT.match(back) and back.startswith("/admin/schedules")):
+        back = "/admin/schedules" if action == "delete" else schedule_href(key_id, name)
+    return p.redirect(f"{back}{'&' if '?' in back else '?'}{urlencode({'done': action})}")
+
+
+# -- workflows and their limits ---------------------------------------------------------------
+
+WORKFLOWS = tpl("""$table
+<section><h2>Limits of another workflow</h2>
+<form method="get" action="/admin/workflows" class="filters">$field<button>Open</button></form>
+<p class="note">Limits apply at claim time to in-process and external workers alike, on every
+process and host, within a second of a change: a job over one waits in the queue.</p></section>""")
+WORKFLOW = tpl("""<div class="cards">$cards</div>
+<section><h2>Limits</h2>
+<form method="post" action="$action" class="filters limits">$csrf
+$fields<button>Save limits</button></form>
+<p class="note">A blank field is no limit. <b>Max concurrency</b> caps the workflow's jobs running at
+once, everywhere; <b>per concurrency key</b>, those of each concurrency key (jobs without one are not
+limited per key); <b>rate</b>, how many start in any so many seconds. Checked as
+<code>PUT /api/v1/workflows/&lt;name&gt;/limits</code> checks them.</p>
+<p class="actions">$clear</p></section>""")
+LIMIT_FIELDS = ("max_concurrency", "max_concurrency_per_key", "rate_count", "rate_per")
+_DECIMAL = re.compile(r"^[0-9]{1,9}\.[0-9]{1,9}$")
+
+
+def limits_text(limits, name):
+    if name == "rate":
+        rate = limits.get("rate")
+        return "—" if rate is None else f"{rate['count']:,} per {period(rate['per'])}"
+    value = limits.get(name)
+    return "—" if value is None else f"{value:,}"
+
+
+def _workflow_name(name):
+    if not _WORKFLOW.match(name):
+        raise HTTPError(404, "not_found", "no such workflow: not a workflow name")
+    return name
+
+
+def workflows(p):
+    wanted = p.query("workflow", _WORKFLOW)
+    if wanted is not None:
+        return p.redirect(f"/admin/workflows/{quote(wanted, safe='')}")
+    found = p.api(flow.workflow_list)["workflows"]
+
+    def count(w, status):
+        n = w["counts"][status]
+        return render(LINK, href="/admin/jobs?" + urlencode({"workflow": w["name"], "status": status}),
+                      text=f"{n:,}") if n else "0"
+
+    rows = [[render(LINK, href=f"/admin/workflows/{quote(w['name'], safe='')}", text=w["name"]),
+             "in process" if w["in_process"] else "external workers",
+             *(limits_text(w["limits"], n) for n in ("max_concurrency", "max_concurrency_per_key", "rate")),
+             *(count(w, s) for s in ("scheduled", "queued", "running"))] for w in found]
+    field = render(INPUT, label="Workflow", type="text", name="workflow", value="",
+                   extra=Markup(' required maxlength="128" placeholder="name"'))
+    content = render(WORKFLOWS, field=field, table=table(
+        ["Workflow", "Runs", "#Max concurrency", "#Per concurrency key", "#Rate", "#Scheduled",
+         "#Queued", "#Running"], rows, "No workflow is registered, limited or has jobs held."))
+    return p.page("Workflows", content)
+
+
+def workflow_page(p, name, status=200, flash=None, form=None):
+    _workflow_name(name)
+    if flash is None and p.req.query.get("saved"):
+        flash = ("ok", "Limits saved: every process obeys them within a second.")
+    known = {w["name"]: w for w in p.api(flow.workflow_list)["workflows"]}.get(name)
+    limits = known["limits"] if known else {}
+    counts = known["counts"] if known else dict.fromkeys(("scheduled", "queued", "running"), 0)
+    if form is None:
+        rate = limits.get("rate") or {}
+        form = {"max_concurrency": limits.get("max_concurrency"),
+                "max_concurrency_per_key": limits.get("max_concurrency_per_key"),
+                "rate_count": rate.get("count"), "rate_per": rate.get("per")}
+        form = {k: "" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for k, v in form.items()}
+    cards = [render(CARD, label=s, value=f"{counts[s]:,}", cls=s, note="now") for s in counts]
+    cards.append(render(CARD, label="runs", value="in process" if known and known["in_process"] else "elsewhere",
+                        cls="", note="registered here" if known and known["in_process"]
+                        else "by external workers, if any"))
+    number = Markup(' inputmode="numeric" placeholder="no limit" maxlength="12"')
+    fields = join([
+        render(INPUT, label="Max concurrency", type="text", name="max_concurrency",
+               value=form["max_concurrency"], extra=number),
+        render(INPUT, label="Per concurrency key", type="text", name="max_concurrency_per_key",
+               value=form["max_concurrency_per_key"], extra=number),
+        render(INPUT, label="Rate: jobs", type="text", name="rate_count", value=form["rate_count"],
+               extra=number),
+        render(INPUT, label="per seconds", type="text", name="rate_per", value=form["rate_per"],
+               extra=Markup(' inputmode="decimal" placeholder="no limit" maxlength="20"')),
+    ])
+    action = f"/admin/workflows/{quote(name, safe='')}/limits"
+    clear = p.action(action, "Remove every limit", f"Remove every limit of {name}?", "danger") \
+        if any(v is not None for v in limits.values()) else ""
+    content = render(WORKFLOW, cards=join(cards), action=action, csrf=p.csrf_field(), fields=fields,
+                     clear=clear)
+    return p.page(f"Workflow {name}", content, status, refresh=False, flash=flash)
+
+
+def _number(text, decimal=False):
+    """A form's number as JSON would carry it; text that is none is passed
+    on as text, for the API's validation to say what is wrong with it."""
+    if not text:
+        return None
+    if whole_number(text) is not None:
+        return int(text)
+    if decimal and _DECIMAL.match(text):
+        return float(text)
+    return text
+
+
+def workflow_limits(p, name):
+    """Set or clear a workflow's limits: the API's PUT, every limit given
+    (a blank one is null: removed), audited under the session's key."""
+    _workflow_name(name)
+    form = {f: p.field(f) for f in LIMIT_FIELDS}
+    body = {"max_concurrency": _number(form["max_concurrency"]),
+            "max_concurrency_per_key": _number(form["max_concurrency_per_key"]), "rate": None}
+    if form["rate_count"] or form["rate_per"]:
+        body["rate"] = {k: v for k, v in (("count", _number(form["rate_count"])),
+                                          ("per", _number(form["rate_per"], decimal=True)))
+                        if v is not None}
+    try:
+        p.as_admin(flow.workflow_limits, name, body=body)
+    except HTTPError as exc:
+        if exc.status == 404:
+            raise
+        return workflow_page(p, name, exc.status, ("error", exc.message), form)
+    return p.redirect(f"/admin/workflows/{quote(name, safe='')}?saved=1")
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -928,6 +1323,12 @@ ROUTES = [
     ("POST", "/admin/jobs/bulk", bulk),
     ("GET", "/admin/jobs/<job_id>", job_page),
     ("POST", "/admin/jobs/<job_id>/<action>", job_action),
+    ("GET", "/admin/schedules", schedule_list),
+    ("GET", "/admin/schedules/<key_id>/<name>", schedule_page),
+    ("POST", "/admin/schedules/<key_id>/<name>/<action>", schedule_action),
+    ("GET", "/admin/workflows", workflows),
+    ("GET", "/admin/workflows/<name>", workflow_page),
+    ("POST", "/admin/workflows/<name>/limits", workflow_limits),
     ("GET", "/admin/keys", keys),
     ("POST", "/admin/keys", key_create),
     ("POST", "/admin/keys/<key_id>/revoke", key_revoke),

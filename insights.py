@@ -10,12 +10,15 @@ named SQL over the ``jobs`` table for the SQL store (SQLite or PostgreSQL,
 the few statements that read inside a job's JSON written per dialect), and
 a walk of the in-memory store's jobs for the memory store. The figures that
 live only in the database whatever the job store (per-minute statistics,
-the ledger, the audit log) are named SQL shared by both dialects. Nothing
-here writes; ``attempt_log`` makes the record of an attempt that the engine
+the ledger, the audit log, every key's schedules) are named SQL shared by
+both dialects. Nothing here writes; ``attempt_log`` makes the record of an attempt that the engine
 keeps with its job.
 """
 
+import json
+
 import jobstore
+import schedules
 
 # A job's fields inside its JSON, as each database reads them.
 _FIELDS = {
@@ -25,6 +28,7 @@ _FIELDS = {
         "started_at": "json_extract(data, '$.started_at')",
         "callback_state": "json_extract(data, '$.callback.state')",
         "callback_error": "json_extract(data, '$.callback.last_error')",
+        "statuses": jobstore.IN_LIST["sqlite"].format("statuses"),
     },
     "postgres": {
         "created_at": "CAST(data ->> 'created_at' AS double precision)",
@@ -32,9 +36,11 @@ _FIELDS = {
         "started_at": "CAST(data ->> 'started_at' AS double precision)",
         "callback_state": "(data #>> '{callback,state}')",
         "callback_error": "(data #>> '{callback,last_error}')",
+        "statuses": jobstore.IN_LIST["postgres"].format("statuses"),
     },
 }
-# Over the jobs table; {name} is a field above. NOTE: "x = :p OR :p IS NULL"
+# Over the jobs table; {name} is a field above (or, for {statuses}, a list
+# bound as one JSON array, as the job store binds it). NOTE: "x = :p OR :p IS NULL"
 # puts the comparison first so that PostgreSQL learns the parameter's type.
 _JOB_SQL = {
     "by_status_workflow": "SELECT status, workflow, COUNT(*) AS n FROM jobs GROUP BY status, workflow",
@@ -48,8 +54,9 @@ _JOB_SQL = {
                  " WHERE finished_at >= :since AND {started_at} IS NOT NULL"
                  " ORDER BY finished_at DESC LIMIT :limit",
     "list": "SELECT seq, data FROM jobs WHERE seq < :before"
-            " AND (status = :status OR :status IS NULL) AND (workflow = :workflow OR :workflow IS NULL)"
-            " AND (key_id = :key_id OR :key_id IS NULL)"
+            " AND (status IN {statuses} OR :any_status = 1) AND (workflow = :workflow OR :workflow IS NULL)"
+            " AND (key_id = :key_id OR :key_id IS NULL) AND (schedule = :schedule OR :schedule IS NULL)"
+            " AND (concurrency_key = :concurrency_key OR :concurrency_key IS NULL)"
             " AND ({created_at} >= :since OR :since IS NULL) AND ({created_at} < :until OR :until IS NULL)"
             " ORDER BY seq DESC LIMIT :limit",
 }
@@ -63,6 +70,13 @@ SQL = {
              " AND (status = :status OR :status IS NULL)"
              " AND (ts >= :since OR :since IS NULL) AND (ts < :until OR :until IS NULL)"
              " ORDER BY id DESC LIMIT :limit",
+    # Every key's schedules by name (then owner), after the cursor's (name, key_id);
+    # the store's own columns, read back by the store's own reader.
+    "schedules": f"SELECT {schedules._SCHEDULE} FROM schedules"
+                 " WHERE (key_id = :key_id OR :key_id IS NULL) AND (paused = :paused OR :paused IS NULL)"
+                 " AND (name > :after_name OR (name = :after_name AND key_id > :after_key)"
+                 " OR :after_name IS NULL)"
+                 " ORDER BY name, key_id LIMIT :limit",
 }
 MAX_ATTEMPTS_LOGGED = 50  # a job retried for ever keeps its newest attempts
 RUN_TIME_SAMPLE = 20_000  # the newest finished jobs that run-time percentiles are taken over
@@ -151,17 +165,20 @@ class Insights:
         return {w: (percentile(sorted(v), 0.5), percentile(sorted(v), 0.95), len(v))
                 for w, v in per.items()}
 
-    def list(self, status=None, workflow=None, key_id=None, since=None, until=None, limit=50,
-             before_seq=None):
+    def list(self, statuses=(), workflow=None, key_id=None, since=None, until=None, limit=50,
+             before_seq=None, schedule=None, concurrency_key=None):
         """Up to ``limit`` jobs of any key, newest first, below ``before_seq``,
-        matching every filter given; and whether more follow."""
+        matching every filter given (``statuses``: any of them; none, any
+        status); and whether more follow."""
         if self.memory:
             found = []
             for job in reversed(self._held()):
                 if (before_seq is not None and job["seq"] >= before_seq) \
-                        or (status is not None and job["status"] != status) \
+                        or (statuses and job["status"] not in statuses) \
                         or (workflow is not None and job["workflow"] != workflow) \
                         or (key_id is not None and job["key_id"] != key_id) \
+                        or (schedule is not None and job.get("schedule") != schedule) \
+                        or (concurrency_key is not None and job.get("concurrency_key") != concurrency_key) \
                         or (since is not None and job["created_at"] < since) \
                         or (until is not None and job["created_at"] >= until):
                     continue
@@ -170,8 +187,9 @@ class Insights:
                 found.append(dict(job))
             return found, False
         rows = self.db.query(self.job_sql["list"], {
-            "status": status, "workflow": workflow, "key_id": key_id, "since": since,
-            "until": until, "limit": limit + 1,
+            "statuses": json.dumps(list(statuses)), "any_status": 0 if statuses else 1,
+            "workflow": workflow, "key_id": key_id, "schedule": schedule,
+            "concurrency_key": concurrency_key, "since": since, "until": until, "limit": limit + 1,
             "before": jobstore.NO_CURSOR if before_seq is None else before_seq})
         jobs = [jobstore.SqlJobStore._job(r) for r in rows]
         return jobs[:limit], len(jobs) > limit
@@ -198,6 +216,19 @@ class Insights:
             "until": until, "limit": limit + 1,
             "before": jobstore.NO_CURSOR if before_id is None else before_id})
         return rows[:limit], len(rows) > limit
+
+    def schedules(self, key_id=None, paused=None, limit=50, after=None):
+        """Every key's schedules, by name then owner, after ``after`` (the
+        (name, key_id) a page ended on), of ``key_id`` and paused or not if
+        given: each as the store gives it, its owner in ``key_id``; and
+        whether more follow. The store (``schedules.ScheduleStore``) answers
+        a key about its own; this is the operator's view of them all."""
+        after_name, after_key = after if after is not None else (None, None)
+        rows = self.db.query(SQL["schedules"], {
+            "key_id": key_id, "paused": None if paused is None else int(paused),
+            "after_name": after_name, "after_key": after_key, "limit": limit + 1})
+        found = [schedules._out(r) for r in rows]
+        return found[:limit], len(found) > limit
 
 
 def _failing(job):

@@ -2,18 +2,25 @@
 escaping, the pages and their filters, and traces carried through a job.
 The browser's view of the same is in test_dashboard_browser.py."""
 
+import html
 import http.server
 import re
 import threading
-from urllib.parse import urlencode
+import time
+from urllib.parse import quote, urlencode
 
 import pytest
 
 import engine
 from support import KEY, NEXT_KEY, STORES, Client, make_app, store_env, wait_until
+from wsgi_routes import fingerprint
 
 FORM = "application/x-www-form-urlencoded"
 XSS = {"a": "<script>alert(1)</script>", "b": '"><img src=x onerror=alert(2)>'}
+HOSTILE = '"><script>alert(3)</script>'
+# A schedule's name is a path segment: one with a slash could not be addressed
+# (an encoded slash is refused), so the hostile name has none.
+HOSTILE_NAME = '"><img src=x onerror=alert(4)>'
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -80,12 +87,12 @@ def browser(app):
     return b
 
 
-def submit(app, n=1, workflow="echo", payload=None, headers=None):
+def submit(app, n=1, workflow="echo", payload=None, headers=None, key=KEY, **fields):
     api = Client(app)
     ids = []
     for _ in range(n):
-        r = api.post("/api/v1/intake", json={"workflow": workflow, "payload": payload or {"n": 1}},
-                     key=KEY, headers=headers)
+        r = api.post("/api/v1/intake", json={"workflow": workflow, "payload": payload or {"n": 1}, **fields},
+                     key=key, headers=headers)
         assert r.status == 202, r
         ids.append(r.json()["job_id"])
     return ids
@@ -101,7 +108,8 @@ def run_all(app):
 
 def test_unauthenticated_pages_redirect_to_login(app):
     b = Browser(app)
-    for path in ("/admin", "/admin/jobs", "/admin/keys", "/admin/spend", "/admin/audit"):
+    for path in ("/admin", "/admin/jobs", "/admin/keys", "/admin/spend", "/admin/audit",
+                 "/admin/schedules", "/admin/schedules/open/x", "/admin/workflows", "/admin/workflows/echo"):
         r = b.get(path)
         assert r.status == 303, path
         assert r.headers["location"].startswith("/admin/login"), path
@@ -261,10 +269,22 @@ def test_malformed_forms_get_a_clear_4xx(browser, case, kwargs, status):
 
 @pytest.mark.parametrize("query", ["status=bogus", "workflow=%3Cscript%3E", "from=yesterday",
                                    "from=2026-13-45", "cursor=-1", "limit=7", "status=a&status=b",
-                                   "key=%00"])
+                                   "key=%00", "status=queued,bogus", "status=queued,", "schedule=a%0Ab",
+                                   "concurrency_key=" + "k" * 201])
 def test_bad_filters_get_400_pages(browser, query):
     r = browser.get("/admin/jobs?" + query)
     assert r.status == 400, query
+    assert r.headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/admin/schedules?state=sleeping", 400), ("/admin/schedules?cursor=no-slash", 400),
+    ("/admin/schedules?key=%3Cb%3E", 400), ("/admin/schedules/key%3C/x", 404),
+    ("/admin/schedules/open/nothing", 404), ("/admin/workflows/%3Cscript%3E", 404),
+    ("/admin/workflows?workflow=%3Cb%3E", 400)])
+def test_bad_schedule_and_workflow_addresses(browser, path, status):
+    r = browser.get(path)
+    assert r.status == status, path
     assert r.headers["content-type"].startswith("text/html")
 
 
@@ -448,8 +468,7 @@ def test_every_page_and_filter_on_every_job_store(tmp_path, kind):
         key_id = application.services.jobs.get(ids[0])["key_id"]
         query = urlencode({"status": "succeeded", "workflow": "echo", "key": key_id,
                            "from": "2000-01-01", "to": "2100-01-01T00:00", "limit": "10"})
-        listed = re.findall(r'href="/admin/jobs/([0-9a-f]{32})"', b.get("/admin/jobs?" + query).body.decode())
-        assert listed == list(reversed(ids)), kind
+        assert listed(b.get("/admin/jobs?" + query).body) == list(reversed(ids)), kind
         assert b"Retry" in b.get(f"/admin/jobs/{failed}").body
         audit = b.get("/admin/audit?" + urlencode({"key": key_id, "method": "POST", "status": "202",
                                                     "from": "2000-01-01"})).body.decode()
@@ -457,6 +476,30 @@ def test_every_page_and_filter_on_every_job_store(tmp_path, kind):
         assert b.get("/admin/spend").status == 200 and b.get("/admin/keys").status == 200
         text = Client(application).get("/metrics", key=KEY).body.decode()
         assert 'levqor_jobs{status="queued",workflow="ext.wait"} 2' in text, kind
+        # Flow control: the filters the list API has, every key's schedules, the limits.
+        lane = submit(application, 2, workflow="ext.lane", concurrency_key="tenant 9")
+        [later] = submit(application, workflow="ext.lane", delay=600, concurrency_key="tenant 9")
+        [child] = submit(application, workflow="ext.lane", depends_on=[lane[0]])
+        make_schedule(application, "every-store")
+        made = fire(application, "every-store")
+        query = urlencode({"status": "queued,scheduled", "workflow": "ext.lane", "concurrency_key": "tenant 9",
+                           "key": key_id, "from": "2000-01-01", "limit": "10"})
+        assert listed(b.get("/admin/jobs?" + query).body) == [later, *reversed(lane)], kind
+        assert listed(b.get("/admin/jobs?status=waiting").body) == [child], kind
+        assert listed(b.get("/admin/jobs?" + urlencode({"schedule": "every-store", "key": key_id})).body) == [made]
+        assert "Depends on (1)" in b.get(f"/admin/jobs/{child}").body.decode(), kind
+        acme, acme_key = client_key(application)
+        make_schedule(application, "every-store", key=acme_key, paused=True)
+        body = b.get("/admin/schedules").body.decode()
+        assert body.count(">every-store</a>") == 2 and 'badge paused">paused' in body, kind
+        assert f'href="/admin/jobs/{made}"' in body
+        assert b.get("/admin/schedules?state=paused&key=" + acme).body.decode().count(">every-store</a>") == 1
+        assert b.get(f"/admin/schedules/{acme}/every-store").status == 200
+        csrf = b.csrf("/admin/workflows/ext.lane")
+        assert b.post("/admin/workflows/ext.lane/limits", {"csrf": csrf, "max_concurrency": "4"}).status == 303
+        assert application.services.engine.limits() == {"ext.lane": {"max_concurrency": 4}}, kind
+        body = b.get("/admin/workflows").body.decode()
+        assert re.search(r'ext\.lane</a></td><td>external workers</td><td class="num">4</td>', body), kind
     finally:
         application.stop()
 
@@ -502,3 +545,259 @@ def test_every_attempt_is_listed_with_its_error_and_duration(tmp_path):
         assert "attempt_log" not in Client(application).get(f"/api/v1/status/{job_id}", key=KEY).json()
     finally:
         application.stop()
+
+
+# -- flow control: delays, dependencies, schedules, workflow limits ---------------------------------
+
+
+def make_schedule(app, name, key=KEY, **spec):
+    body = {"name": name, "workflow": "ext.tick", "payload": {"n": 1},
+            **({} if "cron" in spec else {"every": 300}), **spec}
+    r = Client(app).post("/api/v1/schedules", json=body, key=key)
+    assert r.status == 201, r
+    return r.json()["schedule"]
+
+
+def fire(app, name):
+    """Make a schedule due a minute ago and let the scheduler fire it: its one job."""
+    app.services.db.write_one("UPDATE schedules SET next_fire = :t WHERE name = :name",
+                              {"name": name, "t": time.time() - 60})
+    app.services.scheduler.tick()
+    return app.services.db.query("SELECT last_job FROM schedules WHERE name = :name", {"name": name})[0]["last_job"]
+
+
+def client_key(app, name="acme"):
+    r = Client(app).post("/api/v1/keys", json={"name": name, "role": "client"}, key=KEY)
+    return r.json()["id"], r.json()["key"]
+
+
+def listed(body):
+    return re.findall(r'href="/admin/jobs/([0-9a-f]{32})"', body.decode() if isinstance(body, bytes) else body)
+
+
+def audited(app, path):
+    app.services.recorder.flush()
+    return [(r["key_id"], r["status"]) for r in app.services.db.query(
+        "SELECT key_id, status FROM audit_log WHERE path = :p ORDER BY id", {"p": path})]
+
+
+def test_jobs_filter_by_schedule_concurrency_key_and_statuses_across_pages(app, browser):
+    lane_a = submit(app, 12, workflow="ext.lane", concurrency_key="tenant a")
+    submit(app, 2, workflow="ext.lane", concurrency_key="tenant b")
+    make_schedule(app, "nightly")
+    made = fire(app, "nightly")
+    [later] = submit(app, workflow="ext.later", delay=600)
+    [child] = submit(app, workflow="ext.child", depends_on=[lane_a[0]])
+    path = "/admin/jobs?" + urlencode({"concurrency_key": "tenant a", "limit": "10"})
+    seen = []
+    while path:
+        body = browser.get(path).body.decode()
+        seen += listed(body)
+        assert 'name="concurrency_key" value="tenant a"' in body  # the filter shown as in force
+        nxt = re.search(r'href="(/admin/jobs\?[^"]+)">Next page', body)
+        path = nxt and nxt.group(1).replace("&amp;", "&")
+        assert not path or "concurrency_key=tenant+a" in path and "limit=10" in path
+    assert seen == list(reversed(lane_a))
+    # The bulk form goes back to the same filters.
+    assert 'name="back" value="/admin/jobs?concurrency_key=tenant+a&amp;limit=10"' in body
+    body = browser.get("/admin/jobs?schedule=nightly").body.decode()
+    assert listed(body) == [made]
+    assert f'href="/admin/schedules/{fingerprint(KEY)}/nightly">nightly</a>' in body
+    body = browser.get("/admin/jobs?" + urlencode({"status": "scheduled,waiting"})).body.decode()
+    assert listed(body) == [child, later]
+    assert '<option value="scheduled,waiting" selected>scheduled or waiting</option>' in body
+    assert "on 1 job" in body
+    assert re.search(r'badge scheduled">scheduled</span><span class="sub"><span title="\d{4}-[0-9 :-]+ UTC">'
+                     r'runs in (9|10) min', body)
+    assert listed(browser.get("/admin/jobs?" + urlencode({"status": "waiting", "concurrency_key": "tenant a"})
+                              ).body) == []
+
+
+def test_a_job_shows_its_parents_their_results_and_its_dependents(app, browser):
+    [parent] = submit(app, payload={"report": "q3"})
+    [child] = submit(app, workflow="ext.child", depends_on=[parent], concurrency_key="tenant-7", delay=0)
+    waiting = browser.get(f"/admin/jobs/{child}").body.decode()
+    assert "Depends on (1)" in waiting and f'<a href="/admin/jobs/{parent}">{parent[:12]}…</a>' in waiting
+    assert 'badge queued">queued' in waiting and "Results received" not in waiting
+    assert "<dt>Concurrency key</dt><dd><code>tenant-7</code></dd>" in waiting
+    run_all(app)  # the parent succeeds: the child queues with its parent's result
+    body = browser.get(f"/admin/jobs/{child}").body.decode()
+    assert 'badge succeeded">succeeded' in body
+    results = re.search(r"Results received from its parents</h2><pre>(.*?)</pre>", body, re.S).group(1)
+    assert parent in results and "&quot;report&quot;: &quot;q3&quot;" in results
+    body = browser.get(f"/admin/jobs/{parent}").body.decode()
+    assert "Dependents (1)" in body and f'href="/admin/jobs/{child}"' in body
+    assert "Depends on" not in body and "Results received" not in body
+    # A parent that fails cancels its dependent, which says why.
+    failed = failed_job(app)
+    [orphan] = submit(app, workflow="ext.child", depends_on=[failed])
+    body = browser.get(f"/admin/jobs/{orphan}").body.decode()
+    assert 'badge canceled">canceled' in body and "dependency_failed" in body
+
+
+def test_a_delayed_and_a_scheduled_job_show_when_and_from_what(app, browser):
+    at = time.gmtime(time.time() + 3 * 86400)
+    [later] = submit(app, workflow="ext.later", run_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", at))
+    body = browser.get(f"/admin/jobs/{later}").body.decode()
+    assert f"<dt>Run at</dt><dd>{time.strftime('%Y-%m-%d %H:%M:%S', at)}</dd>" in body
+    assert 'badge scheduled">scheduled' in body
+    make_schedule(app, "hourly")
+    made = fire(app, "hourly")
+    body = browser.get(f"/admin/jobs/{made}").body.decode()
+    assert f'<dt>Schedule</dt><dd><a href="/admin/schedules/{fingerprint(KEY)}/hourly">hourly</a>' in body
+
+
+def test_schedules_of_every_key_are_listed_and_paged(app, browser):
+    acme, acme_key = client_key(app)
+    make_schedule(app, "report", cron="30 2 * * mon-fri", timezone="Europe/London")
+    make_schedule(app, "report", key=acme_key, every=90)
+    for i in range(55):
+        make_schedule(app, f"bulk-{i:02d}", key=acme_key, paused=True)
+    made = fire(app, "report")
+    body = browser.get("/admin/schedules?key=" + acme).body.decode()
+    assert "bulk-00" in body and "bulk-49" in body and "bulk-50" not in body
+    nxt = re.search(r'href="(/admin/schedules\?[^"]+)">Next page', body).group(1).replace("&amp;", "&")
+    assert "key=" + acme in nxt
+    body = browser.get(nxt).body.decode()
+    assert "bulk-54" in body and "bulk-49" not in body and "report" in body and "Next page" not in body
+    body = browser.get("/admin/schedules?state=active").body.decode()
+    rows = re.findall(r"<tr><td><a href=\"/admin/schedules/([^/]+)/report\">report</a></td>(.*?)</tr>", body)
+    assert {r[0] for r in rows} == {fingerprint(KEY), acme}  # one name, two owners
+    mine = dict(rows)[fingerprint(KEY)]
+    assert "<code>30 2 * * mon-fri</code>" in mine and "Europe/London" in mine
+    assert f'href="/admin/jobs/{made}"' in mine  # the last job, or one of the two made
+    assert "every 90 s" in dict(rows)[acme] and f'<span title="{acme}">acme</span>' in dict(rows)[acme]
+    assert "bulk-" not in body  # paused ones filtered out
+    page = browser.get(f"/admin/schedules/{acme}/bulk-03").body.decode()
+    assert 'badge paused">paused' in page and "Resume" in page and "It has made no job yet" in page
+
+
+def test_pause_resume_and_delete_a_clients_schedule(app, browser):
+    acme, acme_key = client_key(app)
+    make_schedule(app, "sync", key=acme_key)
+    href = f"/admin/schedules/{acme}/sync"
+    csrf = browser.csrf("/admin/schedules")
+    for form in ({}, {"csrf": "forged"}):  # CSRF refused, and audited
+        r = browser.post(href + "/pause", form)
+        assert r.status == 403 and b"security token" in r.body
+    assert app.services.schedules.get(acme, "sync")["paused"] is False
+    r = browser.post(href + "/pause", {"csrf": csrf, "back": "/admin/schedules?state=active"})
+    assert r.status == 303 and r.headers["location"] == "/admin/schedules?state=active&done=pause"
+    assert app.services.schedules.get(acme, "sync")["paused"] is True
+    assert b"Schedule paused." in browser.get(r.headers["location"]).body
+    r = browser.post(href + "/resume", {"csrf": csrf, "back": "https://elsewhere.example/"})
+    assert r.status == 303 and r.headers["location"] == href + "?done=resume"
+    assert app.services.schedules.get(acme, "sync")["paused"] is False
+    # The owner's listing through the API is what it was, bar the state.
+    assert [s["name"] for s in Client(app).get("/api/v1/schedules", key=acme_key).json()["schedules"]] == ["sync"]
+    assert browser.post(href + "/explode", {"csrf": csrf}).status == 404
+    r = browser.post(href + "/delete", {"csrf": csrf})
+    assert r.status == 303 and r.headers["location"] == "/admin/schedules?done=delete"
+    assert app.services.schedules.get(acme, "sync") is None
+    assert browser.post(href + "/delete", {"csrf": csrf}).status == 404
+    me = fingerprint(KEY)
+    assert audited(app, href + "/pause") == [(me, 403), (me, 403), (me, 200)]
+    assert audited(app, href + "/resume") == [(me, 200)] and audited(app, href + "/delete") == [(me, 200)]
+
+
+def test_workflow_limits_are_set_validated_as_the_api_does_and_cleared(app, browser):
+    submit(app, 2, workflow="ext.limited")
+    body = browser.get("/admin/workflows").body.decode()
+    row = re.search(r'<tr><td><a href="/admin/workflows/ext.limited">ext.limited</a>.*?</tr>', body).group(0)
+    assert "external workers" in row and 'href="/admin/jobs?workflow=ext.limited&amp;status=queued">2</a>' in row
+    assert '<a href="/admin/workflows/echo">echo</a></td><td>in process' in body
+    path = "/admin/workflows/ext.limited"
+    csrf = browser.csrf(path)
+    good = {"csrf": csrf, "max_concurrency": "20", "max_concurrency_per_key": "2", "rate_count": "100",
+            "rate_per": "60"}
+    assert browser.post(path + "/limits", {**good, "csrf": "forged"}).status == 403
+    assert app.services.engine.limits() == {}
+    r = browser.post(path + "/limits", good)
+    assert r.status == 303 and r.headers["location"] == path + "?saved=1"
+    want = {"max_concurrency": 20, "max_concurrency_per_key": 2, "rate": {"count": 100, "per": 60}}
+    assert app.services.engine.limits() == {"ext.limited": want}
+    api = Client(app).get("/api/v1/workflows", key=KEY).json()["workflows"]
+    assert [w["limits"] for w in api if w["name"] == "ext.limited"] == [want]
+    page = browser.get(r.headers["location"]).body.decode()
+    assert "Limits saved" in page and 'name="rate_per" value="60"' in page
+    assert "100 per 1 min" in browser.get("/admin/workflows").body.decode()
+    # Refused exactly as PUT /api/v1/workflows/<name>/limits refuses (the
+    # same body sent to the API says the same), the form kept as typed.
+    for fields, body in [({"max_concurrency": "0"}, {"max_concurrency": 0}),
+                         ({"max_concurrency_per_key": "lots"}, {"max_concurrency_per_key": "lots"}),
+                         ({"max_concurrency": "100001"}, {"max_concurrency": 100001}),
+                         ({"max_concurrency": "2.5"}, {"max_concurrency": "2.5"}),
+                         ({"rate_per": ""}, {"rate": {"count": 100}}),
+                         ({"rate_count": ""}, {"rate": {"per": 60}}),
+                         ({"rate_per": "0"}, {"rate": {"count": 100, "per": 0}}),
+                         ({"rate_per": "86401"}, {"rate": {"count": 100, "per": 86401}})]:
+        message = Client(app).request("PUT", path.replace("/admin/", "/api/v1/") + "/limits", key=KEY,
+                                      json=body).json()["message"]
+        r = browser.post(path + "/limits", {**good, **fields})
+        assert r.status == 400 and html.escape(message, quote=True) in r.body.decode(), (fields, message)
+        assert f'value="{list(fields.values())[0]}"' in r.body.decode()
+    assert app.services.engine.limits() == {"ext.limited": want}
+    r = browser.post(path + "/limits", {**good, "max_concurrency": "", "rate_count": "3", "rate_per": "0.5"})
+    assert app.services.engine.limits() == {"ext.limited": {"max_concurrency_per_key": 2,
+                                                            "rate": {"count": 3, "per": 0.5}}}
+    r = browser.post(path + "/limits", {"csrf": csrf})  # the "remove every limit" button
+    assert r.status == 303 and app.services.engine.limits() == {}
+    assert browser.get("/admin/workflows?workflow=new.one").headers["location"] == "/admin/workflows/new.one"
+    assert browser.get("/admin/workflows/new.one").status == 200
+    me = fingerprint(KEY)
+    assert audited(app, path + "/limits") == [(me, 403), (me, 200)] + [(me, 400)] * 8 + [(me, 200)] * 2
+
+
+def test_a_client_key_gets_no_flow_control_page_nor_action(app):
+    acme, acme_key = client_key(app)
+    make_schedule(app, "mine", key=acme_key)
+    b = Browser(app)
+    assert b.login(acme_key).status == 403
+    for path in ("/admin/schedules", f"/admin/schedules/{acme}/mine", "/admin/workflows"):
+        r = b.get(path, headers={"X-Api-Key": acme_key})  # an API key opens no page
+        assert r.status == 303 and r.headers["location"].startswith("/admin/login"), path
+    for path, form in ((f"/admin/schedules/{acme}/mine/delete", {}),
+                       ("/admin/workflows/echo/limits", {"max_concurrency": "1"})):
+        r = b.post(path, {"csrf": "x", **form}, headers={"X-Api-Key": acme_key})
+        assert r.status == 403 and b"session has ended" in r.body, path
+    assert app.services.schedules.get(acme, "mine") is not None and app.services.engine.limits() == {}
+    # Nor may it set limits through the API: that is the operator's.
+    r = Client(app).request("PUT", "/api/v1/workflows/echo/limits", key=acme_key, json={"max_concurrency": 1})
+    assert r.status == 403
+
+
+def test_hostile_schedule_names_payloads_and_concurrency_keys_are_text(app, browser):
+    acme, acme_key = client_key(app, name=HOSTILE)
+    make_schedule(app, "evil", key=acme_key, payload=XSS, workflow="ext.evil")
+    # The API holds names to the workflow pattern; the store does not, so one
+    # written there (by a future version, or by hand) must still be text.
+    spec = {"workflow": "ext.evil", "payload": XSS, "every": 60, "cron": None, "timezone": None,
+            "priority": None, "max_cost": None, "callback_url": None}
+    app.services.schedules.create(acme, HOSTILE_NAME, spec)
+    [job] = submit(app, workflow="ext.evil", payload=XSS, concurrency_key=HOSTILE, key=acme_key)
+    [made] = [fire(app, "evil")]
+    pages = {"/admin/schedules", f"/admin/schedules/{acme}/evil",
+             f"/admin/schedules/{acme}/{quote(HOSTILE_NAME, safe='')}",
+             "/admin/jobs", "/admin/jobs?" + urlencode({"concurrency_key": HOSTILE}), f"/admin/jobs/{job}",
+             f"/admin/jobs/{made}", "/admin/workflows"}
+    for path in pages:
+        r = browser.get(path)
+        assert r.status == 200, path
+        body = r.body.decode()
+        assert "<script>alert" not in body and "<img src=x" not in body, path
+    listing = browser.get("/admin/schedules").body.decode()
+    assert f'<span title="{acme}">&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt;</span>' in listing  # the key's
+    assert "&quot;&gt;&lt;img src=x onerror=alert(4)&gt;</a>" in listing  # the schedule's
+    assert f"/admin/schedules/{acme}/{quote(HOSTILE_NAME, safe='')}" in listing
+    detail = browser.get(f"/admin/schedules/{acme}/evil").body.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in detail and f'href="/admin/jobs/{made}"' in detail
+    jobs = browser.get("/admin/jobs?" + urlencode({"concurrency_key": HOSTILE})).body.decode()
+    assert listed(jobs) == [job] and 'value="&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt;"' in jobs
+    assert "&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt;" in browser.get(f"/admin/jobs/{job}").body.decode()
+    # And the hostile one can be paused and deleted like any other.
+    csrf = browser.csrf()
+    target = f"/admin/schedules/{acme}/{quote(HOSTILE_NAME, safe='')}"
+    assert browser.post(target + "/pause", {"csrf": csrf}).status == 303
+    assert app.services.schedules.get(acme, HOSTILE_NAME)["paused"] is True
+    assert browser.post(target + "/delete", {"csrf": csrf}).status == 303
+    assert app.services.schedules.get(acme, HOSTILE_NAME) is None
