@@ -10,6 +10,7 @@ import base64
 import os
 import pathlib
 import shutil
+import sqlite3
 import time
 
 import pytest
@@ -303,6 +304,175 @@ def test_keys_spend_and_audit_pages(driver, site):
     open_page(driver, site, "/admin/audit?method=POST")
     assert "/admin/jobs/" + site["flaky"] + "/retry" in driver.page_source
     shot(driver, site, "audit")
+
+
+# -- flow control: delays, dependencies, schedules, workflow limits ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow(site):
+    """Jobs and schedules of every flow-control kind, made through the API
+    after the tests above counted the site's jobs."""
+    srv, api = site["server"], site["api"]
+    url = srv.url
+
+    def post(path, body, key=None, status=(201, 202, 200)):
+        headers = {"X-Api-Key": key} if key else {}
+        r = api.request("PUT" if path.endswith("/limits") else "POST", url + path, json=body,
+                        headers=headers, timeout=10)
+        assert r.status_code in status, r.text
+        return r.json()
+
+    def intake(workflow, **fields):
+        return post("/api/v1/intake", {"workflow": workflow, "payload": fields.pop("payload", {}), **fields})["job_id"]
+
+    def finish(workflow, result):
+        lease = post("/api/v1/jobs/claim", {"workflows": [workflow]})["job"]
+        post(f"/api/v1/jobs/{lease['job_id']}/complete", {"lease_token": lease["lease_token"], "result": result})
+        return lease["job_id"]
+
+    stages = [intake("ext.stage", payload={"part": i}, concurrency_key="customer-42") for i in range(2)]
+    finish("ext.stage", {"rows": 120})
+    finish("ext.stage", {"rows": 80})
+    merged = intake("ext.merge", depends_on=stages, concurrency_key="customer-42")
+    pending = intake("ext.stage", payload={"part": 3}, concurrency_key="customer-7")
+    waiting = intake("ext.merge", depends_on=[pending], concurrency_key="customer-7")
+    later = intake("ext.later", delay=3600, concurrency_key="customer-42")
+    post("/api/v1/workflows/ext.stage/limits", {"max_concurrency": 4, "max_concurrency_per_key": 1,
+                                                "rate": {"count": 100, "per": 60}})
+    post("/api/v1/schedules", {"name": "nightly-report", "workflow": "report.build", "payload": {"account": 7},
+                               "cron": "30 2 * * mon-fri", "timezone": "Europe/London", "max_cost": 0.2})
+    post("/api/v1/schedules", {"name": "acme-sync", "workflow": "ext.sync", "payload": {"full": False},
+                               "every": 900, "paused": True}, key=site["client_key"])
+    post("/api/v1/schedules", {"name": "hourly-digest", "workflow": "ext.digest", "payload": XSS,
+                               "cron": "@hourly"}, key=site["client_key"])
+    # Due a minute ago, through the database: either worker's scheduler fires it within a second.
+    with sqlite3.connect(srv.env["SQLITE_PATH"]) as db:
+        db.execute("UPDATE schedules SET next_fire = ? WHERE name = 'nightly-report'", (time.time() - 60,))
+    schedule = lambda: api.get(url + "/api/v1/schedules/nightly-report", timeout=10).json()["schedule"]  # noqa: E731
+    assert wait_until(lambda: schedule()["last_job"], 10)
+    return {"stages": stages, "merged": merged, "pending": pending, "waiting": waiting, "later": later,
+            "fired": schedule()["last_job"]}
+
+
+def test_jobs_filter_by_concurrency_key_and_status_list(driver, site, flow):
+    from selenium.webdriver.support.ui import Select
+    open_page(driver, site, "/admin/jobs")
+    by_css(driver, "input[name=concurrency_key]")[0].send_keys("customer-42")
+    Select(by_css(driver, "select[name=status]")[0]).select_by_value("scheduled,waiting,queued,running")
+    click(driver, "form.filters button")
+    assert wait_until(lambda: "concurrency_key=customer-42" in driver.current_url, 5)
+    assert "status=scheduled%2Cwaiting%2Cqueued%2Crunning" in driver.current_url
+    assert job_ids_listed(driver) == [flow["later"], flow["merged"]]
+    text = by_css(driver, "main table")[0].text
+    assert "runs " in text and "customer-42" in text
+    shot(driver, site, "jobs-flow-filters")
+    open_page(driver, site, "/admin/jobs?status=waiting")
+    assert job_ids_listed(driver) == [flow["waiting"]] and "on 1 job" in by_css(driver, "main table")[0].text
+    open_page(driver, site, "/admin/jobs?schedule=nightly-report")
+    assert job_ids_listed(driver) == [flow["fired"]]
+    shot(driver, site, "jobs-of-a-schedule")
+
+
+def test_a_job_shows_its_parents_results_and_dependents(driver, site, flow):
+    open_page(driver, site, f"/admin/jobs/{flow['merged']}")
+    headings = [h.text for h in by_css(driver, "main h2")]
+    assert "Depends on (2)" in headings and "Results received from its parents" in headings
+    results = [p.text for p in by_css(driver, "pre") if '"rows"' in p.text][0]
+    assert flow["stages"][0] in results and "120" in results and "80" in results
+    facts = by_css(driver, "dl.facts")[0].text
+    assert "customer-42" in facts
+    shot(driver, site, "job-with-parents")
+    # A parent keeps its dependents while it runs (one that had ended resolves them at once).
+    open_page(driver, site, f"/admin/jobs/{flow['waiting']}")
+    assert by_css(driver, "dl.facts .badge")[0].text == "waiting"
+    assert "Results received from its parents" not in driver.page_source
+    click(driver, f"td a[href='/admin/jobs/{flow['pending']}']")
+    assert wait_until(lambda: flow["pending"][:12] in title(driver), 5)
+    assert "Dependents (1)" in [h.text for h in by_css(driver, "main h2")]
+    assert by_css(driver, f"td a[href='/admin/jobs/{flow['waiting']}']")
+    shot(driver, site, "job-with-dependents")
+    open_page(driver, site, f"/admin/jobs/{flow['later']}")
+    assert by_css(driver, "dl.facts .badge")[0].text == "scheduled"
+    shot(driver, site, "job-scheduled")
+
+
+def test_schedules_of_every_key_pause_resume_and_delete(driver, site, flow):
+    from selenium.common.exceptions import NoAlertPresentException
+    api, url = site["api"], site["server"].url
+    open_page(driver, site, "/admin/schedules")
+    assert title(driver) == "Schedules"
+    text = by_css(driver, "main table")[0].text
+    for expected in ("nightly-report", "acme-sync", "hourly-digest", "30 2 * * mon-fri", "Europe/London",
+                     "every 15 min", "paused", "acme"):
+        assert expected in text, expected
+    assert by_css(driver, f"td a[href='/admin/jobs/{flow['fired']}']")  # its last job
+    shot(driver, site, "schedules")
+    click(driver, "form[action$='/nightly-report/pause'] button")
+    accept_confirm(driver)
+    assert wait_until(lambda: by_css(driver, ".flash.ok"), 5)
+    assert "Schedule paused." in by_css(driver, ".flash.ok")[0].text
+    mine = api.get(url + "/api/v1/schedules/nightly-report", timeout=10).json()["schedule"]
+    assert mine["paused"] is True
+    click(driver, "td a[href$='/nightly-report']")
+    assert wait_until(lambda: title(driver) == "Schedule nightly-report", 5)
+    assert '"account": 7' in by_css(driver, "pre")[0].text
+    assert job_ids_listed(driver) == [flow["fired"]]
+    click(driver, "form[action$='/nightly-report/resume'] button")
+    accept_confirm(driver)
+    assert wait_until(lambda: "Schedule resumed." in driver.page_source, 5)
+    assert api.get(url + "/api/v1/schedules/nightly-report", timeout=10).json()["schedule"]["paused"] is False
+    shot(driver, site, "schedule")
+    # A client's schedule with a hostile payload: text, and nothing runs.
+    driver.get_log("browser")
+    click(driver, "nav a[href='/admin/schedules']")
+    assert wait_until(lambda: title(driver) == "Schedules", 5)
+    click(driver, "td a[href$='/hourly-digest']")
+    assert wait_until(lambda: title(driver) == "Schedule hourly-digest", 5)
+    time.sleep(0.5)
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+    assert XSS["note"] in by_css(driver, "pre")[0].text and by_css(driver, "img") == []
+    assert not [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    shot(driver, site, "schedule-hostile-payload")
+    click(driver, "form[action$='/hourly-digest/delete'] button")
+    accept_confirm(driver)
+    assert wait_until(lambda: "Schedule deleted." in driver.page_source, 5)
+    assert "hourly-digest" not in by_css(driver, "main table")[0].text
+    mine = requests.get(url + "/api/v1/schedules", headers={"X-Api-Key": site["client_key"]}, timeout=10)
+    assert [s["name"] for s in mine.json()["schedules"]] == ["acme-sync"]
+
+
+def test_workflow_limits_are_listed_and_set_with_the_form(driver, site, flow):
+    api, url = site["api"], site["server"].url
+    open_page(driver, site, "/admin/workflows")
+    assert title(driver) == "Workflows"
+    rows = {r.text.split(" ")[0]: r.text for r in by_css(driver, "main tbody tr")}
+    assert "ext.stage external workers 4 1 100 per 1 min 0 1 0" == rows["ext.stage"]
+    assert rows["echo"].startswith("echo in process")
+    shot(driver, site, "workflows")
+    click(driver, "td a[href='/admin/workflows/ext.stage']")
+    assert wait_until(lambda: title(driver) == "Workflow ext.stage", 5)
+    field = by_css(driver, "input[name=max_concurrency]")[0]
+    assert field.get_attribute("value") == "4"
+    field.clear()
+    field.send_keys("6")
+    for name in ("rate_count", "rate_per"):
+        by_css(driver, f"input[name={name}]")[0].clear()
+    click(driver, "form.limits button")
+    assert wait_until(lambda: by_css(driver, ".flash.ok"), 5)
+    limits = [w for w in api.get(url + "/api/v1/workflows", timeout=10).json()["workflows"]
+              if w["name"] == "ext.stage"][0]["limits"]
+    assert limits == {"max_concurrency": 6, "max_concurrency_per_key": 1, "rate": None}
+    shot(driver, site, "workflow-limits")
+    field = by_css(driver, "input[name=max_concurrency_per_key]")[0]
+    field.clear()
+    field.send_keys("0")
+    click(driver, "form.limits button")
+    assert wait_until(lambda: by_css(driver, ".flash.error"), 5)
+    assert "max_concurrency_per_key: must be at least 1" in by_css(driver, ".flash.error")[0].text
+    assert by_css(driver, "input[name=max_concurrency_per_key]")[0].get_attribute("value") == "0"
+    shot(driver, site, "workflow-limits-refused")
 
 
 def test_a_client_key_cannot_log_in(driver, site):
