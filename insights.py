@@ -72,7 +72,7 @@ SQL = {
              " ORDER BY id DESC LIMIT :limit",
     # Every key's schedules by name (then owner), after the cursor's (name, key_id);
     # the store's own columns, read back by the store's own reader.
-    "schedules": f"SELECT {schedules._SCHEDULE} FROM schedules"
+    "schedules": f"SELECT {schedules.SCHEDULE_COLUMNS} FROM schedules"
                  " WHERE (key_id = :key_id OR :key_id IS NULL) AND (paused = :paused OR :paused IS NULL)"
                  " AND (name > :after_name OR (name = :after_name AND key_id > :after_key)"
                  " OR :after_name IS NULL)"
@@ -227,7 +227,7 @@ class Insights:
         rows = self.db.query(SQL["schedules"], {
             "key_id": key_id, "paused": None if paused is None else int(paused),
             "after_name": after_name, "after_key": after_key, "limit": limit + 1})
-        found = [schedules._out(r) for r in rows]
+        found = [schedules.schedule_out(r) for r in rows]
         return found[:limit], len(found) > limit
 
 

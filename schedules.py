@@ -23,18 +23,18 @@ from jobstore import IdempotencyMismatch, QueueFull
 # The fields of a schedule's definition, beside its name.
 SPEC_FIELDS = ("workflow", "payload", "priority", "max_cost", "callback_url", "cron", "timezone",
                "every")
-_SCHEDULE = "key_id, name, spec, paused, next_fire, last_fire, last_job, created_at, updated_at"
+SCHEDULE_COLUMNS = "key_id, name, spec, paused, next_fire, last_fire, last_job, created_at, updated_at"
 # Named statements, the same on SQLite and PostgreSQL.
 SQL = {
-    "create": f"INSERT INTO schedules ({_SCHEDULE}) VALUES (:key_id, :name, :spec, :paused,"
+    "create": f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES (:key_id, :name, :spec, :paused,"
               " :next_fire, NULL, NULL, :now, :now) ON CONFLICT (key_id, name) DO NOTHING"
-              f" RETURNING {_SCHEDULE}",
-    "get": f"SELECT {_SCHEDULE} FROM schedules WHERE key_id = :key_id AND name = :name",
-    "list": f"SELECT {_SCHEDULE} FROM schedules WHERE key_id = :key_id ORDER BY name",
+              f" RETURNING {SCHEDULE_COLUMNS}",
+    "get": f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE key_id = :key_id AND name = :name",
+    "list": f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE key_id = :key_id ORDER BY name",
     "change": "UPDATE schedules SET spec = :spec, paused = :paused, next_fire = :next_fire,"
-              f" updated_at = :now WHERE key_id = :key_id AND name = :name RETURNING {_SCHEDULE}",
+              f" updated_at = :now WHERE key_id = :key_id AND name = :name RETURNING {SCHEDULE_COLUMNS}",
     "delete": "DELETE FROM schedules WHERE key_id = :key_id AND name = :name RETURNING name",
-    "due": f"SELECT {_SCHEDULE} FROM schedules WHERE paused = 0 AND next_fire <= :now"
+    "due": f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE paused = 0 AND next_fire <= :now"
            " ORDER BY next_fire LIMIT 100",
     # The compare-and-set: only the process that saw this next_fire moves it.
     "advance": "UPDATE schedules SET next_fire = :next_fire, last_fire = :fired, last_job = :job_id"
@@ -63,15 +63,21 @@ def latest_fire(spec, due, now):
     clock = timing(spec)
     if not isinstance(clock, Cron):
         return due + (now - due) // clock * clock
-    for _ in range(10_000):  # minutes of a week or so; beyond, start from a day ago
-        after = clock.next_after(due)
-        if after is None or after > now:
-            return due
-        due = after
-    return latest_fire(spec, clock.next_after(now - 86_400) or now, now)
+    for window in (None, 86_400, 8 * 86_400, 32 * 86_400, 367 * 86_400):
+        if window is not None:  # too many fires since due: count on from a fire nearer now
+            start = clock.next_after(now - window)
+            if start is None or start > now:
+                continue
+            due = start
+        for _ in range(10_000):
+            after = clock.next_after(due)
+            if after is None or after > now:
+                return due
+            due = after
+    return due
 
 
-def _out(row):
+def schedule_out(row):
     if row is None:
         return None
     spec = json.loads(row["spec"])
@@ -95,14 +101,14 @@ class ScheduleStore:
         rows = self.db.write_one(SQL["create"], {
             "key_id": key_id, "name": name, "spec": json.dumps(spec, allow_nan=False),
             "paused": int(paused), "next_fire": next_fire(spec, now), "now": now})
-        return _out(rows[0]) if rows else None
+        return schedule_out(rows[0]) if rows else None
 
     def get(self, key_id, name):
         rows = self.db.query(SQL["get"], {"key_id": key_id, "name": name})
-        return _out(rows[0]) if rows else None
+        return schedule_out(rows[0]) if rows else None
 
     def list(self, key_id):
-        return [_out(r) for r in self.db.query(SQL["list"], {"key_id": key_id})]
+        return [schedule_out(r) for r in self.db.query(SQL["list"], {"key_id": key_id})]
 
     def change(self, key_id, name, spec, paused):
         """Replace the definition; the next fire is counted from now. None if
@@ -111,13 +117,13 @@ class ScheduleStore:
         rows = self.db.write_one(SQL["change"], {
             "key_id": key_id, "name": name, "spec": json.dumps(spec, allow_nan=False),
             "paused": int(paused), "next_fire": next_fire(spec, now), "now": now})
-        return _out(rows[0]) if rows else None
+        return schedule_out(rows[0]) if rows else None
 
     def delete(self, key_id, name):
         return bool(self.db.write_one(SQL["delete"], {"key_id": key_id, "name": name}))
 
     def due(self, now):
-        return [_out(r) for r in self.db.query(SQL["due"], {"now": now})]
+        return [schedule_out(r) for r in self.db.query(SQL["due"], {"now": now})]
 
     def advance(self, schedule, next_at, fired, job_id):
         """Move the schedule on from the ``next_fire`` it was read with;

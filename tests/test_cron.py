@@ -135,3 +135,15 @@ def test_thousands_of_random_expressions_agree_with_croniter():
             assert mine == theirs.get_next(float), (expression, start)
         compared += 1
     assert compared > 2500
+
+
+def test_after_a_long_outage_missed_fires_collapse_into_the_latest_past_one():
+    from schedules import latest_fire
+    spec = {"cron": "0 9 * * mon-fri", "timezone": "UTC", "every": None}
+    sunday_noon = at("2026-03-08T12:00:00+00:00")
+    # Due a year ago: the fire they collapse into is Friday's, never one to come.
+    assert latest_fire(spec, at("2025-03-07T09:00:00+00:00"), sunday_noon) == \
+        at("2026-03-06T09:00:00+00:00")
+    every_minute = {"cron": "* * * * *", "timezone": "UTC", "every": None}
+    assert latest_fire(every_minute, 0.0, sunday_noon) == sunday_noon
+    assert latest_fire({"cron": None, "every": 7}, 100.0, 150.0) == 149.0
