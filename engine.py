@@ -28,7 +28,6 @@ import traceback
 
 import costs
 from costs import BudgetExceeded
-from insights import attempt_log
 from jobstore import JOB_FINAL, WORKFLOW_NAME_PATTERN
 
 # ---------------------------------------------------------------------------
@@ -201,6 +200,24 @@ def status_view(job):
     view.update({k: job.get(k) for k in FLOW_VIEW})
     view["cost"] = {"max": costs.to_usd(job["max_cost"]), "spent": costs.to_usd(job["cost_spent"])}
     return view
+
+
+MAX_ATTEMPTS_LOGGED = 50  # a job retried for ever keeps its newest attempts
+
+
+def attempt_log(job, changes, now):
+    """The job's attempt log with the attempt ending now added: when it
+    started and ended, how (the status the job moves to: queued again,
+    succeeded, failed or canceled), on which runner, and its error. The
+    engine writes it in the same compare-and-set that ends the attempt, so
+    every attempt is logged exactly once, on every job store; the job
+    record itself keeps only its latest error."""
+    error = changes.get("error")
+    entry = {"attempt": job["attempts"], "runner": job.get("runner"), "started_at": job.get("started_at"),
+             "ended_at": now, "outcome": changes.get("status"),
+             "error": None if not error else {"type": error.get("type"),
+                                              "message": str(error.get("message"))[:200]}}
+    return ((job.get("attempt_log") or []) + [entry])[-MAX_ATTEMPTS_LOGGED:]
 
 
 def new_token():

@@ -11,8 +11,8 @@ the few statements that read inside a job's JSON written per dialect), and
 a walk of the in-memory store's jobs for the memory store. The figures that
 live only in the database whatever the job store (per-minute statistics,
 the ledger, the audit log, every key's schedules) are named SQL shared by
-both dialects. Nothing here writes; ``attempt_log`` makes the record of an attempt that the engine
-keeps with its job.
+both dialects. Nothing here writes (the attempt log the job page shows is
+the engine's, kept with each job).
 """
 
 import json
@@ -78,23 +78,7 @@ SQL = {
                  " OR :after_name IS NULL)"
                  " ORDER BY name, key_id LIMIT :limit",
 }
-MAX_ATTEMPTS_LOGGED = 50  # a job retried for ever keeps its newest attempts
 RUN_TIME_SAMPLE = 20_000  # the newest finished jobs that run-time percentiles are taken over
-
-
-def attempt_log(job, changes, now):
-    """The job's attempt log with the attempt ending now added: when it
-    started and ended, how (the status the job moves to: queued again,
-    succeeded, failed or canceled), on which runner, and its error. The
-    engine writes it in the same compare-and-set that ends the attempt, so
-    every attempt is logged exactly once, on every job store; the job
-    record itself keeps only its latest error."""
-    error = changes.get("error")
-    entry = {"attempt": job["attempts"], "runner": job.get("runner"), "started_at": job.get("started_at"),
-             "ended_at": now, "outcome": changes.get("status"),
-             "error": None if not error else {"type": error.get("type"),
-                                              "message": str(error.get("message"))[:200]}}
-    return ((job.get("attempt_log") or []) + [entry])[-MAX_ATTEMPTS_LOGGED:]
 
 
 def percentile(sorted_values, q):
