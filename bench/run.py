@@ -165,11 +165,22 @@ class Postgres:
         self.names.append(name)
         return urllib.parse.urlsplit(self.admin_url)._replace(path="/" + name).geturl()
 
-    def drop_all(self):
-        """Drop every database this run made, whoever is still connected."""
-        with self.admin() as conn:
-            while self.names:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.names.pop()}" WITH (FORCE)')
+    def drop_all(self, patience=30):
+        """Drop every database this run made, whoever is still connected;
+        if the server is away (restarting), try again for ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        while self.names:
+            try:
+                with self.admin() as conn:
+                    while self.names:
+                        conn.execute(f'DROP DATABASE IF EXISTS "{self.names[-1]}" WITH (FORCE)')
+                        self.names.pop()
+            except self.psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    print(f"bench: could not drop the databases {', '.join(self.names)}",
+                          file=sys.stderr)
+                    raise
+                time.sleep(1)
 
 
 def call(url, method, path, body):
@@ -227,6 +238,10 @@ def machine():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip() or "unknown"
+        # What ran is the working tree: say so when it is not the commit.
+        if subprocess.run(["git", "status", "--porcelain", "--", ".", ":!bench"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip():
+            commit += " with uncommitted changes outside bench/"
     except OSError:
         commit = "unknown"
     import gunicorn
@@ -248,6 +263,7 @@ def main():
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed. On Debian or Ubuntu: apt-get install wrk")
     exit_on_sigterm()
+    load = os.getloadavg()[0]  # before this run adds its own
 
     workdir = tempfile.mkdtemp(prefix="levqor-bench-")
     big = "1000000000"
@@ -321,7 +337,8 @@ def main():
         "- Levqor: LEVQOR_ENV=production with an API key; rate limits raised out of the way, "
         "everything else on (auth, limiter, validation, headers, audit, JSON access log to a file); "
         "the main table is the default setup, jobs in memory and one worker",
-        "- the servers, wrk and the database share the machine's cores" + (f"; {args.note}" if args.note else ""),
+        f"- the servers, wrk and the database share the machine's cores; load average {load:.2f} "
+        "when the run began" + (f"; {args.note}" if args.note else ""),
         "",
         "| endpoint | floor req/s | Levqor req/s | ratio | target | floor p50 / p99 ms | Levqor p50 / p99 ms | p99 ratio (≤ 2) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -335,6 +352,11 @@ def main():
             f"{p99_ratio:.2f} {'✅' if p99_ratio <= P99_LIMIT else '❌'} |")
     missed = [name for name, _, ratio, target, p99 in rows if ratio < target or p99 > P99_LIMIT]
     lines += ["", "Targets missed: " + (", ".join(missed) if missed else "none"), ""]
+    # How steady the machine was: the floor does the same work every round.
+    floors = [[s["rps"] for s in samples[name, "floor"]] for name, *_ in ENDPOINTS]
+    spread = max(max(rps) / min(rps) for rps in floors)
+    lines += [f"Noise: the floor's req/s for one endpoint varied up to {spread:.2f}× between rounds "
+              "of this run.", ""]
     others = [a for a in servers if a not in ("floor", "levqor")]
     lines += ["With jobs in SQLite (`JOB_STORE=sqlite`), and with every store in PostgreSQL "
               "(`DATABASE_URL`): req/s, and the ratio to the same run's floor (one worker):", "",
