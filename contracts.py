@@ -199,10 +199,11 @@ class JobStore(Protocol):
         ids set aside, each kept whole for the operator. A store that never
         reads jobs back from text has none."""
 
-    def watch(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` (from a thread of the store's) whenever another
-        process may have queued a job, so idle workers need not wait for
-        their next poll. A store no other process writes does nothing."""
+    def watch(self, wake: Callable[[str | None], None]) -> None:
+        """Call ``wake(workflow)`` (from a thread of the store's) whenever
+        another process may have queued a job of ``workflow`` (None: of any),
+        so idle workers need not wait for their next poll. A store no other
+        process writes does nothing."""
 
     def __len__(self) -> int:
         """How many jobs are held, of any status."""

@@ -304,7 +304,7 @@ class Engine:
                 self._link(parent_id, job["job_id"])
             job = self._resolve(job) or job
         elif created and job["status"] == "queued":
-            self._notify()
+            self._notify_for(job["workflow"])
         return job, created
 
     def accept(self, job, key=None, idempotency=None):
@@ -366,7 +366,7 @@ class Engine:
                                  parents=results, queued_at=now, not_before=max(now, job["not_before"]),
                                  updated_at=now)
         if done is not None and status == "queued":
-            self._notify()
+            self._notify_for(job["workflow"])
         return done
 
     def _release_children(self, job):
@@ -381,7 +381,7 @@ class Engine:
             if self.store.update(job["job_id"], expect={"status": "scheduled",
                                                         "not_before": job["not_before"]},
                                  status="queued", updated_at=now) is not None:
-                self._notify()
+                self._notify_for(job["workflow"])
 
     def get(self, job_id):
         job = self.store.get(job_id)
@@ -447,7 +447,7 @@ class Engine:
             for parent_id in done["depends_on"]:
                 self._link(parent_id, job_id)
             return self._resolve(done) or done
-        self._notify()
+        self._notify_for(job["workflow"])
         return done
 
     def complete_for_dev(self, job_id, result):
@@ -574,14 +574,14 @@ class Engine:
             with self._contexts_lock:
                 self._contexts.pop(job["job_id"], None)
             if done["status"] == "queued":
-                self._notify()
+                self._notify_for(job["workflow"])
             else:
                 self.finished(done)
         return done
 
     def finished(self, job):
         self._release_children(job)
-        self._notify()  # a slot under a concurrency limit may be free
+        self._notify_for(job["workflow"])  # a slot under a concurrency limit may be free
         for hook in self.on_finish:
             try:
                 hook(job)
@@ -814,6 +814,13 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def _notify_for(self, workflow):
+        """Wake a pool thread for a job of ``workflow`` queued (here, or by
+        another process: the store's watch), if this process runs it: an
+        external worker's job is nothing for the pool to claim."""
+        if workflow is None or self.registry.get(workflow) is not None:
+            self._notify()
+
     def _notify_all(self):
         with self._wake:
             self._wake.notify_all()
@@ -828,7 +835,10 @@ class Engine:
             with self._wake:
                 if self._stopping.is_set():  # checked under the lock: no lost wake-up
                     return
-                due = self.store.next_due()
+                try:
+                    due = self.store.next_due()
+                except Exception:  # the database is away: poll again in a second
+                    due = None
                 wait = 1.0 if due is None else min(1.0, max(0.0, due - self.now()))
                 self._wake.wait(wait)
 
@@ -880,7 +890,7 @@ class Engine:
         for t in self._threads:
             t.start()
         if self.threads:
-            self.store.watch(self._notify)  # jobs queued by other processes wake the pool
+            self.store.watch(self._notify_for)  # jobs queued by other processes wake the pool
 
     def stop(self, grace=25.0):
         """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""

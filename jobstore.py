@@ -785,7 +785,7 @@ class SqlJobStore:
         return gone
 
     def watch(self, wake):
-        """Have ``wake`` called when another process may have queued a job:
+        """Have ``wake(workflow)`` called when another process may have queued a job:
         with PostgreSQL, on its notification (pg.Listener); SQLite has none,
         so workers there poll."""
         if self.postgres:

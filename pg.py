@@ -471,8 +471,8 @@ class PgDatabase:
         return float(self.query("SELECT extract(epoch FROM clock_timestamp()) AS t")[0]["t"])
 
     def listen(self, wake):
-        """Call ``wake`` whenever any host queues a job (one Listener thread
-        per process, started in the process that asks)."""
+        """Call ``wake(workflow)`` whenever any host queues a job (one
+        Listener thread per process, started in the process that asks)."""
         if self._listener is None or self._listener.pid != os.getpid():
             self._listener = Listener(self.url, wake, self.log)
         self._listener.start()
@@ -572,7 +572,7 @@ class DbClock:
 
 class Listener:
     """One connection per process that LISTENs for queued jobs and calls
-    ``wake`` for each notification, so an idle worker on any host starts a
+    ``wake(workflow)`` for each notification (None: anything may be queued), so an idle worker on any host starts a
     job within milliseconds of its intake on another. If the connection
     drops it reconnects; the workers' one-second poll covers the gap."""
 
@@ -603,10 +603,10 @@ class Listener:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     lost = False
-                    self.wake()  # anything queued while we were not listening
+                    self.wake(None)  # anything queued while we were not listening
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=1.0):
-                            self.wake()
+                        for notice in conn.notifies(timeout=1.0):
+                            self.wake(notice.payload)  # the workflow's name
             except Exception as exc:
                 if self.log is not None and not lost and not self._stop.is_set():
                     self.log.warning("job notifications lost; polling until the database is back",

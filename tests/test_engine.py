@@ -614,3 +614,25 @@ def test_a_cancel_made_through_another_process_stops_the_running_workflow():
     eng.tick()
     runner.join(5)
     assert stopped.is_set() and eng.get(job_id)["status"] == "canceled"
+
+
+def test_a_worker_thread_outlives_a_database_that_fails_between_jobs():
+    """Between jobs the thread asks the store when to look again; a
+    database that is away then must not end the thread."""
+    eng, clock = make_engine(engine.Registry(), threads=1)
+    fails = {"left": 3}
+    real = eng.store.next_due
+
+    def flaky():
+        if fails["left"]:
+            fails["left"] -= 1
+            raise RuntimeError("the database is unavailable")
+        return real()
+
+    eng.store.next_due = flaky
+    eng.start()
+    try:
+        assert wait_until(lambda: fails["left"] == 0, 10)
+        assert eng.running, "every pool thread is still alive"
+    finally:
+        eng.stop(grace=2)
