@@ -506,9 +506,17 @@ POSTGRES = {
               " FROM slot RETURNING seq",
     # SQLite's BEGIN IMMEDIATE already holds the database; here a row lock.
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id FOR UPDATE",
-    **{f"claim{'_in' * only}{'_limited' * limited}":
-       _PG_CLAIM.replace("{pick}", _pick(only, limited))
-       for only in (False, True) for limited in (False, True)},
+    **{f"claim{'_in' * only}": _PG_CLAIM.replace("{pick}", _pick(only)) for only in (False, True)},
+    # A limited claim notes its start in the workflow's rate ring in the
+    # same statement (a workflow without a rate has no rate_count: no row).
+    **{f"claim{'_in' * only}_limited": "WITH claimed AS (" + _PG_CLAIM.replace("{pick}", _pick(only, True))
+       + ", workflow), taken AS (UPDATE workflow_limits SET next_slot = (next_slot + 1) % rate_count"
+       " WHERE workflow = (SELECT workflow FROM claimed) AND rate_count IS NOT NULL"
+       " RETURNING workflow, (next_slot + rate_count - 1) % rate_count AS slot),"
+       " noted AS (INSERT INTO workflow_starts (workflow, slot, started) SELECT workflow, slot, :now"
+       " FROM taken ON CONFLICT (workflow, slot) DO UPDATE SET started = excluded.started)"
+       " SELECT seq, data FROM claimed"
+       for only in (False, True)},
     "pending_callbacks": "SELECT job_id, callback_due AS due, data ->> 'callback_id' AS callback_id"
                          " FROM jobs WHERE callback_due IS NOT NULL AND callback_due <= :due_by",
     # jsonb holds valid JSON only: no row can be unreadable.
@@ -678,23 +686,29 @@ class SqlJobStore:
         if self.postgres and not limits:  # PERF: one statement, no lock
             rows = self.db.write_one(self.sql["claim" + which], params)
             return self._job(rows[0]) if rows else None
+        if self.postgres:
+            # PERF: two round trips: the lock and the counts; then the claim,
+            # which notes its start in the rate's ring itself, with the
+            # COMMIT sent behind it before its answer is read.
+            with self.db.write(lock="limits", pipeline=True) as conn:
+                blocked, pairs = self._held_back(conn, limits, now)
+                params.update(blocked=_dumps(blocked), pairs=_dumps(pairs))
+                claimed = conn.execute(self.sql["claim" + which], params)
+            row = claimed.fetchone()
+            return self._job(row) if row else None
         with self.db.write(lock="limits" if limits else None) as conn:
             if limits:
                 blocked, pairs = self._held_back(conn, limits, now)
                 params.update(blocked=_dumps(blocked), pairs=_dumps(pairs))
-            if self.postgres:
-                row = conn.execute(self.sql["claim" + which], params).fetchone()
-                job = row and self._job(row)
-            else:
-                row = conn.execute(self.sql["next_queued" + which], params).fetchone()
-                job = row and self._load(conn, row["job_id"])
-                if job:
-                    job.update(claim_changes(job, changes, per_workflow))
-                    self._save(conn, job)
-            if job and (limits.get(job["workflow"]) or {}).get("rate"):
-                slot = conn.execute(self.sql["next_slot"], {"workflow": job["workflow"]}).fetchone()
-                conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now,
-                                                 "slot": slot["slot"]})
+            row = conn.execute(self.sql["next_queued" + which], params).fetchone()
+            job = row and self._load(conn, row["job_id"])
+            if job:
+                job.update(claim_changes(job, changes, per_workflow))
+                self._save(conn, job)
+                if (limits.get(job["workflow"]) or {}).get("rate"):
+                    slot = conn.execute(self.sql["next_slot"], {"workflow": job["workflow"]}).fetchone()
+                    conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now,
+                                                     "slot": slot["slot"]})
         return job or None
 
     def set_limits(self, workflow, limits):

@@ -431,12 +431,13 @@ class Database:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def write(self, lock=None):
+    def write(self, lock=None, pipeline=False):
         """A write transaction: BEGIN IMMEDIATE, COMMIT, ROLLBACK on any error.
 
-        ``lock`` names what the transaction must have to itself (see
-        pg.PgDatabase.write); here every write transaction has the whole
-        database to itself, so it needs nothing more."""
+        ``lock`` names what the transaction must have to itself, and
+        ``pipeline`` asks for fewer round trips (see pg.PgDatabase.write);
+        here every write transaction has the whole database to itself, and
+        there are no round trips, so neither needs anything more."""
         conn = self.connection()
         with self._writer():
             try:
