@@ -66,3 +66,11 @@ def test_microbenchmark_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "POST /api/v1/users/upsert" in result.stdout
+
+
+def test_limits_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, "bench/limits.py", "--smoke"], cwd=ROOT,
+                            env=bench_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for store in ("memory", "SQLite"):
+        assert f"| {store} |" in result.stdout
