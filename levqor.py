@@ -31,6 +31,7 @@ import metrics
 import middleware
 import pg
 import schemas
+from background import Background
 from callbacks import verify_webhook  # noqa: F401  (for receivers: levqor.verify_webhook)
 from jobstore import MemoryJobStore, SqlJobStore
 from insights import Insights
@@ -357,7 +358,7 @@ assert [f.name for f in dataclasses.fields(Settings)] == [row[0] for row in SETT
 # ---------------------------------------------------------------------------
 
 
-class JsonLog:
+class JsonLog(Background):
     """Writes one JSON object per line. json.dumps escapes every control
     character, so nothing a client sends can start a line of its own.
 
@@ -371,29 +372,21 @@ class JsonLog:
 
     LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
     MAX_BUFFER = 64 * 1024
+    NAME = "levqor-log"
 
     def __init__(self, stream, level="INFO", interval=0.25):
         self.stream = stream
         self.threshold = self.LEVELS[level]
         self.interval = interval
+        super().__init__()
         self._lock = threading.Lock()
         self._buffer = []
         self._size = 0
-        self._thread = None
-        self._stop = threading.Event()
         self._second = None
         self._prefix = ""
 
-    def start(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="levqor-log", daemon=True)
-            self._thread.start()
-
     def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        super().stop()
         self.flush()
 
     def _run(self):

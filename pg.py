@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.parse
 
+from background import Background
 from storage import StorageError
 
 INSTALL_HINT = "pip install -r requirements-postgres.txt"
@@ -546,7 +547,7 @@ class PgDatabase:
                 conn.execute("UPDATE schema_version SET version = %s", (number,))
 
 
-class DbClock:
+class DbClock(Background):
     """The database's clock, read without a round trip.
 
     Every host judges leases, backoffs, TTLs and budget days by this clock,
@@ -557,13 +558,15 @@ class DbClock:
     on the database. If the database cannot be asked, the last offset stands.
     """
 
+    NAME = "levqor-clock"
+
     def __init__(self, db, host_clock=time.time, every=30.0):
         self.db = db
         self.host_clock = host_clock
         self.every = every
         self.offset = 0.0
         self._measured = False
-        self._stop = threading.Event()
+        super().__init__()
 
     def measure(self):
         try:
@@ -574,13 +577,6 @@ class DbClock:
             return self.offset  # keep the last one
         self.offset = db_now - (before + after) / 2
         return self.offset
-
-    def start(self):
-        self._stop.clear()
-        threading.Thread(target=self._run, name="levqor-clock", daemon=True).start()
-
-    def stop(self):
-        self._stop.set()
 
     def _run(self):
         while not self._stop.wait(self.every):
@@ -593,30 +589,21 @@ class DbClock:
         return self.host_clock() + self.offset
 
 
-class Listener:
+class Listener(Background):
     """One connection per process that LISTENs for queued jobs and calls
     ``wake(workflow)`` for each notification (None: anything may be queued), so an idle worker on any host starts a
     job within milliseconds of its intake on another. If the connection
     drops it reconnects; the workers' one-second poll covers the gap."""
 
+    NAME = "levqor-listen"
+    JOIN = 3.0
+
     def __init__(self, url, wake, log=None):
         self.url = url
         self.wake = wake
         self.log = log
-        self._stop = threading.Event()
-        self._thread = None
         self.pid = os.getpid()
-
-    def start(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="levqor-listen", daemon=True)
-            self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=3)
+        super().__init__()
 
     def _run(self):
         import psycopg

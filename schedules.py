@@ -12,10 +12,10 @@ missed collapse into one, at the latest fire time that has passed.
 """
 
 import json
-import threading
 import time
 import traceback
 
+from background import Background
 from costs import BudgetExceeded
 from cron import Cron
 from jobstore import IdempotencyMismatch, QueueFull
@@ -95,13 +95,17 @@ class ScheduleStore:
         self.db = db
         self.clock = clock
 
-    def create(self, key_id, name, spec, paused=False):
-        """The new schedule, or None if the owner has one of that name."""
+    def _write(self, statement, key_id, name, spec, paused):
+        """Write a definition (its next fire counted from now); the row, or None."""
         now = self.clock()
-        rows = self.db.write_one(SQL["create"], {
+        rows = self.db.write_one(SQL[statement], {
             "key_id": key_id, "name": name, "spec": json.dumps(spec, allow_nan=False),
             "paused": int(paused), "next_fire": next_fire(spec, now), "now": now})
         return schedule_out(rows[0]) if rows else None
+
+    def create(self, key_id, name, spec, paused=False):
+        """The new schedule, or None if the owner has one of that name."""
+        return self._write("create", key_id, name, spec, paused)
 
     def get(self, key_id, name):
         rows = self.db.query(SQL["get"], {"key_id": key_id, "name": name})
@@ -113,11 +117,7 @@ class ScheduleStore:
     def change(self, key_id, name, spec, paused):
         """Replace the definition; the next fire is counted from now. None if
         there is no such schedule."""
-        now = self.clock()
-        rows = self.db.write_one(SQL["change"], {
-            "key_id": key_id, "name": name, "spec": json.dumps(spec, allow_nan=False),
-            "paused": int(paused), "next_fire": next_fire(spec, now), "now": now})
-        return schedule_out(rows[0]) if rows else None
+        return self._write("change", key_id, name, spec, paused)
 
     def delete(self, key_id, name):
         return bool(self.db.write_one(SQL["delete"], {"key_id": key_id, "name": name}))
@@ -134,11 +134,12 @@ class ScheduleStore:
                 "next_fire": next_at, "fired": fired, "job_id": job_id}).rowcount == 1
 
 
-class Scheduler:
+class Scheduler(Background):
     """Makes the jobs of due schedules, in every process (see the module's
     docstring for why that makes each fire once)."""
 
     IDEMPOTENCY_TTL = 86_400
+    NAME = "levqor-scheduler"
 
     def __init__(self, store, engine, keys, log, interval=0.5, clock=time.time):
         self.store = store
@@ -147,8 +148,7 @@ class Scheduler:
         self.log = log
         self.interval = interval
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread = None
+        super().__init__()
 
     def tick(self):
         now = self.clock()
@@ -185,17 +185,6 @@ class Scheduler:
                              reason=type(exc).__name__)
             return None
         return made["job_id"]
-
-    def start(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="levqor-scheduler", daemon=True)
-            self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def _run(self):
         while not self._stop.wait(self.interval):
