@@ -8,7 +8,9 @@ import http.client
 import json
 import os
 import random
+import re
 import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -19,6 +21,9 @@ from .errors import LevqorConnectionError, LevqorError, error_for
 
 FINAL = ("succeeded", "failed", "canceled")
 DEFAULT_URL = "http://127.0.0.1:5000"
+BATCH_MAX = 1000  # jobs in one POST /api/v1/intake/batch
+_SUBMIT_FIELDS = {"workflow", "payload", "priority", "callback_url", "max_cost", "idempotency_key",
+                  "run_at", "delay", "depends_on", "concurrency_key"}
 
 
 @dataclasses.dataclass
@@ -94,6 +99,8 @@ class Client:
         self._port = parts.port
         self._prefix = parts.path
         self._local = threading.local()
+        self._held: Dict[int, http.client.HTTPConnection] = {}  # thread -> blocking claim's
+        self._held_lock = threading.RLock()  # a signal handler's stop may come in it
 
     def __repr__(self) -> str:
         return f"Client({self.base_url!r})"
@@ -113,13 +120,58 @@ class Client:
         same ``idempotency_key`` and body within 24 hours give the first
         job back; without one a uuid is used, so a retry never makes two.
         """
-        body: Dict[str, Any] = {"workflow": workflow, "payload": dict(payload)}
-        optional = {"priority": priority, "callback_url": callback_url, "max_cost": max_cost,
-                    "run_at": run_at, "delay": delay, "concurrency_key": concurrency_key,
-                    "depends_on": list(depends_on) if depends_on is not None else None}
-        body.update({k: v for k, v in optional.items() if v is not None})
+        body = _intake_body(workflow, payload, priority=priority, callback_url=callback_url,
+                            max_cost=max_cost, run_at=run_at, delay=delay, depends_on=depends_on,
+                            concurrency_key=concurrency_key)
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return Job.from_dict(self.request("POST", "/api/v1/intake", body, headers=headers))
+
+    def submit_many(self, jobs: Sequence[Mapping[str, Any]], *, idempotent: bool = True,
+                    batch_size: int = BATCH_MAX) -> List[Job]:
+        """Submit many jobs in few calls: each item of ``jobs`` is a dict of
+        ``submit``'s arguments (``{"workflow": ..., "payload": ..., "priority":
+        ...}``). A ``Job`` for each (``job_id``, ``status``), in order.
+
+        Sent ``batch_size`` (at most 1000) to a ``POST /api/v1/intake/batch``,
+        each batch accepted or refused whole. With ``idempotent`` (the
+        default) a job without an ``idempotency_key`` is given a uuid, so a
+        batch whose connection broke is sent again without making any job
+        twice; with ``idempotent=False`` such jobs are sent without one (the
+        server keeps no key for them) and a batch is not sent again after a
+        broken connection. A refused batch raises its error with two more
+        attributes: ``accepted``, the jobs of the batches before it (made),
+        and ``index``, the position in ``jobs`` of the first job refused
+        (None if the answer names none).
+        """
+        if not 1 <= batch_size <= BATCH_MAX:
+            raise ValueError(f"batch_size is 1 to {BATCH_MAX}")
+        bodies = []
+        for i, spec in enumerate(jobs):
+            unknown = set(spec) - _SUBMIT_FIELDS
+            if unknown or "workflow" not in spec or "payload" not in spec:
+                raise TypeError(f"jobs[{i}]: a job is a dict of submit's arguments (workflow, "
+                                f"payload, ...); {sorted(unknown) or 'workflow and payload are required'}")
+            fields = dict(spec)
+            key = fields.pop("idempotency_key", None)
+            body = _intake_body(fields.pop("workflow"), fields.pop("payload"), **fields)
+            if key is not None or idempotent:
+                body["idempotency_key"] = key or str(uuid.uuid4())
+            bodies.append(body)
+        made: List[Job] = []
+        for start in range(0, len(bodies), batch_size):
+            chunk = bodies[start:start + batch_size]
+            try:
+                answer = self.request("POST", "/api/v1/intake/batch", {"jobs": chunk},
+                                      retry_unsure=all("idempotency_key" in b for b in chunk))
+            except LevqorError as exc:
+                exc.accepted = list(made)  # type: ignore[attr-defined]
+                exc.index = _batch_index(exc.body, start)  # type: ignore[attr-defined]
+                raise
+            if len(answer["jobs"]) != len(chunk):
+                raise LevqorError(f"a batch of {len(chunk)} jobs was answered with "
+                                  f"{len(answer['jobs'])}", code="invalid_answer")
+            made += [Job.from_dict(item) for item in answer["jobs"]]
+        return made
 
     def get(self, job_id: str) -> Job:
         """The job's status view."""
@@ -219,17 +271,48 @@ class Client:
 
     # -- external workers ----------------------------------------------------
 
-    def claim(self, workflows: Sequence[str],
-              lease_seconds: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    def claim(self, workflows: Sequence[str], lease_seconds: Optional[int] = None, *,
+              max_jobs: Optional[int] = None, wait: Optional[float] = None) -> Any:
         """Claim a job of one of ``workflows``: ``{job_id, workflow, payload,
         attempt, lease_token, lease_expires_at, ...}``, or None if none waits.
-        Not sent again after a broken connection (a claim that was made
-        would be lost until its lease ran out)."""
+
+        With ``max_jobs`` (1 to 100), up to that many at once: a list,
+        empty if none waits. With ``wait`` (seconds, 0 to 30), the server
+        holds the request until a job arrives or the wait ends, so an idle
+        worker hears of a job the moment it is queued; this request's
+        timeout is the client's plus the wait, and ``interrupt`` ends it
+        early from another thread. Not sent again after a broken connection
+        (a claim that was made would be lost until its lease ran out)."""
         body: Dict[str, Any] = {"workflows": list(workflows)}
-        if lease_seconds is not None:
-            body["lease_seconds"] = lease_seconds
-        answer = self.request("POST", "/api/v1/jobs/claim", body, retry_unsure=False)
-        return None if answer is None else answer["job"]
+        optional = {"lease_seconds": lease_seconds, "max_jobs": max_jobs, "wait": wait}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        answer = self.request("POST", "/api/v1/jobs/claim", body, retry_unsure=False,
+                              timeout=self.timeout + (wait or 0), interruptible=bool(wait))
+        if max_jobs is None:
+            return None if answer is None else answer["job"]
+        if answer is None:
+            return []
+        # A server that does not batch answers one job, as without max_jobs.
+        return list(answer["jobs"]) if "jobs" in answer else [answer["job"]]
+
+    def interrupt(self, thread: Optional[threading.Thread] = None) -> int:
+        """End the blocking claims (``wait``) in flight on this client, those
+        of ``thread`` only when given: each raises ``LevqorConnectionError``
+        in its own thread at once. A job the server handed out at that very
+        moment goes to another worker when its lease runs out. How many
+        were ended."""
+        with self._held_lock:
+            held = [conn.sock for ident, conn in self._held.items()
+                    if thread is None or ident == thread.ident]
+        ended = 0
+        for sock in held:
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    ended += 1
+                except OSError:
+                    pass
+        return ended
 
     def heartbeat(self, job_id: str, lease_token: str, *, lease_seconds: Optional[int] = None,
                   cost: Optional[float] = None,
@@ -245,34 +328,53 @@ class Client:
                             retry_unsure=True)
 
     def complete(self, job_id: str, lease_token: str, result: Any, *,
-                 cost: Optional[float] = None) -> Job:
-        """Report a claimed job done with ``result`` (JSON) and its total cost."""
+                 cost: Optional[float] = None, claim_next: Any = None) -> Any:
+        """Report a claimed job done with ``result`` (JSON) and its total cost:
+        the finished ``Job``.
+
+        With ``claim_next`` (a list of workflows, or ``{"workflows": [...],
+        "lease_seconds": n}``) the same call claims the next job, so a busy
+        worker makes one round trip per job: then ``(job, next)``, where
+        ``next`` is a claim's job or None if none waits. A completion whose
+        connection broke is sent again (the second is answered 409
+        ``lease_lost`` if the first arrived); a next job the first one
+        claimed goes to another worker when its lease runs out."""
         body: Dict[str, Any] = {"lease_token": lease_token, "result": result}
         if cost is not None:
             body["cost"] = cost
-        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/complete", body,
-                              retry_unsure=True)
-        return Job.from_dict(answer["job"])
+        return self._report(job_id, "complete", body, claim_next)
 
     def fail(self, job_id: str, lease_token: str, error: str, *, retryable: bool = True,
-             cost: Optional[float] = None) -> Job:
+             cost: Optional[float] = None, claim_next: Any = None) -> Any:
         """Report a claimed job's attempt failed; retried by the server's
-        rules unless ``retryable`` is False."""
+        rules unless ``retryable`` is False. The ``Job``, or with
+        ``claim_next`` ``(job, next)``, as ``complete`` answers."""
         body: Dict[str, Any] = {"lease_token": lease_token, "error": error[:1000] or "error",
                                 "retryable": retryable}
         if cost is not None:
             body["cost"] = cost
-        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/fail", body,
+        return self._report(job_id, "fail", body, claim_next)
+
+    def _report(self, job_id: str, action: str, body: Dict[str, Any], claim_next: Any) -> Any:
+        if claim_next is not None:
+            body["claim_next"] = ({"workflows": list(claim_next)}
+                                  if not isinstance(claim_next, Mapping) else dict(claim_next))
+        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/{action}", body,
                               retry_unsure=True)
-        return Job.from_dict(answer["job"])
+        job = Job.from_dict(answer["job"])
+        return job if claim_next is None else (job, answer.get("next"))
 
     # -- transport -----------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, *,
                 query: Optional[Mapping[str, Any]] = None,
                 headers: Optional[Mapping[str, str]] = None,
-                retry_unsure: Optional[bool] = None) -> Any:
+                retry_unsure: Optional[bool] = None, timeout: Optional[float] = None,
+                interruptible: bool = False) -> Any:
         """One API call: the answer's JSON (None for 204), or a LevqorError.
+
+        ``timeout`` is this request's, in seconds (default the client's);
+        an ``interruptible`` one can be ended by ``interrupt``.
 
         ``retry_unsure`` says whether the request may be sent again when its
         connection broke after it was sent (it may have acted); by default
@@ -298,7 +400,8 @@ class Client:
         attempt = 0
         while True:
             try:
-                status, answer_headers, raw = self._send(method, target, data, sent_headers)
+                status, answer_headers, raw = self._send(method, target, data, sent_headers,
+                                                         timeout or self.timeout, interruptible)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 error: LevqorError = LevqorConnectionError(
@@ -322,11 +425,26 @@ class Client:
             time.sleep(wait)
 
     def _send(self, method: str, target: str, data: Optional[bytes],
-              headers: Mapping[str, str]) -> Tuple[int, Dict[str, str], bytes]:
+              headers: Mapping[str, str], timeout: float,
+              interruptible: bool = False) -> Tuple[int, Dict[str, str], bytes]:
         conn = self._connection()
-        conn.request(method, target, body=data, headers=dict(headers))
-        response = conn.getresponse()
-        raw = response.read()
+        conn.timeout = timeout  # a new connection's; an open one's socket is set below
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        ident = threading.get_ident()
+        if interruptible:
+            if conn.sock is None:
+                conn.connect()  # so that there is a socket to interrupt
+            with self._held_lock:
+                self._held[ident] = conn
+        try:
+            conn.request(method, target, body=data, headers=dict(headers))
+            response = conn.getresponse()
+            raw = response.read()
+        finally:
+            if interruptible:
+                with self._held_lock:
+                    self._held.pop(ident, None)
         answer_headers = {k.lower(): v for k, v in response.getheaders()}
         if response.will_close:
             self._drop()
@@ -362,6 +480,30 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _intake_body(workflow: str, payload: Mapping[str, Any], *, priority: Optional[str] = None,
+                 callback_url: Optional[str] = None, max_cost: Optional[float] = None,
+                 run_at: Optional[float] = None, delay: Optional[float] = None,
+                 depends_on: Optional[Sequence[str]] = None,
+                 concurrency_key: Optional[str] = None) -> Dict[str, Any]:
+    """An intake body: the fields given, and only those."""
+    body: Dict[str, Any] = {"workflow": workflow, "payload": dict(payload)}
+    optional = {"priority": priority, "callback_url": callback_url, "max_cost": max_cost,
+                "run_at": run_at, "delay": delay, "concurrency_key": concurrency_key,
+                "depends_on": list(depends_on) if depends_on is not None else None}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+def _batch_index(body: Mapping[str, Any], offset: int) -> Optional[int]:
+    """The index in the caller's list of the job a batch refusal names (its
+    ``index``, or its field ``jobs/3/payload``), in a batch from ``offset``."""
+    index = body.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return offset + index
+    match = re.match(r"jobs[./](\d+)", str(body.get("field") or ""))
+    return offset + int(match.group(1)) if match else None
 
 
 def _seg(value: str) -> str:
