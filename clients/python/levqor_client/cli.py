@@ -209,8 +209,12 @@ def cmd_worker(client: Client, args: argparse.Namespace) -> int:
     except (ImportError, AttributeError, argparse.ArgumentTypeError) as exc:
         print(f"levqor worker: cannot load {args.registry}: {exc}", file=sys.stderr)
         return USAGE
-    worker = Worker(client, registry, args.concurrency, lease_seconds=args.lease,
-                    grace=args.grace)
+    try:
+        worker = Worker(client, registry, args.concurrency, lease_seconds=args.lease,
+                        grace=args.grace, claim_wait=args.claim_wait)
+    except ValueError as exc:
+        print(f"levqor worker: {exc}", file=sys.stderr)
+        return USAGE
     handled = worker.run(max_jobs=args.max_jobs, idle_exit=args.idle_exit)
     _out(f"worker stopped after {handled} jobs")
     return SERVER_ERROR if worker.error is not None else OK
@@ -314,6 +318,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit", type=float, help="stop after this long with nothing to do")
     p.add_argument("--grace", type=float, default=30,
                    help="seconds to finish jobs in hand on SIGTERM/SIGINT (default 30)")
+    p.add_argument("--claim-wait", type=float, default=20,
+                   help="seconds an idle worker's claim waits at the server for a job "
+                        "(0 to 30, default 20; 0 polls)")
 
     command("health", cmd_health, "check that the service answers", "  levqor health")
     return top

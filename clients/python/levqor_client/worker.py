@@ -1,9 +1,12 @@
-"""``Worker``: runs external workflows in this process. It claims jobs,
-heartbeats them while they run, and completes or fails them; it stops
-cleanly on SIGTERM or SIGINT and rides out a server restart."""
+"""``Worker``: runs external workflows in this process. It claims jobs
+(waiting at the server while idle, a batch for its idle slots, the next job
+with each completion), heartbeats them while they run, and completes or
+fails them; it stops cleanly on SIGTERM or SIGINT and rides out a server
+restart."""
 
 from __future__ import annotations
 
+import collections
 import decimal
 import json
 import logging
@@ -11,12 +14,15 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 
 from .client import Client
-from .errors import AuthError, Conflict, LevqorConnectionError, LevqorError
+from .errors import (AuthError, Conflict, LevqorConnectionError, LevqorError,
+                     ValidationError)
 
 log = logging.getLogger("levqor_client.worker")
+MAX_CLAIM = 100  # jobs one claim may ask for (max_jobs)
+MAX_WAIT = 30    # seconds a claim may wait at the server
 
 
 class Permanent(Exception):
@@ -70,35 +76,63 @@ class Worker:
     A function's return value (JSON) completes the job; an exception fails
     the attempt as ``"Type: message"``, retried by the server's rules unless
     it is ``Permanent``. Each claim holds a lease of ``lease_seconds``,
-    renewed by a heartbeat every third of it. With nothing to do a slot
-    backs off up to ``idle_max`` seconds between claims; connection errors
-    (a server restarting) back off the same way and carry on.
+    renewed by a heartbeat every third of it.
+
+    One thread claims for the idle slots, as many jobs as there are in one
+    call, and waits at the server up to ``claim_wait`` seconds (at most 30)
+    for one to arrive, so an idle worker starts a job the moment it is
+    queued, holding one request open, not polling. A slot that completes
+    (or fails) a job claims its next one in the same call, so a busy worker
+    makes one round trip per job. With ``claim_wait=0`` an idle worker
+    polls instead, backing off up to ``idle_max`` seconds between claims;
+    with a server that knows no batched or blocking claims (or no
+    ``claim_next``) it claims one job at a time and polls the same way.
+    Connection errors (a server restarting) back off the same way and carry
+    on.
     """
 
     def __init__(self, client: Client, registry: Mapping[str, Handler], concurrency: int = 4, *,
-                 lease_seconds: int = 60, idle_max: float = 1.0, grace: float = 30.0) -> None:
+                 lease_seconds: int = 60, idle_max: float = 1.0, grace: float = 30.0,
+                 claim_wait: float = 20.0) -> None:
         if not registry:
             raise ValueError("a worker needs at least one workflow")
         if concurrency < 1:
             raise ValueError("concurrency is at least 1")
+        if not 0 <= claim_wait <= MAX_WAIT:
+            raise ValueError(f"claim_wait is 0 to {MAX_WAIT} seconds")
         self.client = client
         self.registry = dict(registry)
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
         self.idle_max = idle_max
         self.grace = grace
+        self.claim_wait = claim_wait
         self.handled = 0            # jobs run and reported (or given up) so far
         self.lost: List[str] = []   # job ids whose lease was lost before the report
         self.error: Optional[LevqorError] = None  # why the worker stopped by itself, if it did
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._claimed = 0
-        self._busy = 0
+        self._cond = threading.Condition(self._lock)
+        self._ready: Deque[Dict[str, Any]] = collections.deque()  # claimed for idle slots
+        self._idle = 0              # slots waiting for a job
+        self._busy = 0              # slots holding one
+        self._claimed = 0           # claims made or in flight, against max_jobs
+        self._claiming = False      # the claim thread has a claim in flight
         self._last_job = time.monotonic()
+        self._max_jobs: Optional[int] = None
+        self._idle_exit: Optional[float] = None
+        self._ended = threading.Event()
+        self._claimer_thread: Optional[threading.Thread] = None
+        self._batched = True        # until the server refuses max_jobs and wait
+        self._chained = True        # until the server refuses claim_next
 
     def stop(self) -> None:
-        """Ask the worker to stop: no more claims; jobs in hand are finished."""
+        """Ask the worker to stop: no more claims (a blocking one is ended);
+        jobs in hand are finished."""
         self._stopping.set()
+        claimer = self._claimer_thread
+        if claimer is not None:
+            self.client.interrupt(claimer)
 
     @property
     def stopping(self) -> bool:
@@ -119,68 +153,169 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[sig] = signal.signal(sig, lambda *_: self.stop())
         self._last_job = time.monotonic()
-        slots = [threading.Thread(target=self._slot, args=(max_jobs, idle_exit),
-                                  name=f"levqor-worker-{i}", daemon=True)
+        self._max_jobs, self._idle_exit = max_jobs, idle_exit
+        self._ended.clear()
+        claimer = threading.Thread(target=self._claimer, name="levqor-worker-claim", daemon=True)
+        self._claimer_thread = claimer
+        slots = [threading.Thread(target=self._slot, name=f"levqor-worker-{i}", daemon=True)
                  for i in range(self.concurrency)]
         try:
+            claimer.start()
             for t in slots:
                 t.start()
             # Wait in short steps so a signal is handled promptly.
             while any(t.is_alive() for t in slots) and not self._stopping.wait(0.2):
                 pass
             deadline = time.monotonic() + self.grace
+            # A claim sent just as the stop came may have missed its interrupt.
+            while claimer.is_alive() and self._stopping.is_set() \
+                    and time.monotonic() < deadline:
+                self.client.interrupt(claimer)
+                claimer.join(0.1)
             for t in slots:
                 t.join(max(0.0, deadline - time.monotonic()))
             left = [t.name for t in slots if t.is_alive()]
             if left:
                 log.warning("grace period over with jobs still running in %s", left)
         finally:
+            self._ended.set()
             for sig, old in restore.items():
                 signal.signal(sig, old)
+        claimer.join(1.0)
         return self.handled
 
-    # -- one slot: claim, run, report, again --------------------------------
+    # -- claiming: one thread for the idle slots -----------------------------
 
-    def _slot(self, max_jobs: Optional[int], idle_exit: Optional[float]) -> None:
-        idle = 0.05
-        while not self._stopping.is_set():
-            with self._lock:
-                if max_jobs is not None and self._claimed >= max_jobs:
-                    return
-                self._claimed += 1
-                self._busy += 1
+    def _claimer(self) -> None:
+        pause = 0.05
+        workflows = list(self.registry)
+        while not self._stopping.is_set() and not self._ended.is_set():
+            with self._cond:
+                want = self._idle - len(self._ready)
+                if self._max_jobs is not None:
+                    want = min(want, self._max_jobs - self._claimed)
+                if want <= 0:
+                    self._cond.wait(0.2)
+                    continue
+                want = min(want, MAX_CLAIM)
+                self._claimed += want
+                self._claiming = True
+                quiet = None if self._busy else time.monotonic() - self._last_job
+            wait = self._wait_for(quiet)
+            jobs: List[Dict[str, Any]] = []
+            failed = False
+            sent = time.monotonic()
             try:
-                job = self.client.claim(list(self.registry), self.lease_seconds)
+                if not self._stopping.is_set():
+                    jobs = self._claim(workflows, want, wait)
             except AuthError as exc:
                 # A key that is refused stays refused: stop, and say why.
                 log.error("claim refused: %s", exc)
                 self.error = exc
                 self.stop()
-                job = None
             except LevqorError as exc:
-                job = None
-                log.warning("claim failed: %s", exc)
-            if job is None:
-                with self._lock:
-                    self._claimed -= 1
-                    self._busy -= 1
-                    quiet_for = None if self._busy else time.monotonic() - self._last_job
-                if idle_exit is not None and quiet_for is not None and quiet_for > idle_exit:
-                    self.stop()
-                    return
-                self._stopping.wait(idle * random.uniform(0.5, 1.0))
-                idle = min(idle * 2, self.idle_max)
+                failed = True
+                if not self._stopping.is_set():
+                    log.warning("claim failed: %s", exc)
+            except Exception:  # an answer not understood: the claim thread carries on
+                failed = True
+                log.exception("claim failed")
+            with self._cond:
+                self._claimed -= want - len(jobs)
+                self._claiming = False
+                self._ready.extend(jobs)
+                self._cond.notify_all()
+                quiet = None if self._busy or self._ready else time.monotonic() - self._last_job
+            if jobs:
+                pause = 0.05
                 continue
-            idle = 0.05
+            if self._idle_exit is not None and quiet is not None and quiet > self._idle_exit:
+                self.stop()
+                return
+            # Nothing: a polled claim, a failed one, or a wait the server cut
+            # short. Back off; a blocking claim that ran its course goes again.
+            if failed or not wait or time.monotonic() - sent < wait * 0.9:
+                self._stopping.wait(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, self.idle_max)
+
+    def _wait_for(self, quiet: Optional[float]) -> float:
+        """How long the next claim may wait at the server: ``claim_wait``,
+        but never past the moment ``idle_exit`` would stop the worker."""
+        if not self._batched or not self.claim_wait:
+            return 0.0
+        if self._idle_exit is None:
+            return self.claim_wait
+        return max(0.0, min(self.claim_wait, self._idle_exit - (quiet or 0.0)))
+
+    def _claim(self, workflows: List[str], want: int, wait: float) -> List[Dict[str, Any]]:
+        if self._batched:
             try:
-                self._run(job)
+                return self.client.claim(workflows, self.lease_seconds, max_jobs=want,
+                                         wait=round(wait, 3) if wait > 0 else None)
+            except ValidationError as exc:
+                if not _unsupported(exc, ("max_jobs", "wait")):
+                    raise
+                log.info("the server claims one job at a time: polling instead")
+                self._batched = False
+        job = self.client.claim(workflows, self.lease_seconds)
+        return [] if job is None else [job]
+
+    # -- one slot: take a job, run it, report it (and claim the next) -------
+
+    def _slot(self) -> None:
+        job: Optional[Dict[str, Any]] = None
+        while True:
+            if job is None:
+                job = self._take()
+                if job is None:
+                    return
+            try:
+                job = self._run(job)
+            except Exception:  # the slot outlives any one job's surprise
+                log.exception("job %s: the worker failed to run or report it", job.get("job_id"))
+                job = None
             finally:
                 with self._lock:
-                    self._busy -= 1
                     self.handled += 1
                     self._last_job = time.monotonic()
+                    if job is None:
+                        self._busy -= 1
 
-    def _run(self, job: Dict[str, Any]) -> None:
+    def _take(self) -> Optional[Dict[str, Any]]:
+        """The next job the claim thread got for this slot; None once no
+        more will come (stopping, or ``max_jobs`` claimed)."""
+        with self._cond:
+            self._idle += 1
+            self._cond.notify_all()
+            try:
+                while True:
+                    if self._ready:
+                        self._busy += 1
+                        return self._ready.popleft()
+                    done = self._stopping.is_set() or self._ended.is_set() or (
+                        self._max_jobs is not None and self._claimed >= self._max_jobs)
+                    if done and not self._claiming:
+                        return None
+                    self._cond.wait(0.2)
+            finally:
+                self._idle -= 1
+
+    def _reserve_next(self) -> bool:
+        """Whether a completion may claim the next job (counted if so)."""
+        with self._lock:
+            if not self._chained or self._stopping.is_set() or (
+                    self._max_jobs is not None and self._claimed >= self._max_jobs):
+                return False
+            self._claimed += 1
+            return True
+
+    def _unreserve(self) -> None:
+        with self._cond:
+            self._claimed -= 1
+            self._cond.notify_all()
+
+    def _run(self, job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Run one job and report it; the next job, if its completion claimed one."""
         ctx = JobContext(job)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True)
@@ -201,7 +336,7 @@ class Worker:
         finally:
             done.set()
             beat.join()
-        self._report(ctx, outcome)
+        return self._report(ctx, outcome)
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
         """Renew the lease every third of it until ``done``; a failed beat is
@@ -223,40 +358,69 @@ class Worker:
                 ctx.canceled = True
             wait = every
 
-    def _report(self, ctx: JobContext, outcome: Any) -> None:
-        """Complete or fail the job; through a server restart, keep trying
-        while the lease may still hold (after that the server hands the
-        job to someone else and this result is not wanted)."""
+    def _report(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
+        """Complete or fail the job (claiming the next job in the same call
+        when it may); through a server restart, keep trying while the lease may
+        still hold (after that the server hands the job to someone else and
+        this result is not wanted). The next job, or None."""
         action, value, retryable = outcome
         give_up = time.monotonic() + self.lease_seconds
         pause = 0.1
-        while True:
-            try:
-                if ctx.lease_lost:
-                    raise Conflict("the lease was lost while the job ran", code="lease_lost",
-                                   status=409)
-                if action == "complete":
-                    final = self.client.complete(ctx.job_id, ctx.lease_token, value, cost=ctx.cost)
-                else:
-                    final = self.client.fail(ctx.job_id, ctx.lease_token, value,
-                                             retryable=bool(retryable), cost=ctx.cost)
-            except Conflict as exc:
-                with self._lock:
-                    self.lost.append(ctx.job_id)
-                log.warning("job %s: %s refused (%s); result dropped", ctx.job_id, action, exc.code)
-                return
-            except LevqorConnectionError as exc:
-                if time.monotonic() + pause > give_up:
+        chain = self._reserve_next()
+        following: Optional[Dict[str, Any]] = None
+        try:
+            while True:
+                try:
+                    if ctx.lease_lost:
+                        raise Conflict("the lease was lost while the job ran", code="lease_lost",
+                                       status=409)
+                    ask = ({"workflows": list(self.registry), "lease_seconds": self.lease_seconds}
+                           if chain else None)
+                    if action == "complete":
+                        final = self.client.complete(ctx.job_id, ctx.lease_token, value,
+                                                     cost=ctx.cost, claim_next=ask)
+                    else:
+                        final = self.client.fail(ctx.job_id, ctx.lease_token, value,
+                                                 retryable=bool(retryable), cost=ctx.cost,
+                                                 claim_next=ask)
+                    if chain:
+                        final, following = final
+                except Conflict as exc:
                     with self._lock:
                         self.lost.append(ctx.job_id)
-                    log.warning("job %s: could not report (%s); the lease will run out",
-                                ctx.job_id, exc)
-                    return
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                continue
-            except LevqorError as exc:
-                log.error("job %s: %s refused: %s", ctx.job_id, action, exc)
-                return
-            log.info("job %s: %s", ctx.job_id, final.status)
-            return
+                    log.warning("job %s: %s refused (%s); result dropped", ctx.job_id, action,
+                                exc.code)
+                    return None
+                except LevqorConnectionError as exc:
+                    if time.monotonic() + pause > give_up:
+                        with self._lock:
+                            self.lost.append(ctx.job_id)
+                        log.warning("job %s: could not report (%s); the lease will run out",
+                                    ctx.job_id, exc)
+                        return None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                except ValidationError as exc:
+                    if chain and _unsupported(exc, ("claim_next",)):
+                        log.info("the server does not claim with a report: claiming apart")
+                        self._chained = chain = False
+                        self._unreserve()
+                        continue
+                    log.error("job %s: %s refused: %s", ctx.job_id, action, exc)
+                    return None
+                except LevqorError as exc:
+                    log.error("job %s: %s refused: %s", ctx.job_id, action, exc)
+                    return None
+                log.info("job %s: %s", ctx.job_id, final.status)
+                return following
+        finally:
+            if chain and following is None:
+                self._unreserve()
+
+
+def _unsupported(exc: LevqorError, fields: Any) -> bool:
+    """Whether a 400 says the server does not know one of ``fields`` (an
+    older server): then the worker does without them."""
+    field = str(exc.body.get("field") or "")
+    return exc.status == 400 and field in fields and "not an accepted field" in exc.message
