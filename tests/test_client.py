@@ -32,6 +32,10 @@ SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
 FAST = {"API_KEYS": KEY, "RATE_BURST": 100000, "RATE_GLOBAL": 100000, "RATE_READ": 100000,
         "RATE_WORKER": 100000}
+# How long the tests' idle workers wait at the server for a job: a claim
+# still waiting there when the server is stopped holds up gunicorn's
+# graceful stop until it ends, so the tests keep it short.
+WAIT = 2
 
 
 def sign(secret, msg_id, timestamp, body):
@@ -189,7 +193,7 @@ def test_worker_drains_200_jobs_exactly_once(server):
     c = Client(server.url, KEY)
     ids = [c.submit("ext.count", {"i": i}).job_id for i in range(200)]
     runs = Runs()
-    worker = Worker(c, {"ext.count": runs}, concurrency=4)
+    worker = Worker(c, {"ext.count": runs}, concurrency=4, claim_wait=WAIT)
     t = run_worker(worker)
     try:
         assert wait_until(lambda: len(runs.count) == 200, 120, 0.1), len(runs.count)
@@ -239,7 +243,7 @@ def test_worker_heartbeats_charges_fails_and_sees_cancel(tmp_path):
         return None
 
     worker = Worker(c, {"w.slow": slow, "w.bad": bad, "w.endless": endless}, concurrency=4,
-                    lease_seconds=1)
+                    lease_seconds=1, claim_wait=WAIT)
     t = run_worker(worker)
     try:
         slow_id = c.submit("w.slow", {}, max_cost=0.1).job_id
@@ -285,7 +289,7 @@ def test_worker_carries_on_through_a_server_restart(tmp_path):
     ids = [c.submit("ext.restart", {"i": i}).job_id for i in range(120)]
     runs = Runs(pause=0.02)
     worker = Worker(Client(srv.url, KEY, timeout=2, retry_time=3), {"ext.restart": runs},
-                    concurrency=4, lease_seconds=2)
+                    concurrency=4, lease_seconds=2, claim_wait=WAIT)
     t = run_worker(worker)
     again = None
     try:
@@ -395,6 +399,209 @@ def test_an_intake_retried_after_a_dropped_connection_makes_one_job(server):
             c.claim(["dropped.once"])
     finally:
         proxy.close()
+
+
+class Counting(Client):
+    """A Client that counts its calls by method and the path's last segment."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls = collections.Counter()
+        self.calls_lock = threading.Lock()
+
+    def request(self, method, path, *args, **kw):
+        with self.calls_lock:
+            self.calls[method, path.rsplit("/", 1)[-1]] += 1
+        return super().request(method, path, *args, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Batches, batched and blocking claims, claim_next
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_submit_many_answers_in_order_in_chunks_and_is_refused_a_batch_at_a_time(server):
+    c = Counting(server.url, KEY)
+    made = c.submit_many([{"workflow": "many.order", "payload": {"i": i}, "priority": "high"}
+                          for i in range(7)], batch_size=3)
+    assert [j.status for j in made] == ["queued"] * 7 and c.calls["POST", "batch"] == 3
+    claimed = c.claim(["many.order"], max_jobs=10)
+    assert {j["job_id"]: j["payload"]["i"] for j in claimed} == {j.job_id: i for i, j in enumerate(made)}
+    assert {j["priority"] for j in claimed} == {"high"}
+    big = c.submit_many([{"workflow": "many.big", "payload": {}}] * 1001)  # two calls: 1000 and 1
+    assert len({j.job_id for j in big}) == 1001 and c.calls["POST", "batch"] == 5
+    again = c.submit_many([{"workflow": "many.once", "payload": {}, "idempotency_key": "k-1"}])
+    assert c.submit_many([{"workflow": "many.once", "payload": {},
+                           "idempotency_key": "k-1"}])[0].job_id == again[0].job_id
+    specs = [{"workflow": "many.bad", "payload": {"i": i}} for i in range(6)]
+    specs[4]["priority"] = "urgent"
+    with pytest.raises(ValidationError) as info:
+        c.submit_many(specs, batch_size=3)
+    assert info.value.index == 4 and len(info.value.accepted) == 3  # the first batch was made
+    assert len(list(c.jobs(workflow="many.bad"))) == 3               # the second, not a job of it
+    with pytest.raises(TypeError):
+        c.submit_many([{"workflow": "many.bad", "payload": {}, "colour": "red"}])
+    assert c.submit_many([]) == [] and c.calls["POST", "batch"] == 9
+
+
+@pytest.mark.server
+def test_a_batch_retried_after_a_dropped_connection_makes_each_job_once(server):
+    proxy = DroppingProxy(server.port)
+    try:
+        c = Client(proxy.url, KEY)
+        made = c.submit_many([{"workflow": "many.dropped", "payload": {"i": i}} for i in range(3)])
+        assert proxy.dropped == 1 and c.retries == 1
+        listed = Client(server.url, KEY).jobs(workflow="many.dropped")
+        assert sorted(j.job_id for j in listed) == sorted(j.job_id for j in made)
+        proxy.drops = 2  # without keys, a batch is not sent again: it may have been made
+        c.close()
+        with pytest.raises(levqor_client.LevqorConnectionError):
+            c.submit_many([{"workflow": "many.dropped", "payload": {}}], idempotent=False)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.server
+def test_claim_many_a_blocking_claim_claim_next_and_interrupt(server):
+    c = Client(server.url, KEY)
+    c.submit_many([{"workflow": "many.claim", "payload": {"i": i}} for i in range(5)])
+    first = c.claim(["many.claim"], max_jobs=3)
+    assert len(first) == 3 and all(j["lease_token"] for j in first)
+    assert len(c.claim(["many.claim"], max_jobs=3)) == 2
+    assert c.claim(["many.claim"], max_jobs=3) == []
+    started = time.monotonic()
+    assert c.claim(["many.claim"], wait=0.5) is None  # 204 once the wait is over
+    assert time.monotonic() - started >= 0.45
+    threading.Timer(0.3, lambda: Client(server.url, KEY).submit("many.claim", {"i": 99})).start()
+    started = time.monotonic()
+    got = c.claim(["many.claim"], max_jobs=5, wait=10)
+    assert [j["payload"] for j in got] == [{"i": 99}] and time.monotonic() - started < 5
+    c.submit("many.claim", {"i": 100})
+    done, following = c.complete(got[0]["job_id"], got[0]["lease_token"], {"ok": True},
+                                 claim_next=["many.claim"])
+    assert done.status == "succeeded" and following["payload"] == {"i": 100}
+    failed, following = c.fail(following["job_id"], following["lease_token"], "no", retryable=False,
+                               claim_next={"workflows": ["many.claim"], "lease_seconds": 5})
+    assert failed.status == "failed" and following is None
+    assert c.complete(first[0]["job_id"], first[0]["lease_token"], None).status == "succeeded"
+    ended = []
+
+    def hold():
+        try:
+            c.claim(["many.nobody"], wait=WAIT)
+        except levqor_client.LevqorConnectionError as exc:
+            ended.append(exc)
+    t = threading.Thread(target=hold)
+    t.start()
+    assert wait_until(lambda: c.interrupt(t), 5, 0.01)
+    t.join(5)
+    assert not t.is_alive() and ended
+
+
+@pytest.mark.server
+def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_one_call_per_job(server):
+    c = Client(server.url, KEY)
+    counting = Counting(server.url, KEY)
+    runs = Runs()
+    worker = Worker(counting, {"ext.fast": runs}, concurrency=2, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        time.sleep(1.5)  # idle: a polling worker would have claimed five or six times by now
+        assert counting.calls["POST", "claim"] <= 2, counting.calls
+        sent = time.monotonic()
+        job_id = c.submit("ext.fast", {"i": 0}).job_id
+        assert wait_until(lambda: runs.count[job_id], 5, 0.005)
+        assert time.monotonic() - sent < 0.5  # not a poll's backoff away
+        claims = counting.calls["POST", "claim"]
+        ids = [j.job_id for j in c.submit_many([{"workflow": "ext.fast", "payload": {"i": i}}
+                                                for i in range(1, 101)])]
+        for i, job_id in enumerate(ids, 1):
+            assert c.wait(job_id, 30).result["i"] == i
+        assert counting.calls["POST", "complete"] == 101
+        assert counting.calls["POST", "claim"] - claims <= 10, counting.calls  # the rest came with completions
+        stopped = time.monotonic()
+    finally:
+        worker.stop()
+        t.join(30)
+    assert not t.is_alive() and time.monotonic() - stopped < 3  # its waiting claim was ended
+    assert worker.handled == 101 and set(runs.count.values()) == {1}
+
+
+@pytest.mark.server
+def test_a_worker_claims_no_more_than_max_jobs_and_leaves_when_idle(server):
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.some", "payload": {"i": i}}
+                                            for i in range(5)])]
+    runs = Runs()
+    assert Worker(c, {"ext.some": runs}, concurrency=2).run(max_jobs=3, handle_signals=False) == 3
+    assert sorted(c.get(j).status for j in ids) == ["queued"] * 2 + ["succeeded"] * 3
+    started = time.monotonic()
+    worker = Worker(c, {"ext.some": runs}, concurrency=2)
+    assert worker.run(idle_exit=0.5, handle_signals=False) == 2
+    assert time.monotonic() - started < 5 and len(runs.count) == 5
+
+
+class OldServer(http.server.ThreadingHTTPServer):
+    """The worker protocol as it was before batched and blocking claims and
+    claim_next: it refuses those fields as unknown, as that server did."""
+
+    def __init__(self, jobs):
+        self.queue = collections.deque(jobs)
+        self.refused = collections.Counter()
+        self.done = []
+        super().__init__(("127.0.0.1", 0), OldHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class OldHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        old = self.server
+        unknown = sorted(set(body) - {"workflows", "lease_seconds", "lease_token", "result", "cost",
+                                      "error", "retryable"})
+        if unknown:
+            old.refused[unknown[0]] += 1
+            return self.answer(400, {"error": "validation_failed", "field": unknown[0],
+                                     "message": f"{unknown[0]}: is not an accepted field"})
+        if self.path.endswith("/claim"):
+            if not old.queue:
+                return self.answer(204, None)
+            i = old.queue.popleft()
+            return self.answer(200, {"job": {"job_id": f"j{i}", "workflow": "old.flow",
+                                             "payload": {"i": i}, "lease_token": f"t{i}",
+                                             "attempt": 1}})
+        old.done.append(self.path.split("/")[-2])
+        return self.answer(200, {"job": {"job_id": self.path.split("/")[-2], "status": "succeeded"}})
+
+    def answer(self, status, body):
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_worker_falls_back_to_one_claim_at_a_time_on_an_older_server():
+    old = OldServer(range(6))
+    try:
+        worker = Worker(Client(old.url, KEY), {"old.flow": Runs()}, concurrency=2, idle_max=0.05)
+        assert worker.run(idle_exit=0.5, handle_signals=False) == 6
+        assert sorted(old.done) == [f"j{i}" for i in range(6)]
+        assert old.refused == {"max_jobs": 1, "claim_next": 1}, old.refused  # each asked once
+    finally:
+        old.close()
 
 
 # ---------------------------------------------------------------------------
@@ -642,7 +849,7 @@ def test_sigterm_lets_the_worker_finish_the_job_in_hand(server, tmp_path):
     env = {**os.environ, "LEVQOR_URL": server.url, "LEVQOR_API_KEY": KEY,
            "PYTHONPATH": CLIENT_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "levqor_client", "worker", "slow_workers:REGISTRY",
-                             "--concurrency", "2"], cwd=tmp_path, env=env,
+                             "--concurrency", "2", "--claim-wait", str(WAIT)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_until(lambda: c.get(job_id).status == "running", 20, 0.02)
