@@ -74,3 +74,28 @@ def test_limits_benchmark_smoke_run():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for store in ("memory", "SQLite"):
         assert f"| {store} |" in result.stdout
+
+
+def _redis_answers():
+    """Whether Redis answers on 127.0.0.1:6379 (the peers' broker)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def test_throughput_benchmark_smoke_run():
+    # The peers are not in requirements-dev.txt (bench/requirements-bench.txt
+    # has them): without them, or without Redis, this is skipped.
+    for name in ("rq", "celery", "redis"):
+        pytest.importorskip(name, reason="pip install -r bench/requirements-bench.txt")
+    if not _redis_answers():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--smoke"], cwd=ROOT,
+                            env=bench_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for row in ("| enqueue, 1 client thread |", "| RQ `enqueue_many` |", "| Celery `--pool=solo` |",
+                "| in-process drain, SQLite, 2 processes"):
+        assert row in result.stdout, row
