@@ -120,6 +120,78 @@ def test_client_defaults_come_from_the_environment(monkeypatch):
         Client("ftp://x")
 
 
+class ScriptedServer:
+    """A loopback server that answers each request with the next of
+    ``answers`` (raw bytes), closing the connection after an answer that has
+    no length; it counts the connections it accepted."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while self.answers:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, conn.makefile("rb") as reader:
+                while self.answers:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            break
+                        head += line
+                    if not head:
+                        break
+                    length = [int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                              if h.lower().startswith(b"content-length:")]
+                    reader.read(length[0] if length else 0)
+                    answer = self.answers.pop(0)
+                    conn.sendall(answer)
+                    if b"Content-Length" not in answer and b"chunked" not in answer \
+                            and b" 204 " not in answer:
+                        break  # a body to the connection's end: close it
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_connection_reads_chunked_folded_interim_and_close_delimited_answers():
+    server = ScriptedServer([
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Request-Id: r1\r\n\r\n5;ext=1\r\n{\"a\":\r\n2\r\n1}\r\n0\r\nTrailer: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Folded: a\r\n b\r\n\r\n{\"b\": 2}",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"c\": 3}",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 429 Too Many\r\nRetry-After: 0\r\nContent-Length: 25\r\n\r\n"
+        b"{\"error\": \"rate_limited\"}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    ])
+    try:
+        c = Client(server.url, KEY)
+        assert c.request("GET", "/one") == {"a": 1}
+        assert c.request("POST", "/two", {"x": 1}) == {"b": 2}
+        assert c.request("GET", "/three") == {"c": 3}      # read to the end; the connection closed
+        assert c.request("DELETE", "/four") is None        # on a new connection
+        assert c.request("GET", "/five") == {} and c.retries == 1  # the 429 retried, on the same one
+        assert server.connections == 2
+        for bad in ({"X-Bad": "a\r\nInjected: 1"}, {"X-Bad\n": "a"}):
+            with pytest.raises(ValueError):
+                c.request("GET", "/six", headers=bad)
+        with pytest.raises(ValueError):
+            c.request("GET", "/six seven")
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------------------
 # Against gunicorn
 # ---------------------------------------------------------------------------
