@@ -591,6 +591,7 @@ def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_one_call_per_jo
         for i, job_id in enumerate(ids, 1):
             assert c.wait(job_id, 30).result["i"] == i
         assert counting.calls["POST", "complete"] == 101
+        assert counting.calls["POST", "heartbeat"] == 0  # none due: no job ran for 20 s
         assert counting.calls["POST", "claim"] - claims <= 10, counting.calls  # the rest came with completions
         stopped = time.monotonic()
     finally:

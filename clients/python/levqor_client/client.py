@@ -26,6 +26,9 @@ _SUBMIT_FIELDS = {"workflow", "payload", "priority", "callback_url", "max_cost",
                   "run_at", "delay", "depends_on", "concurrency_key"}
 
 
+_JOB_FIELDS: set = set()  # Job's field names but raw, once known
+
+
 @dataclasses.dataclass
 class Job:
     """A job as the status view shows it. Fields the answer did not carry
@@ -52,8 +55,9 @@ class Job:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Job":
         """A Job from a status view (unknown fields stay in ``raw`` only)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
-        return cls(**{k: v for k, v in data.items() if k in names}, raw=dict(data))
+        if not _JOB_FIELDS:
+            _JOB_FIELDS.update(f.name for f in dataclasses.fields(cls) if f.name != "raw")
+        return cls(**{k: v for k, v in data.items() if k in _JOB_FIELDS}, raw=dict(data))
 
     @property
     def done(self) -> bool:
