@@ -34,8 +34,8 @@ def usage(req):
     # the ledger rows it holds (the query is an index range).
     first, last = _day(req, "from", today), _day(req, "to", today)
     group_by = req.query.get("group_by", "day")
-    if group_by not in ("day", "workflow", "key"):
-        raise HTTPError(400, "invalid_query", "group_by must be day, workflow or key")
+    if group_by not in ("day", "workflow", "key", "step"):
+        raise HTTPError(400, "invalid_query", "group_by must be day, workflow, key or step")
     scope = None if req.role == "admin" else req.key_id  # a client sees its own
     groups = req.services.ledger.usage(first.isoformat(), last.isoformat(), group_by, scope)
     rows = [{group_by: name, "spend": to_usd(g["spend"]), "reserved": to_usd(g["reserved"]),

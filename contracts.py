@@ -86,6 +86,17 @@ class JobStore(Protocol):
         ``QueueFull`` when ``max_jobs`` jobs are held; nothing is stored.
         """
 
+    def add_many(self, jobs: Sequence[Job],
+                 idempotency: Sequence[tuple[str, str, str, float] | None] | None = None
+                 ) -> list[tuple[Job, bool]]:
+        """Store new jobs all together, as ``add`` stores one: all of them or,
+        on any refusal, none. Returns [(the stored copy, created)] in their
+        order; ``idempotency`` has an entry (or None) for each job, and a
+        replay's entry is the job its key made (created False).
+        ``IdempotencyMismatch.index`` names the first job refused so; one
+        transaction on a durable store, so nothing half-written remains.
+        ``QueueFull`` when the new ones do not all fit."""
+
     def get(self, job_id: str) -> Job | None:
         """A copy of the job, or None."""
 
@@ -133,6 +144,14 @@ class JobStore(Protocol):
         queued, exactly one claim takes it.
         """
 
+    def claim_many(self, workflows: Sequence[str] | None, changes: dict[str, Any],
+                   per_workflow: dict[str, dict[str, Any]] | None,
+                   tokens: Sequence[str]) -> list[Job]:
+        """Claim as ``claim`` does, up to once per token, in the queue's
+        order, while jobs are ready: the claimed copies, each with its own
+        token of ``tokens`` as ``lease_token`` (in place of the one in
+        ``changes``). Limits hold job by job."""
+
     def set_limits(self, workflow: str, limits: dict[str, Any] | None) -> None:
         """Replace the workflow's limits (``jobstore.LIMIT_NAMES``; a
         missing one is no limit; None or empty: none at all). Every claim,
@@ -143,11 +162,14 @@ class JobStore(Protocol):
 
     def due(self, now: float) -> list[Job]:
         """Copies of the "scheduled" jobs whose ``not_before`` is at or
-        before ``now`` (up to a batch of them): time to queue them."""
+        before ``now`` (up to a batch of them), and of the "waiting" ones
+        (a durable sleep's end, an event's timeout): time to queue them. A
+        job waiting for its parents has ``not_before`` FOREVER, never due."""
 
-    def waiting(self, limit: int = 500) -> list[Job]:
-        """Copies of up to ``limit`` jobs of status "waiting" (for their
-        parents), oldest first."""
+    def waiting(self, limit: int = 500, event: str | None = None) -> list[Job]:
+        """Copies of up to ``limit`` jobs of status "waiting", oldest first:
+        those waiting for their parents (no ``waiting_for``); with
+        ``event``, those whose ``waiting_for`` names that event."""
 
     def expired(self, now: float) -> list[Job]:
         """Copies of the running jobs whose ``lease_expires_at`` is at or
@@ -296,6 +318,12 @@ class Ledger(Protocol):
         something is left.
         """
 
+    def reserve_many(self, items: Sequence[tuple[Job, int]],
+                     limits: list[tuple[str, str | None, int]]) -> str:
+        """``reserve`` for each (job, amount) in turn, as one atomic step: on
+        the first that does not fit, ``BudgetExceeded`` with ``index`` its
+        place, and nothing is written for any of them."""
+
     def reserve_rest(self, job: Job, cap: int, limits: list[tuple[str, str | None, int]]) -> int | None:
         """For a retry: reserve what is left of ``cap`` after what the job
         spent in earlier attempts; returns that amount. None, and nothing
@@ -309,8 +337,10 @@ class Ledger(Protocol):
         does not fit ``limits``."""
 
     def charge(self, job: Job, amount: int, limits: list[tuple[str, str | None, int]] = (),
-               note: str | None = None, total: bool = False) -> tuple[int, dict[str, Any] | None]:
-        """Record ``amount`` spent by ``job``, always in full (with ``total``:
+               note: str | None = None, total: bool = False,
+               step: str | None = None) -> tuple[int, dict[str, Any] | None]:
+        """Record ``amount`` spent by ``job`` (in the name of ``step``, if
+        given: ``usage`` by step), always in full (with ``total``:
         raise what it has spent to ``amount``, charging only the difference,
         nothing if it is not higher: concurrent reports of one total charge
         once). The reservation covers what it can; the rest counts against
@@ -337,10 +367,11 @@ class Ledger(Protocol):
               key_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Money and outcomes per group over the days given (inclusive).
 
-        ``group_by`` is "day", "workflow" or "key"; ``key_id`` keeps one
+        ``group_by`` is "day", "workflow", "key" or "step" (what no step
+        spent, and what is reserved, is in ""); ``key_id`` keeps one
         key's. Each group: ``{"spend": charged, "reserved": still reserved,
         "jobs": {status: n}}``, the outcomes being those the AuditLog counted
-        (``outcome``; it shares the ledger's database).
+        (``outcome``; it shares the ledger's database; none by step).
         """
 
 
@@ -361,6 +392,10 @@ class AuditLog(Protocol):
         """Note one authenticated write and its audit row; for a 2xx status,
         return once the row is on disk (``storage.StorageError`` "busy" if it
         cannot be written in time)."""
+
+    def audit_many(self, key_id: str, method: str, paths: Sequence[str], status: int,
+                   request_id: str) -> None:
+        """``audit`` with one row for each of ``paths``, written together."""
 
     def count(self, column: str) -> None:
         """Count one event this minute: ``column`` is one of

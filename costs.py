@@ -44,11 +44,13 @@ def utc_day(ts):
 
 
 class BudgetExceeded(Exception):
-    """A reservation or charge that does not fit: ``state`` says which budget."""
+    """A reservation or charge that does not fit: ``state`` says which budget,
+    ``index`` which job of a batch."""
 
-    def __init__(self, state):
+    def __init__(self, state, index=0):
         super().__init__(f"the {state['scope']} budget is exhausted")
         self.state = state
+        self.index = index
 
 
 def seconds_to_midnight(now):
@@ -109,11 +111,22 @@ class Guardrails:
         """At intake: reserve the job's declared cap against today's budgets
         (nothing if it is 0). A job with no declared cost reserves nothing,
         but is refused too when a budget has nothing left."""
-        declared = job.get("cost_declared", True)
-        if declared and not job["max_cost"]:
+        self.reserve_many([job], key)
+
+    def reserve_many(self, jobs, key=None):
+        """``reserve`` for jobs of one caller, all or none (a batch intake):
+        BudgetExceeded's ``index`` names the first that does not fit."""
+        items = [(i, job, job["max_cost"] if job.get("cost_declared", True) else 0)
+                 for i, job in enumerate(jobs)
+                 if job["max_cost"] or not job.get("cost_declared", True)]
+        if not items:
             return
-        self.ledger.reserve(job, job["max_cost"] if declared else 0,
-                            self.limits(job["key_id"], key))
+        try:
+            self.ledger.reserve_many([(job, amount) for _, job, amount in items],
+                                     self.limits(jobs[0]["key_id"], key))
+        except BudgetExceeded as exc:
+            exc.index = items[exc.index][0]
+            raise
 
     def reserve_retry(self, job, key=None):
         """For a retry: reserve what is left of a declared cap (the cap
@@ -133,7 +146,7 @@ class Guardrails:
         today's budgets; BudgetExceeded if one would be passed."""
         self.ledger.top_up(job, micro, self.limits(job["key_id"]))
 
-    def charge(self, job, micro, note=None, total=False):
+    def charge(self, job, micro, note=None, total=False, step=None):
         """Record money the job spent, always in full (with ``total``,
         ``micro`` is its running total). Returns (what the job has spent in
         all, the state of a day budget the unreserved part passed, or None)."""
@@ -143,7 +156,7 @@ class Guardrails:
                 return spent, None
         elif micro <= 0:
             return self.ledger.spent(job["job_id"]), None
-        return self.ledger.charge(job, micro, self.limits(job["key_id"]), note, total)
+        return self.ledger.charge(job, micro, self.limits(job["key_id"]), note, total, step)
 
     def settle(self, job, note=None):
         """An engine on_finish hook: release what the job did not spend."""

@@ -43,6 +43,7 @@ import time
 from urllib.parse import parse_qs, quote, urlencode
 
 import costs
+import engine
 import flow
 import ratelimit
 import wsgi_routes
@@ -766,7 +767,7 @@ def bulk(p):
 JOB = tpl("""<p class="actions">$actions</p>
 <div class="scroll"><dl class="facts">$facts</dl></div>
 <section class="split"><div><h2>Payload</h2>$payload</div><div><h2>$outcome</h2>$result</div></section>
-$flow<section><h2>Attempts</h2>$attempts<p class="note">$attempts_note</p></section>
+$flow$steps<section><h2>Attempts</h2>$attempts<p class="note">$attempts_note</p></section>
 <section><h2>Callback</h2>$callback</section>
 <section><h2>Ledger</h2>$ledger</section>""")
 FACT = tpl('<div><dt>$name</dt><dd>$value</dd></div>')
@@ -838,7 +839,7 @@ def job_page(p, job_id, status=200, flash=None):
                      else "−" + usd(-r["amount"]), r["note"] or ""]
                     for r in p.services.insights.ledger_lines(job_id)], "No money moved for this job.")
     content = render(JOB, actions=join(actions), facts=join(render(FACT, name=n, value=v) for n, v in facts),
-                     flow=dependencies(p, job),
+                     flow=dependencies(p, job), steps=steps(job),
                      payload=render(PRE, text=pretty(job["payload"])),
                      outcome="Error" if job["result"] is None and job["error"] else "Result",
                      result=render(PRE, text=pretty(job["result"])) if job["result"] is not None
@@ -857,6 +858,29 @@ def _related(p, job_ids):
                     [link, other["workflow"], render(BADGE, status=other["status"]),
                      when(other["finished_at"])])
     return rows
+
+
+STEP_BADGE = tpl('<span class="badge $cls">$state</span>')
+STEP_CLASSES = {"done": "succeeded", "waiting": "waiting", "timed_out": "failed"}  # badge colours
+
+
+def steps(job):
+    """The job's recorded durable steps, in order (ctx.step, sleeps and
+    events): only for a job that has any."""
+    recorded = job.get("steps") or []
+    if not recorded:
+        return ""
+    rows = []
+    for entry, view in zip(recorded, map(engine.step_view, recorded)):
+        until = f"until {when(view['until'])}" if view.get("until") else ""
+        waits = {"sleep": until, "event": " ".join(filter(None, [f"event {view.get('event')}", until]))}
+        rows.append([view["name"], view["kind"],
+                     render(STEP_BADGE, cls=STEP_CLASSES[view["state"]], state=view["state"]),
+                     waits.get(view["kind"], ""), when(view["started_at"]), when(view["finished_at"]),
+                     span(view["duration"]), usd(entry.get("cost"))])
+    return render(SECTION, title=f"Steps ({len(recorded)})", content=table(
+        ["Step", "Kind", "State", "Waits for", "Started (UTC)", "Finished (UTC)", "#Duration", "#Cost"],
+        rows))
 
 
 def dependencies(p, job):

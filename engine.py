@@ -62,6 +62,35 @@ class RetryLater(Exception):
         self.seconds = max(0.0, float(seconds))
 
 
+class EventTimeout(Exception):
+    """Raised by ``ctx.wait_for_event`` when its timeout passed with no event."""
+
+
+class Suspend(BaseException):
+    """Ends an attempt that waits (a durable sleep, an event): the job is
+    ``waiting`` until ``until`` (None: until an event), the attempt not
+    counted. A BaseException, so a workflow's ``except Exception`` cannot
+    swallow it."""
+
+    def __init__(self, waiting_for, until):
+        super().__init__("waiting")
+        self.waiting_for = waiting_for
+        self.until = until
+
+
+class LeaseLost(BaseException):
+    """The attempt no longer holds its job (canceled, timed out, taken
+    over): what it does from here is discarded, so it stops."""
+
+
+# A job waiting for the jobs it depends on has no time to wake: its
+# not_before is one no clock reaches, so the sweep that wakes sleepers
+# (status waiting, not_before reached) never picks it.
+FOREVER = 1e18
+MAX_STEPS = 1000              # steps (sleeps and events included) one job may record
+MAX_STEP_BYTES = 1024 * 1024  # of recorded results, as JSON, per job
+
+
 @dataclasses.dataclass(frozen=True)
 class Workflow:
     name: str
@@ -135,6 +164,13 @@ class JobContext:
         self.traceparent = job.get("traceparent")  # the submitter's W3C trace, or None
         self._token = job["lease_token"]
         self._cancel = threading.Event()
+        self._progress = None  # the latest progress reported
+        self._progress_written = float("-inf")  # when progress was last written (monotonic)
+        self._steps = list(job.get("steps") or [])  # recorded, in order (this attempt adds to it)
+        self._seen = set()       # step names reached in this run
+        self._step = None        # the name of the step running now
+        self._step_cost = 0      # micro-dollars charged in it
+        self._waits = 0          # durable sleeps and events reached in this run
 
     @property
     def canceled(self):
@@ -145,22 +181,130 @@ class JobContext:
         """Wait up to ``seconds``; returns early, True, if the job is canceled."""
         return self._cancel.wait(seconds)
 
+    PROGRESS_EVERY = 0.5  # seconds: at most one progress write per attempt that often
+
     def progress(self, fraction, note=None):
+        """Report how far the job is. PERF: written at most every
+        PROGRESS_EVERY seconds; a report in between rides with the next
+        write, or with the attempt's end."""
         fraction = min(1.0, max(0.0, float(fraction)))
-        self.engine.store.update(self.job_id, expect={"lease_token": self._token},
-                                 progress={"fraction": round(fraction, 4),
-                                           "note": None if note is None else str(note)[:200]},
-                                 updated_at=self.engine.now())
+        self._progress = {"fraction": round(fraction, 4), "note": None if note is None else str(note)[:200]}
+        if time.monotonic() - self._progress_written >= self.PROGRESS_EVERY:
+            self._write_progress()
+
+    def _write_progress(self):
+        if self._progress is not None:
+            self._progress_written = time.monotonic()
+            self.engine.store.update(self.job_id, expect={"lease_token": self._token},
+                                     progress=self._progress, updated_at=self.engine.now())
 
     def fail(self, message):
         """Fail the job now, with no retry."""
         raise PermanentFailure(message)
 
+    # -- durable steps ---------------------------------------------------------------
+    #
+    # A job's recorded steps are kept with it, and every attempt runs the
+    # workflow from the top: a step already recorded returns its result at
+    # once, so the code between steps must take the same path every time
+    # (no clock, randomness or outside reads outside a step), or a replay
+    # would reach different steps than the run that recorded them.
+
+    def _recorded(self, name):
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise PermanentFailure("a step's name is a string of 1 to 200 characters")
+        if name in self._seen:
+            raise PermanentFailure(f"step {name!r} is used twice in one run: step names must be unique")
+        self._seen.add(name)
+        return next((s for s in self._steps if s["name"] == name), None)
+
+    def _record(self, entry):
+        """Store ``entry`` with the job while this attempt holds it."""
+        if len(self._steps) >= MAX_STEPS:
+            raise PermanentFailure(f"the job has recorded {MAX_STEPS} steps, the most it may")
+        self._steps.append(entry)
+        if sum(s.get("size", 0) for s in self._steps) > MAX_STEP_BYTES:
+            raise PermanentFailure(f"the job's recorded step results passed {MAX_STEP_BYTES} bytes")
+        self.engine.record_steps(self.job_id, self._token, self._steps)
+
+    def step(self, name, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, run once for this job: its JSON result,
+        and the cost charged while it runs, are recorded with the job
+        before this returns; on every later attempt the recorded result is
+        returned without running ``fn``. An exception fails the attempt
+        (and records nothing)."""
+        done = self._recorded(name)
+        if done is not None:
+            return done.get("result")
+        started, self._step, self._step_cost = self.engine.now(), name, 0
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            self._step = None
+        try:
+            size = len(json.dumps(result, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise PermanentFailure(f"step {name!r} returned something that is not JSON: {exc}") from None
+        self._record({"name": name, "kind": "step", "state": "done", "result": result, "size": size,
+                      "cost": self._step_cost, "started_at": started, "finished_at": self.engine.now()})
+        return result
+
+    def sleep_for(self, seconds):
+        """Wait ``seconds`` without holding a thread: the attempt ends, the
+        job is ``waiting`` until then, and runs again from the top (the
+        steps before replayed from their records). Not an attempt."""
+        self._wait(lambda now: now + max(0.0, float(seconds)))
+
+    def sleep_until(self, when):
+        """``sleep_for`` until ``when`` (a timezone-aware datetime, or Unix seconds)."""
+        at = when.timestamp() if hasattr(when, "timestamp") else float(when)
+        self._wait(lambda now: at)
+
+    def wait_for_event(self, name, match=None, timeout=None):
+        """Wait, as ``sleep_for`` does, for POST /api/v1/events with this
+        ``name`` and ``data`` holding every key and value of ``match``:
+        its data, recorded like a step. ``EventTimeout`` after ``timeout``
+        seconds (None: no limit) without one."""
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise PermanentFailure("an event's name is a string of 1 to 200 characters")
+        if match is not None and not isinstance(match, dict):
+            raise PermanentFailure("an event's match is a dict of the values its data must hold")
+        entry = self._wait(lambda now: None if timeout is None else now + max(0.0, float(timeout)),
+                           event=name, match=match or {})
+        if entry.get("state") == "timed_out":
+            raise EventTimeout(f"no event {name!r} came in time")
+        return entry.get("result")
+
+    def _wait(self, until, event=None, match=None):
+        """The wait's record (made the first time it is reached; the n-th
+        wait of a run is named "wait#n"); Suspend while it is not over."""
+        self._waits += 1
+        name = f"wait#{self._waits}"
+        entry = self._recorded(name)
+        now = self.engine.now()
+        if entry is None:
+            entry = {"name": name, "kind": "event" if event else "sleep", "state": "waiting",
+                     "until": until(now), "started_at": now, "finished_at": None, "cost": 0}
+            if event:
+                entry.update(event=event, match=match)
+            self._record(entry)
+        if entry["state"] == "waiting" and entry["until"] is not None and entry["until"] <= now:
+            entry = self.engine.end_wait(self, entry, "timed_out" if event else "done")
+        if entry["state"] == "waiting":
+            waiting_for = {"event": event, "match": match, "until": entry["until"]} if event \
+                else {"until": entry["until"]}
+            raise Suspend(waiting_for, entry["until"])
+        return entry
+
     def charge(self, usd, note=None):
         """Record ``usd`` dollars this job has spent: always, in full, since
         the money is gone. Past the job's cost cap it then fails with
-        ``cost_cap_exceeded``; past a daily budget, with ``budget_exceeded``."""
-        self.engine.charge(self.job_id, costs.to_micro(usd, decimal.ROUND_CEILING), note)
+        ``cost_cap_exceeded``; past a daily budget, with ``budget_exceeded``.
+        Inside a step, the charge is the step's (named in the ledger)."""
+        micro = costs.to_micro(usd, decimal.ROUND_CEILING)
+        if self._step is not None:
+            self._step_cost += micro
+        self.engine.charge(self.job_id, micro, note, step=self._step)
 
     def budget_left(self):
         """Micro-dollars this job may still spend."""
@@ -191,7 +335,27 @@ STATUS_VIEW = ("job_id", "status", "created_at", "updated_at", "workflow", "prio
                "attempts", "max_attempts", "started_at", "finished_at", "progress",
                "result", "error", "callback")
 # Fields of later versions: a job stored before them shows None.
-FLOW_VIEW = ("run_at", "schedule", "concurrency_key", "depends_on")
+FLOW_VIEW = ("run_at", "schedule", "concurrency_key", "depends_on", "waiting_for")
+
+
+def step_view(entry):
+    """What the status shows of a recorded step (not its result)."""
+    finished = entry.get("finished_at")
+    view = {"name": entry["name"], "kind": entry.get("kind", "step"), "state": entry["state"],
+            "started_at": entry.get("started_at"), "finished_at": finished,
+            "duration": None if finished is None else round(finished - entry["started_at"], 3),
+            "cost": costs.to_usd(entry.get("cost") or 0)}
+    if entry.get("kind") in ("sleep", "event"):
+        view["until"] = entry.get("until")
+    if entry.get("kind") == "event":
+        view["event"] = entry.get("event")
+    return view
+
+
+def step_results(job):
+    """The recorded results by step name, as an external worker gets them."""
+    return {s["name"]: s.get("result") for s in job.get("steps") or ()
+            if s.get("kind", "step") == "step" or s["state"] != "waiting"}
 
 
 def status_view(job):
@@ -199,6 +363,7 @@ def status_view(job):
     view = {k: job[k] for k in STATUS_VIEW}
     view.update({k: job.get(k) for k in FLOW_VIEW})
     view["cost"] = {"max": costs.to_usd(job["max_cost"]), "spent": costs.to_usd(job["cost_spent"])}
+    view["steps"] = [step_view(entry) for entry in job.get("steps") or ()]
     return view
 
 
@@ -220,6 +385,17 @@ def attempt_log(job, changes, now):
     return ((job.get("attempt_log") or []) + [entry])[-MAX_ATTEMPTS_LOGGED:]
 
 
+_UNSET = object()  # no result (yet)
+
+
+def _matches(job, name, data):
+    """Whether event ``name`` with ``data`` is what the job waits for."""
+    waiting_for = job.get("waiting_for") or {}
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # 1 is not true
+    return waiting_for.get("event") == name and all(
+        k in data and same(data[k], v) for k, v in (waiting_for.get("match") or {}).items())
+
+
 def new_token():
     return os.urandom(16).hex()
 
@@ -227,7 +403,8 @@ def new_token():
 class Engine:
     def __init__(self, store, registry, log, *, threads=4, timeout=300.0, max_attempts=3,
                  backoff=2.0, backoff_cap=300.0, local_lease=30.0, clock=time.time, rng=None,
-                 on_finish=(), guardrails=None, sweep_interval=0.25, purge_interval=5.0):
+                 on_finish=(), guardrails=None, sweep_interval=0.25, purge_interval=5.0,
+                 claim_waiters=2):
         self.store = store
         self.guardrails = guardrails  # costs.Guardrails; None: every charge is refused
         self.llm = None  # llm.Client for the llm.chat workflow, when configured
@@ -248,6 +425,9 @@ class Engine:
         self._contexts = {}  # job_id -> JobContext of in-process attempts
         self._contexts_lock = threading.Lock()
         self._wake = threading.Condition()
+        self._claims = threading.Condition()  # waiting claims (claim's wait)
+        self._queued = 0  # bumped whenever an external worker's job may have been queued
+        self._claim_slots = threading.BoundedSemaphore(claim_waiters)
         self._stopping = threading.Event()
         self._threads = []
 
@@ -279,12 +459,13 @@ class Engine:
         that is later than now; "waiting" while it ``depends_on`` others."""
         now = self.now()
         status = "waiting" if depends_on else "scheduled" if run_at and run_at > now else "queued"
+        not_before = FOREVER if depends_on else max(now, run_at or now)
         return {
             "job_id": new_token(), "status": status, "workflow": workflow, "payload": payload,
             "priority": priority, "callback_url": callback_url, "key_id": key_id,
             "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
             "attempts": 0, "max_attempts": self._options(workflow)[1],
-            "not_before": max(now, run_at or now), "run_at": run_at,
+            "not_before": not_before, "run_at": run_at,
             "runner": None, "lease_token": None, "lease_expires_at": None, "lease_seconds": None,
             "deadline_at": None,
             "cancel_requested": False, "progress": None, "result": None, "error": None,
@@ -293,34 +474,51 @@ class Engine:
             "cost_declared": declared,  # False: reserves nothing, charged as it spends
             "concurrency_key": concurrency_key, "schedule": schedule,
             "depends_on": list(depends_on), "parents": None, "children": [],
+            "steps": [], "waiting_for": None,
         }
 
     def submit(self, job, idempotency=None):
-        """Store a new job (see the store's ``add``) and wake a worker; a job
-        that depends on others is linked to them and may then start at once."""
-        job, created = self.store.add(job, idempotency)
-        if created and job["status"] == "waiting":
-            for parent_id in job["depends_on"]:
-                self._link(parent_id, job["job_id"])
-            job = self._resolve(job) or job
-        elif created and job["status"] == "queued":
-            self._notify_for(job["workflow"])
-        return job, created
+        return self.submit_many([job], [idempotency])[0]
+
+    def submit_many(self, jobs, idempotency=None):
+        """Store new jobs (see the store's ``add_many``) and wake workers; a
+        job that depends on others is linked to them and may then start at
+        once. [(job, created)] in order."""
+        added = []
+        queued = set()
+        for job, created in self.store.add_many(jobs, idempotency):
+            if created and job["status"] == "waiting":
+                for parent_id in job["depends_on"]:
+                    self._link(parent_id, job["job_id"])
+                job = self._resolve(job) or job
+            elif created and job["status"] == "queued":
+                queued.add(job["workflow"])
+            added.append((job, created))
+        for workflow in queued:
+            self._notify_for(workflow, every=len(jobs) > 1)
+        return added
 
     def accept(self, job, key=None, idempotency=None):
         """Reserve the job's cap against today's budgets (for ``key``, a
         managed key's record, or None), then submit it; (job, created).
         Nothing stays reserved if it is not stored or is a replay. Raises
         costs.BudgetExceeded, and the store's QueueFull and IdempotencyMismatch."""
-        self.guardrails.reserve(job, key)
+        return self.accept_many([job], key, [idempotency])[0]
+
+    def accept_many(self, jobs, key=None, idempotency=None):
+        """``accept`` for a batch of one caller's jobs: all reserved and
+        stored, or none (the exceptions' ``index`` names the job refused)."""
+        self.guardrails.reserve_many(jobs, key)
         try:
-            submitted, created = self.submit(job, idempotency)
-        except BaseException as exc:  # no job was stored: nothing may stay reserved for it
-            self.guardrails.settle(job, f"intake refused: {type(exc).__name__}")
+            added = self.submit_many(jobs, idempotency)
+        except BaseException as exc:  # no job was stored: nothing may stay reserved for them
+            for job in jobs:
+                self.guardrails.settle(job, f"intake refused: {type(exc).__name__}")
             raise
-        if not created:
-            self.guardrails.settle(job, "idempotent replay")
-        return submitted, created
+        for job, (_, created) in zip(jobs, added):
+            if not created:
+                self.guardrails.settle(job, "idempotent replay")
+        return added
 
     # -- dependencies -------------------------------------------------------------
 
@@ -363,8 +561,8 @@ class Engine:
         now = self.now()
         status = "scheduled" if job.get("run_at") and job["run_at"] > now else "queued"
         done = self.store.update(job["job_id"], expect={"status": "waiting"}, status=status,
-                                 parents=results, queued_at=now, not_before=max(now, job["not_before"]),
-                                 updated_at=now)
+                                 parents=results, queued_at=now, updated_at=now,
+                                 not_before=max(now, job.get("run_at") or now))
         if done is not None and status == "queued":
             self._notify_for(job["workflow"])
         return done
@@ -376,11 +574,16 @@ class Engine:
                 self._resolve(child)
 
     def _promote_due(self, now):
-        """Scheduled jobs whose time has come join the queue."""
+        """Scheduled jobs whose time has come join the queue, as do waiting
+        ones whose durable sleep, or wait for an event, has run out (their
+        next attempt ends the wait)."""
         for job in self.store.due(now):
-            if self.store.update(job["job_id"], expect={"status": "scheduled",
+            changes = {"status": "queued", "updated_at": now}
+            if job["status"] == "waiting":
+                changes.update(waiting_for=None, not_before=now, queued_at=now)
+            if self.store.update(job["job_id"], expect={"status": job["status"],
                                                         "not_before": job["not_before"]},
-                                 status="queued", updated_at=now) is not None:
+                                 **changes) is not None:
                 self._notify_for(job["workflow"])
 
     def get(self, job_id):
@@ -435,10 +638,10 @@ class Engine:
         done = self.store.update(
             job_id, expect={"status": job["status"], "finished_at": job["finished_at"]},
             status="waiting" if job.get("depends_on") else "queued", attempts=0, error=None,
-            result=None, progress=None,
+            result=None, progress=None, waiting_for=None,
             cancel_requested=False, started_at=None, finished_at=None, runner=None,
-            lease_token=None, lease_expires_at=None, deadline_at=None, not_before=now, queued_at=now,
-            updated_at=now)
+            lease_token=None, lease_expires_at=None, deadline_at=None, queued_at=now, updated_at=now,
+            not_before=FOREVER if job.get("depends_on") else now)
         if done is None:
             if reserved:  # the job changed under us: the reservation it took goes back
                 self.guardrails.settle(job, "retry refused")
@@ -561,21 +764,22 @@ class Engine:
                 self.store.update(ctx.job_id, expect={"lease_token": ctx._token},
                                   lease_expires_at=min(job["deadline_at"], now + self.local_lease))
 
-    def _finish(self, job, token, **changes):
-        """End the attempt holding ``token``; None if it no longer holds the job."""
+    def _finish(self, job, token, _expect=(), **changes):
+        """End the attempt holding ``token`` (and, if given, the values of
+        ``_expect``); None if it no longer holds the job."""
         now = self.now()
         if changes.get("status") in JOB_FINAL:
             changes["finished_at"] = now
         changes.update(updated_at=now, lease_token=None, lease_expires_at=None, deadline_at=None)
         changes["attempt_log"] = attempt_log(job, changes, now)  # kept with the job, for the dashboard
-        done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token},
-                                 **changes)
+        done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token,
+                                                        **dict(_expect)}, **changes)
         if done is not None:
             with self._contexts_lock:
                 self._contexts.pop(job["job_id"], None)
             if done["status"] == "queued":
                 self._notify_for(job["workflow"])
-            else:
+            elif done["status"] in JOB_FINAL:
                 self.finished(done)
         return done
 
@@ -589,11 +793,14 @@ class Engine:
                 self.log.error("on_finish hook failed", job_id=job["job_id"],
                                traceback=traceback.format_exc())
 
-    def succeed(self, job, token, result):
+    def succeed(self, job, token, result, as_claimed=False):
+        """The attempt's result. ``as_claimed``: ``job`` is as its claim
+        returned it, so the change also expects no cancel requested since."""
         if job["cancel_requested"]:
             return self._finish(job, token, status="canceled")
         return self._finish(job, token, status="succeeded", result=result, error=None,
-                            progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")})
+                            progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")},
+                            _expect={"cancel_requested": False} if as_claimed else {})
 
     def fail(self, job, token, error_type, message, retryable=True):
         """A failed attempt: retried after backoff while attempts remain, else final."""
@@ -660,14 +867,14 @@ class Engine:
 
     # -- money -----------------------------------------------------------------------------
 
-    def charge(self, job_id, micro, note=None, total=False):
+    def charge(self, job_id, micro, note=None, total=False, step=None):
         """Record micro-dollars a job spent, in full (with ``total``, its
-        running total across all attempts): CostCapFailure past its cap,
-        BudgetFailure past a daily budget."""
+        running total across all attempts; with ``step``, in that step's
+        name): CostCapFailure past its cap, BudgetFailure past a daily budget."""
         if self.guardrails is None:
             raise BudgetFailure("this service records no costs")
         job = self.get(job_id)
-        spent, passed = self.guardrails.charge(job, micro, note, total)
+        spent, passed = self.guardrails.charge(job, micro, note, total, step)
         self._note_spent(job_id, spent)
         if spent > job["max_cost"]:
             raise CostCapFailure(f"the job has spent {costs.to_usd(spent)} dollars, past its "
@@ -716,15 +923,53 @@ class Engine:
 
     # -- external workers ----------------------------------------------------------------
 
+    CLAIM_POLL = 1.0  # seconds a waiting claim sleeps at most between looks
+
     def claim(self, workflows, lease_seconds, key_id=None):
-        """The next job for an external worker calling with ``key_id``, whose
-        lease only that key can use. Workflows this service runs in-process
-        are never handed out: their payloads are not for workers."""
+        """The next job for an external worker, or None (see ``claim_many``)."""
+        jobs = self.claim_many(workflows, lease_seconds, key_id)
+        return jobs[0] if jobs else None
+
+    def claim_many(self, workflows, lease_seconds, key_id=None, max_jobs=1, wait=0.0):
+        """Up to ``max_jobs`` jobs for an external worker calling with
+        ``key_id``, whose leases only that key can use. Workflows this
+        service runs in-process are never handed out: their payloads are
+        not for workers.
+
+        With ``wait`` seconds and nothing ready, the call waits for a job:
+        woken the moment one is queued here, or by the store's watch when
+        another process queues one, and at least every CLAIM_POLL. At most
+        ``claim_waiters`` calls wait at once, so waiting claims never hold
+        every thread that serves requests; past that, the call answers at
+        once with nothing."""
         external = [name for name in workflows if self.registry.get(name) is None]
         if not external:
-            return None
-        changes, _ = self._start_attempt("external", lease_seconds)
-        return self.store.claim(external, dict(changes, claimed_by=key_id))
+            return []
+        deadline = time.monotonic() + wait
+        waiting = False
+        try:
+            while True:
+                with self._claims:
+                    seen = self._queued
+                changes, _ = self._start_attempt("external", lease_seconds)
+                jobs = self.store.claim_many(external, dict(changes, claimed_by=key_id), None,
+                                             [new_token() for _ in range(max_jobs)])
+                left = deadline - time.monotonic()
+                if jobs or left <= 0 or self._stopping.is_set():
+                    return jobs
+                if not waiting:
+                    if not self._claim_slots.acquire(blocking=False):
+                        return []  # as many claims wait as may: this one answers now
+                    waiting = True
+                due = self.store.next_due()  # a job whose retry backoff ends
+                pause = min(left, self.CLAIM_POLL,
+                            self.CLAIM_POLL if due is None else max(0.0, due - self.now()))
+                with self._claims:
+                    if self._queued == seen:
+                        self._claims.wait(pause)
+        finally:
+            if waiting:
+                self._claim_slots.release()
 
     def _leased(self, job_id, token, key_id=None):
         job = self.get(job_id)
@@ -755,8 +1000,9 @@ class Engine:
         """An external worker's outcome: a result, or an error message; with
         ``cost``, the job's total spend so far in dollars."""
         job = self._leased(job_id, token, key_id)
-        self._report_cost(job, token, cost)
-        job = self._leased(job_id, token, key_id)
+        if cost is not None:  # the charge changed the job: read it again
+            self._report_cost(job, token, cost)
+            job = self._leased(job_id, token, key_id)
         if error is None:
             done = self.succeed(job, token, result)
         else:
@@ -779,24 +1025,24 @@ class Engine:
         if job["cancel_requested"]:
             ctx._cancel.set()
         token = job["lease_token"]
+        result = _UNSET
         try:
             result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
-        except RetryLater as exc:
-            done = self.later(self.store.get(job["job_id"]) or job, token, exc.seconds, str(exc))
-        except PermanentFailure as exc:
-            done = self.fail(self.store.get(job["job_id"]) or job, token, exc.error_type,
-                             exc, retryable=False)
+            json.dumps(result, allow_nan=False)  # it must be storable and sendable
         except Exception as exc:
-            self.log.warning("job attempt failed", job_id=job["job_id"], workflow=job["workflow"],
-                             attempt=job["attempts"], traceback=traceback.format_exc())
-            done = self.fail(self.store.get(job["job_id"]) or job, token, type(exc).__name__, exc)
+            ctx._write_progress()  # what it reported before it ended so
+            done = self._attempt_failed(job, token, exc, returned=result is not _UNSET)
+        except Suspend as wait:
+            ctx._write_progress()
+            done = self._suspend(job, token, wait)
+        except LeaseLost:
+            done = None
         else:
-            try:
-                json.dumps(result, allow_nan=False)  # it must be storable and sendable
-            except (TypeError, ValueError) as exc:
-                done = self.fail(self.store.get(job["job_id"]) or job, token, "invalid_result",
-                                 f"the result is not JSON: {exc}", retryable=False)
-            else:
+            # PERF: finished from the job as claimed, with the progress this
+            # attempt reported, not read again: the compare-and-set expects
+            # no cancel requested meanwhile; if one was, read it and end so.
+            done = self.succeed(dict(job, progress=ctx._progress), token, result, as_claimed=True)
+            if done is None:
                 done = self.succeed(self.store.get(job["job_id"]) or job, token, result)
         if done is None:
             self.log.info("late result discarded", job_id=job["job_id"], workflow=job["workflow"])
@@ -804,26 +1050,130 @@ class Engine:
             self._contexts.pop(job["job_id"], None)
         return True
 
+    def _attempt_failed(self, job, token, exc, returned):
+        """End an in-process attempt that raised ``exc`` (or, ``returned``,
+        whose result is not JSON)."""
+        job = self.store.get(job["job_id"]) or job
+        if returned:
+            return self.fail(job, token, "invalid_result", f"the result is not JSON: {exc}", retryable=False)
+        if isinstance(exc, RetryLater):
+            return self.later(job, token, exc.seconds, str(exc))
+        if isinstance(exc, PermanentFailure):
+            return self.fail(job, token, exc.error_type, exc, retryable=False)
+        self.log.warning("job attempt failed", job_id=job["job_id"], workflow=job["workflow"],
+                         attempt=job["attempts"], traceback=traceback.format_exc())
+        return self.fail(job, token, type(exc).__name__, exc)
+
+    # -- durable steps ---------------------------------------------------------------
+
+    def record_steps(self, job_id, token, steps):
+        """Store an in-process attempt's steps with its job; LeaseLost if
+        the attempt no longer holds it."""
+        if self.store.update(job_id, expect={"status": "running", "lease_token": token},
+                             steps=list(steps), updated_at=self.now()) is None:
+            raise LeaseLost()
+
+    def end_wait(self, ctx, entry, state):
+        """A wait whose time has come: recorded as ``state`` (done, or
+        timed_out for an event that never came)."""
+        ended = dict(entry, state=state, finished_at=self.now())
+        ctx._steps[ctx._steps.index(entry)] = ended
+        self.record_steps(ctx.job_id, ctx._token, ctx._steps)
+        return ended
+
+    def _suspend(self, job, token, wait):
+        """End an attempt that waits: the job is ``waiting`` until its wait
+        ends, and the attempt is given back."""
+        job = self.store.get(job["job_id"]) or job
+        if job["cancel_requested"]:
+            return self._finish(job, token, status="canceled")
+        now = self.now()
+        return self._finish(job, token, status="waiting", waiting_for=wait.waiting_for,
+                            not_before=FOREVER if wait.until is None else wait.until, queued_at=now,
+                            attempts=job["attempts"] - 1)
+
+    MAX_EVENT_JOBS = 10_000  # waiting jobs one event may look at
+
+    def deliver_event(self, name, data, key_id=None):
+        """Resume every job waiting for event ``name`` whose match ``data``
+        holds (of ``key_id``'s jobs; None: anyone's): its wait records
+        ``data`` and it queues again. How many it resumed."""
+        resumed = 0
+        for job in self.store.waiting(self.MAX_EVENT_JOBS, event=name):
+            if key_id is not None and job["key_id"] != key_id:
+                continue
+            for _ in range(5):  # a lost race is another change to the job: look again
+                if job is None or job["status"] != "waiting" or not _matches(job, name, data):
+                    break
+                steps = [dict(s, state="done", result=data, size=len(json.dumps(data)),
+                              finished_at=self.now())
+                         if s.get("kind") == "event" and s["state"] == "waiting" else s
+                         for s in job["steps"]]
+                now = self.now()
+                done = self.store.update(job["job_id"], expect={"status": "waiting", "steps": job["steps"]},
+                                         status="queued", waiting_for=None, steps=steps, not_before=now,
+                                         queued_at=now, updated_at=now)
+                if done is not None:
+                    resumed += 1
+                    self._notify_for(job["workflow"])
+                    break
+                job = self.store.get(job["job_id"])
+        return resumed
+
+    def record_step(self, job_id, token, name, result, cost=None, key_id=None):
+        """An external worker's finished step, recorded while its lease
+        holds (``cost`` in dollars, charged in the step's name). A step
+        already recorded is left as it was, and charged nothing again:
+        (job, whether this call recorded it)."""
+        for _ in range(5):  # a lost race is another step recorded meanwhile: look again
+            job = self._leased(job_id, token, key_id)
+            steps = job.get("steps") or []
+            if any(s["name"] == name for s in steps):
+                return job, False
+            size = len(json.dumps(result))
+            if len(steps) >= MAX_STEPS:
+                raise JobError("step_limit", f"the job has recorded {MAX_STEPS} steps, the most it may")
+            if sum(s.get("size", 0) for s in steps) + size > MAX_STEP_BYTES:
+                raise JobError("step_limit", f"the job's recorded step results would pass "
+                                             f"{MAX_STEP_BYTES} bytes")
+            micro = costs.to_micro(cost, decimal.ROUND_CEILING) if cost else 0
+            if micro:
+                try:
+                    self.charge(job_id, micro, f"step {name}", step=name)
+                except (BudgetFailure, CostCapFailure) as exc:
+                    self.fail(job, token, exc.error_type, exc, retryable=False)
+                    raise JobError(exc.error_type, str(exc)) from None
+            now = self.now()
+            entry = {"name": name, "kind": "step", "state": "done", "result": result, "size": size,
+                     "cost": micro, "started_at": now, "finished_at": now}
+            done = self.store.update(job_id, expect={"status": "running", "lease_token": token,
+                                                     "steps": job.get("steps")},
+                                     steps=steps + [entry], updated_at=now)
+            if done is not None:
+                return done, True
+        raise JobError("conflict", "the job is changing state; try again")
+
     def _signal(self, job_id):
         with self._contexts_lock:
             ctx = self._contexts.get(job_id)
         if ctx is not None:
             ctx._cancel.set()
 
-    def _notify(self):
-        with self._wake:
-            self._wake.notify()
-
-    def _notify_for(self, workflow):
-        """Wake a pool thread for a job of ``workflow`` queued (here, or by
-        another process: the store's watch), if this process runs it: an
-        external worker's job is nothing for the pool to claim."""
+    def _notify_for(self, workflow, every=False):
+        """A job of ``workflow`` was queued (here, or by another process: the
+        store's watch; None: of any workflow): wake a pool thread (with
+        ``every``, all of them) if this process runs the workflow, else
+        the claims waiting for an external worker's job."""
         if workflow is None or self.registry.get(workflow) is not None:
-            self._notify()
+            with self._wake:
+                self._wake.notify_all() if every else self._wake.notify()
+        if workflow is None or self.registry.get(workflow) is None:
+            with self._claims:
+                self._queued += 1
+                self._claims.notify_all()
 
     def _notify_all(self):
-        with self._wake:
-            self._wake.notify_all()
+        self._notify_for(None, every=True)
 
     def _worker(self):
         while not self._stopping.is_set():
@@ -853,7 +1203,7 @@ class Engine:
                 break
         # A waiting job is resolved when its last parent ends; this finds one
         # whose parent's process died before it could say so.
-        for job in self.store.waiting():
+        for job in self.store.waiting(500):
             self._resolve(job)
         if self.guardrails is None:
             return
@@ -889,14 +1239,13 @@ class Engine:
         self._threads.append(threading.Thread(target=self._sweeper, name="levqor-sweeper", daemon=True))
         for t in self._threads:
             t.start()
-        if self.threads:
-            self.store.watch(self._notify_for)  # jobs queued by other processes wake the pool
+        # Jobs queued by other processes wake the pool and waiting claims.
+        self.store.watch(self._notify_for)
 
     def stop(self, grace=25.0):
         """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""
         self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
+        self._notify_all()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -3,6 +3,7 @@ errors a store raises) and the job stores, in memory and in SQL (SQLite or
 PostgreSQL), which keep one contract (``contracts.JobStore``)."""
 
 import collections
+import functools
 import heapq
 import json
 import threading
@@ -14,7 +15,12 @@ class QueueFull(Exception):
 
 
 class IdempotencyMismatch(Exception):
-    """An Idempotency-Key already used, within its lifetime, for another body."""
+    """An Idempotency-Key already used, within its lifetime, for another body;
+    ``index`` is the job's place in a batch (``add_many``)."""
+
+    def __init__(self, key, index=0):
+        super().__init__(key)
+        self.index = index
 
 
 # What a workflow may be called: registration, intake and claims all hold
@@ -178,8 +184,8 @@ class MemoryJobStore:
                     self._finished.append((job["finished_at"], job["job_id"]))
             elif new_status == "waiting":
                 self._waiting.add(job["job_id"])
-            elif new_status == "scheduled":
-                heapq.heappush(self._scheduled, (job["not_before"], job["seq"], job["job_id"]))
+        if new_status in ("scheduled", "waiting") and ("not_before" in changes or new_status != old_status):
+            heapq.heappush(self._scheduled, (job["not_before"], job["seq"], job["job_id"]))
         if new_status == "queued" and ("not_before" in changes or old_status != "queued"):
             self._enqueue(job, now)
 
@@ -208,34 +214,47 @@ class MemoryJobStore:
     # -- the interface ----------------------------------------------------------
 
     def add(self, job, idempotency=None):
-        """Store a new job; returns (job, created).
+        return self.add_many([job], [idempotency])[0]
 
-        ``idempotency`` is (key_id, key, body_hash, ttl): if that key was used
-        within ttl for the same body, the job it made is returned instead
-        (created False); for another body, IdempotencyMismatch. Checked and
-        recorded under the one lock, so concurrent duplicates make one job.
+    def add_many(self, jobs, idempotency=None):
+        """Store new jobs, all or none; [(job, created)] in their order.
+
+        ``idempotency`` holds, for each job, None or (key_id, key,
+        body_hash, ttl): if that key was used within ttl for the same body,
+        the job it made is returned instead (created False); for another
+        body, IdempotencyMismatch. Checked and recorded under the one lock,
+        so concurrent duplicates make one job.
         """
         with self._lock:
             now = self.clock()
             self._purge(now)
-            if idempotency is not None:
-                key_id, key, body_hash, ttl = idempotency
-                entry = self._idempotency.get((key_id, key))
-                if entry is not None and entry[2] > now and entry[1] in self._jobs:
-                    if entry[0] != body_hash:
-                        raise IdempotencyMismatch(key)
-                    return dict(self._jobs[entry[1]]), False
-            if len(self._jobs) >= self.max_jobs:
+            keys = idempotency or [None] * len(jobs)
+            found = [self._remembered(key, i, now) for i, key in enumerate(keys)]
+            if len(self._jobs) + found.count(None) > self.max_jobs:
                 raise QueueFull("the job store is full")
-            self._seq += 1
-            stored = dict(job, seq=self._seq, queued_at=job["created_at"], status=None)
-            self._jobs[stored["job_id"]] = stored
-            self._counts[None, stored["priority"], stored["workflow"]] += 1
-            self._set(stored, {"status": job["status"]}, now)
-            if idempotency is not None:
-                self._idempotency[key_id, key] = (body_hash, stored["job_id"], now + ttl)
-                self._idempotency_order.append((now + ttl, (key_id, key)))
-            return dict(stored), True
+            return [(dict(existing), False) if existing else (self._store(job, key, now), True)
+                    for job, key, existing in zip(jobs, keys, found)]
+
+    def _remembered(self, key, index, now):
+        """The job an idempotency key made, if it is still held."""
+        entry = key and self._idempotency.get(key[:2])
+        if not entry or entry[2] <= now or entry[1] not in self._jobs:
+            return None
+        if entry[0] != key[2]:
+            raise IdempotencyMismatch(key[1], index)
+        return self._jobs[entry[1]]
+
+    def _store(self, job, key, now):
+        self._seq += 1
+        stored = dict(job, seq=self._seq, queued_at=job["created_at"], status=None)
+        self._jobs[stored["job_id"]] = stored
+        self._counts[None, stored["priority"], stored["workflow"]] += 1
+        self._set(stored, {"status": job["status"]}, now)
+        if key is not None:
+            key_id, name, body_hash, ttl = key
+            self._idempotency[key_id, name] = (body_hash, stored["job_id"], now + ttl)
+            self._idempotency_order.append((now + ttl, (key_id, name)))
+        return dict(stored)
 
     def get(self, job_id):
         with self._lock:
@@ -255,27 +274,39 @@ class MemoryJobStore:
         """Take the best ready job among ``workflows`` (None: any) that its
         workflow's limits let start, and make it running with ``changes``
         (see ``contracts.JobStore.claim``); the new copy, or None."""
+        found = self.claim_many(workflows, changes, per_workflow, [changes["lease_token"]])
+        return found[0] if found else None
+
+    def claim_many(self, workflows, changes, per_workflow, tokens):
+        """Claim as ``claim`` does, once per token while jobs are ready; the copies."""
+        found = []
         with self._lock:
             now = self.clock()
             self._promote(now)
             wanted = None if workflows is None else set(workflows)
-            best = None
-            for lane, heap in list(self._ready.items()):
-                if wanted is not None and lane[0] not in wanted:
-                    continue
-                while heap and self._live(heap[0]) is None:
-                    heapq.heappop(heap)  # canceled, or queued again since
-                if not heap:
-                    del self._ready[lane]
-                elif (best is None or heap[0] < best[0]) and self._allows(lane, now):
-                    best = (heap[0], heap)
-            if best is None:
-                return None
-            job = self._jobs[heapq.heappop(best[1])[2]]
-            if (self._limits.get(job["workflow"]) or {}).get("rate"):
-                self._starts.setdefault(job["workflow"], collections.deque()).append(now)
-            self._set(job, claim_changes(job, changes, per_workflow), now)
-            return dict(job)
+            for token in tokens:
+                job = self._best(wanted, now)
+                if job is None:
+                    break
+                if (self._limits.get(job["workflow"]) or {}).get("rate"):
+                    self._starts.setdefault(job["workflow"], collections.deque()).append(now)
+                self._set(job, dict(claim_changes(job, changes, per_workflow), lease_token=token), now)
+                found.append(dict(job))
+        return found
+
+    def _best(self, wanted, now):
+        """Take the best ready job of the ``wanted`` workflows that may start now."""
+        best = None
+        for lane, heap in list(self._ready.items()):
+            if wanted is not None and lane[0] not in wanted:
+                continue
+            while heap and self._live(heap[0]) is None:
+                heapq.heappop(heap)  # canceled, or queued again since
+            if not heap:
+                del self._ready[lane]
+            elif (best is None or heap[0] < best[0]) and self._allows(lane, now):
+                best = (heap[0], heap)
+        return None if best is None else self._jobs[heapq.heappop(best[1])[2]]
 
     def expired(self, now):
         """Running jobs whose lease (or timeout) ran out by ``now``."""
@@ -292,17 +323,19 @@ class MemoryJobStore:
             while heap and heap[0][0] <= now:
                 _, _, job_id = heapq.heappop(heap)
                 job = self._jobs.get(job_id)
-                if job is not None and job["status"] == "scheduled":
+                if job is not None and job["status"] in ("scheduled", "waiting"):
                     if job["not_before"] > now:  # its time was moved on
                         heapq.heappush(heap, (job["not_before"], job["seq"], job_id))
                         continue
                     found.append(dict(job))
         return found
 
-    def waiting(self, limit=500):
+    def waiting(self, limit=500, event=None):
         with self._lock:
-            return [dict(self._jobs[i]) for i in sorted(self._waiting,
-                                                        key=lambda i: self._jobs[i]["seq"])[:limit]]
+            found = [self._jobs[i] for i in self._waiting
+                     if (self._jobs[i].get("waiting_for") or {}).get("event") == event
+                     and (event is not None or not self._jobs[i].get("waiting_for"))]
+            return [dict(j) for j in sorted(found, key=lambda j: j["seq"])[:limit]]
 
     def next_due(self):
         """When the next delayed job becomes ready, or None."""
@@ -391,6 +424,16 @@ IN_LIST = {"sqlite": "(SELECT value FROM json_each(:{0}))",
            "postgres": "(SELECT jsonb_array_elements_text(CAST(:{0} AS jsonb)))"}
 
 
+@functools.lru_cache(maxsize=64)
+def _swap_sql(columns):
+    """A compare-and-set on the whole record, setting ``columns`` and the
+    data: it applies only if the row still holds what was read (SQLite:
+    see SqlJobStore._swap). One statement per set of columns a change
+    touches: a claim's, a finish's, a progress report's."""
+    return ("UPDATE jobs SET " + ", ".join(f"{c} = :{c}" for c in (*columns, "data"))
+            + " WHERE job_id = :job_id AND data = :old RETURNING seq")
+
+
 def _pick(only=False, limited=False):
     """Which queued jobs a claim may take: ready, of the workflows asked for
     (``only``), and not held back by a limit (``limited``): the workflows
@@ -427,7 +470,7 @@ SQL = {
     # Four spellings of one pick, not one with "OR :any", which would keep
     # the planner from the queue's indexes.
     **{f"next_queued{'_in' * only}{'_limited' * limited}":
-       f"SELECT job_id FROM jobs WHERE {_pick(only, limited)} ORDER BY score, seq LIMIT 1"
+       f"SELECT seq, job_id, data FROM jobs WHERE {_pick(only, limited)} ORDER BY score, seq LIMIT :n"
        for only in (False, True) for limited in (False, True)},
     # What the limited workflows have running (by key), and which of them
     # have a full rate window (started 1): the oldest of their last
@@ -452,8 +495,15 @@ SQL = {
     "clear_limits": "DELETE FROM workflow_limits WHERE workflow = :workflow",
     "expired": "SELECT seq, data FROM jobs WHERE status = 'running' AND lease_expires_at <= :now",
     "due": "SELECT seq, data FROM jobs WHERE status = 'scheduled' AND not_before <= :now"
-           " ORDER BY not_before LIMIT 500",
-    "waiting": "SELECT seq, data FROM jobs WHERE status = 'waiting' ORDER BY seq LIMIT :limit",
+           " UNION ALL SELECT seq, data FROM jobs WHERE status = 'waiting' AND not_before <= :now"
+           " LIMIT 500",
+    # NOTE: ->> (PostgreSQL) and json_extract (SQLite) read JSON null as NULL.
+    "waiting": "SELECT seq, data FROM jobs WHERE status = 'waiting' AND"
+               " (CASE WHEN json_valid(data) THEN json_extract(data, '$.waiting_for') END) IS NULL"
+               " ORDER BY seq LIMIT :limit",
+    "waiting_event": "SELECT seq, data FROM jobs WHERE status = 'waiting' AND"
+                     " (CASE WHEN json_valid(data) THEN json_extract(data, '$.waiting_for.event') END)"
+                     " = :event ORDER BY seq LIMIT :limit",
     "next_due": "SELECT MIN(not_before) AS t FROM jobs WHERE status = 'queued' AND not_before > :now",
     "counts": "SELECT status, priority, workflow, COUNT(*) AS n FROM jobs"
               " GROUP BY status, priority, workflow",
@@ -495,6 +545,34 @@ _PG_CLAIM = (
     " WHERE seq = (SELECT seq FROM jobs WHERE {pick}"
     " ORDER BY score, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
     " RETURNING seq, data")
+# What the limits hold back, counted by the database (see "held_back" for
+# SQLite, which counts in the claimer): the workflows that may start
+# nothing now (at max_concurrency, or the oldest start of its rate ring
+# still in the window), and the "workflow|key" pairs at max_concurrency_per_key.
+_PG_BLOCKED = (
+    "(SELECT l.workflow FROM workflow_limits AS l WHERE"
+    " CAST(CAST(l.limits AS jsonb) ->> 'max_concurrency' AS integer) <= (SELECT count(*) FROM jobs AS r"
+    " WHERE r.status = 'running' AND r.workflow = l.workflow)"
+    " OR EXISTS (SELECT 1 FROM workflow_starts AS s WHERE s.workflow = l.workflow"
+    " AND s.slot = l.next_slot AND s.started > :now - l.rate_per))")
+_PG_PAIRS = (
+    "(SELECT r.workflow || '|' || r.concurrency_key FROM jobs AS r JOIN workflow_limits AS l"
+    " ON l.workflow = r.workflow WHERE r.status = 'running' AND r.concurrency_key IS NOT NULL"
+    " GROUP BY r.workflow, r.concurrency_key, l.limits"
+    " HAVING count(*) >= CAST(CAST(l.limits AS jsonb) ->> 'max_concurrency_per_key' AS integer))")
+# Several at once: the rows locked in the queue's order are numbered, and
+# the i-th takes the i-th of the tokens (a JSON array).
+_PG_CLAIM_MANY = (
+    "WITH locked AS (SELECT seq, score FROM jobs WHERE {pick} ORDER BY score, seq LIMIT :n"
+    " FOR UPDATE SKIP LOCKED), picked AS (SELECT seq, row_number() OVER (ORDER BY score, seq) AS i"
+    " FROM locked) UPDATE jobs SET status = :status,"
+    " lease_expires_at = COALESCE(CAST(CAST(:per_workflow AS jsonb) -> workflow ->> 'lease_expires_at'"
+    " AS double precision), :lease_expires_at),"
+    " data = data || CAST(:changes AS jsonb)"
+    " || COALESCE(CAST(:per_workflow AS jsonb) -> workflow, jsonb_build_object())"
+    " || jsonb_build_object('attempts', CAST(data ->> 'attempts' AS integer) + 1,"
+    " 'lease_token', CAST(:tokens AS jsonb) ->> CAST(picked.i - 1 AS integer))"
+    " FROM picked WHERE jobs.seq = picked.seq RETURNING jobs.seq, jobs.data, picked.i")
 POSTGRES = {
     # The count is a row of its own, taken in the same statement as the
     # insert: the row lock makes concurrent intakes on every host count in
@@ -504,12 +582,26 @@ POSTGRES = {
               f" INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
               f" SELECT {', '.join(':' + c for c in JOB_COLUMNS[:-1])}, CAST(:data AS jsonb)"
               " FROM slot RETURNING seq",
+    # A batch: the slots for all, then every row from one JSON array.
+    "insert_many": "WITH slot AS (UPDATE job_count SET n = n + :count WHERE id = 1"
+                   " AND n + :count <= :max_jobs RETURNING n)"
+                   f" INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) SELECT {', '.join(JOB_COLUMNS)}"
+                   " FROM slot, jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(job_id text, status text,"
+                   " workflow text, priority text, key_id text, score double precision,"
+                   " not_before double precision, lease_expires_at double precision,"
+                   " finished_at double precision, callback_due double precision,"
+                   " concurrency_key text, schedule text, created_at double precision, data jsonb)"
+                   " RETURNING seq, job_id",
     # SQLite's BEGIN IMMEDIATE already holds the database; here a row lock.
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id FOR UPDATE",
     **{f"claim{'_in' * only}": _PG_CLAIM.replace("{pick}", _pick(only)) for only in (False, True)},
-    # A limited claim notes its start in the workflow's rate ring in the
-    # same statement (a workflow without a rate has no rate_count: no row).
+    **{f"claim_many{'_in' * only}": _PG_CLAIM_MANY.replace("{pick}", _pick(only)) for only in (False, True)},
+    # A limited claim counts what the limits hold back in the statement
+    # itself (the statement before it took the limits lock, so its snapshot
+    # sees every claim committed before), and notes its start in the
+    # workflow's rate ring (a workflow without a rate has no rate_count: no row).
     **{f"claim{'_in' * only}_limited": "WITH claimed AS (" + _PG_CLAIM.replace("{pick}", _pick(only, True))
+       .replace("{blocked}", _PG_BLOCKED).replace("{pairs}", _PG_PAIRS)
        + ", workflow), taken AS (UPDATE workflow_limits SET next_slot = (next_slot + 1) % rate_count"
        " WHERE workflow = (SELECT workflow FROM claimed) AND rate_count IS NOT NULL"
        " RETURNING workflow, (next_slot + rate_count - 1) % rate_count AS slot),"
@@ -519,6 +611,10 @@ POSTGRES = {
        for only in (False, True)},
     "pending_callbacks": "SELECT job_id, callback_due AS due, data ->> 'callback_id' AS callback_id"
                          " FROM jobs WHERE callback_due IS NOT NULL AND callback_due <= :due_by",
+    "waiting": "SELECT seq, data FROM jobs WHERE status = 'waiting'"
+               " AND data ->> 'waiting_for' IS NULL ORDER BY seq LIMIT :limit",
+    "waiting_event": "SELECT seq, data FROM jobs WHERE status = 'waiting'"
+                     " AND data -> 'waiting_for' ->> 'event' = :event ORDER BY seq LIMIT :limit",
     # jsonb holds valid JSON only: no row can be unreadable.
     "unreadable": "SELECT seq FROM jobs WHERE FALSE",
 }
@@ -549,15 +645,22 @@ class SqlJobStore:
     job whose worker died. Finished jobs past ``ttl`` are purged in small
     batches (``purge``), so no purge holds the database for long.
 
-    Workflow limits are a table beside the jobs, read at most once a second
-    per process (a new limit applies everywhere within a second). A rate is
-    checked in one row: the start ``count`` starts ago, kept in a ring of
-    ``count`` slots, must have left the window. A claim
-    that may take a limited workflow's job counts what runs and what started
-    in the same transaction as it takes the job, under one lock for all
-    such claims ("limits": SQLite's write transactions are one at a time
-    anyway; PostgreSQL takes an advisory lock), so limits hold exactly
-    across processes and hosts; claims of unlimited workflows take no lock.
+    Workflow limits are a table beside the jobs; which workflows have any
+    is read at most once a second per process (a new limit applies
+    everywhere within a second). A rate is checked in one row: the start
+    ``count`` starts ago, kept in a ring of ``count`` slots, must have left
+    the window. A claim that may take a limited workflow's job counts what
+    runs and what started in the same transaction as it takes the job,
+    under one lock for all such claims ("limits": SQLite's write
+    transactions are one at a time anyway; PostgreSQL takes an advisory
+    lock, and counts in the claim statement itself), so limits hold
+    exactly across processes and hosts; claims of unlimited workflows take
+    no lock.
+
+    SQLite changes a job by compare-and-set on its whole record, outside
+    any transaction (``_swap``): a claim or update is one read and one
+    single-statement write, and a claimer that lost a race tries the next
+    ready job, as PostgreSQL's SKIP LOCKED does.
     """
 
     PURGE_BATCH = 500
@@ -573,7 +676,7 @@ class SqlJobStore:
         self.sql = statements(db.dialect)
         self._limits = (float("-inf"), {})  # (monotonic time read, limits)
 
-    def _columns(self, job):
+    def _columns(self, job, data=True):
         ready_at = max(job["not_before"], job["queued_at"])
         return {"job_id": job["job_id"], "status": job["status"], "workflow": job["workflow"],
                 "priority": job["priority"], "key_id": job["key_id"],
@@ -581,7 +684,7 @@ class SqlJobStore:
                 "not_before": job["not_before"], "lease_expires_at": job.get("lease_expires_at"),
                 "finished_at": job.get("finished_at"), "callback_due": callback_due(job),
                 "concurrency_key": job.get("concurrency_key"), "schedule": job.get("schedule"),
-                "created_at": job["created_at"], "data": _dumps(job)}
+                "created_at": job["created_at"], "data": _dumps(job) if data else None}
 
     @staticmethod
     def _job(row):
@@ -595,54 +698,105 @@ class SqlJobStore:
         conn.execute(self.sql["save"], self._columns(job))
 
     def add(self, job, idempotency=None):
+        return self.add_many([job], [idempotency])[0]
+
+    def add_many(self, jobs, idempotency=None):
         now = self.clock()
-        job = dict(job, queued_at=job["created_at"])
-        params = dict(self._columns(job), max_jobs=self.max_jobs)
-        insert = self.sql["insert"]
-        if idempotency is None:  # PERF: one statement, its own transaction
-            for _ in range(2):  # full: purge what is past its time, then once more
-                rows = self.db.write_one(insert, params)
-                if rows:
-                    job["seq"] = rows[0]["seq"]
-                    return job, True
-                if not self.purge(now):
-                    break
-            raise QueueFull("the job store is full")
-        key_id, key, body_hash, ttl = idempotency
-        for _ in range(2):
-            # The lock makes the check and the record one step for this key
-            # (SQLite's write transactions are one at a time anyway).
-            with self.db.write(lock=f"idempotency:{key_id}:{key}") as conn:
-                row = conn.execute(self.sql["idempotent"], {"key_id": key_id, "key": key,
-                                                            "now": now}).fetchone()
-                existing = row and self._load(conn, row["job_id"])
-                if existing:
-                    if row["body_hash"] != body_hash:
-                        raise IdempotencyMismatch(key)
-                    return existing, False
-                inserted = conn.execute(insert, params).fetchone()
-                if inserted is not None:
-                    job["seq"] = inserted["seq"]
-                    conn.execute(self.sql["remember"], {"key_id": key_id, "key": key,
-                                                        "body_hash": body_hash,
-                                                        "job_id": job["job_id"], "expires": now + ttl})
-                    return job, True
-            if not self.purge(now):
-                break
-        raise QueueFull("the job store is full")
+        jobs = [dict(job, queued_at=job["created_at"]) for job in jobs]
+        keys = idempotency or [None] * len(jobs)
+        for attempt in range(2):  # full: purge what is past its time, then once more
+            try:
+                return self._add(jobs, keys, now)
+            except QueueFull:
+                if attempt or not self.purge(now):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add(self, jobs, keys, now):
+        if len(jobs) == 1 and keys[0] is None:  # PERF: one statement, its own transaction
+            rows = self.db.write_one(self.sql["insert"], dict(self._columns(jobs[0]),
+                                                              max_jobs=self.max_jobs))
+            if not rows:
+                raise QueueFull("the job store is full")
+            jobs[0]["seq"] = rows[0]["seq"]
+            return [(jobs[0], True)]
+        # The lock makes the checks and the records of a caller's keys one
+        # step (SQLite's write transactions are one at a time anyway).
+        key_id = next((key[0] for key in keys if key), None)
+        with self.db.write(lock=key_id and f"idempotency:{key_id}") as conn:
+            found = [key and self._remembered(conn, key, i, now) for i, key in enumerate(keys)]
+            new = [job for job, existing in zip(jobs, found) if not existing]
+            self._insert(conn, new)
+            for job, key, existing in zip(jobs, keys, found):
+                if key and not existing:
+                    conn.execute(self.sql["remember"], {"key_id": key[0], "key": key[1],
+                                                        "body_hash": key[2], "job_id": job["job_id"],
+                                                        "expires": now + key[3]})
+        return [(existing, False) if existing else (job, True) for job, existing in zip(jobs, found)]
+
+    def _remembered(self, conn, key, index, now):
+        """The job an idempotency key made, if it is still held."""
+        key_id, name, body_hash, _ = key
+        row = conn.execute(self.sql["idempotent"], {"key_id": key_id, "key": name, "now": now}).fetchone()
+        existing = row and self._load(conn, row["job_id"])
+        if existing and row["body_hash"] != body_hash:
+            raise IdempotencyMismatch(name, index)
+        return existing or None
+
+    def _insert(self, conn, jobs):
+        """Insert ``jobs``, setting their ``seq``: QueueFull if they do not all fit."""
+        if self.postgres and len(jobs) > 1:  # PERF: one statement for the lot
+            rows = conn.execute(self.sql["insert_many"], {
+                "count": len(jobs), "max_jobs": self.max_jobs,
+                "rows": _dumps([dict(self._columns(job, data=False), data=job) for job in jobs])
+            }).fetchall()
+            if len(rows) != len(jobs):
+                raise QueueFull("the job store is full")
+            seqs = {r["job_id"]: r["seq"] for r in rows}
+            for job in jobs:
+                job["seq"] = seqs[job["job_id"]]
+            return
+        for job in jobs:  # SQLite: each insert is a call into the library, no round trip
+            row = conn.execute(self.sql["insert"], dict(self._columns(job), max_jobs=self.max_jobs)
+                               ).fetchone()
+            if row is None:
+                raise QueueFull("the job store is full")
+            job["seq"] = row["seq"]
 
     def get(self, job_id):
         rows = self.db.query(self.sql["get"], {"job_id": job_id})
         return self._job(rows[0]) if rows else None
 
     def update(self, job_id, expect=None, **changes):
-        with self.db.write() as conn:
+        if not self.postgres:
+            for _ in range(self.SWAP_TRIES):
+                rows = self.db.query(self.sql["get"], {"job_id": job_id})
+                job = rows and self._job(rows[0])
+                if not job or any(job.get(k) != v for k, v in (expect or {}).items()):
+                    return None
+                changed = dict(job, **changes)
+                if self._swap(rows[0], job, changed):
+                    return changed
+        with self.db.write() as conn:  # PostgreSQL; or SQLite after lost races
             job = self._load(conn, job_id)
             if job is None or any(job.get(k) != v for k, v in (expect or {}).items()):
                 return None
             job.update(changes)
             self._save(conn, job)
         return job
+
+    SWAP_TRIES = 8  # lost races before a change waits its turn in a transaction
+    CANDIDATES = 4  # ready jobs a claim reads, to try the next when another claimer took one
+
+    def _swap(self, row, old, new):
+        """SQLite: write ``new`` over ``row`` (as read, outside any
+        transaction, holding ``old``) if the row is unchanged since. PERF:
+        the write lock is held for one statement, not a read and a write (a
+        loser reads again), and it sets only the columns that change (and
+        so touches only their indexes)."""
+        before, after = self._columns(old, data=False), self._columns(new)
+        changed = tuple(c for c in JOB_COLUMNS[1:-1] if after[c] != before[c])
+        return bool(self.db.write_one(_swap_sql(changed), dict(after, old=row["data"])))
 
     # -- claims and limits ---------------------------------------------------------
 
@@ -672,36 +826,49 @@ class SqlJobStore:
                           if r["concurrency_key"] is not None and r["n"] >= per_key]
         return blocked, pairs
 
+    def _claim_params(self, workflows, changes, per_workflow, now):
+        params = {"now": now, "workflows": _dumps(list(workflows or ())), "n": 1}
+        if self.postgres:  # the claim statement applies the changes itself
+            params.update(status=changes["status"], lease_expires_at=changes.get("lease_expires_at"),
+                          changes=_dumps(changes), per_workflow=_dumps(per_workflow or {}))
+        return params
+
+    def _limited(self, workflows):
+        limits = self._current_limits()
+        return limits if workflows is None else {w: v for w, v in limits.items() if w in workflows}
+
     def claim(self, workflows, changes, per_workflow=None):
         if workflows is not None and not workflows:
             return None
         now = self.clock()
-        limits = self._current_limits()
-        if workflows is not None:
-            limits = {w: v for w, v in limits.items() if w in workflows}
+        limits = self._limited(workflows)
         which = ("_in" if workflows is not None else "") + ("_limited" if limits else "")
-        params = {"now": now, "workflows": _dumps(list(workflows or ())),
-                  "status": changes["status"], "lease_expires_at": changes.get("lease_expires_at"),
-                  "changes": _dumps(changes), "per_workflow": _dumps(per_workflow or {})}
+        params = self._claim_params(workflows, changes, per_workflow, now)
         if self.postgres and not limits:  # PERF: one statement, no lock
             rows = self.db.write_one(self.sql["claim" + which], params)
             return self._job(rows[0]) if rows else None
         if self.postgres:
-            # PERF: two round trips: the lock and the counts; then the claim,
-            # which notes its start in the rate's ring itself, with the
-            # COMMIT sent behind it before its answer is read.
+            # PERF: one round trip: BEGIN, the lock, the claim (which counts
+            # what is held back and notes its start itself) and COMMIT are
+            # sent together before its answer is read.
             with self.db.write(lock="limits", pipeline=True) as conn:
-                blocked, pairs = self._held_back(conn, limits, now)
-                params.update(blocked=_dumps(blocked), pairs=_dumps(pairs))
                 claimed = conn.execute(self.sql["claim" + which], params)
             row = claimed.fetchone()
             return self._job(row) if row else None
+        if not limits:
+            found = self._swap_claim(which, params, changes, per_workflow, [None])
+            return found[0] if found else None
+        return self._claim_locked(which, params, limits, changes, per_workflow, now)
+
+    def _claim_locked(self, which, params, limits, changes, per_workflow, now):
+        """SQLite: a claim in one write transaction, counting what the
+        ``limits`` hold back (exact: write transactions run one at a time)."""
         with self.db.write(lock="limits" if limits else None) as conn:
             if limits:
                 blocked, pairs = self._held_back(conn, limits, now)
-                params.update(blocked=_dumps(blocked), pairs=_dumps(pairs))
+                params = dict(params, blocked=_dumps(blocked), pairs=_dumps(pairs))
             row = conn.execute(self.sql["next_queued" + which], params).fetchone()
-            job = row and self._load(conn, row["job_id"])
+            job = row and self._job(row)
             if job:
                 job.update(claim_changes(job, changes, per_workflow))
                 self._save(conn, job)
@@ -710,6 +877,58 @@ class SqlJobStore:
                     conn.execute(self.sql["start"], {"workflow": job["workflow"], "now": now,
                                                      "slot": slot["slot"]})
         return job or None
+
+    def claim_many(self, workflows, changes, per_workflow, tokens):
+        if workflows is not None and not workflows:
+            return []
+        if len(tokens) == 1 or self._limited(workflows):
+            # Limits are counted claim by claim (each under the limits lock).
+            found = []
+            for token in tokens:
+                job = self.claim(workflows, dict(changes, lease_token=token), per_workflow)
+                if job is None:
+                    break
+                found.append(job)
+            return found
+        which = "_in" if workflows is not None else ""
+        params = self._claim_params(workflows, changes, per_workflow, self.clock())
+        if self.postgres:  # PERF: one statement takes them all
+            rows = self.db.write_one(self.sql["claim_many" + which],
+                                     dict(params, n=len(tokens), tokens=_dumps(tokens)))
+            return [self._job(r) for r in sorted(rows, key=lambda r: r["i"])]
+        return self._swap_claim(which, params, changes, per_workflow, tokens)
+
+    def _swap_claim(self, which, params, changes, per_workflow, tokens):
+        """SQLite, no limits: claim a job per token (None: the one in
+        ``changes``) by reading the first ready ones and swapping each in
+        turn (``_swap``); one taken meanwhile by another claimer is passed
+        over for the next, as PostgreSQL's SKIP LOCKED does. PERF: an empty
+        claim is one read, and a claim writes one statement."""
+        found = []
+        for _ in range(self.SWAP_TRIES):
+            wanted = len(tokens) - len(found)
+            rows = self.db.query(self.sql["next_queued" + which],
+                                 dict(params, n=wanted + self.CANDIDATES - 1))
+            for row in rows:
+                job = self._job(row)
+                claimed = dict(job, **claim_changes(job, changes, per_workflow))
+                if tokens[len(found)] is not None:
+                    claimed["lease_token"] = tokens[len(found)]
+                if self._swap(row, job, claimed):
+                    found.append(claimed)
+                    if len(found) == len(tokens):
+                        return found
+            if len(rows) < wanted + self.CANDIDATES - 1:
+                return found  # the queue ran dry, not just contended
+        # Lost every race so far: the rest wait their turn in transactions.
+        while len(found) < len(tokens):
+            token = tokens[len(found)]
+            job = self._claim_locked(which, params, {}, changes if token is None
+                                     else dict(changes, lease_token=token), per_workflow, params["now"])
+            if job is None:
+                break
+            found.append(job)
+        return found
 
     def set_limits(self, workflow, limits):
         rate = (limits or {}).get("rate") or {}
@@ -734,8 +953,11 @@ class SqlJobStore:
     def due(self, now):
         return [self._job(r) for r in self.db.query(self.sql["due"], {"now": now})]
 
-    def waiting(self, limit=500):
-        return [self._job(r) for r in self.db.query(self.sql["waiting"], {"limit": limit})]
+    def waiting(self, limit=500, event=None):
+        if event is None:
+            return [self._job(r) for r in self.db.query(self.sql["waiting"], {"limit": limit})]
+        return [self._job(r) for r in self.db.query(self.sql["waiting_event"],
+                                                    {"limit": limit, "event": event})]
 
     def next_due(self):
         rows = self.db.query(self.sql["next_due"], {"now": self.clock()})
@@ -800,10 +1022,13 @@ class SqlJobStore:
 
     def watch(self, wake):
         """Have ``wake(workflow)`` called when another process may have queued a job:
-        with PostgreSQL, on its notification (pg.Listener); SQLite has none,
-        so workers there poll."""
+        with PostgreSQL, on its notification (pg.Listener); with SQLite
+        shared by several processes, when another connection commits
+        (storage.Changes). One process alone needs no watch."""
         if self.postgres:
             self.db.listen(wake)
+        elif self.db.shared:
+            self.db.watch(wake)
 
     def __len__(self):
         return self.db.query(self.sql["count"])[0]["n"]

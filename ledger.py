@@ -10,8 +10,8 @@ from costs import BudgetExceeded, fits, utc_day
 # ledger_days and ledger_jobs are running totals of the ledger rows, written
 # in the same transactions.
 SQL = {
-    "row": "INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note)"
-           " VALUES (:ts, :day, :job_id, :key_id, :workflow, :amount, :kind, :note)",
+    "row": "INSERT INTO ledger (ts, day, job_id, key_id, workflow, amount, kind, note, step)"
+           " VALUES (:ts, :day, :job_id, :key_id, :workflow, :amount, :kind, :note, :step)",
     "add_use": "INSERT INTO ledger_days (day, key_id, used) VALUES (:day, :key_id, :amount)"
                " ON CONFLICT (day, key_id) DO UPDATE SET used = ledger_days.used + excluded.used",
     "used": "SELECT used FROM ledger_days WHERE day = :day AND key_id = :key_id",
@@ -40,7 +40,8 @@ SQL = {
                       " WHERE day BETWEEN :first AND :last AND (key_id = :key_id OR :key_id IS NULL)"
                       " GROUP BY g, status",
 }
-GROUP_COLUMNS = {"day": "day", "workflow": "workflow", "key": "key_id"}
+# By step: what was charged outside any step (and reservations) is in "".
+GROUP_COLUMNS = {"day": "day", "workflow": "workflow", "key": "key_id", "step": "COALESCE(step, '')"}
 # Every transaction that moves money takes this lock first (an advisory lock
 # in PostgreSQL; SQLite's write transactions run one at a time anyway), so
 # checks and writes never interleave, on one host or many. Row locks would
@@ -73,10 +74,11 @@ class Ledger:
         self.clock = clock
 
     @staticmethod
-    def _row(conn, now, job, amount, kind, note):
+    def _row(conn, now, job, amount, kind, note, step=None):
         conn.execute(SQL["row"], {"ts": now, "day": job["day"], "job_id": job["job_id"],
                                   "key_id": job["key_id"], "workflow": job["workflow"],
-                                  "amount": amount, "kind": kind, "note": note and str(note)[:200]})
+                                  "amount": amount, "kind": kind, "note": note and str(note)[:200],
+                                  "step": step})
 
     def _add_use(self, conn, day, key_id, amount):
         conn.executemany(SQL["add_use"], [{"day": day, "key_id": k, "amount": amount}
@@ -113,14 +115,21 @@ class Ledger:
         """Reserve ``amount`` for a new job against today's ``limits``.
         BudgetExceeded names the first that would be passed; nothing is
         written then. An amount of 0 only checks that something is left."""
+        return self.reserve_many([(job, amount)], limits)
+
+    def reserve_many(self, items, limits):
+        """Reserve for each (job, amount) in turn, all in one transaction:
+        on the first that does not fit, BudgetExceeded (its ``index`` the
+        item's place) and nothing is written."""
         now = self.clock()
         day = utc_day(now)
         with self.db.write(lock=MONEY) as conn:
-            refused = self._refusal(conn, day, amount, limits)
-            if refused is not None:
-                raise BudgetExceeded(refused)
-            if amount:
-                self._hold(conn, now, day, job, amount, "job cap")
+            for index, (job, amount) in enumerate(items):
+                refused = self._refusal(conn, day, amount, limits)
+                if refused is not None:
+                    raise BudgetExceeded(refused, index)
+                if amount:
+                    self._hold(conn, now, day, job, amount, "job cap")
         return day
 
     def reserve_rest(self, job, cap, limits):
@@ -159,10 +168,10 @@ class Ledger:
                 raise BudgetExceeded(refused)
             self._hold(conn, now, day, job, amount - held, "before spending")
 
-    def charge(self, job, amount, limits=(), note=None, total=False):
+    def charge(self, job, amount, limits=(), note=None, total=False, step=None):
         """Record ``amount`` spent by the job (with ``total``: raise what it
         has spent to ``amount``, charging the difference, nothing if it is
-        not higher), always in full. Its reservation covers what it can; the
+        not higher), always in full, in ``step``'s name if given. Its reservation covers what it can; the
         rest counts against the day at once. Returns (what the job has spent
         in all, the state of the first of ``limits`` that rest passed, or
         None). One transaction: concurrent reports of one total charge once."""
@@ -184,8 +193,8 @@ class Ledger:
             entry = {"job_id": job["job_id"], "day": day, "key_id": job["key_id"],
                      "workflow": job["workflow"]}
             spent = conn.execute(SQL["spend"], dict(entry, amount=amount, covered=covered)).fetchone()["spent"]
-            self._row(conn, now, entry, amount, "charge", note)
-            if covered:
+            self._row(conn, now, entry, amount, "charge", note, step)
+            if covered:  # the reservation was the job's, not the step's
                 self._row(conn, now, entry, -covered, "release", note)
         return spent, passed
 
@@ -223,6 +232,8 @@ class Ledger:
         groups = {}
         for row in self.db.query(SQL["usage_money"].format(column=column), params):
             groups[row["g"]] = {"spend": row["spend"], "reserved": row["reserved"], "jobs": {}}
+        if group_by == "step":
+            return groups  # outcomes are counted per job, not per step
         for row in self.db.query(SQL["usage_outcomes"].format(column=column), params):
             entry = groups.setdefault(row["g"], {"spend": 0, "reserved": 0, "jobs": {}})
             entry["jobs"][row["status"]] = row["n"]

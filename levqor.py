@@ -176,6 +176,9 @@ SETTINGS = (
     ("rate_table_size", "RATE_TABLE_SIZE", whole(16, 10**7), "10000"),
     ("trusted_proxies", "TRUSTED_PROXIES", networks, ""),
     ("max_content_length", "MAX_CONTENT_LENGTH", whole(1024, 64 * 1024 * 1024), "524288"),
+    # POST /api/v1/intake/batch alone: up to 1,000 jobs in one body.
+    ("max_batch_content_length", "MAX_BATCH_CONTENT_LENGTH", whole(1024, 256 * 1024 * 1024),
+     "4194304"),
     ("cors_origins", "CORS_ORIGINS", names, "https://levqor.ai"),
     # Set: every store is in PostgreSQL, shared by every host (SQLITE_PATH
     # and JOB_STORE are then ignored). Blank: the SQLite file and JOB_STORE.
@@ -220,6 +223,9 @@ SETTINGS = (
     # Blank: a quarter of MAX_COST_PER_DAY (costs.Guardrails).
     ("key_daily_budget", "KEY_DAILY_BUDGET", money_or_blank, ""),
     ("callback_scan_interval", "CALLBACK_SCAN_INTERVAL", seconds(0.1, 3600), "30"),
+    # Claims held waiting for a job (claim's "wait") per process: each holds
+    # a request thread, so at most THREADS - 1, leaving one to serve others.
+    ("claim_waiters", "CLAIM_WAITERS", whole(0, 256), "2"),
     ("public_job_status", "PUBLIC_JOB_STATUS", flag, "0"),
     ("admin_session_ttl", "ADMIN_SESSION_TTL", whole(60, 30 * 86_400), "28800"),  # 8 h
     ("metrics_token", "METRICS_TOKEN", token, ""),  # a bearer token for scrapers; blank: none
@@ -244,6 +250,7 @@ class Settings:
     rate_table_size: int
     trusted_proxies: tuple
     max_content_length: int
+    max_batch_content_length: int
     cors_origins: tuple
     database_url: str = dataclasses.field(repr=False)  # may hold a password
     database_statement_timeout: int  # ms any one PostgreSQL statement may take
@@ -283,6 +290,7 @@ class Settings:
     gunicorn_log_level: str
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
     callback_scan_interval: float  # seconds between scans for deliveries whose sender died
+    claim_waiters: int  # claims that may wait for a job at once, per process
     public_job_status: bool      # production: anyone with a job id may read its status
     admin_session_ttl: int       # seconds a dashboard session lasts from its login
     metrics_token: str = dataclasses.field(repr=False)  # Bearer token that may read /metrics
@@ -468,8 +476,10 @@ class Services:
             self.jobs = SqlJobStore(self.db, settings.max_jobs, settings.job_ttl,
                                     settings.job_priority_aging, clock=clock)
         else:
+            # Several worker processes write the file: they queue on a lock
+            # file (and watch it for jobs). One alone needs neither.
             self.db = Database(settings.sqlite_path, settings.sqlite_busy_timeout,
-                               shared=settings.job_store == "sqlite")
+                               shared=settings.job_store == "sqlite" and settings.workers > 1)
             if settings.job_store == "sqlite":
                 self.jobs = SqlJobStore(self.db, settings.max_jobs, settings.job_ttl,
                                         settings.job_priority_aging)
@@ -495,6 +505,7 @@ class Services:
             backoff=settings.job_backoff, backoff_cap=settings.job_backoff_cap,
             local_lease=settings.job_lease, guardrails=self.guardrails,
             sweep_interval=settings.sweep_interval, purge_interval=settings.purge_interval,
+            claim_waiters=max(0, min(settings.claim_waiters, settings.threads - 1)),
             clock=clock, on_finish=[self._finished, self.guardrails.settle, self.callbacks.on_finish])
         self.schedules = ScheduleStore(self.db, clock=clock)
         self.scheduler = Scheduler(self.schedules, self.engine, self.key_store, log, clock=clock)
@@ -519,7 +530,7 @@ class Services:
             schema = registry.get(name).schema
             if schema is not None:
                 jsonschema.Draft202012Validator.check_schema(schema)
-                self.payload_validators[name] = jsonschema.Draft202012Validator(schema)
+                self.payload_validators[name] = schemas.Validator(schema)
         self.started_at = time.time()
         self._db_checked = (float("-inf"), True)  # (when, answer) of the last ping
         self.pid = None  # the process whose background threads are running
@@ -608,7 +619,7 @@ class Services:
         self.recorder.stop()
         if self.settings.database_url:
             self.clock.stop()
-            self.db.close()  # the pool and the listening connection
+        self.db.close()  # the pool and the listening connection, or the file's watch
         self.log.stop()
 
 

@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 
+import jsonschema
+
 import engine
 
 DEFAULT_MAX_TOKENS = 1024
@@ -171,6 +173,14 @@ class Client:
         return answer
 
 
+def jsonschema_checked(payload):
+    """``payload`` if it is what SCHEMA allows, else ValueError saying why."""
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(payload))
+    if error is not None:
+        raise ValueError(error.message[:200])
+    return payload
+
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -189,11 +199,32 @@ SCHEMA = {
 }
 
 
+_VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+
 @engine.workflow("llm.chat", timeout=120, schema=SCHEMA)
-def chat(payload, ctx):
+def chat_workflow(payload, ctx):
+    """The llm.chat workflow: one chat completion (see ``chat``)."""
+    return chat(ctx, payload["model"], payload["messages"], payload.get("max_tokens"))
+
+
+def chat(ctx, model, messages, max_tokens=None):
+    """One chat completion for the job of ``ctx``, priced and charged to it
+    (within its cost cap and today's budgets, LLM_LIMITS kept): the
+    message, the tokens used and the cost. A workflow may call it itself;
+    inside ``ctx.step`` its spend is that step's, and a replay never pays
+    for it again:
+
+        summary = ctx.step("summarise", llm.chat, ctx, "gpt-4o-mini", messages)
+    """
     client = ctx.engine.llm
     if client is None:
         ctx.fail("llm.chat is not configured: set OPENAI_API_KEY and MODEL_PRICES")
+    try:
+        payload = jsonschema_checked({"model": model, "messages": messages,
+                                      **({} if max_tokens is None else {"max_tokens": max_tokens})})
+    except ValueError as exc:
+        ctx.fail(f"llm.chat: {exc}")
     prices = client.prices.get(payload["model"])
     if prices is None:
         ctx.fail(f"model {payload['model']!r} has no price in MODEL_PRICES")

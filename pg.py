@@ -238,6 +238,14 @@ MIGRATIONS = [
     CREATE INDEX admin_sessions_expires ON admin_sessions (expires_at);
     ALTER TABLE minutes ADD COLUMN failed bigint NOT NULL DEFAULT 0;
     """,
+    """
+    -- Durable steps (as in storage.MIGRATIONS): parents' waits never due,
+    -- sleeps due when they end; the step a charge was made in.
+    UPDATE jobs SET not_before = 1e18, data = jsonb_set(data, '{not_before}', '1e18')
+        WHERE status = 'waiting';
+    CREATE INDEX jobs_waking ON jobs (not_before) WHERE status = 'waiting';
+    ALTER TABLE ledger ADD COLUMN step text;
+    """,
 ]
 
 

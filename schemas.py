@@ -19,6 +19,25 @@ from web import HTTPError
 FORMATS = jsonschema.FormatChecker(formats=())
 
 
+def python_pattern(pattern):
+    """A schema's pattern as Python must search for it. In a JSON Schema
+    (ECMA 262) pattern, $ is the end of the string; in Python's, it also
+    matches before a final newline, which would let "name\n" through."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern_keyword(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not python_pattern(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# jsonschema's validator with ECMA's meaning of $ in patterns.
+Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                         {"pattern": _pattern_keyword})
+
+
 @FORMATS.checks("http-url")
 def _is_http_url(value):
     if not isinstance(value, str):
@@ -90,6 +109,19 @@ SCHEDULE_PROPERTIES = {
     "paused": {"type": "boolean"},
 }
 
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII
+MAX_BATCH = 1000      # jobs in one POST /api/v1/intake/batch
+MAX_CLAIM_JOBS = 100  # jobs one claim may take
+MAX_CLAIM_WAIT = 30   # seconds a claim may wait for a job
+CLAIM_PROPERTIES = {
+    "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
+                  "items": WORKFLOW_NAME},
+    "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+}
+# On a report: the worker's next job in the same round trip (the answer's "next").
+CLAIM_NEXT = {"type": "object", "properties": CLAIM_PROPERTIES, "required": ["workflows"],
+              "additionalProperties": False}
+
 SCHEMAS = {
     "intake": {
         "type": "object",
@@ -109,6 +141,13 @@ SCHEMAS = {
         "required": ["workflow", "payload"],
         "additionalProperties": False,
     },
+    "intake_batch": {
+        "type": "object",
+        "properties": {"jobs": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                "items": None}},  # intake_batch_job, below
+        "required": ["jobs"],
+        "additionalProperties": False,
+    },
     "dev_complete": {
         "type": "object",
         "properties": {"result": {}},
@@ -117,9 +156,10 @@ SCHEMAS = {
     "claim": {
         "type": "object",
         "properties": {
-            "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
-                          "items": WORKFLOW_NAME},
-            "lease_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+            **CLAIM_PROPERTIES,
+            # Given: the answer is {"jobs": [...]}, up to this many.
+            "max_jobs": {"type": "integer", "minimum": 1, "maximum": MAX_CLAIM_JOBS},
+            "wait": {"type": "number", "minimum": 0, "maximum": MAX_CLAIM_WAIT},
         },
         "required": ["workflows"],
         "additionalProperties": False,
@@ -138,7 +178,8 @@ SCHEMAS = {
     "complete": {
         "type": "object",
         "properties": {"lease_token": {"type": "string", "maxLength": 64}, "result": {},
-                       "cost": COST},
+                       "cost": COST,
+                       "claim_next": CLAIM_NEXT},
         "required": ["lease_token", "result"],
         "additionalProperties": False,
     },
@@ -146,8 +187,23 @@ SCHEMAS = {
         "type": "object",
         "properties": {"lease_token": {"type": "string", "maxLength": 64},
                        "error": {"type": "string", "minLength": 1, "maxLength": 1000},
-                       "retryable": {"type": "boolean"}, "cost": COST},
+                       "retryable": {"type": "boolean"}, "cost": COST, "claim_next": CLAIM_NEXT},
         "required": ["lease_token", "error"],
+        "additionalProperties": False,
+    },
+    "step": {
+        "type": "object",
+        "properties": {"lease_token": {"type": "string", "maxLength": 64},
+                       "name": {"type": "string", "minLength": 1, "maxLength": 200},
+                       "result": {}, "cost": COST},
+        "required": ["lease_token", "name", "result"],
+        "additionalProperties": False,
+    },
+    "event": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200},
+                       "data": {"type": "object"}},
+        "required": ["name"],
         "additionalProperties": False,
     },
     "key_create": {
@@ -279,7 +335,7 @@ def fast_check(schema):
         allowed = frozenset(schema["enum"])
         checks.append(lambda v: type(v) is str and v in allowed)
     if "pattern" in schema:
-        search = re.compile(schema["pattern"]).search
+        search = python_pattern(schema["pattern"]).search
         checks.append(lambda v: type(v) is not str or search(v) is not None)
     if "format" in schema:
         fmt = schema["format"]
@@ -314,11 +370,17 @@ def fast_check(schema):
     return _all_of(checks)
 
 
+# A batch's job is an intake body with an Idempotency-Key of its own.
+SCHEMAS["intake_batch_job"] = dict(SCHEMAS["intake"], properties={
+    **SCHEMAS["intake"]["properties"],
+    "idempotency_key": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}})
+SCHEMAS["intake_batch"]["properties"]["jobs"]["items"] = SCHEMAS["intake_batch_job"]
+
 VALIDATORS = {}
 FAST_CHECKS = {}
 for _name, _schema in SCHEMAS.items():
     jsonschema.Draft202012Validator.check_schema(_schema)
-    VALIDATORS[_name] = jsonschema.Draft202012Validator(_schema, format_checker=FORMATS)
+    VALIDATORS[_name] = Validator(_schema, format_checker=FORMATS)
     FAST_CHECKS[_name] = fast_check(_schema) or (lambda v: False)
 
 _ERROR_TEXT = {

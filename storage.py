@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 
+from background import Background
+
 # ---------------------------------------------------------------------------
 # SQLite
 # ---------------------------------------------------------------------------
@@ -295,6 +297,16 @@ MIGRATIONS = [
     -- dashboard's failure charts.
     ALTER TABLE minutes ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    -- Durable steps. A job waiting for its parents is never due: its
+    -- not_before is FOREVER (engine.FOREVER); one waiting out a durable
+    -- sleep, or an event's timeout, is due when it ends.
+    UPDATE jobs SET not_before = 1e18, data = json_set(data, '$.not_before', 1e18)
+        WHERE status = 'waiting' AND json_valid(data);
+    CREATE INDEX jobs_waking ON jobs(not_before) WHERE status = 'waiting';
+    -- The step a charge was made in (NULL: none).
+    ALTER TABLE ledger ADD COLUMN step TEXT;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished", "failed")
@@ -346,6 +358,7 @@ class Database:
         # workers). busy_timeout still covers writers that take neither.
         self._write_lock = threading.Lock()
         self._flock = None  # (pid, fd) of this process's lock file
+        self._changes = None  # this process's Changes, once something watches
 
     def connection(self):
         local = self._local
@@ -478,11 +491,49 @@ class Database:
     def ping(self):
         return self.query("SELECT 1 AS ok")[0]["ok"] == 1
 
+    def watch(self, wake):
+        """Call ``wake(None)`` soon after another connection commits to the
+        file: a job another process queued (see Changes)."""
+        if self._changes is None or self._changes.pid != os.getpid():
+            self._changes = Changes(self, wake)
+        self._changes.start()
+
     def close(self):
+        if self._changes is not None and self._changes.pid == os.getpid():
+            self._changes.stop()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+class Changes(Background):
+    """SQLite has no notifications between processes, so one thread per
+    process reads ``PRAGMA data_version`` every few milliseconds: a number
+    in shared memory that changes when any other connection commits, read
+    without touching the disk. When it changes, ``wake(None)``: whatever
+    waits for a job looks again (a look finds nothing for most commits,
+    and costs one read)."""
+
+    NAME = "levqor-sqlite-changes"
+    EVERY = 0.005  # seconds
+
+    def __init__(self, db, wake):
+        self.db = db
+        self.wake = wake
+        self.pid = os.getpid()
+        super().__init__()
+
+    def _run(self):
+        seen = None
+        while not self._stop.wait(self.EVERY):
+            try:
+                version = self.db.query("PRAGMA data_version")[0]["data_version"]
+            except StorageError:
+                continue  # busy or away: the waiters' own polls cover it
+            if seen is not None and version != seen:
+                self.wake(None)
+            seen = version
 
 
 def _now():

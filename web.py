@@ -150,8 +150,8 @@ def parse_json(raw):
 class Request:
     """A thin view over the WSGI environ; query and JSON body parsed lazily, once."""
 
-    __slots__ = ("environ", "services", "method", "path", "key_id", "role", "key", "_query",
-                 "_json")
+    __slots__ = ("environ", "services", "method", "path", "key_id", "role", "key", "audit_paths",
+                 "_query", "_json")
 
     def __init__(self, environ, services):
         self.environ = environ
@@ -161,6 +161,10 @@ class Request:
         self.key_id = None  # who: an API key's fingerprint, a managed key's id, or "open"
         self.role = None    # admin, client or worker
         self.key = None     # the managed key's record, if one was used
+        # An audited route's rows, one per path: None is one for the request;
+        # a handler sets a list (one row per job of a batch; none for a
+        # claim that took nothing, which changed nothing).
+        self.audit_paths = None
         self._query = None
         self._json = _MISSING
 
@@ -196,9 +200,8 @@ class Request:
             self._query = {k: v[0] for k, v in parsed.items()}
         return self._query
 
-    def _read_body(self, optional):
+    def _read_body(self, optional, limit):
         environ = self.environ
-        limit = self.services.settings.max_content_length
         length = environ.get("CONTENT_LENGTH")
         chunked = self._transfer_coding() == "chunked"
         coding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
@@ -248,10 +251,11 @@ class Request:
         if ctype.split(";", 1)[0].strip().lower() != "application/json":
             raise HTTPError(415, "unsupported_media_type", "request body must be application/json")
 
-    def json(self, optional=False):
-        """The body as JSON; with ``optional``, an absent body is ``{}``."""
+    def json(self, optional=False, limit=None):
+        """The body as JSON; with ``optional``, an absent body is ``{}``.
+        At most ``limit`` bytes (default MAX_CONTENT_LENGTH) are read."""
         if self._json is _MISSING:
-            raw = self._read_body(optional)
+            raw = self._read_body(optional, limit or self.services.settings.max_content_length)
             if not raw.strip(b" \t\r\n"):  # JSON's whitespace; \x0b and the like are not
                 if not optional:
                     raise HTTPError(400, "invalid_json", "request body is empty")

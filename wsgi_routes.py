@@ -25,9 +25,9 @@ import tracing
 from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lookup, user_patch,
                       user_upsert)
 from costs import BudgetExceeded, to_usd
-from engine import JobError, status_view
+from engine import JobError, status_view, step_results
 from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
-from schemas import SCHEMAS, validate
+from schemas import MAX_BATCH, SCHEMAS, validate
 from static import robots, security_txt, static_file
 from storage import StorageError
 from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond
@@ -161,7 +161,7 @@ def ops_health(req):
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 IDEMPOTENCY_TTL = 86_400
 _JOB_ERRORS = {"not_found": 404, "conflict": 409, "lease_lost": 409, "budget_exceeded": 409,
-               "cost_cap_exceeded": 409}
+               "cost_cap_exceeded": 409, "step_limit": 422}
 
 
 def _job_call(method, job_id, *args, **kwargs):
@@ -175,9 +175,11 @@ def _job_call(method, job_id, *args, **kwargs):
         raise HTTPError(_JOB_ERRORS[exc.code], exc.code, exc.message, **extra)
 
 
-def intake(req):
+def new_job(req, body):
+    """The job an intake body asks for, checked past its schema: the
+    callback URL, the payload against its workflow's schema, run_at or
+    delay, the parents it depends on, its cost cap."""
     services = req.services
-    body = validate("intake", req.json())
     if "callback_url" in body:
         problem = callbacks.url_problem(body["callback_url"], services.settings.callback_allow_private)
         if problem is not None:
@@ -187,14 +189,6 @@ def intake(req):
         validate(None, body["payload"], payload_validator, prefix=("payload",))
     run_at = flow.run_at(body, services.engine.now())
     depends_on = flow.parents(req, body.get("depends_on", ()))
-    idempotency = None
-    idem_key = req.environ.get("HTTP_IDEMPOTENCY_KEY")
-    if idem_key is not None:
-        if not _IDEMPOTENCY_KEY.match(idem_key):
-            raise HTTPError(400, "invalid_idempotency_key",
-                            "Idempotency-Key must be 1 to 255 printable ASCII characters")
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-        idempotency = (req.key_id, idem_key, digest.hexdigest(), IDEMPOTENCY_TTL)
     default = services.engine.default_cap(body["workflow"])
     try:
         cap = services.guardrails.cap(body.get("max_cost"), default)
@@ -206,30 +200,97 @@ def intake(req):
                                   body.get("callback_url"), req.key_id, cap, declared, run_at=run_at,
                                   concurrency_key=body.get("concurrency_key"), depends_on=depends_on)
     tracing.attach(job, req.environ)
-    job, created = accept(req, job, idempotency)
+    return job
+
+
+def idempotency(req, key, body):
+    """What the store remembers of an Idempotency-Key: (key_id, key, the
+    body's digest, lifetime)."""
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise HTTPError(400, "invalid_idempotency_key",
+                        "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return (req.key_id, key, digest.hexdigest(), IDEMPOTENCY_TTL)
+
+
+def intake(req):
+    body = validate("intake", req.json())
+    job = new_job(req, body)
+    idem_key = req.environ.get("HTTP_IDEMPOTENCY_KEY")
+    (job, created), = accept(req, [job], [None if idem_key is None else idempotency(req, idem_key, body)])
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
-    if created:
-        services.recorder.count("jobs")
-        services.metrics.job_enqueued(job)
-    else:
+    if not created:
         headers.append(("Idempotent-Replayed", "true"))
     # A replay answers exactly what the first request was answered.
     return respond({"job_id": job["job_id"], "status": job["status"] if created else "queued"},
                    202, headers)
 
 
-def accept(req, job, idempotency=None):
-    """Reserve and store a new job (``Engine.accept``), its refusals answered."""
+def intake_batch(req):
+    """Up to MAX_BATCH jobs in one call, accepted or refused together: a
+    refusal names the first job refused (``index``, and ``jobs/<i>`` in its
+    field). Each may carry an ``idempotency_key``: a replayed job answers
+    with its status then ("queued"), as a replayed intake does."""
+    body = req.json(limit=req.services.settings.max_batch_content_length)
+    items = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(items, list) or set(body) != {"jobs"} or not 1 <= len(items) <= MAX_BATCH:
+        validate("intake_batch", body)  # the batch itself is malformed: say how
+    # Each job checked in full before the next, so a refusal names the first bad one.
+    jobs, keys, seen = [], [], set()
+    for i, item in enumerate(items):
+        _in_batch(i, validate, "intake_batch_job", item, prefix=("jobs", str(i)))
+        key = item.pop("idempotency_key", None)
+        if key is not None and key in seen:
+            raise HTTPError(400, "validation_failed", f"jobs/{i}/idempotency_key: repeated in this batch",
+                            field=f"jobs/{i}/idempotency_key", index=i)
+        seen.add(key)
+        jobs.append(_in_batch(i, new_job, req, item))
+        keys.append(None if key is None else idempotency(req, key, item))
+    added = accept(req, jobs, keys)
+    req.audit_paths = [f"{req.path}#{job['job_id']}" for job, _ in added]  # a row per job
+    return respond({"jobs": [{"job_id": job["job_id"], "status": job["status"] if created else "queued"}
+                             for job, created in added]}, 202)
+
+
+def _in_batch(index, fn, *args, **kwargs):
+    """``fn``'s refusal of the batch's job ``index``, said of that job."""
     try:
-        return req.services.engine.accept(job, req.key, idempotency)
+        return fn(*args, **kwargs)
+    except HTTPError as exc:
+        field = exc.extra.get("field")
+        if field is not None and not field.startswith("jobs/"):
+            exc.extra["field"] = f"jobs/{index}/{field}"
+            exc.message = f"jobs/{index}/{exc.message}"
+        elif field is None:
+            exc.message = f"jobs/{index}: {exc.message}"
+        exc.extra["index"] = index
+        raise
+
+
+def accept(req, jobs, keys):
+    """Reserve and store new jobs (``Engine.accept_many``), its refusals
+    answered; [(job, created)]. A refusal of one job of a batch names it."""
+    services = req.services
+    try:
+        added = services.engine.accept_many(jobs, req.key, keys)
     except BudgetExceeded as exc:
-        raise budget_refusal(req, exc)
+        refusal = budget_refusal(req, exc)
+        if len(jobs) > 1:
+            refusal.message = f"jobs/{exc.index}: {refusal.message}"
+            refusal.extra["index"] = exc.index
+        raise refusal
     except QueueFull:
         raise HTTPError(503, "queue_full", "too many jobs are held; try again later",
                         [("Retry-After", "30")])
-    except IdempotencyMismatch:
+    except IdempotencyMismatch as exc:
         raise HTTPError(422, "idempotency_key_reused",
-                        "this Idempotency-Key was used with a different request body")
+                        "this Idempotency-Key was used with a different request body",
+                        **({"index": exc.index} if len(jobs) > 1 else {}))
+    for job, created in added:
+        if created:
+            services.recorder.count("jobs")
+            services.metrics.job_enqueued(job)
+    return added
 
 
 def budget_refusal(req, exc):
@@ -286,27 +347,46 @@ def job_redeliver(req, job_id):
     return respond({"job": status_view(done)})
 
 
-def job_claim(req):
-    body = validate("claim", req.json())
+def _claimed(job):
+    """What a worker is handed of a job it claimed."""
+    return {"job_id": job["job_id"], "workflow": job["workflow"], "payload": job["payload"],
+            "priority": job["priority"], "attempt": job["attempts"],
+            "max_attempts": job["max_attempts"], "lease_token": job["lease_token"],
+            "lease_expires_at": job["lease_expires_at"],
+            # What earlier attempts spent: a reported cost is the job's
+            # total across attempts, so it starts from here.
+            "cost_spent": to_usd(job["cost_spent"]),
+            # The results of the jobs it depends on, by id.
+            "parents": job.get("parents") or {},
+            # What earlier attempts recorded, by step name (see job_steps).
+            "steps": step_results(job),
+            "traceparent": job.get("traceparent")}
+
+
+def _claim(req, ask, max_jobs=1, wait=0.0):
+    """Jobs claimed for the caller as ``ask`` (a claim body) says; a claim
+    that took nothing changed nothing, so it leaves no audit row."""
     patterns = req.key and req.key["workflows"]  # None: any workflow
     if patterns:
-        for name in body["workflows"]:
+        for name in ask["workflows"]:
             if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
                 raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
-    job = req.services.engine.claim(body["workflows"], body.get("lease_seconds", 60), req.key_id)
-    if job is None:
-        return 204, [], b""
-    return respond({"job": {"job_id": job["job_id"], "workflow": job["workflow"],
-                            "payload": job["payload"], "priority": job["priority"],
-                            "attempt": job["attempts"], "max_attempts": job["max_attempts"],
-                            "lease_token": job["lease_token"],
-                            "lease_expires_at": job["lease_expires_at"],
-                            # What earlier attempts spent: a reported cost is the
-                            # job's total across attempts, so it starts from here.
-                            "cost_spent": to_usd(job["cost_spent"]),
-                            # The results of the jobs it depends on, by id.
-                            "parents": job.get("parents") or {},
-                            "traceparent": job.get("traceparent")}})
+    jobs = req.services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
+                                          max_jobs, wait)
+    if not jobs:
+        req.audit_paths = []
+    return [_claimed(job) for job in jobs]
+
+
+def job_claim(req):
+    """The next job, or with ``max_jobs`` up to that many ({"jobs": [...]});
+    with ``wait``, held until one is queued or the wait ends."""
+    body = validate("claim", req.json())
+    # int(): JSON Schema's integer admits 77.0.
+    jobs = _claim(req, body, int(body.get("max_jobs", 1)), body.get("wait", 0))
+    if "max_jobs" in body:
+        return respond({"jobs": jobs})
+    return respond({"job": jobs[0]}) if jobs else (204, [], b"")
 
 
 def job_heartbeat(req, job_id):
@@ -318,18 +398,50 @@ def job_heartbeat(req, job_id):
                     "cancel_requested": job["cancel_requested"]})
 
 
+def job_steps(req, job_id):
+    """An external worker's finished step, recorded with the job while its
+    lease holds: the next attempt's claim carries it in ``steps``. A name
+    already recorded is answered with ``"recorded": false`` and charged
+    nothing again."""
+    body = validate("step", req.json())
+    job, recorded = _job_call(req.services.engine.record_step, job_id, body["lease_token"],
+                              body["name"], body.get("result"), body.get("cost"), key_id=req.key_id)
+    return respond({"recorded": recorded, "job": status_view(job)})
+
+
+def event(req):
+    """Resume the caller's jobs waiting for this event whose match its data
+    holds (an admin key's reach every key's jobs); an event nobody waits
+    for is not kept."""
+    body = validate("event", req.json())
+    scope = None if req.role == "admin" else req.key_id
+    resumed = req.services.engine.deliver_event(body["name"], body.get("data", {}), scope)
+    return respond({"resumed": resumed})
+
+
+def _reported(req, job, body):
+    """A report's answer: the job, and with ``claim_next`` the worker's next
+    job (or null) in the same round trip; that claim never waits."""
+    answer = {"job": status_view(job)}
+    if "claim_next" in body:
+        claimed = _claim(req, body["claim_next"])
+        req.audit_paths = None  # the report itself changed the job
+        answer["next"] = claimed[0] if claimed else None
+    return respond(answer)
+
+
 def job_complete(req, job_id):
     body = validate("complete", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], result=body["result"],
                     cost=body.get("cost"), key_id=req.key_id)
-    return respond({"job": status_view(job)})
+    return _reported(req, job, body)
 
 
 def job_fail(req, job_id):
     body = validate("fail", req.json())
     job = _job_call(req.services.engine.report, job_id, body["lease_token"], error=body["error"],
                     retryable=body.get("retryable", True), cost=body.get("cost"), key_id=req.key_id)
-    return respond({"job": status_view(job)})
+    return _reported(req, job, body)
 
 
 # ---------------------------------------------------------------------------
@@ -355,6 +467,7 @@ ROUTES = [
     ("GET", "/public/metrics", metrics, PUBLIC, ()),
     ("GET", "/metrics", prometheus.scrape, PUBLIC, ()),  # an admin key or METRICS_TOKEN
     ("POST", "/api/v1/intake", intake, KEY, ("audit",)),
+    ("POST", "/api/v1/intake/batch", intake_batch, KEY, ("audit",)),
     ("GET", "/api/v1/status/<job_id>", job_status, JOB_READ, ()),
     ("POST", "/api/v1/_dev/complete/<job_id>", dev_complete, KEY, ("audit", "dev")),
     ("GET", "/api/v1/ops/health", ops_health, KEY, ("admin",)),
@@ -365,9 +478,11 @@ ROUTES = [
     ("POST", "/api/v1/jobs/<job_id>/heartbeat", job_heartbeat, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/complete", job_complete, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/fail", job_fail, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/<job_id>/steps", job_steps, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/cancel", job_cancel, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/retry", job_retry, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/<job_id>/callback/redeliver", job_redeliver, KEY, ("audit",)),
+    ("POST", "/api/v1/events", event, KEY, ("audit",)),
     ("GET", "/api/v1/usage", usage, KEY, ()),
     ("GET", "/api/v1/workflows", flow.workflow_list, KEY, ()),
     ("PUT", "/api/v1/workflows/<name>/limits", flow.workflow_limits, KEY, ("audit", "admin")),
@@ -582,8 +697,11 @@ class Api:
         the same, so the client is told so (not a 503 that would invite a
         duplicate): the row stays queued for the next write, and the log says
         it is late."""
+        paths = [req.path] if req.audit_paths is None else req.audit_paths
+        if not paths:
+            return
         try:
-            self.services.recorder.audit(req.key_id, req.method, req.path, status, req.request_id)
+            self.services.recorder.audit_many(req.key_id, req.method, paths, status, req.request_id)
         except StorageError:
             if not 200 <= status < 300:
                 raise

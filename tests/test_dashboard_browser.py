@@ -70,11 +70,19 @@ def site(tmp_path_factory):
     api.post(f"{srv.url}/api/v1/jobs/{paid}/complete", json={"lease_token": lease["job"]["lease_token"],
                                                              "result": {"pages": 3}, "cost": 0.125},
              timeout=10).raise_for_status()
+    # Its steps spend nothing: the spend page's figures are the paid job's alone.
+    stepped = api.post(srv.url + "/api/v1/intake", json={"workflow": "ext.steps", "payload": {},
+                                                          "max_cost": 0}, timeout=10).json()["job_id"]
+    lease = api.post(srv.url + "/api/v1/jobs/claim", json={"workflows": ["ext.steps"]}, timeout=10).json()
+    for name, cost in (("fetch page", 0), ("summarise", 0)):
+        api.post(f"{srv.url}/api/v1/jobs/{stepped}/steps", timeout=10, json={
+            "lease_token": lease["job"]["lease_token"], "name": name, "result": {"ok": name},
+            "cost": cost}).raise_for_status()
     assert wait_until(lambda: all(api.get(f"{srv.url}/api/v1/status/{j}", timeout=10).json()["status"]
                                   == "succeeded" for j in done), 30)
     client_key = api.post(srv.url + "/api/v1/keys", json={"name": "acme", "role": "client"},
                           timeout=10).json()["key"]
-    yield {"server": srv, "api": api, "reports": reports, "flaky": flaky, "xss": xss,
+    yield {"server": srv, "api": api, "reports": reports, "flaky": flaky, "xss": xss, "stepped": stepped,
            "client_key": client_key, "shots": tmp / "shots"}
     srv.stop()
 
@@ -473,6 +481,23 @@ def test_workflow_limits_are_listed_and_set_with_the_form(driver, site, flow):
     assert "max_concurrency_per_key: must be at least 1" in by_css(driver, ".flash.error")[0].text
     assert by_css(driver, "input[name=max_concurrency_per_key]")[0].get_attribute("value") == "0"
     shot(driver, site, "workflow-limits-refused")
+
+
+def test_a_job_shows_its_recorded_steps(driver, site):
+    open_page(driver, site, f"/admin/jobs/{site['stepped']}")
+    if by_css(driver, "input[name=key]"):  # the session the tests above made is not there
+        log_in(driver, site)
+        open_page(driver, site, f"/admin/jobs/{site['stepped']}")
+    sections = {h.text: h for h in by_css(driver, "section h2")}
+    assert "Steps (2)" in sections
+    rows = driver.execute_script(
+        "var h = Array.from(document.querySelectorAll('section h2')).find(function (e) {"
+        " return e.textContent.indexOf('Steps') === 0; });"
+        "return Array.from(h.parentNode.querySelectorAll('tbody tr')).map(function (r) {"
+        " return Array.from(r.cells).map(function (c) { return c.textContent; }); });")
+    assert [(r[0], r[1], r[2], r[7]) for r in rows] == [("fetch page", "step", "done", "$0.00"),
+                                                      ("summarise", "step", "done", "$0.00")]
+    shot(driver, site, "job-steps")
 
 
 def test_a_client_key_cannot_log_in(driver, site):

@@ -5,11 +5,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
 
-from support import KEY, ROOT, Server, wait_until
+import storage
+from support import KEY, ROOT, Server, store_env, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -190,3 +192,59 @@ def test_sigterm_lets_a_running_job_finish(tmp_path):
     srv.stop()  # SIGTERM
     log = srv.log()
     assert '"msg":"job engine stopped"' in log and '"running_abandoned":[]' in log, log
+
+
+# -- waiting claims across processes ----------------------------------------------------------
+
+
+def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
+    woken = threading.Event()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow: woken.set())
+    try:
+        time.sleep(0.1)
+        assert not woken.is_set()
+        with other.write() as conn:
+            conn.execute("CREATE TABLE t (x)")
+        assert woken.wait(5)
+    finally:
+        mine.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_waiting_claim_on_one_process_gets_a_job_queued_on_another(tmp_path, kind):
+    # SQLite: one host of two processes (the kernel picks which one takes
+    # each connection); PostgreSQL: two hosts.
+    common = dict(API_KEYS=KEY, RATE_WORKER=100000, **store_env(kind))
+    if kind == "sqlite":
+        hosts = [Server(tmp_path, WEB_CONCURRENCY=2, **common)]
+    else:
+        hosts = [Server(tmp_path, WEB_CONCURRENCY=1, **common)]
+        hosts.append(Server(tmp_path, WEB_CONCURRENCY=1,
+                            **dict(common, DATABASE_URL=hosts[0].env["DATABASE_URL"])))
+    for host in hosts:
+        host.start()
+    try:
+        out = {}
+
+        def wait_for_job():
+            started = time.monotonic()
+            out["r"] = requests.post(hosts[0].url + "/api/v1/jobs/claim", headers={"X-Api-Key": KEY},
+                                     json={"workflows": ["ext.work"], "wait": 25, "max_jobs": 10},
+                                     timeout=40)
+            out["took"] = time.monotonic() - started
+
+        thread = threading.Thread(target=wait_for_job)
+        thread.start()
+        time.sleep(0.5)
+        r = requests.post(hosts[-1].url + "/api/v1/intake/batch", headers={"X-Api-Key": KEY},
+                          json={"jobs": [{"workflow": "ext.work", "payload": {}}] * 2}, timeout=10)
+        assert r.status_code == 202
+        thread.join(35)
+        assert out["r"].status_code == 200 and len(out["r"].json()["jobs"]) >= 1
+        assert out["took"] < 20  # woken by the other process's job, not by the end of its wait
+    finally:
+        for host in hosts:
+            host.stop()

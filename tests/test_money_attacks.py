@@ -448,10 +448,10 @@ def test_an_intake_the_store_refuses_keeps_nothing_reserved(tmp_path):
     app = money_app(tmp_path)
     c = Client(app)
     jobs = app.services.jobs
-    real_add = jobs.add
-    jobs.add = lambda *a, **k: (_ for _ in ()).throw(storage.StorageError("busy", "locked"))
+    real_add = jobs.add_many
+    jobs.add_many = lambda *a, **k: (_ for _ in ()).throw(storage.StorageError("busy", "locked"))
     assert intake(c, max_cost=0.05).status == 503
-    jobs.add = real_add
+    jobs.add_many = real_add
     assert app.services.ledger.used_today() == 0
 
 

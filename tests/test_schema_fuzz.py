@@ -18,7 +18,11 @@ def test_schemathesis_finds_nothing(tmp_path):
     st = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
     assert st, "schemathesis is a dev dependency (requirements-dev.txt)"
     srv = Server(tmp_path, API_KEYS=KEY, RATE_BURST=10**9, RATE_GLOBAL=10**9, RATE_READ=10**9,
-                 RATE_WORKER=10**9, RATE_ANON=10**9, RATE_ANON_GLOBAL=10**9, MAX_COST_PER_DAY=10**6).start()
+                 RATE_WORKER=10**9, RATE_ANON=10**9, RATE_ANON_GLOBAL=10**9, MAX_COST_PER_DAY=10**6,
+                 # A claim's "wait" would hold each fuzzed claim up to 30 s: with no
+                 # waiters allowed, every claim answers at once (test_batches.py
+                 # covers waiting).
+                 CLAIM_WAITERS=0).start()
     try:
         result = subprocess.run(
             [st, "--config-file", os.path.join(os.path.dirname(__file__), "schemathesis.toml"),

@@ -720,6 +720,76 @@ def test_a_replay_is_answered_even_when_the_store_is_full(job_backend, clock):
     assert created is False and again["job_id"] == first["job_id"]
 
 
+# -- batches ----------------------------------------------------------------------------------
+
+
+def test_add_many_stores_every_job_in_order(job_backend, clock):
+    store = job_backend.jobs()
+    jobs = [new_job(clock, priority=p) for p in ("low", "normal", "high")]
+    added = store.add_many(jobs)
+    assert [(j["job_id"], created) for j, created in added] == [(j["job_id"], True) for j in jobs]
+    seqs = [j["seq"] for j, _ in added]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    assert [store.get(j["job_id"])["priority"] for j in jobs] == ["low", "normal", "high"]
+
+
+def test_add_many_over_max_jobs_stores_none(job_backend, clock):
+    store = job_backend.jobs(max_jobs=4)
+    add(store, clock)
+    with pytest.raises(QueueFull):
+        store.add_many([new_job(clock) for _ in range(4)])
+    assert len(store) == 1  # all or none
+    store.add_many([new_job(clock) for _ in range(3)])
+    assert len(store) == 4
+
+
+def test_add_many_replays_and_refuses_by_idempotency_key(job_backend, clock):
+    store = job_backend.jobs()
+    first, _ = store.add(new_job(clock), ("k", "order-1", "body-1", 3600))
+    fresh = new_job(clock)
+    added = store.add_many([fresh, new_job(clock)], [("k", "order-2", "body-2", 3600),
+                                                      ("k", "order-1", "body-1", 3600)])
+    assert [created for _, created in added] == [True, False]
+    assert added[1][0]["job_id"] == first["job_id"] and len(store) == 2
+    # The key it recorded answers a later replay too.
+    again, created = store.add(new_job(clock), ("k", "order-2", "body-2", 3600))
+    assert created is False and again["job_id"] == fresh["job_id"]
+    with pytest.raises(IdempotencyMismatch) as refused:
+        store.add_many([new_job(clock), new_job(clock)], [None, ("k", "order-1", "other", 3600)])
+    assert refused.value.index == 1 and len(store) == 2  # the first job was not kept either
+
+
+def test_claim_many_takes_jobs_in_queue_order_each_with_its_token(jobs, clock):
+    ids = [add(jobs, clock, priority=p)["job_id"] for p in ("low", "normal", "high", "normal")]
+    add(jobs, clock, workflow="other")
+    tokens = [engine.new_token() for _ in range(3)]
+    got = jobs.claim_many(["w"], running(clock), None, tokens)
+    assert [j["job_id"] for j in got] == [ids[2], ids[1], ids[3]]
+    assert [j["lease_token"] for j in got] == tokens
+    assert all(j["status"] == "running" and j["attempts"] == 1 for j in got)
+    assert jobs.get(ids[2])["lease_token"] == tokens[0]
+    rest = jobs.claim_many(["w"], running(clock), None, [engine.new_token() for _ in range(5)])
+    assert [j["job_id"] for j in rest] == [ids[0]]
+    assert jobs.claim_many(["w"], running(clock), None, [engine.new_token()]) == []
+
+
+def test_claim_many_keeps_the_limits(jobs, clock):
+    jobs.set_limits("w", {"max_concurrency": 2})
+    for _ in range(4):
+        add(jobs, clock)
+    got = jobs.claim_many(None, running(clock), None, [engine.new_token() for _ in range(4)])
+    assert len(got) == 2
+
+
+def test_racing_batch_claims_never_share_a_job(jobs, clock):
+    for _ in range(60):
+        add(jobs, clock)
+    got = race(6, lambda i: jobs.claim_many(
+        None, running(clock), None, [engine.new_token() for _ in range(7)]))
+    ids = [j["job_id"] for batch in got for j in batch]
+    assert len(ids) == len(set(ids)) == 42
+
+
 # -- the callback outbox ----------------------------------------------------------------------
 
 
@@ -838,6 +908,18 @@ def test_a_reservation_past_a_limit_raises_and_writes_nothing(ledger, clock):
     assert ledger.used_today("k2") == 0 and ledger.spent("c") == 0
     day = utc_day(clock())
     assert ledger.usage(day, day, "key") == {"k": {"spend": 0, "reserved": 250, "jobs": {}}}
+
+
+def test_a_batch_reservation_is_all_or_nothing(ledger):
+    limits = [("service", None, 100)]
+    ledger.reserve_many([(money_job("a"), 30), (money_job("b"), 0), (money_job("c"), 40)], limits)
+    assert ledger.used_today() == 70 and ledger.spent("b") == 0
+    with pytest.raises(BudgetExceeded) as err:
+        ledger.reserve_many([(money_job("d"), 20), (money_job("e"), 20)], limits)
+    assert err.value.index == 1 and err.value.state["used"] == 90  # counting d, not kept
+    assert ledger.used_today() == 70  # d's reservation went with the refusal
+    ledger.reserve_many([(money_job("f"), 30)], limits)  # exactly at the limit
+    assert ledger.used_today() == 100
 
 
 def test_concurrent_reservations_at_the_cap_never_pass_it(ledger):
@@ -1013,6 +1095,16 @@ def test_an_accepted_change_returns_once_its_audit_row_is_written(recorder_backe
     finally:
         rec.stop()
     assert recorder_backend.recorder().metrics()["audit_coverage"] == 100.0
+
+
+def test_a_batch_writes_a_row_per_path_together(recorder_backend):
+    rec = recorder_backend.recorder()
+    rec.audit_many("k", "POST", [f"/api/v1/intake/batch#{i}" for i in range(3)], 202, "req-b")
+    assert rec.pending() == 0  # accepted: on disk on return
+    rec.audit_many("k", "POST", [], 200, "req-empty")  # nothing changed: no row
+    assert recorder_backend.recorder().metrics()["audit_coverage"] == 100.0
+    rows = recorder_backend.db.query("SELECT path FROM audit_log WHERE request_id = 'req-b' ORDER BY path")
+    assert [r["path"] for r in rows] == [f"/api/v1/intake/batch#{i}" for i in range(3)]
 
 
 def test_the_background_writer_starts_and_stop_flushes(recorder):

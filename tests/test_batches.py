@@ -1,0 +1,324 @@
+"""Batches and blocking claims through the API, in-process, on every job
+store: POST /api/v1/intake/batch, claims of several jobs, claims that wait
+for a job, and the next job taken with a worker's report; the hostile input
+each refuses. (Real gunicorn across processes: test_e2e.py.)"""
+
+import json
+import threading
+import time
+
+import pytest
+
+from support import KEY, STORES, Client, make_app, store_env
+
+STORE = {}
+
+
+@pytest.fixture(autouse=True, params=STORES)
+def store_kind(request):
+    STORE["kind"] = request.param
+    return request.param
+
+
+def start(tmp_path, **env):
+    return make_app(tmp_path, API_KEYS=KEY, **{**store_env(STORE["kind"]), **env})
+
+
+@pytest.fixture
+def app(tmp_path):
+    application = start(tmp_path)
+    yield application
+    application.stop()
+
+
+@pytest.fixture
+def c(app):
+    return Client(app)
+
+
+def job(workflow="ext.work", **body):
+    return {"workflow": workflow, "payload": {"n": 1}, **body}
+
+
+def batch(c, jobs, **kw):
+    return c.post("/api/v1/intake/batch", {"jobs": jobs}, key=KEY, **kw)
+
+
+def claim(c, **body):
+    return c.post("/api/v1/jobs/claim", {"workflows": ["ext.work"], **body}, key=KEY)
+
+
+def listed(c):
+    return c.get("/api/v1/jobs?limit=100", key=KEY).json()["jobs"]
+
+
+def audit_paths(app):
+    app.services.recorder.flush()
+    return [r["path"] for r in app.services.db.query("SELECT path FROM audit_log ORDER BY id")]
+
+
+# -- batch intake -------------------------------------------------------------------------------
+
+
+def test_a_batch_is_accepted_in_order_with_a_row_of_audit_per_job(app, c):
+    r = batch(c, [job(priority="low"), job(delay=60), job("echo", payload={"x": 1})])
+    assert r.status == 202, r
+    jobs = r.json()["jobs"]
+    assert [j["status"] for j in jobs] == ["queued", "scheduled", "queued"]
+    for sent, got in zip(("low", "normal", "normal"), jobs):
+        assert c.get(f"/api/v1/status/{got['job_id']}", key=KEY).json()["priority"] == sent
+    assert audit_paths(app) == [f"/api/v1/intake/batch#{j['job_id']}" for j in jobs]
+    assert app.services.engine.counts()["by_status"]["queued"] == 2
+
+
+@pytest.mark.parametrize("bad, field, code", [
+    ({"workflow": "ext.work"}, "jobs/3/payload", "validation_failed"),
+    (job(priority="urgent"), "jobs/3/priority", "validation_failed"),
+    (job(workflow="bad\nname"), "jobs/3/workflow", "validation_failed"),
+    (job(idempotency_key="k\n"), "jobs/3/idempotency_key", "validation_failed"),
+    (job(callback_url="http://127.0.0.1/hook"), "jobs/3/callback_url", "validation_failed"),
+    (job(run_at="2020-01-01T00:00:00Z", delay=1), "jobs/3/run_at", "validation_failed"),
+    (job(depends_on=["f" * 32]), "jobs/3/depends_on", "validation_failed"),
+    (job(max_cost=99), "jobs/3/max_cost", "cost_cap_exceeded"),
+    ("not an object", "jobs/3", "validation_failed"),
+])
+def test_one_bad_job_refuses_the_whole_batch_and_names_it(app, c, bad, field, code):
+    r = batch(c, [job(), job(), job(), bad, {"payload": {}}])
+    assert r.status in (400, 422), r
+    body = r.json()
+    assert (body["error"], body["index"], body["field"]) == (code, 3, field)
+    assert body["message"].startswith("jobs/3")
+    assert listed(c) == []
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"jobs": []}, {"jobs": {}}, {"jobs": [job()], "extra": 1}, [job()], "jobs",
+    {"jobs": [job()] * 1001},
+])
+def test_a_malformed_batch_is_a_400(c, body):
+    r = c.post("/api/v1/intake/batch", body, key=KEY)
+    assert r.status == 400 and r.json()["error"] == "validation_failed", r
+    assert listed(c) == []
+
+
+def test_a_batch_body_has_a_size_limit_of_its_own(tmp_path):
+    app = start(tmp_path, MAX_CONTENT_LENGTH=2048, MAX_BATCH_CONTENT_LENGTH=65536)
+    try:
+        c = Client(app)
+        jobs = [job(payload={"pad": "x" * 40}) for _ in range(200)]  # ~16 KB: past one intake's cap
+        assert batch(c, jobs).status == 202
+        r = batch(c, [job(payload={"pad": "x" * 1000}) for _ in range(100)])
+        assert r.status == 413 and r.json()["error"] == "payload_too_large"
+        assert c.post("/api/v1/intake", job(payload={"pad": "x" * 4000}), key=KEY).status == 413
+    finally:
+        app.stop()
+
+
+def test_deeply_nested_or_invalid_json_is_a_clear_400(c):
+    deep = b'{"jobs": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    r = c.request("POST", "/api/v1/intake/batch", body=deep, key=KEY)
+    assert r.status == 400 and r.json()["error"] == "invalid_json"
+    r = c.request("POST", "/api/v1/intake/batch", body=b'{"jobs": [', key=KEY)
+    assert r.status == 400 and r.json()["error"] == "invalid_json"
+
+
+def test_idempotency_keys_replay_each_job_of_a_batch(c):
+    first = batch(c, [job(idempotency_key="a"), job(idempotency_key="b"), job()]).json()["jobs"]
+    again = batch(c, [job(idempotency_key="b"), job(idempotency_key="a"), job()]).json()["jobs"]
+    assert again[0]["job_id"] == first[1]["job_id"] and again[1]["job_id"] == first[0]["job_id"]
+    assert again[2]["job_id"] != first[2]["job_id"]  # no key: a new job
+    assert len(listed(c)) == 4
+    r = batch(c, [job(), job(payload={"other": 1}, idempotency_key="a")])
+    assert r.status == 422 and r.json()["error"] == "idempotency_key_reused" and r.json()["index"] == 1
+    r = batch(c, [job(idempotency_key="c"), job(idempotency_key="c")])
+    assert r.status == 400 and r.json()["index"] == 1
+    assert len(listed(c)) == 4  # neither refused batch left a job
+
+
+def test_a_batch_past_the_budget_reserves_nothing_and_stores_nothing(tmp_path):
+    app = start(tmp_path, MAX_COST_PER_DAY="1", MAX_COST_PER_JOB="0.3")
+    try:
+        c = Client(app)
+        r = batch(c, [job(max_cost=0.3) for _ in range(4)])  # 1.2 > 1: the fourth is refused
+        assert r.status == 429 and r.json()["error"] == "budget_exceeded" and r.json()["index"] == 3
+        assert listed(c) == []
+        assert c.get("/api/v1/usage", key=KEY).json()["totals"]["reserved"] == 0
+        r = batch(c, [job(max_cost=0.3) for _ in range(3)])
+        assert r.status == 202
+        assert c.get("/api/v1/usage", key=KEY).json()["totals"]["reserved"] == pytest.approx(0.9)
+    finally:
+        app.stop()
+
+
+def test_a_batch_that_does_not_fit_the_queue_stores_nothing(tmp_path):
+    app = start(tmp_path, MAX_JOBS=5)
+    try:
+        c = Client(app)
+        assert batch(c, [job() for _ in range(3)]).status == 202
+        r = batch(c, [job() for _ in range(3)])
+        assert r.status == 503 and r.json()["error"] == "queue_full"
+        assert len(listed(c)) == 3
+        assert batch(c, [job() for _ in range(2)]).status == 202
+    finally:
+        app.stop()
+
+
+def test_batched_in_process_jobs_all_run(app, c):
+    r = batch(c, [job("echo", payload={"i": i}) for i in range(50)])
+    eng = app.services.engine
+    for _ in range(60):
+        if not eng.run_next():
+            break
+    results = [c.get(f"/api/v1/status/{j['job_id']}", key=KEY).json() for j in r.json()["jobs"]]
+    assert [res["result"] for res in results] == [{"i": i} for i in range(50)]
+
+
+# -- claims of several jobs, and the next job with a report --------------------------------------
+
+
+def test_a_claim_takes_up_to_max_jobs_in_queue_order(app, c):
+    ids = [j["job_id"] for j in batch(c, [job(priority=p) for p in ("low", "high", "normal")]).json()["jobs"]]
+    r = claim(c, max_jobs=2)
+    assert r.status == 200
+    got = r.json()["jobs"]
+    assert [j["job_id"] for j in got] == [ids[1], ids[2]]
+    assert len({j["lease_token"] for j in got}) == 2
+    assert [j["job_id"] for j in claim(c, max_jobs=100).json()["jobs"]] == [ids[0]]
+    assert claim(c, max_jobs=5).json() == {"jobs": []}
+    assert claim(c).status == 204  # without max_jobs: the answer as before
+
+
+def test_an_empty_claim_leaves_no_audit_row_and_a_taking_one_does(app, c):
+    claim(c, max_jobs=10)
+    claim(c)
+    assert audit_paths(app) == []
+    batch(c, [job()])
+    audit_before = len(audit_paths(app))
+    claim(c, max_jobs=10)
+    assert audit_paths(app)[audit_before:] == ["/api/v1/jobs/claim"]
+
+
+@pytest.mark.parametrize("body", [
+    {"max_jobs": 0}, {"max_jobs": 101}, {"max_jobs": 1.5}, {"wait": -1}, {"wait": 31},
+    {"wait": "1"}, {"max_jobs": None},
+])
+def test_claim_bounds_are_checked(c, body):
+    r = claim(c, **body)
+    assert r.status == 400 and r.json()["error"] == "validation_failed", r
+
+
+def test_complete_with_claim_next_hands_over_the_next_job(c):
+    ids = [j["job_id"] for j in batch(c, [job(), job()]).json()["jobs"]]
+    first = claim(c).json()["job"]
+    r = c.post(f"/api/v1/jobs/{first['job_id']}/complete",
+               {"lease_token": first["lease_token"], "result": {"ok": 1},
+                "claim_next": {"workflows": ["ext.work"], "lease_seconds": 30}}, key=KEY)
+    assert r.status == 200
+    assert r.json()["job"]["status"] == "succeeded"
+    nxt = r.json()["next"]
+    assert nxt["job_id"] == ids[1] and nxt["lease_expires_at"] > time.time() + 20
+    r = c.post(f"/api/v1/jobs/{nxt['job_id']}/fail",
+               {"lease_token": nxt["lease_token"], "error": "no", "retryable": False,
+                "claim_next": {"workflows": ["ext.work"]}}, key=KEY)
+    assert r.status == 200 and r.json()["job"]["status"] == "failed" and r.json()["next"] is None
+
+
+def test_claim_next_is_refused_for_a_workflow_the_key_may_not_claim(app, c):
+    worker = c.post("/api/v1/keys", {"name": "w", "role": "worker", "workflows": ["ext.*"]},
+                    key=KEY).json()["key"]
+    batch(c, [job()])
+    first = c.post("/api/v1/jobs/claim", {"workflows": ["ext.work"]}, key=worker).json()["job"]
+    r = c.post(f"/api/v1/jobs/{first['job_id']}/complete",
+               {"lease_token": first["lease_token"], "result": 1,
+                "claim_next": {"workflows": ["other"]}}, key=worker)
+    assert r.status == 403
+    assert c.get(f"/api/v1/status/{first['job_id']}", key=KEY).json()["status"] == "succeeded"
+
+
+def test_a_stale_report_with_claim_next_claims_nothing(c):
+    batch(c, [job(), job()])
+    first = claim(c).json()["job"]
+    r = c.post(f"/api/v1/jobs/{first['job_id']}/complete",
+               {"lease_token": "0" * 32, "result": 1, "claim_next": {"workflows": ["ext.work"]}},
+               key=KEY)
+    assert r.status == 409
+    assert len(claim(c, max_jobs=10).json()["jobs"]) == 1  # the other is still there
+
+
+# -- claims that wait ----------------------------------------------------------------------------
+
+
+def claim_in_thread(c, **body):
+    out = {}
+
+    def run():
+        started = time.monotonic()
+        out["response"] = claim(c, **body)
+        out["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_waiting_claim_gets_a_job_queued_while_it_waits(app, c):
+    thread, out = claim_in_thread(c, wait=20)
+    time.sleep(0.2)
+    assert thread.is_alive()  # nothing yet: it waits
+    job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+    thread.join(15)
+    assert out["response"].json()["job"]["job_id"] == job_id
+    assert out["took"] < 15  # woken, not timed out
+
+
+def test_a_waiting_claim_ends_empty_when_its_wait_is_over(c):
+    thread, out = claim_in_thread(c, wait=0.3, max_jobs=5)
+    thread.join(10)
+    assert out["response"].json() == {"jobs": []} and out["took"] >= 0.3
+
+
+def test_past_the_bound_of_waiting_claims_one_answers_at_once(tmp_path):
+    app = start(tmp_path, CLAIM_WAITERS=1)
+    try:
+        c = Client(app)
+        waiting, _ = claim_in_thread(c, wait=20)
+        time.sleep(0.2)
+        extra, out = claim_in_thread(c, wait=20)
+        extra.join(10)
+        assert out["response"].status == 204 and out["took"] < 10
+        assert waiting.is_alive()
+        batch(c, [job()])
+        waiting.join(15)
+        assert not waiting.is_alive()
+    finally:
+        app.stop()
+
+
+def test_stopping_the_service_ends_a_waiting_claim(tmp_path):
+    app = start(tmp_path)
+    c = Client(app)
+    thread, out = claim_in_thread(c, wait=25)
+    time.sleep(0.2)
+    app.stop()
+    thread.join(15)
+    assert not thread.is_alive() and out["response"].status == 204
+
+
+def test_a_waiting_claim_takes_a_job_whose_retry_backoff_ends(app, c):
+    batch(c, [job()])
+    first = claim(c).json()["job"]
+    c.post(f"/api/v1/jobs/{first['job_id']}/fail", {"lease_token": first["lease_token"],
+                                                     "error": "again"}, key=KEY)
+    retry_in = c.get(f"/api/v1/status/{first['job_id']}", key=KEY).json()["error"]["retry_in"]
+    thread, out = claim_in_thread(c, wait=retry_in + 10)
+    thread.join(retry_in + 15)
+    assert out["response"].json()["job"]["job_id"] == first["job_id"]
+    assert out["took"] < retry_in + 5
+
+
+def test_batch_openapi_and_error_shape(c):
+    doc = c.get("/openapi.json").json()
+    assert "/api/v1/intake/batch" in doc["paths"]
+    r = c.request("POST", "/api/v1/intake/batch", body=json.dumps({"jobs": [job()]}).encode())
+    assert r.status == 401 and set(r.json()) >= {"error", "message", "request_id"}
+
