@@ -425,6 +425,7 @@ class Engine:
         self._contexts = {}  # job_id -> JobContext of in-process attempts
         self._contexts_lock = threading.Lock()
         self._wake = threading.Condition()
+        self._claiming = threading.Lock()  # the pool's claims, one at a time
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
         self._claim_slots = threading.BoundedSemaphore(claim_waiters)
@@ -1016,7 +1017,10 @@ class Engine:
     def run_next(self):
         """Claim one job of a registered workflow and run it here; False if none waits."""
         names = self.registry.names()
-        job = self.store.claim(names, *self._start_attempt("local", None, names))
+        # PERF: this process's pool threads claim one at a time: racing each
+        # other for the same first job, most of their writes would be lost.
+        with self._claiming:
+            job = self.store.claim(names, *self._start_attempt("local", None, names))
         if job is None:
             return False
         ctx = JobContext(self, job)
