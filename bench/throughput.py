@@ -71,7 +71,7 @@ if HERE not in sys.path:  # imported by name in the worker processes (PYTHONPATH
     sys.path.insert(0, HERE)
 
 from jobqueue import LEVQOR_ENV, database_now, measure_drain, percentile, set_noop_jobs_due  # noqa: E402
-from run import KEY, ROOT, exit_on_sigterm, launch, machine, stop, wait_ready  # noqa: E402
+from run import KEY, ROOT, exit_on_sigterm, launch, machine, wait_ready  # noqa: E402
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "python")
 if CLIENT_DIR not in sys.path:
@@ -295,26 +295,53 @@ def celery_worker_cmd(i):
 # ---------------------------------------------------------------------------
 
 
+def children(pid):
+    """The pids of ``pid``'s children, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # The command name may hold spaces: the ppid follows its ')'.
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
 @contextlib.contextmanager
-def levqor_host(store, workdir, tag, workers=None, quick_stop=False, **extra):
+def levqor_host(store, workdir, tag, workers=None, patience=15.0, **extra):
     """A gunicorn master serving Levqor for one pass: (url, env).
 
-    ``quick_stop``: stopped with SIGINT, gunicorn's quick shutdown, once
-    the pass has what it measured. For a host that served external
-    workers: a claim still waiting at the server holds up a graceful stop
-    (SIGTERM) until its wait ends, even after its worker has hung up."""
+    At the end it is stopped gracefully (SIGTERM), and killed, its workers
+    too, if it has not stopped within ``patience`` seconds. A host that
+    served external workers is given little: a claim still waiting at the
+    server holds up a graceful stop until its wait ends, even after its
+    worker has hung up, and once the pass has its figures nothing is lost
+    by a kill. (gunicorn's quick shutdown, SIGINT, is no way out: it left a
+    worker with a waiting claim behind now and then, alive for good.)"""
     env = dict(LEVQOR_ENV, MAX_JOBS="10000000", JOB_STORE=store,
                SQLITE_PATH=os.path.join(workdir, f"{tag}.db"), **extra)
     if workers is None:
         workers = 1 if store == "memory" else CORES
     proc, url, log = launch("levqor:app", env, workdir, tag, workers)
+    pids = []
     try:
         wait_ready(proc, url, log)
+        pids = children(proc.pid)
         yield url, env
     finally:
-        if quick_stop and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        stop([proc])
+        pids += [pid for pid in children(proc.pid) if pid not in pids]
+        proc.terminate()
+        try:
+            proc.wait(timeout=patience)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        for pid in pids:  # a worker the master left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class Features:
@@ -449,7 +476,7 @@ def batch_rq(ctx):
 
 def drain_levqor(store, ctx, slots=SLOTS):
     n, workflow = ctx.args.jobs, "bench.drain"
-    with levqor_host(store, ctx.workdir, ctx.tag, quick_stop=True) as (url, _):
+    with levqor_host(store, ctx.workdir, ctx.tag, patience=2) as (url, _):
         client = Client(url, KEY)
         submit_all(client, workflow, n)
         workers = Workers(ctx.workdir, ctx.tag, [levqor_worker_cmd(url, workflow, ctx.args, slots)
@@ -543,7 +570,7 @@ def idle_gap():
 
 def latency_levqor(store, ctx):
     samples, workflow, poll = [], "bench.latency", ctx.args.poll_ms / 1000
-    with levqor_host(store, ctx.workdir, ctx.tag, quick_stop=True) as (url, _):
+    with levqor_host(store, ctx.workdir, ctx.tag, patience=2) as (url, _):
         workers = Workers(ctx.workdir, ctx.tag, [levqor_worker_cmd(url, workflow, ctx.args)])
         client = Client(url, KEY)
         try:
