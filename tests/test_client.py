@@ -280,6 +280,53 @@ def test_worker_drains_200_jobs_exactly_once(server):
     assert worker.handled == 200 and worker.lost == []
 
 
+def test_a_worker_s_steps_run_once_across_attempts_and_are_charged_once(server):
+    c = Client(server.url, KEY)
+    calls = collections.Counter()
+
+    def chain(payload, ctx):
+        def fetch():
+            calls["fetch"] += 1
+            return {"rows": 3}
+
+        def summarise(rows):
+            calls["summarise"] += 1
+            ctx.charge(0.02)
+            return f"{rows['rows']} rows"
+        rows = ctx.step("fetch", fetch)
+        summary = ctx.step("summarise", summarise, rows)
+        calls["after"] += 1
+        if calls["after"] == 1:
+            raise RuntimeError("the post failed")  # the attempt fails after two steps
+        return {"summary": summary}
+
+    job_id = c.submit("ext.chain", {}, max_cost=0.1).job_id
+    worker = Worker(c, {"ext.chain": chain}, concurrency=1, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        job = c.wait(job_id, timeout=60)
+    finally:
+        worker.stop()
+        t.join(30)
+    assert job.ok and job.result == {"summary": "3 rows"}, job
+    assert calls == {"fetch": 1, "summarise": 1, "after": 2}  # the retry replayed both steps
+    assert job.attempts == 2 and job.cost["spent"] == pytest.approx(0.02)  # charged once
+    assert [(s["name"], s["cost"]) for s in job.raw["steps"]] == [("fetch", 0), ("summarise", 0.02)]
+    by_step = c.usage(group_by="step")
+    assert {g["step"]: g["spend"] for g in by_step["groups"]}.get("summarise") == pytest.approx(0.02)
+
+
+def test_a_recorded_step_is_replayed_and_a_name_used_twice_is_permanent():
+    from levqor_client.worker import JobContext
+    ctx = JobContext({"job_id": "j", "workflow": "w", "attempt": 2, "lease_token": "t",
+                      "steps": {"fetch": {"rows": 3}}})
+    assert ctx.step("fetch", lambda: pytest.fail("a recorded step must not run")) == {"rows": 3}
+    with pytest.raises(Permanent, match="used twice"):
+        ctx.step("fetch", lambda: None)
+    with pytest.raises(RuntimeError, match="client"):  # a new step needs the server to record it
+        ctx.step("other", lambda: 1)
+
+
 @pytest.mark.server
 def test_a_worker_reports_its_attempt_on_top_of_what_earlier_ones_spent():
     from levqor_client.worker import JobContext

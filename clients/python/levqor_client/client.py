@@ -246,8 +246,8 @@ class Client:
 
     def usage(self, *, start: Optional[str] = None, end: Optional[str] = None,
               group_by: Optional[str] = None) -> Dict[str, Any]:
-        """Spend, reserved money and job counts per day, workflow or key,
-        from ``start`` to ``end`` (``YYYY-MM-DD``, UTC; default today)."""
+        """Spend, reserved money and job counts per day, workflow, key or
+        step, from ``start`` to ``end`` (``YYYY-MM-DD``, UTC; default today)."""
         return self.request("GET", "/api/v1/usage",
                             query={"from": start, "to": end, "group_by": group_by})
 
@@ -358,6 +358,19 @@ class Client:
         if cost is not None:
             body["cost"] = cost
         return self._report(job_id, "fail", body, claim_next)
+
+    def record_step(self, job_id: str, lease_token: str, name: str, result: Any, *,
+                    cost: Optional[float] = None) -> bool:
+        """Record a finished step of a claimed job (its JSON ``result``, and
+        ``cost``, what it spent in dollars, charged in the step's name) while
+        the lease is held: a later attempt's claim carries it in ``steps``.
+        False if the step was already recorded (nothing charged again); 409
+        ``Conflict`` (``lease_lost``) once the lease is no longer this worker's."""
+        body: Dict[str, Any] = {"lease_token": lease_token, "name": name, "result": result}
+        if cost is not None:
+            body["cost"] = cost
+        answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/steps", body, retry_unsure=True)
+        return bool(answer["recorded"])
 
     def _report(self, job_id: str, action: str, body: Dict[str, Any], claim_next: Any) -> Any:
         if claim_next is not None:

@@ -38,9 +38,10 @@ class JobContext:
     money spent to the running total reported with heartbeats and the
     completion, which starts from what earlier attempts spent (the claim's
     ``cost_spent``): the server's cap covers all of a job's attempts.
+    ``step(name, fn, ...)`` runs a step once for the job (see there).
     """
 
-    def __init__(self, job: Mapping[str, Any]) -> None:
+    def __init__(self, job: Mapping[str, Any], client: Optional[Client] = None) -> None:
         self.job_id: str = job["job_id"]
         self.workflow: str = job["workflow"]
         self.attempt: int = job.get("attempt", 1)
@@ -50,6 +51,42 @@ class JobContext:
         self._earlier = decimal.Decimal(str(job.get("cost_spent") or 0))
         self._spent = decimal.Decimal(0)  # by this attempt
         self._lock = threading.Lock()
+        self._client = client
+        self._steps: Dict[str, Any] = dict(job.get("steps") or {})  # recorded results by name
+        self._seen: set = set()  # step names reached in this run
+
+    def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, run once for this job: its JSON result,
+        and what was charged while it ran, are recorded with the job at the
+        server before this returns; a later attempt gets the recorded result
+        without running ``fn``. So a retry resumes after the last finished
+        step and pays for none of them again; the code between steps must
+        take the same path on every attempt. An exception fails the attempt
+        and records nothing; a name used twice in one run is ``Permanent``."""
+        if name in self._seen:
+            raise Permanent(f"step {name!r} is used twice in one run: step names must be unique")
+        self._seen.add(name)
+        if name in self._steps:
+            return self._steps[name]
+        if self._client is None:
+            raise RuntimeError("ctx.step records through the worker's client: this context has none")
+        with self._lock:
+            before = self._spent
+        result = fn(*args, **kwargs)
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise Permanent(f"step {name!r} returned something that is not JSON: {exc}") from None
+        with self._lock:
+            cost = self._spent - before
+        try:
+            self._client.record_step(self.job_id, self.lease_token, name, result,
+                                     cost=float(cost) if cost else None)
+        except Conflict:
+            self.lease_lost = self.canceled = True  # the result will be discarded: stop
+            raise
+        self._steps[name] = result
+        return result
 
     def charge(self, usd: float) -> None:
         """Record ``usd`` dollars spent by this attempt (added, not replaced)."""
@@ -324,7 +361,7 @@ class Worker:
 
     def _run(self, job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """Run one job and report it; the next job, if its completion claimed one."""
-        ctx = JobContext(job)
+        ctx = JobContext(job, self.client)
         done = threading.Event()
         # Its heartbeat thread, started by _beat_starter once the first beat
         # is due: a job done sooner never has one.
