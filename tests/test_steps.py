@@ -3,6 +3,7 @@ replayed, durable sleeps, waiting for events, external workers' steps,
 their money, and the hostile cases. (Real gunicorn, kill -9 and two
 PostgreSQL hosts: test_steps_e2e.py.)"""
 
+import datetime
 import decimal
 import json
 import time
@@ -85,6 +86,11 @@ def registry(calls):
             return {"approved": None}
         return {"approved": answer}
     reg.register("approval", approval)
+
+    def until(payload, ctx):
+        ctx.sleep_until(datetime.datetime.fromtimestamp(payload["at"], datetime.timezone.utc))
+        return ctx.step("woke", lambda: time.time())
+    reg.register("until", until)
 
     def swallow(payload, ctx):
         try:
@@ -201,6 +207,17 @@ def test_a_durable_sleep_frees_the_thread_and_resumes_after_it(app, c, calls):
     assert job["status"] == "succeeded" and job["result"] == {"before": "before", "after": "after"}
     assert runs(calls) == ["before", "after"]
     assert [s["kind"] for s in job["steps"]] == ["step", "sleep", "step"]
+
+
+def test_sleep_until_a_datetime(app, c):
+    at = time.time() + 0.4
+    job_id = submit(c, "until", {"at": at})
+    run_all(app)
+    assert status(c, job_id)["waiting_for"] == {"until": pytest.approx(at)}
+    time.sleep(0.5)
+    run_all(app)
+    job = status(c, job_id)
+    assert job["status"] == "succeeded" and job["result"] >= at
 
 
 def test_a_broad_except_cannot_swallow_a_durable_sleep(app, c):
