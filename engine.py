@@ -931,7 +931,8 @@ class Engine:
         jobs = self.claim_many(workflows, lease_seconds, key_id)
         return jobs[0] if jobs else None
 
-    def claim_many(self, workflows, lease_seconds, key_id=None, max_jobs=1, wait=0.0):
+    def claim_many(self, workflows, lease_seconds, key_id=None, max_jobs=1, wait=0.0,
+                   gone=lambda: False):
         """Up to ``max_jobs`` jobs for an external worker calling with
         ``key_id``, whose leases only that key can use. Workflows this
         service runs in-process are never handed out: their payloads are
@@ -942,7 +943,9 @@ class Engine:
         another process queues one, and at least every CLAIM_POLL. At most
         ``claim_waiters`` calls wait at once, so waiting claims never hold
         every thread that serves requests; past that, the call answers at
-        once with nothing."""
+        once with nothing. ``gone()`` says whether the caller has hung up
+        meanwhile: then it takes nothing (its job would be stranded until
+        its lease ran out)."""
         external = [name for name in workflows if self.registry.get(name) is None]
         if not external:
             return []
@@ -952,6 +955,8 @@ class Engine:
             while True:
                 with self._claims:
                     seen = self._queued
+                if waiting and gone():
+                    return []
                 changes, _ = self._start_attempt("external", lease_seconds)
                 jobs = self.store.claim_many(external, dict(changes, claimed_by=key_id), None,
                                              [new_token() for _ in range(max_jobs)])
@@ -1246,10 +1251,14 @@ class Engine:
         # Jobs queued by other processes wake the pool and waiting claims.
         self.store.watch(self._notify_for)
 
-    def stop(self, grace=25.0):
-        """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""
+    def stopping(self):
+        """Take no more jobs, and answer the claims that wait for one now."""
         self._stopping.set()
         self._notify_all()
+
+    def stop(self, grace=25.0):
+        """Stop taking jobs; give running ones ``grace`` seconds; log what is left."""
+        self.stopping()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -14,6 +14,8 @@ How many workers depends on where jobs live (JOB_STORE):
 WEB_CONCURRENCY overrides either default.
 """
 
+import signal
+
 import metrics
 import pg
 import ratelimit
@@ -149,6 +151,16 @@ def post_worker_init(worker):
     start = getattr(getattr(worker, "wsgi", None), "start", None)
     if start is not None:
         start()
+    # gunicorn lets the requests in flight finish before it calls worker_exit:
+    # a claim waiting for a job (up to 30 s) would hold the stop that long.
+    # So on SIGTERM the app hears first, and ends those waits.
+    stopping = getattr(getattr(worker, "wsgi", None), "stopping", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    if stopping is not None and callable(previous):
+        def on_sigterm(signum, frame):
+            stopping()
+            previous(signum, frame)
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def worker_exit(server, worker):

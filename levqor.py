@@ -636,6 +636,12 @@ class Levqor:
     def stop(self, grace=25.0):
         self.services.stop(grace)
 
+    def stopping(self):
+        """A stop is coming (SIGTERM): claims waiting for a job answer now,
+        and the pool starts no more jobs, so that the requests in flight,
+        which the server lets finish first, finish at once."""
+        self.services.engine.stopping()
+
     def __call__(self, environ, start_response):
         if self.services.pid != os.getpid():
             try:

@@ -13,6 +13,8 @@ import hashlib
 import hmac
 import json
 import re
+import select
+import socket
 import time
 from urllib.parse import unquote
 
@@ -372,10 +374,25 @@ def _claim(req, ask, max_jobs=1, wait=0.0):
             if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
                 raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
     jobs = req.services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
-                                          max_jobs, wait)
+                                          max_jobs, wait, gone=lambda: hung_up(req.environ))
     if not jobs:
         req.audit_paths = []
     return [_claimed(job) for job in jobs]
+
+
+def hung_up(environ):
+    """Whether the client of a request still in hand has closed its end of
+    the connection (gunicorn gives the socket; other servers: never known).
+    Readable with nothing to read is the end of the stream; anything it may
+    have sent already stays unread."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # closed under us
+        return True
 
 
 def job_claim(req):

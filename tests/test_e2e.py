@@ -248,3 +248,48 @@ def test_a_waiting_claim_on_one_process_gets_a_job_queued_on_another(tmp_path, k
     finally:
         for host in hosts:
             host.stop()
+
+
+def test_sigterm_ends_a_waiting_claim_at_once(tmp_path):
+    srv = Server(tmp_path, API_KEYS=KEY).start()
+    out = {}
+
+    def wait_for_job():
+        try:
+            out["status"] = requests.post(srv.url + "/api/v1/jobs/claim", headers={"X-Api-Key": KEY},
+                                          json={"workflows": ["ext.work"], "wait": 25},
+                                          timeout=40).status_code
+        except requests.RequestException as exc:  # the connection closed with the server
+            out["status"] = type(exc).__name__
+
+    thread = threading.Thread(target=wait_for_job)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    srv.proc.terminate()
+    srv.proc.wait(timeout=30)
+    thread.join(30)
+    assert time.monotonic() - started < 10  # not the 25 s the claim would have waited
+    assert out["status"] == 204
+
+
+def test_a_waiting_claim_whose_client_hung_up_takes_no_job(tmp_path):
+    import socket
+    srv = Server(tmp_path, API_KEYS=KEY).start()
+    try:
+        body = b'{"workflows": ["ext.work"], "wait": 20}'
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(b"POST /api/v1/jobs/claim HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.5)  # it waits at the server
+        time.sleep(0.2)  # and has hung up
+        headers = {"X-Api-Key": KEY}
+        job_id = requests.post(srv.url + "/api/v1/intake", headers=headers, timeout=10,
+                               json={"workflow": "ext.work", "payload": {}}).json()["job_id"]
+        time.sleep(0.3)
+        r = requests.post(srv.url + "/api/v1/jobs/claim", headers=headers, timeout=10,
+                          json={"workflows": ["ext.work"]})
+        assert r.status_code == 200 and r.json()["job"]["job_id"] == job_id  # not stranded
+    finally:
+        srv.stop()
