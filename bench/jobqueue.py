@@ -57,7 +57,7 @@ import time
 import urllib.parse
 
 from run import (KEY, QUEUE_HEADING, ROOT, Postgres, exit_on_sigterm, launch, machine, stop,
-                 wait_ready, write_results, wrk)
+                 wait_ready, write_section, wrk)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORES = os.cpu_count() or 1
@@ -413,7 +413,7 @@ def main():
     section = report(results, scenarios, args, pg, pg_skipped, load)
     print("\n" + section)
     if not args.smoke:
-        write_results(args.out, queue=section)
+        write_section(args.out, QUEUE_HEADING, section)
         print(f"written to {os.path.relpath(args.out, ROOT)}")
     shutil.rmtree(workdir, ignore_errors=True)
 

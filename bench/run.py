@@ -56,8 +56,8 @@ ENDPOINTS = [
 ]
 P99_LIMIT = 2.0  # Levqor's p99 may be at most this multiple of the floor's
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-# Where the results of bench/jobqueue.py begin in RESULTS.md: each script
-# rewrites its own part of the file and keeps the other's.
+# The headings of RESULTS.md's parts: each script rewrites its own (write_section).
+TITLE = "# Levqor benchmark results"
 QUEUE_HEADING = "## Job queue"
 
 
@@ -212,20 +212,26 @@ def wrk(url, method, path, body, seconds, round_no, connections=8):
             "p99": r["p99_us"] / 1000, "requests": r["requests"]}
 
 
-def write_results(path, main=None, queue=None):
-    """Rewrite one part of RESULTS.md, run.py's (``main``, before
-    QUEUE_HEADING) or jobqueue.py's (``queue``, from it on), keeping the other."""
+def write_section(path, heading, section):
+    """Replace the part of RESULTS.md that begins with ``heading`` (a line
+    of its own) and runs to the next "## " heading, or add ``section`` at
+    the end if there is none: each benchmark rewrites its own part and
+    keeps the others'. run.py's part is the top, under the title."""
     try:
         with open(path) as f:
             old = f.read()
     except FileNotFoundError:
         old = ""
-    cut = old.find("\n" + QUEUE_HEADING)
-    old_main, old_queue = (old, "") if cut < 0 else (old[:cut + 1], old[cut + 1:])
-    main = (old_main if main is None else main).strip("\n")
-    queue = (old_queue if queue is None else queue).strip("\n")
+    start = 0 if old.startswith(heading) else old.find("\n" + heading)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
+    else:
+        end = old.find("\n## ", start + 1)
+        rest = "" if end < 0 else "\n" + old[end + 1:].strip("\n") + "\n"
+        before = old[:start].rstrip("\n")
+        new = (before + "\n\n" if before else "") + section.strip("\n") + "\n" + rest
     with open(path, "w") as f:
-        f.write(main + "\n" + ("\n" + queue + "\n" if queue else ""))
+        f.write(new)
 
 
 def machine():
@@ -328,7 +334,7 @@ def main():
 
     info = machine()
     lines = [
-        "# Levqor benchmark results",
+        TITLE,
         "",
         f"- date: {info['date']}; commit: {info['commit']}",
         f"- machine: {info['nproc']} cores, {info['cpu']}; Python {info['python']}; gunicorn {info['gunicorn']}",
@@ -380,7 +386,7 @@ def main():
     report = "\n".join(lines)
     print("\n" + report)
     if not args.smoke:
-        write_results(args.out, main=report)
+        write_section(args.out, TITLE, report)
         print(f"written to {os.path.relpath(args.out, ROOT)}")
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -71,7 +71,7 @@ if HERE not in sys.path:  # imported by name in the worker processes (PYTHONPATH
     sys.path.insert(0, HERE)
 
 from jobqueue import LEVQOR_ENV, database_now, measure_drain, percentile, set_noop_jobs_due  # noqa: E402
-from run import KEY, ROOT, exit_on_sigterm, launch, machine, wait_ready  # noqa: E402
+from run import KEY, ROOT, exit_on_sigterm, launch, machine, wait_ready, write_section  # noqa: E402
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "python")
 if CLIENT_DIR not in sys.path:
@@ -818,25 +818,6 @@ def report(results, args, load, info, peer_versions):
     return "\n".join(lines)
 
 
-def write_section(path, section):
-    """Replace this script's section of RESULTS.md (from its heading to the
-    next ``## `` heading), or add it at the end; the rest is kept."""
-    try:
-        with open(path) as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    start = old.find("\n" + HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
-    else:
-        end = old.find("\n## ", start + 1)
-        rest = "" if end < 0 else "\n" + old[end + 1:].strip("\n") + "\n"
-        new = old[:start].rstrip("\n") + "\n\n" + section.strip("\n") + "\n" + rest
-    with open(path, "w") as f:
-        f.write(new)
-
-
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
@@ -920,7 +901,7 @@ def main():
     section = report(results, args, load, machine(), peer_versions)
     print("\n" + section)
     if not args.smoke:
-        write_section(args.out, section)
+        write_section(args.out, HEADING, section)
         print(f"written to {os.path.relpath(args.out, ROOT)}")
     shutil.rmtree(workdir, ignore_errors=True)
     return None
