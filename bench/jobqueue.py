@@ -56,8 +56,8 @@ import tempfile
 import time
 import urllib.parse
 
-from run import (KEY, QUEUE_HEADING, ROOT, Postgres, exit_on_sigterm, launch, machine, stop,
-                 wait_ready, write_section, wrk)
+from run import (KEY, QUEUE_HEADING, Postgres, exit_on_sigterm, launch, machine, publish, stop,
+                 wait_ready, wrk)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORES = os.cpu_count() or 1
@@ -410,11 +410,7 @@ def main():
     finally:
         if pg is not None:
             pg.drop_all()
-    section = report(results, scenarios, args, pg, pg_skipped, load)
-    print("\n" + section)
-    if not args.smoke:
-        write_section(args.out, QUEUE_HEADING, section)
-        print(f"written to {os.path.relpath(args.out, ROOT)}")
+    publish(args, QUEUE_HEADING, report(results, scenarios, args, pg, pg_skipped, load))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

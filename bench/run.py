@@ -22,6 +22,7 @@ Needs wrk (Debian: apt-get install wrk). Sends traffic to 127.0.0.1 only.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -74,8 +75,10 @@ def launch(app, env, workdir, name, workers=1):
     full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1",
                 "WEB_CONCURRENCY": str(workers), "THREADS": os.environ.get("BENCH_THREADS", "4")}
     with open(log, "wb") as out:
+        # A session of its own: stop() can then reach every process of it.
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
-                                cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -99,16 +102,21 @@ def start(app, env, workdir, name, workers=1):
     return proc, url
 
 
-def stop(procs):
-    """SIGTERM every server, then wait for each (gunicorn drains gracefully)."""
+def stop(procs, patience=15):
+    """SIGTERM every server, wait ``patience`` seconds for each (gunicorn
+    drains gracefully), then kill what is left of it: its master if it did
+    not stop, and any worker the master left behind (gunicorn's quick
+    shutdown has left one alive for good now and then)."""
     for proc in procs:
         proc.terminate()
     for proc in procs:
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=patience)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def exit_on_sigterm():
@@ -232,6 +240,15 @@ def write_section(path, heading, section):
         new = (before + "\n\n" if before else "") + section.strip("\n") + "\n" + rest
     with open(path, "w") as f:
         f.write(new)
+
+
+def publish(args, heading, section):
+    """Print a benchmark's section and, unless ``--smoke``, write it to its
+    part of ``--out``."""
+    print("\n" + section)
+    if not args.smoke:
+        write_section(args.out, heading, section)
+        print(f"written to {os.path.relpath(args.out, ROOT)}")
 
 
 def machine():
@@ -383,11 +400,7 @@ def main():
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines += ["In-process cost, through the WSGI callable with no server (`bench/micro.py`):", "",
               "```", micro.stdout.strip(), "```", ""]
-    report = "\n".join(lines)
-    print("\n" + report)
-    if not args.smoke:
-        write_section(args.out, TITLE, report)
-        print(f"written to {os.path.relpath(args.out, ROOT)}")
+    publish(args, TITLE, "\n".join(lines))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -71,7 +71,7 @@ if HERE not in sys.path:  # imported by name in the worker processes (PYTHONPATH
     sys.path.insert(0, HERE)
 
 from jobqueue import LEVQOR_ENV, database_now, measure_drain, percentile, set_noop_jobs_due  # noqa: E402
-from run import KEY, ROOT, exit_on_sigterm, launch, machine, wait_ready, write_section  # noqa: E402
+from run import KEY, ROOT, exit_on_sigterm, launch, machine, publish, stop, wait_ready  # noqa: E402
 
 CLIENT_DIR = os.path.join(ROOT, "clients", "python")
 if CLIENT_DIR not in sys.path:
@@ -295,21 +295,6 @@ def celery_worker_cmd(i):
 # ---------------------------------------------------------------------------
 
 
-def children(pid):
-    """The pids of ``pid``'s children, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # The command name may hold spaces: the ppid follows its ')'.
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
-
-
 @contextlib.contextmanager
 def levqor_host(store, workdir, tag, workers=None, patience=15.0, **extra):
     """A gunicorn master serving Levqor for one pass: (url, env).
@@ -326,22 +311,11 @@ def levqor_host(store, workdir, tag, workers=None, patience=15.0, **extra):
     if workers is None:
         workers = 1 if store == "memory" else CORES
     proc, url, log = launch("levqor:app", env, workdir, tag, workers)
-    pids = []
     try:
         wait_ready(proc, url, log)
-        pids = children(proc.pid)
         yield url, env
     finally:
-        pids += [pid for pid in children(proc.pid) if pid not in pids]
-        proc.terminate()
-        try:
-            proc.wait(timeout=patience)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        for pid in pids:  # a worker the master left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop([proc], patience)
 
 
 class Features:
@@ -898,11 +872,7 @@ def main():
     if args.only:
         shutil.rmtree(workdir, ignore_errors=True)
         return None
-    section = report(results, args, load, machine(), peer_versions)
-    print("\n" + section)
-    if not args.smoke:
-        write_section(args.out, HEADING, section)
-        print(f"written to {os.path.relpath(args.out, ROOT)}")
+    publish(args, HEADING, report(results, args, load, machine(), peer_versions))
     shutil.rmtree(workdir, ignore_errors=True)
     return None
 
