@@ -11,6 +11,9 @@ way), and bench/floor.py. Then drives each endpoint with `wrk -t1 -c8`,
 several rounds, alternating which app goes first, and reports medians:
 req/s, p50 and p99 latency, and Levqor's ratios to the floor.
 
+With Falcon installed, bench/falcon_app.py runs beside them as a peer: the
+same five endpoints, under the same gunicorn settings.
+
 Beside them, in the same rounds: Levqor with jobs in SQLite
 (JOB_STORE=sqlite) and with every store in PostgreSQL (DATABASE_URL), on
 one worker and on one worker per core. For PostgreSQL the run makes
@@ -24,6 +27,7 @@ Needs wrk (Debian: apt-get install wrk). Sends traffic to 127.0.0.1 only.
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -55,6 +59,7 @@ ENDPOINTS = [
      '"max_cost":0}', 0.65),
     ("POST /api/v1/users/upsert", "POST", "/api/v1/users/upsert", "EMAILS", 0.55),
 ]
+FALCON_TARGET = 1.25  # Levqor's req/s to the Falcon peer's, every endpoint (issue 19)
 P99_LIMIT = 2.0  # Levqor's p99 may be at most this multiple of the floor's
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # The headings of RESULTS.md's parts: each script rewrites its own (write_section).
@@ -302,6 +307,12 @@ def main():
         "sqlite ×1": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, 1),
         f"sqlite ×{cores}": ("levqor:app", {**levqor_env, "JOB_STORE": "sqlite"}, cores),
     }
+    try:  # the Falcon peer runs in a server of its own: here, only whether it can
+        falcon_version, falcon_skipped = importlib.metadata.version("falcon"), None
+        apps["falcon"] = ("bench.falcon_app:app", {"API_KEYS": KEY}, 1)
+    except importlib.metadata.PackageNotFoundError:
+        falcon_skipped = "Falcon is not installed (pip install -r requirements-dev.txt)"
+        print(f"bench: the Falcon peer is skipped: {falcon_skipped}", file=sys.stderr, flush=True)
     pg, pg_skipped = Postgres.connect()
     if pg_skipped:
         print(f"bench: the PostgreSQL rows are skipped: {pg_skipped}", file=sys.stderr, flush=True)
@@ -315,7 +326,7 @@ def main():
             env = dict(env, SQLITE_PATH=os.path.join(workdir, f"{len(servers)}.db")) if env else env
             servers[name] = start(app, env, workdir, f"app{len(servers)}", workers)
         for name, (_, url) in servers.items():
-            if name == "floor":
+            if name == "floor":  # answers every path alike
                 ids[name] = {"job_id": "0" * 32, "user_id": "0" * 32}
                 continue
             ids[name] = {"job_id": call(url, "POST", "/api/v1/intake", ENDPOINTS[3][3])["job_id"],
@@ -380,7 +391,26 @@ def main():
     spread = max(max(rps) / min(rps) for rps in floors)
     lines += [f"Noise: the floor's req/s for one endpoint varied up to {spread:.2f}× between rounds "
               "of this run.", ""]
-    others = [a for a in servers if a not in ("floor", "levqor")]
+    if falcon_skipped is None:
+        lines += ["Against Falcon (`bench/falcon_app.py`: the same five endpoints in Falcon "
+                  f"{falcon_version}, under the same gunicorn settings; it checks the key and the "
+                  "bodies against the same schemas and keeps jobs in a dict and users in SQLite, but has no "
+                  "rate limiter, audit trail, access log or budgets), jobs in memory, one worker each:", "",
+                  "| endpoint | Falcon req/s | Levqor req/s | Levqor ÷ Falcon | target | Falcon p50 / p99 ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, *_ in ENDPOINTS:
+            ratio = median(name, "levqor", "rps") / median(name, "falcon", "rps")
+            lines.append(f"| {name} | {median(name, 'falcon', 'rps'):.0f} | {median(name, 'levqor', 'rps'):.0f} | "
+                         f"**{ratio:.2f}** | ≥ {FALCON_TARGET:.2f} {'✅' if ratio >= FALCON_TARGET else '❌'} | "
+                         f"{median(name, 'falcon', 'p50'):.2f} / {median(name, 'falcon', 'p99'):.2f} |")
+        # The floor bounds every app served by this gunicorn: say when a target sits above it.
+        above = [name for name, *_ in ENDPOINTS
+                 if FALCON_TARGET * median(name, "falcon", "rps") > median(name, "floor", "rps")]
+        lines += ["", "Above the floor (1.25× Falcon's req/s is more than the floor's, which no app under "
+                  "this gunicorn can pass): " + (", ".join(above) if above else "none"), ""]
+    else:
+        lines += [f"Against Falcon: skipped, {falcon_skipped}.", ""]
+    others = [a for a in servers if a not in ("floor", "levqor", "falcon")]
     lines += ["With jobs in SQLite (`JOB_STORE=sqlite`), and with every store in PostgreSQL "
               "(`DATABASE_URL`): req/s, and the ratio to the same run's floor (one worker):", "",
               "| endpoint | floor | Levqor, memory ×1 | " + " | ".join(f"Levqor, {a}" for a in others) + " |",

@@ -29,6 +29,9 @@ def test_bench_harness_smoke_run():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for endpoint in ("GET /health", "POST /api/v1/intake", "POST /api/v1/users/upsert"):
         assert f"| {endpoint} |" in result.stdout
+    # The Falcon peer (requirements-dev.txt) answered all five endpoints:
+    # wrk stops the run on any non-2xx answer.
+    assert "| endpoint | Falcon req/s | Levqor req/s | Levqor ÷ Falcon |" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
