@@ -8,8 +8,11 @@ threads, and for a backend shared between processes, two store objects of
 their own on one database.
 """
 
+import contextlib
 import inspect
 import threading
+import time
+import types
 
 import pytest
 
@@ -1095,6 +1098,30 @@ def test_an_accepted_change_returns_once_its_audit_row_is_written(recorder_backe
     finally:
         rec.stop()
     assert recorder_backend.recorder().metrics()["audit_coverage"] == 100.0
+
+
+def test_changes_accepted_while_a_batch_is_written_share_the_next(recorder_backend):
+    # Group commit: a caller writes its own row when nothing is being
+    # written; the ones that arrive meanwhile go together in one more.
+    rec = recorder_backend.recorder()
+    db, writes = rec.db, []
+
+    @contextlib.contextmanager
+    def slow_write():
+        writes.append(1)
+        with db.write() as conn:
+            yield conn
+            time.sleep(0.05)  # a slow disk: everyone else arrives meanwhile
+
+    rec.db = types.SimpleNamespace(write=slow_write, checkpoint=db.checkpoint, query=db.query)
+    rec.start()
+    try:
+        results = race(16, lambda i: rec.audit("k", "POST", "/api/v1/intake", 202, f"req-{i}"))
+    finally:
+        rec.stop()
+    assert results == [None] * 16 and rec.pending() == 0
+    assert db.query("SELECT COUNT(*) AS n FROM audit_log")[0]["n"] == 16
+    assert len(writes) <= 4  # not one transaction per change
 
 
 def test_a_batch_writes_a_row_per_path_together(recorder_backend):
