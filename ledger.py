@@ -2,6 +2,7 @@
 with running totals per day and per job, kept in the SQLite database."""
 
 import time
+import types
 
 from costs import BudgetExceeded, fits, utc_day
 
@@ -50,6 +51,18 @@ GROUP_COLUMNS = {"day": "day", "workflow": "workflow", "key": "key_id", "step": 
 # transactions would abort and retry exactly under the 300-way races the
 # budget exists for.
 MONEY = "ledger"
+
+
+class _Reads:
+    """``db.query`` in the shape of a transaction's connection
+    (``execute(...).fetchone()``), for a check that writes nothing."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, params=()):
+        rows = self.db.query(sql, params)
+        return types.SimpleNamespace(fetchone=lambda: rows[0] if rows else None)
 
 
 class Ledger:
@@ -123,6 +136,13 @@ class Ledger:
         item's place) and nothing is written."""
         now = self.clock()
         day = utc_day(now)
+        if not any(amount for _, amount in items):
+            # PERF: nothing to hold, only whether anything is left: a read,
+            # without the money's write lock (in SQLite, the whole file's).
+            refused = self._refusal(_Reads(self.db), day, 0, limits)
+            if refused is not None:
+                raise BudgetExceeded(refused, 0)  # each item is the same check: the first fails
+            return day
         with self.db.write(lock=MONEY) as conn:
             for index, (job, amount) in enumerate(items):
                 refused = self._refusal(conn, day, amount, limits)

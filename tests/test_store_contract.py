@@ -923,6 +923,12 @@ def test_a_batch_reservation_is_all_or_nothing(ledger):
     assert ledger.used_today() == 70  # d's reservation went with the refusal
     ledger.reserve_many([(money_job("f"), 30)], limits)  # exactly at the limit
     assert ledger.used_today() == 100
+    # Jobs that reserve nothing still need something left: refused, as the first.
+    with pytest.raises(BudgetExceeded) as err:
+        ledger.reserve_many([(money_job("g"), 0), (money_job("h"), 0)], limits)
+    assert err.value.index == 0 and err.value.state["used"] == 100 and err.value.state["reserved"] == 100
+    ledger.reserve_many([(money_job("i"), 0)], [("service", None, 101)])  # 1 left: accepted
+    assert ledger.used_today() == 100
 
 
 def test_concurrent_reservations_at_the_cap_never_pass_it(ledger):
