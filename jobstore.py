@@ -456,13 +456,19 @@ SQL = {
     # triggers keep in the same transaction: exact across processes.
     "insert": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
               f" SELECT {', '.join(':' + c for c in JOB_COLUMNS)}"
-              " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq",
+              " WHERE (SELECT n FROM job_count) < :max_jobs RETURNING seq, job_id",
     "save": "UPDATE jobs SET " + ", ".join(f"{c} = :{c}" for c in JOB_COLUMNS[1:])
             + " WHERE job_id = :job_id",
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
-    "idempotent": "SELECT body_hash, job_id FROM idempotency"
-                  " WHERE key_id = :key_id AND key = :key AND expires > :now",
+    "idempotent": "SELECT key, body_hash, job_id FROM idempotency"
+                  " WHERE key_id = :key_id AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
+    # A batch's jobs, without RETURNING (executemany keeps no rows): their
+    # seq is read back after, and a short count means the limit was reached.
+    "insert_each": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
+                   f" SELECT {', '.join(':' + c for c in JOB_COLUMNS)}"
+                   " WHERE (SELECT n FROM job_count) < :max_jobs",
+    "seqs": "SELECT job_id, seq FROM jobs WHERE job_id IN (SELECT value FROM json_each(:job_ids))",
     "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, expires)"
                 " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
                 " ON CONFLICT (key_id, key) DO UPDATE SET body_hash = excluded.body_hash,"
@@ -581,8 +587,10 @@ POSTGRES = {
     "insert": "WITH slot AS (UPDATE job_count SET n = n + 1 WHERE id = 1 AND n < :max_jobs RETURNING n)"
               f" INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
               f" SELECT {', '.join(':' + c for c in JOB_COLUMNS[:-1])}, CAST(:data AS jsonb)"
-              " FROM slot RETURNING seq",
+              " FROM slot RETURNING seq, job_id",
     # A batch: the slots for all, then every row from one JSON array.
+    "idempotent": "SELECT key, body_hash, job_id FROM idempotency WHERE key_id = :key_id"
+                  " AND key IN (SELECT jsonb_array_elements_text(CAST(:keys AS jsonb))) AND expires > :now",
     "insert_many": "WITH slot AS (UPDATE job_count SET n = n + :count WHERE id = 1"
                    " AND n + :count <= :max_jobs RETURNING n)"
                    f" INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) SELECT {', '.join(JOB_COLUMNS)}"
@@ -724,44 +732,55 @@ class SqlJobStore:
         # step (SQLite's write transactions are one at a time anyway).
         key_id = next((key[0] for key in keys if key), None)
         with self.db.write(lock=key_id and f"idempotency:{key_id}") as conn:
-            found = [key and self._remembered(conn, key, i, now) for i, key in enumerate(keys)]
+            found = self._remembered(conn, keys, now)
             new = [job for job, existing in zip(jobs, found) if not existing]
             self._insert(conn, new)
-            for job, key, existing in zip(jobs, keys, found):
-                if key and not existing:
-                    conn.execute(self.sql["remember"], {"key_id": key[0], "key": key[1],
-                                                        "body_hash": key[2], "job_id": job["job_id"],
-                                                        "expires": now + key[3]})
+            conn.executemany(self.sql["remember"], [
+                {"key_id": key[0], "key": key[1], "body_hash": key[2], "job_id": job["job_id"],
+                 "expires": now + key[3]}
+                for job, key, existing in zip(jobs, keys, found) if key and not existing])
         return [(existing, False) if existing else (job, True) for job, existing in zip(jobs, found)]
 
-    def _remembered(self, conn, key, index, now):
-        """The job an idempotency key made, if it is still held."""
-        key_id, name, body_hash, _ = key
-        row = conn.execute(self.sql["idempotent"], {"key_id": key_id, "key": name, "now": now}).fetchone()
-        existing = row and self._load(conn, row["job_id"])
-        if existing and row["body_hash"] != body_hash:
-            raise IdempotencyMismatch(name, index)
-        return existing or None
+    def _remembered(self, conn, keys, now):
+        """For each of one caller's ``keys`` (or None), the job it made if
+        it is still held, else None; IdempotencyMismatch names the first
+        used with another body. PERF: one query for them all."""
+        given = [key for key in keys if key]
+        if not given:
+            return [None] * len(keys)
+        rows = {row["key"]: row for row in conn.execute(self.sql["idempotent"], {
+            "key_id": given[0][0], "keys": _dumps([key[1] for key in given]), "now": now})}
+        found = []
+        for index, key in enumerate(keys):
+            row = key and rows.get(key[1])
+            existing = row and self._load(conn, row["job_id"])
+            if existing and row["body_hash"] != key[2]:
+                raise IdempotencyMismatch(key[1], index)
+            found.append(existing or None)
+        return found
 
     def _insert(self, conn, jobs):
         """Insert ``jobs``, setting their ``seq``: QueueFull if they do not all fit."""
-        if self.postgres and len(jobs) > 1:  # PERF: one statement for the lot
+        if not jobs:
+            return
+        if len(jobs) == 1:
+            rows = conn.execute(self.sql["insert"], dict(self._columns(jobs[0]), max_jobs=self.max_jobs)
+                                ).fetchall()
+        elif self.postgres:  # PERF: one statement for the lot
             rows = conn.execute(self.sql["insert_many"], {
                 "count": len(jobs), "max_jobs": self.max_jobs,
                 "rows": _dumps([dict(self._columns(job, data=False), data=job) for job in jobs])
             }).fetchall()
-            if len(rows) != len(jobs):
-                raise QueueFull("the job store is full")
-            seqs = {r["job_id"]: r["seq"] for r in rows}
-            for job in jobs:
-                job["seq"] = seqs[job["job_id"]]
-            return
-        for job in jobs:  # SQLite: each insert is a call into the library, no round trip
-            row = conn.execute(self.sql["insert"], dict(self._columns(job), max_jobs=self.max_jobs)
-                               ).fetchone()
-            if row is None:
-                raise QueueFull("the job store is full")
-            job["seq"] = row["seq"]
+        else:  # PERF: one call; executemany keeps no RETURNING rows, so count, then read
+            inserted = conn.executemany(self.sql["insert_each"], [
+                dict(self._columns(job), max_jobs=self.max_jobs) for job in jobs]).rowcount
+            rows = [] if inserted != len(jobs) else conn.execute(
+                self.sql["seqs"], {"job_ids": _dumps([job["job_id"] for job in jobs])}).fetchall()
+        if len(rows) != len(jobs):
+            raise QueueFull("the job store is full")
+        seqs = {row["job_id"]: row["seq"] for row in rows}
+        for job in jobs:
+            job["seq"] = seqs[job["job_id"]]
 
     def get(self, job_id):
         rows = self.db.query(self.sql["get"], {"job_id": job_id})
