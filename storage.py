@@ -333,6 +333,17 @@ def _dict_row(cursor, row):
     return {d[0]: v for d, v in zip(cursor.description, row)}
 
 
+class _Queued:
+    """A statement waiting for ``Database.write_one``'s group commit."""
+
+    __slots__ = ("sql", "params", "rows", "error", "done")
+
+    def __init__(self, sql, params):
+        self.sql, self.params = sql, params
+        self.rows = self.error = None
+        self.done = False
+
+
 class Database:
     """One SQLite file, one connection per thread.
 
@@ -358,6 +369,8 @@ class Database:
         # workers). busy_timeout still covers writers that take neither.
         self._write_lock = threading.Lock()
         self._flock = None  # (pid, fd) of this process's lock file
+        self._queued = []   # write_one's statements waiting for the write lock
+        self._queue_lock = threading.Lock()
         self._changes = None  # this process's Changes, once something watches
 
     def connection(self):
@@ -427,21 +440,26 @@ class Database:
     @contextlib.contextmanager
     def _writer(self):
         """Hold the write locks: this process's, then the one shared by all."""
-        with self._write_lock:
-            if not self.shared:
-                # PERF: flock gives up the GIL twice; with one writing process
-                # the thread lock is all it takes.
-                yield
-                return
-            if self._flock is None or self._flock[0] != os.getpid():
-                fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
-                self._flock = (os.getpid(), fd)
-            fd = self._flock[1]
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        with self._write_lock, self._file_lock():
+            yield
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        """The write lock shared by every process (with the thread lock held)."""
+        if not self.shared:
+            # PERF: flock gives up the GIL twice; with one writing process
+            # the thread lock is all it takes.
+            yield
+            return
+        if self._flock is None or self._flock[0] != os.getpid():
+            fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
+            self._flock = (os.getpid(), fd)
+        fd = self._flock[1]
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def write(self, lock=None, pipeline=False):
@@ -468,14 +486,49 @@ class Database:
                 raise
 
     def write_one(self, sql, params=()):
-        """One statement as its own transaction; its RETURNING rows.
+        """One statement, committed when this returns; its RETURNING rows.
 
-        PERF: a single statement needs no BEGIN and COMMIT round trips:
-        SQLite commits it when it has run to completion, which fetchall()
-        ensures before we answer.
+        PERF: group commit. The statements of threads waiting for the write
+        lock meanwhile are run by whichever gets it first, in one
+        transaction (each sees the ones before it, as if run one after
+        another); the others find theirs done. A lone statement needs no
+        BEGIN and COMMIT: SQLite commits it when it has run to completion,
+        which fetchall() ensures. If a group fails, each of its statements
+        is run again alone, so an error is only its own caller's.
         """
-        with self._writer():
-            return self.query(sql, params)
+        mine = _Queued(sql, params)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._write_lock:
+            if not mine.done:
+                with self._file_lock():
+                    with self._queue_lock:  # with those that came while the file lock was awaited
+                        group, self._queued = self._queued, []
+                    self._run_group(group)
+        if mine.error is not None:
+            raise mine.error
+        return mine.rows
+
+    def _run_group(self, group):
+        alone = group
+        if len(group) > 1:
+            conn = self.connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in group:
+                    statement.rows = conn.execute(statement.sql, statement.params).fetchall()
+                conn.execute("COMMIT")
+                alone = []
+            except Exception:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        for statement in alone:  # a lone statement, or each of a failed group's
+            try:
+                statement.rows = self.query(statement.sql, statement.params)
+            except Exception as exc:
+                statement.error = exc
+        for statement in group:
+            statement.done = True
 
     def checkpoint(self):
         """Copy the WAL back into the database without blocking anyone."""

@@ -3,6 +3,7 @@
 import io
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -63,6 +64,55 @@ def test_write_failure_leaves_no_half_written_row(tmp_path):
             conn.execute("UPDATE users SET name = 'Changed'")
             raise RuntimeError("crash mid-transaction")
     assert users.get_by_email("keep@example.com", "admin")["name"] == "Keep"
+
+
+def test_statements_waiting_for_the_write_lock_commit_together_and_fail_alone(tmp_path):
+    db = storage.Database(str(tmp_path / "a.db"))
+    db.query("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    db.write_one("INSERT INTO t (n) VALUES (0)")
+    statements = []
+    open_connection = db._open
+
+    def traced():
+        conn = open_connection()
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    db._open = traced
+    results, errors = {}, {}
+
+    def insert(n):
+        try:
+            results[n] = db.write_one("INSERT INTO t (n) VALUES (:n) RETURNING n", {"n": n})
+        except sqlite3.IntegrityError as exc:
+            errors[n] = exc
+
+    with db._write_lock:  # a writer at work: the others queue up behind it
+        threads = [threading.Thread(target=insert, args=(n,)) for n in (1, 2, 0, 3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(db._queued) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join(10)
+    # n = 0 is taken: only its caller hears so; the group ran again one by one.
+    assert sorted(errors) == [0] and results == {1: [{"n": 1}], 2: [{"n": 2}], 3: [{"n": 3}]}
+    assert [r["n"] for r in db.query("SELECT n FROM t ORDER BY n")] == [0, 1, 2, 3]
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("ROLLBACK") == 1
+
+    statements.clear()
+    threads = [threading.Thread(target=insert, args=(n,)) for n in (4, 5, 6)]
+    with db._write_lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(db._queued) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join(10)
+    assert [r["n"] for r in db.query("SELECT n FROM t WHERE n > 3 ORDER BY n")] == [4, 5, 6]
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1  # one transaction
 
 
 def test_a_held_write_lock_answers_503_storage_busy(tmp_path):
