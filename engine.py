@@ -15,6 +15,7 @@ clock and random source are injectable, and ``run_next()`` and ``tick()``
 do one step each, so tests drive it without threads or sleeps.
 """
 
+import collections
 import dataclasses
 import decimal
 import importlib
@@ -426,6 +427,9 @@ class Engine:
         self._contexts_lock = threading.Lock()
         self._wake = threading.Condition()
         self._claiming = threading.Lock()  # the pool's claims, one at a time
+        self._wanting = 0  # pool threads in run_next that have no job yet
+        self._claiming_lock = threading.Lock()  # guards _wanting
+        self._handed = collections.deque()  # jobs claimed for them by another
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
         self._claim_slots = threading.BoundedSemaphore(claim_waiters)
@@ -1024,8 +1028,24 @@ class Engine:
         names = self.registry.names()
         # PERF: this process's pool threads claim one at a time: racing each
         # other for the same first job, most of their writes would be lost.
+        # And the one claiming takes a job for each thread waiting for its
+        # turn, in one write: they find theirs handed over. (Never more jobs
+        # handed over than threads counted in _wanting, each of which is
+        # about to take its turn: no job waits for a thread.)
+        with self._claiming_lock:
+            self._wanting += 1
         with self._claiming:
-            job = self.store.claim(names, *self._start_attempt("local", None, names))
+            with self._claiming_lock:
+                self._wanting -= 1
+                others = self._wanting
+            if self._handed:
+                job = self._handed.popleft()
+            else:
+                changes, per_workflow = self._start_attempt("local", None, names)
+                jobs = self.store.claim_many(names, changes, per_workflow,
+                                             [new_token() for _ in range(1 + others)])
+                job = jobs[0] if jobs else None
+                self._handed.extend(jobs[1:])
         if job is None:
             return False
         ctx = JobContext(self, job)

@@ -3,6 +3,7 @@ errors a store raises) and the job stores, in memory and in SQL (SQLite or
 PostgreSQL), which keep one contract (``contracts.JobStore``)."""
 
 import collections
+import contextlib
 import functools
 import heapq
 import json
@@ -807,15 +808,17 @@ class SqlJobStore:
     SWAP_TRIES = 8  # lost races before a change waits its turn in a transaction
     CANDIDATES = 4  # ready jobs a claim reads, to try the next when another claimer took one
 
-    def _swap(self, row, old, new):
+    def _swap(self, row, old, new, conn=None):
         """SQLite: write ``new`` over ``row`` (as read, outside any
-        transaction, holding ``old``) if the row is unchanged since. PERF:
-        the write lock is held for one statement, not a read and a write (a
+        transaction, holding ``old``) if the row is unchanged since; in
+        ``conn``'s transaction if given, else in one of its own. PERF: the
+        write lock is held for one statement, not a read and a write (a
         loser reads again), and it sets only the columns that change (and
         so touches only their indexes)."""
         before, after = self._columns(old, data=False), self._columns(new)
         changed = tuple(c for c in JOB_COLUMNS[1:-1] if after[c] != before[c])
-        return bool(self.db.write_one(_swap_sql(changed), dict(after, old=row["data"])))
+        sql, params = _swap_sql(changed), dict(after, old=row["data"])
+        return bool(conn.execute(sql, params).fetchall() if conn else self.db.write_one(sql, params))
 
     # -- claims and limits ---------------------------------------------------------
 
@@ -928,17 +931,19 @@ class SqlJobStore:
             wanted = len(tokens) - len(found)
             rows = self.db.query(self.sql["next_queued" + which],
                                  dict(params, n=wanted + self.CANDIDATES - 1))
-            for row in rows:
-                job = self._job(row)
-                claimed = dict(job, **claim_changes(job, changes, per_workflow))
-                if tokens[len(found)] is not None:
-                    claimed["lease_token"] = tokens[len(found)]
-                if self._swap(row, job, claimed):
-                    found.append(claimed)
-                    if len(found) == len(tokens):
-                        return found
-            if len(rows) < wanted + self.CANDIDATES - 1:
-                return found  # the queue ran dry, not just contended
+            # PERF: several jobs' swaps commit together, in one transaction.
+            with self.db.write() if wanted > 1 and rows else contextlib.nullcontext() as conn:
+                for row in rows:
+                    job = self._job(row)
+                    claimed = dict(job, **claim_changes(job, changes, per_workflow))
+                    if tokens[len(found)] is not None:
+                        claimed["lease_token"] = tokens[len(found)]
+                    if self._swap(row, job, claimed, conn):
+                        found.append(claimed)
+                        if len(found) == len(tokens):
+                            break
+            if len(found) == len(tokens) or len(rows) < wanted + self.CANDIDATES - 1:
+                return found  # all taken, or the queue ran dry (not just contended)
         # Lost every race so far: the rest wait their turn in transactions.
         while len(found) < len(tokens):
             token = tokens[len(found)]

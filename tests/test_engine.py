@@ -116,6 +116,29 @@ def test_a_registered_workflow_runs_and_succeeds():
     assert eng.run_next() is False
 
 
+def test_pool_threads_waiting_to_claim_get_jobs_claimed_for_them_in_one_claim():
+    together = threading.Barrier(4, timeout=10)  # passes only if all four run at once
+    reg = engine.Registry()
+    reg.register("w", lambda p, ctx: {"n": p["n"], "together": together.wait() >= 0})
+    eng, _ = make_engine(reg, threads=4)
+    ids = [submit(eng, payload={"n": n}) for n in range(4)]
+    claims = []
+    claim_many = eng.store.claim_many
+    eng.store.claim_many = lambda *args: claims.append(len(args[3])) or claim_many(*args)
+    ran = []
+    with eng._claiming:  # one claiming: the other three wait their turn
+        threads = [threading.Thread(target=lambda: ran.append(eng.run_next())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: eng._wanting == 4, 10)
+    for t in threads:
+        t.join(15)
+    assert ran == [True] * 4 and claims == [4]  # one claim, a job for each thread
+    assert [eng.get(i)["result"] for i in ids] == [{"n": n, "together": True} for n in range(4)]
+    assert [eng.get(i)["attempts"] for i in ids] == [1] * 4 and not eng._handed
+    assert eng.run_next() is False
+
+
 def test_unregistered_workflows_wait_for_external_workers():
     eng, _ = make_engine(engine.Registry())
     job_id = submit(eng, "elsewhere")
