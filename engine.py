@@ -432,7 +432,11 @@ class Engine:
         self._handed = collections.deque()  # jobs claimed for them by another
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
-        self._claim_slots = threading.BoundedSemaphore(claim_waiters)
+        # Requests that may wait at once (claims for a job, status reads for
+        # a job's end), so that waiting never holds every serving thread.
+        self._wait_slots = threading.BoundedSemaphore(claim_waiters)
+        self._ended = threading.Condition()  # a job ended (here, or maybe in another process)
+        self._ends = 0  # bumped with every notification of _ended
         self._stopping = threading.Event()
         self._threads = []
 
@@ -596,6 +600,38 @@ class Engine:
         if job is None:
             raise JobError("not_found", "job not found")
         return job
+
+    END_POLL = 0.25  # seconds a status read waiting for a job's end sleeps at most between looks
+
+    def wait_for_end(self, job_id, wait, gone=lambda: False):
+        """The job once it has ended, or as it is when ``wait`` seconds
+        have passed. Woken the moment a job ends in this process, or (the
+        store's watch) when another may have changed one; and it looks at
+        least every END_POLL (PostgreSQL notifies queued jobs only). Waits
+        count against the same bound as waiting claims: past it, and when
+        the caller has hung up, the job is answered as it is now."""
+        deadline = time.monotonic() + wait
+        job = self.get(job_id)
+        if job["status"] in JOB_FINAL or wait <= 0 or not self._wait_slots.acquire(blocking=False):
+            return job
+        try:
+            while True:
+                with self._ended:
+                    seen = self._ends
+                job = self.get(job_id)
+                left = deadline - time.monotonic()
+                if job["status"] in JOB_FINAL or left <= 0 or self._stopping.is_set() or gone():
+                    return job
+                with self._ended:
+                    if self._ends == seen:
+                        self._ended.wait(min(left, self.END_POLL))
+        finally:
+            self._wait_slots.release()
+
+    def _signal_ended(self):
+        with self._ended:
+            self._ends += 1
+            self._ended.notify_all()
 
     def cancel(self, job_id):
         """Not started yet (queued, scheduled, waiting): canceled at once.
@@ -789,6 +825,7 @@ class Engine:
         return done
 
     def finished(self, job):
+        self._signal_ended()
         self._release_children(job)
         self._notify_for(job["workflow"])  # a slot under a concurrency limit may be free
         for hook in self.on_finish:
@@ -968,7 +1005,7 @@ class Engine:
                 if jobs or left <= 0 or self._stopping.is_set():
                     return jobs
                 if not waiting:
-                    if not self._claim_slots.acquire(blocking=False):
+                    if not self._wait_slots.acquire(blocking=False):
                         return []  # as many claims wait as may: this one answers now
                     waiting = True
                 due = self.store.next_due()  # a job whose retry backoff ends
@@ -979,7 +1016,7 @@ class Engine:
                         self._claims.wait(pause)
         finally:
             if waiting:
-                self._claim_slots.release()
+                self._wait_slots.release()
 
     def _leased(self, job_id, token, key_id=None):
         job = self.get(job_id)
@@ -1196,6 +1233,8 @@ class Engine:
         if workflow is None or self.registry.get(workflow) is not None:
             with self._wake:
                 self._wake.notify_all() if every else self._wake.notify()
+        if workflow is None:  # another process changed something: maybe a job's end
+            self._signal_ended()
         if workflow is None or self.registry.get(workflow) is None:
             with self._claims:
                 self._queued += 1

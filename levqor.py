@@ -290,7 +290,7 @@ class Settings:
     gunicorn_log_level: str
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
     callback_scan_interval: float  # seconds between scans for deliveries whose sender died
-    claim_waiters: int  # claims that may wait for a job at once, per process
+    claim_waiters: int  # requests that may wait at once (claims, status reads), per process
     public_job_status: bool      # production: anyone with a job id may read its status
     admin_session_ttl: int       # seconds a dashboard session lasts from its login
     metrics_token: str = dataclasses.field(repr=False)  # Bearer token that may read /metrics

@@ -159,7 +159,9 @@ ROUTE_DOCS = {
                                        {202: ("Accepted, in the order given", "AcceptedBatch")}),
     ("GET", "/api/v1/status/<job_id>"): ("A job's status (in production, for the key that made it "
                                          "or an admin key, unless PUBLIC_JOB_STATUS=1)", None,
-                                         {200: ("The job", "JobStatus")}),
+                                         {200: ("The job", "JobStatus")},
+                                         [query("wait", {"type": "integer", "minimum": 0, "maximum": 30},
+                                                "seconds to hold the answer until the job has ended")]),
     ("POST", "/api/v1/_dev/complete/<job_id>"): ("Mark a job succeeded (development only)",
                                                  "optional:dev_complete", {200: ("Done", "Ok")}),
     ("GET", "/api/v1/ops/health"): ("Operational checks (admin)", None,

@@ -32,7 +32,7 @@ from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
 from schemas import MAX_BATCH, SCHEMAS, validate
 from static import robots, security_txt, static_file
 from storage import StorageError
-from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond
+from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond, whole_number
 
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
@@ -311,10 +311,19 @@ def _own_job(req, job_id):
     return job
 
 
+MAX_STATUS_WAIT = 30  # seconds a status read may wait for its job's end
+
+
 def job_status(req, job_id):
-    if req.role is None:  # a public read: development, or PUBLIC_JOB_STATUS=1
-        return respond(status_view(_job_call(req.services.engine.get, job_id)))
-    return respond(status_view(_own_job(req, job_id)))
+    """The job's status; with ``?wait=<seconds>`` (up to 30), held until the
+    job has ended or the wait is over, whichever is first."""
+    wait = whole_number(req.query.get("wait", "0"))
+    if wait is None or not 0 <= wait <= MAX_STATUS_WAIT:
+        raise HTTPError(400, "invalid_query", f"wait must be a whole number of seconds from 0 to {MAX_STATUS_WAIT}")
+    job = _job_call(req.services.engine.get, job_id) if req.role is None else _own_job(req, job_id)
+    if wait and job["status"] not in JOB_FINAL:
+        job = _job_call(req.services.engine.wait_for_end, job_id, wait, lambda: hung_up(req.environ))
+    return respond(status_view(job))
 
 
 def dev_complete(req, job_id):

@@ -42,8 +42,9 @@ Every ratio is to a peer measured in the same run.
   pools (WORKER_THREADS=4 each): jobs/s, first start to last finish.
 - idle latency: one worker process of each system, idle; one job at a
   time, from the client sending it to the client seeing it finished:
-  Levqor polls the job's status every --poll-ms (the API has no push to a
-  client other than callbacks), RQ blocks on the job's result stream
+  Levqor's client waits on the job's status (``Client.wait``: one
+  ``GET /api/v1/status/<id>?wait=`` the server holds until the job ends),
+  RQ blocks on the job's result stream
   (``latest_result(timeout=)``), Celery on its result (``get()``). p50 and
   p99 over every round's samples.
 
@@ -543,7 +544,7 @@ def idle_gap():
 
 
 def latency_levqor(store, ctx):
-    samples, workflow, poll = [], "bench.latency", ctx.args.poll_ms / 1000
+    samples, workflow = [], "bench.latency"
     with levqor_host(store, ctx.workdir, ctx.tag, patience=2) as (url, _):
         workers = Workers(ctx.workdir, ctx.tag, [levqor_worker_cmd(url, workflow, ctx.args)])
         client = Client(url, KEY)
@@ -553,14 +554,10 @@ def latency_levqor(store, ctx):
             for _ in range(ctx.args.samples):
                 sent = time.perf_counter()
                 job_id = client.submit(workflow, PAYLOAD, max_cost=0).job_id
-                deadline = time.monotonic() + 10
-                while True:
-                    job = client.get(job_id)
-                    if job.done:
-                        break
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"latency: Levqor job {job_id} still {job.status} after 10 s")
-                    time.sleep(poll)
+                try:
+                    job = client.wait(job_id, timeout=10)
+                except TimeoutError as exc:
+                    raise SystemExit(f"latency: {exc}")
                 samples.append((time.perf_counter() - sent) * 1000)
                 if not job.ok:
                     raise SystemExit(f"latency: Levqor job {job_id} {job.status}: {job.error}")
@@ -740,8 +737,8 @@ def report(results, args, load, info, peer_versions):
         "",
         f"Idle latency, from sending a job to seeing it finished, one job at a time, "
         f"{args.samples} samples a round, one worker process each, idle between jobs (Levqor's "
-        f"client polls the job's status every {args.poll_ms:g} ms; RQ and Celery block on the "
-        "result):",
+        "client waits on the job's status, `GET /api/v1/status/<id>?wait=`, which the server holds "
+        "until the job ends; RQ and Celery block on the result):",
         "",
         "| system | p50 ms | p99 ms | p50 ÷ RQ's | p50 ÷ Celery's |",
         "|---|---:|---:|---:|---:|",
@@ -803,8 +800,6 @@ def main():
     parser.add_argument("--seconds", type=float, default=3, help="of each enqueue pass")
     parser.add_argument("--jobs", type=int, default=4000, help="jobs per drain pass")
     parser.add_argument("--samples", type=int, default=100, help="latency samples per pass")
-    parser.add_argument("--poll-ms", type=float, default=1.0,
-                        help="how often the latency client reads a Levqor job's status")
     parser.add_argument("--claim-wait", type=float, default=20,
                         help="seconds a Levqor worker's claim waits at the server")
     parser.add_argument("--settle", type=float, default=1.0,

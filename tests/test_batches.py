@@ -316,6 +316,83 @@ def test_a_waiting_claim_takes_a_job_whose_retry_backoff_ends(app, c):
     assert out["took"] < retry_in + 5
 
 
+# -- status reads that wait for the job's end ------------------------------------------------
+
+
+def status_in_thread(c, job_id, wait):
+    out = {}
+
+    def run():
+        started = time.monotonic()
+        out["response"] = c.get(f"/api/v1/status/{job_id}?wait={wait}", key=KEY)
+        out["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_waiting_status_read_answers_when_the_job_ends(app, c):
+    job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+    thread, out = status_in_thread(c, job_id, 20)
+    time.sleep(0.2)
+    assert thread.is_alive()  # still queued: it waits
+    taken = claim(c).json()["job"]
+    time.sleep(0.1)
+    assert thread.is_alive()  # running is not an end
+    c.post(f"/api/v1/jobs/{job_id}/complete", {"lease_token": taken["lease_token"], "result": {"ok": 1}},
+           key=KEY)
+    thread.join(15)
+    assert out["response"].status == 200 and out["response"].json()["status"] == "succeeded"
+    assert out["took"] < 15  # woken, not timed out
+
+
+def test_a_waiting_status_read_answers_as_the_job_is_when_its_wait_is_over(c):
+    job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+    thread, out = status_in_thread(c, job_id, 1)
+    thread.join(10)
+    assert out["response"].json()["status"] == "queued" and out["took"] >= 1
+    finished = c.post(f"/api/v1/jobs/{job_id}/cancel", key=KEY).json()["job"]["status"]
+    thread, out = status_in_thread(c, job_id, 30)  # ended already: at once
+    thread.join(10)
+    assert out["response"].json()["status"] == finished == "canceled" and out["took"] < 10
+
+
+@pytest.mark.parametrize("wait", ["abc", "31", "-1", "1.5", "", "1e1"])
+def test_a_status_wait_out_of_bounds_is_a_400(c, wait):
+    job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+    r = c.get(f"/api/v1/status/{job_id}?wait={wait}", key=KEY)
+    assert r.status == 400 and r.json()["error"] == "invalid_query"
+
+
+def test_a_status_wait_shares_the_bound_of_waiting_claims(tmp_path):
+    app = start(tmp_path, CLAIM_WAITERS=1)
+    try:
+        c = Client(app)
+        waiting, _ = claim_in_thread(c, wait=20)
+        time.sleep(0.2)
+        job_id = batch(c, [job(workflow="ext.other")]).json()["jobs"][0]["job_id"]
+        thread, out = status_in_thread(c, job_id, 20)  # no room to wait: answered now
+        thread.join(10)
+        assert out["response"].json()["status"] == "queued" and out["took"] < 10
+        assert waiting.is_alive()
+    finally:
+        app.stop()
+
+
+def test_a_status_wait_on_another_keys_job_is_a_404_at_once(tmp_path):
+    app = start(tmp_path)
+    try:
+        c = Client(app)
+        other = c.post("/api/v1/keys", {"name": "other", "role": "client"}, key=KEY).json()["key"]
+        job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+        started = time.monotonic()
+        r = c.get(f"/api/v1/status/{job_id}?wait=20", key=other)
+        assert r.status == 404 and time.monotonic() - started < 10
+    finally:
+        app.stop()
+
+
 def test_batch_openapi_and_error_shape(c):
     doc = c.get("/openapi.json").json()
     assert "/api/v1/intake/batch" in doc["paths"]

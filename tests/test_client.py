@@ -198,6 +198,26 @@ def test_the_connection_reads_chunked_folded_interim_and_close_delimited_answers
 
 
 @pytest.mark.server
+def test_wait_is_one_call_the_server_holds_until_the_job_ends(server):
+    c = Client(server.url, KEY)
+    job = c.submit("ext.held", {}, max_cost=0)
+
+    def work():
+        time.sleep(0.5)
+        with Client(server.url, KEY) as worker:
+            taken = worker.claim(["ext.held"])
+            worker.complete(taken["job_id"], taken["lease_token"], {"done": True})
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    answers = []
+    final = c.wait(job.job_id, timeout=20, on_poll=answers.append)
+    thread.join(10)
+    assert final.ok and final.result == {"done": True}
+    assert [a.status for a in answers] == ["succeeded"]  # no polling: one answer, when it ended
+
+
+@pytest.mark.server
 def test_submit_wait_round_trip_and_wait_timeout(server):
     c = Client(server.url, KEY)
     job = c.submit("echo", {"hello": "world"}, priority="high", max_cost=0)

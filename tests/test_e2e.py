@@ -250,6 +250,44 @@ def test_a_waiting_claim_on_one_process_gets_a_job_queued_on_another(tmp_path, k
             host.stop()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_waiting_status_read_on_one_process_sees_the_job_end_on_another(tmp_path, kind):
+    common = dict(API_KEYS=KEY, RATE_WORKER=100000, **store_env(kind))
+    if kind == "sqlite":  # one host of two processes
+        hosts = [Server(tmp_path, WEB_CONCURRENCY=2, **common)]
+    else:  # two hosts
+        hosts = [Server(tmp_path, WEB_CONCURRENCY=1, **common)]
+        hosts.append(Server(tmp_path, WEB_CONCURRENCY=1,
+                            **dict(common, DATABASE_URL=hosts[0].env["DATABASE_URL"])))
+    for host in hosts:
+        host.start()
+    headers = {"X-Api-Key": KEY}
+    try:
+        job_id = requests.post(hosts[0].url + "/api/v1/intake", headers=headers, timeout=10,
+                               json={"workflow": "ext.work", "payload": {}}).json()["job_id"]
+        out = {}
+
+        def wait_for_end():
+            started = time.monotonic()
+            out["r"] = requests.get(f"{hosts[0].url}/api/v1/status/{job_id}?wait=25", headers=headers,
+                                    timeout=40)
+            out["took"] = time.monotonic() - started
+
+        thread = threading.Thread(target=wait_for_end)
+        thread.start()
+        time.sleep(0.5)
+        taken = requests.post(hosts[-1].url + "/api/v1/jobs/claim", headers=headers, timeout=10,
+                              json={"workflows": ["ext.work"]}).json()["job"]
+        requests.post(f"{hosts[-1].url}/api/v1/jobs/{job_id}/complete", headers=headers, timeout=10,
+                      json={"lease_token": taken["lease_token"], "result": {"ok": True}}).raise_for_status()
+        thread.join(35)
+        assert out["r"].status_code == 200 and out["r"].json()["status"] == "succeeded"
+        assert out["took"] < 20  # it saw the end, not the end of its wait
+    finally:
+        for host in hosts:
+            host.stop()
+
+
 def test_sigterm_ends_a_waiting_claim_at_once(tmp_path):
     srv = Server(tmp_path, API_KEYS=KEY).start()
     out = {}

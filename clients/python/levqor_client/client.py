@@ -177,22 +177,30 @@ class Client:
             made += [Job.from_dict(item) for item in answer["jobs"]]
         return made
 
-    def get(self, job_id: str) -> Job:
-        """The job's status view."""
-        return Job.from_dict(self.request("GET", f"/api/v1/status/{_seg(job_id)}"))
+    def get(self, job_id: str, *, wait: int = 0) -> Job:
+        """The job's status view; with ``wait`` (whole seconds, up to 30)
+        the server holds the answer until the job has ended or the wait is
+        over."""
+        query = f"?wait={int(wait)}" if wait else ""
+        return Job.from_dict(self.request("GET", f"/api/v1/status/{_seg(job_id)}{query}"))
 
     def wait(self, job_id: str, timeout: float = 60, *, poll_max: float = 1.0,
              on_poll: Any = None) -> Job:
-        """Poll until the job is finished; the final ``Job``.
+        """Wait until the job is finished; the final ``Job``.
 
-        Polls fast at first, then every ``poll_max`` seconds; raises
+        Each call asks the server to hold its answer until the job ends (up
+        to 30 s, or what is left of ``timeout``); one answered early with the
+        job unfinished (the server had no room to wait) is followed by
+        another after a pause that grows to ``poll_max`` seconds. Raises
         ``TimeoutError`` if the job is not finished within ``timeout``
         seconds. ``on_poll(job)``, if given, sees every answer.
         """
         deadline = time.monotonic() + timeout
         step = 0.05
         while True:
-            job = self.get(job_id)
+            hold = max(0, min(30, int(deadline - time.monotonic())))
+            asked = time.monotonic()
+            job = self.get(job_id, wait=hold)
             if on_poll is not None:
                 on_poll(job)
             if job.done:
@@ -200,8 +208,9 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
-            time.sleep(min(step, left))
-            step = min(step * 2, poll_max)
+            if time.monotonic() - asked < hold / 2 or not hold:  # not held: pause first
+                time.sleep(min(step, left))
+                step = min(step * 2, poll_max)
 
     def jobs(self, *, status: Optional[str] = None, workflow: Optional[str] = None,
              limit: Optional[int] = None, page_size: int = 100) -> Iterator[Job]:
