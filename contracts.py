@@ -100,12 +100,17 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None:
         """A copy of the job, or None."""
 
-    def update(self, job_id: str, expect: dict[str, Any] | None = None,
+    def update(self, job_id: str, expect: dict[str, Any] | None = None, known: Job | None = None,
                **changes: Any) -> Job | None:
         """Compare-and-set: if the job exists and has every value in
         ``expect``, apply ``changes`` and return the new copy; otherwise
         return None and change nothing. One atomic step: of racing updates
         expecting the same values, exactly one applies.
+
+        ``known`` is a hint: the job as the caller last had it from this
+        store. A store may apply the change over it without reading the
+        job, only if the job is still exactly that; the outcome is the same
+        as without it.
 
         Setting status "queued" (or a new ``not_before`` on a queued job)
         puts the job back in the queue, ranked as ``claim`` says. A job that

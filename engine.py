@@ -805,16 +805,17 @@ class Engine:
                 self.store.update(ctx.job_id, expect={"lease_token": ctx._token},
                                   lease_expires_at=min(job["deadline_at"], now + self.local_lease))
 
-    def _finish(self, job, token, _expect=(), **changes):
+    def _finish(self, job, token, _expect=(), _known=None, **changes):
         """End the attempt holding ``token`` (and, if given, the values of
-        ``_expect``); None if it no longer holds the job."""
+        ``_expect``); None if it no longer holds the job. ``_known``: the
+        store's ``known`` hint."""
         now = self.now()
         if changes.get("status") in JOB_FINAL:
             changes["finished_at"] = now
         changes.update(updated_at=now, lease_token=None, lease_expires_at=None, deadline_at=None)
         changes["attempt_log"] = attempt_log(job, changes, now)  # kept with the job, for the dashboard
         done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token,
-                                                        **dict(_expect)}, **changes)
+                                                        **dict(_expect)}, known=_known, **changes)
         if done is not None:
             with self._contexts_lock:
                 self._contexts.pop(job["job_id"], None)
@@ -835,14 +836,16 @@ class Engine:
                 self.log.error("on_finish hook failed", job_id=job["job_id"],
                                traceback=traceback.format_exc())
 
-    def succeed(self, job, token, result, as_claimed=False):
-        """The attempt's result. ``as_claimed``: ``job`` is as its claim
-        returned it, so the change also expects no cancel requested since."""
+    def succeed(self, job, token, result, claimed=None):
+        """The attempt's result. ``claimed``: the job as its claim returned
+        it (``job`` is that, with this attempt's progress), so the change
+        also expects no cancel requested since, and the store may apply it
+        over that copy unread (``known``)."""
         if job["cancel_requested"]:
             return self._finish(job, token, status="canceled")
         return self._finish(job, token, status="succeeded", result=result, error=None,
                             progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")},
-                            _expect={"cancel_requested": False} if as_claimed else {})
+                            _expect={"cancel_requested": False} if claimed else {}, _known=claimed)
 
     def fail(self, job, token, error_type, message, retryable=True):
         """A failed attempt: retried after backoff while attempts remain, else final."""
@@ -1107,7 +1110,7 @@ class Engine:
             # PERF: finished from the job as claimed, with the progress this
             # attempt reported, not read again: the compare-and-set expects
             # no cancel requested meanwhile; if one was, read it and end so.
-            done = self.succeed(dict(job, progress=ctx._progress), token, result, as_claimed=True)
+            done = self.succeed(dict(job, progress=ctx._progress), token, result, claimed=job)
             if done is None:
                 done = self.succeed(self.store.get(job["job_id"]) or job, token, result)
         if done is None:

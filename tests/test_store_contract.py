@@ -336,6 +336,21 @@ def test_update_is_compare_and_set(jobs, clock):
     assert jobs.update(job["job_id"], expect={"status": "queued"}, status="failed") is None
 
 
+def test_an_update_over_a_known_copy_has_the_outcome_it_would_have_without(jobs, clock):
+    job = add(jobs, clock)
+    copy = jobs.get(job["job_id"])
+    done = jobs.update(job["job_id"], expect={"status": "queued"}, known=copy, error={"n": 1})
+    assert done["error"] == {"n": 1} and jobs.get(job["job_id"]) == done
+    # The copy is stale now: the change goes over what is stored, not over it.
+    again = jobs.update(job["job_id"], expect={"status": "queued"}, known=copy, priority="high")
+    assert again["error"] == {"n": 1} and again["priority"] == "high"
+    assert jobs.get(job["job_id"]) == again
+    # A stale copy that still holds the expected values is no way past them.
+    jobs.update(job["job_id"], status="canceled", finished_at=clock())
+    assert jobs.update(job["job_id"], expect={"status": "queued"}, known=copy, status="failed") is None
+    assert jobs.get(job["job_id"])["status"] == "canceled"
+
+
 def test_racing_updates_expecting_the_same_values_apply_once(jobs, clock):
     job = add(jobs, clock)
     results = race(16, lambda i: jobs.update(job["job_id"], expect={"status": "queued"},
