@@ -149,7 +149,8 @@ class Worker:
         self.error: Optional[LevqorError] = None  # why the worker stopped by itself, if it did
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # the claim thread waits here for idle slots
+        self._work = threading.Condition(self._lock)  # idle slots wait here for jobs
         self._ready: Deque[Dict[str, Any]] = collections.deque()  # claimed for idle slots
         self._idle = 0              # slots waiting for a job
         self._busy = 0              # slots holding one
@@ -269,7 +270,9 @@ class Worker:
                 self._claimed -= want - len(jobs)
                 self._claiming = False
                 self._ready.extend(jobs)
-                self._cond.notify_all()
+                # A slot for each job, not every idle one only to find none left
+                # (nothing: all, to see whether they are done).
+                self._work.notify(len(jobs)) if jobs else self._work.notify_all()
                 quiet = None if self._busy or self._ready else time.monotonic() - self._last_job
             if jobs:
                 pause = 0.05
@@ -341,7 +344,7 @@ class Worker:
                         self._max_jobs is not None and self._claimed >= self._max_jobs)
                     if done and not self._claiming:
                         return None
-                    self._cond.wait(0.2)
+                    self._work.wait(0.2)
             finally:
                 self._idle -= 1
 
