@@ -248,17 +248,22 @@ def test_a_stale_report_with_claim_next_claims_nothing(c):
 # -- claims that wait ----------------------------------------------------------------------------
 
 
-def claim_in_thread(c, **body):
+def in_thread(call):
+    """``call()`` on a thread of its own: (the thread, {"response", "took"} once it is done)."""
     out = {}
 
     def run():
         started = time.monotonic()
-        out["response"] = claim(c, **body)
+        out["response"] = call()
         out["took"] = time.monotonic() - started
 
     thread = threading.Thread(target=run)
     thread.start()
     return thread, out
+
+
+def claim_in_thread(c, **body):
+    return in_thread(lambda: claim(c, **body))
 
 
 def test_a_waiting_claim_gets_a_job_queued_while_it_waits(app, c):
@@ -320,16 +325,7 @@ def test_a_waiting_claim_takes_a_job_whose_retry_backoff_ends(app, c):
 
 
 def status_in_thread(c, job_id, wait):
-    out = {}
-
-    def run():
-        started = time.monotonic()
-        out["response"] = c.get(f"/api/v1/status/{job_id}?wait={wait}", key=KEY)
-        out["took"] = time.monotonic() - started
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, out
+    return in_thread(lambda: c.get(f"/api/v1/status/{job_id}?wait={wait}", key=KEY))
 
 
 def test_a_waiting_status_read_answers_when_the_job_ends(app, c):

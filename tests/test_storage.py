@@ -87,30 +87,25 @@ def test_statements_waiting_for_the_write_lock_commit_together_and_fail_alone(tm
         except sqlite3.IntegrityError as exc:
             errors[n] = exc
 
-    with db._write_lock:  # a writer at work: the others queue up behind it
-        threads = [threading.Thread(target=insert, args=(n,)) for n in (1, 2, 0, 3)]
+    def insert_behind_a_writer(numbers):
+        threads = [threading.Thread(target=insert, args=(n,)) for n in numbers]
+        with db._write_lock:  # a writer at work: the others queue up behind it
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 10
+            while len(db._queued) < len(numbers) and time.monotonic() < deadline:
+                time.sleep(0.005)
         for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(db._queued) < 4 and time.monotonic() < deadline:
-            time.sleep(0.005)
-    for t in threads:
-        t.join(10)
+            t.join(10)
+
+    insert_behind_a_writer((1, 2, 0, 3))
     # n = 0 is taken: only its caller hears so; the group ran again one by one.
     assert sorted(errors) == [0] and results == {1: [{"n": 1}], 2: [{"n": 2}], 3: [{"n": 3}]}
     assert [r["n"] for r in db.query("SELECT n FROM t ORDER BY n")] == [0, 1, 2, 3]
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("ROLLBACK") == 1
 
     statements.clear()
-    threads = [threading.Thread(target=insert, args=(n,)) for n in (4, 5, 6)]
-    with db._write_lock:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(db._queued) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
-    for t in threads:
-        t.join(10)
+    insert_behind_a_writer((4, 5, 6))
     assert [r["n"] for r in db.query("SELECT n FROM t WHERE n > 3 ORDER BY n")] == [4, 5, 6]
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1  # one transaction
 
