@@ -3,7 +3,6 @@ errors a store raises) and the job stores, in memory and in SQL (SQLite or
 PostgreSQL), which keep one contract (``contracts.JobStore``)."""
 
 import collections
-import contextlib
 import functools
 import heapq
 import json
@@ -435,6 +434,25 @@ def _swap_sql(columns):
             + " WHERE job_id = :job_id AND data = :old RETURNING seq")
 
 
+@functools.lru_cache(maxsize=16)
+def _sqlite_claim_sql(only, keys):
+    """SQLite, no limits: a claim in one statement, as _PG_CLAIM is for
+    PostgreSQL. The first ready job is made running in its columns and in
+    its data: ``keys`` of the changes (each bound as its JSON text,
+    :c_<key>, so that a number keeps every digit), its workflow's entry of
+    :per_workflow, one more attempt; and its seq, as the job's own copy has
+    it. The write lock is held for this one statement, and no claimer loses
+    a race to another."""
+    entry = "(SELECT value FROM json_each(:per_workflow) WHERE key = jobs.workflow)"
+    data = "json_set(data, '$.seq', seq, " + ", ".join(f"'$.{k}', json(:c_{k})" for k in keys) + ")"
+    data = f"json_patch({data}, COALESCE({entry}, '{{}}'))"
+    data = f"json_set({data}, '$.attempts', json_extract(data, '$.attempts') + 1)"
+    pick = _pick(only).format(workflows=IN_LIST["sqlite"].format("workflows"))
+    return (f"UPDATE jobs SET status = :status, lease_expires_at = COALESCE("
+            f"json_extract({entry}, '$.lease_expires_at'), :lease_expires_at), data = {data}"
+            f" WHERE seq = (SELECT seq FROM jobs WHERE {pick} ORDER BY score, seq LIMIT 1) RETURNING seq, data")
+
+
 def _pick(only=False, limited=False):
     """Which queued jobs a claim may take: ready, of the workflows asked for
     (``only``), and not held back by a limit (``limited``): the workflows
@@ -474,6 +492,9 @@ SQL = {
                 " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
                 " ON CONFLICT (key_id, key) DO UPDATE SET body_hash = excluded.body_hash,"
                 " job_id = excluded.job_id, expires = excluded.expires",
+    # Whether a claim would find anything (SQLite reads before it writes).
+    **{f"any_queued{'_in' * only}": f"SELECT 1 AS found FROM jobs WHERE {_pick(only)} LIMIT 1"
+       for only in (False, True)},
     # Four spellings of one pick, not one with "OR :any", which would keep
     # the planner from the queue's indexes.
     **{f"next_queued{'_in' * only}{'_limited' * limited}":
@@ -812,7 +833,6 @@ class SqlJobStore:
         return job
 
     SWAP_TRIES = 8  # lost races before a change waits its turn in a transaction
-    CANDIDATES = 4  # ready jobs a claim reads, to try the next when another claimer took one
 
     def _swap(self, row, old, new, conn=None):
         """SQLite: write ``new`` over ``row`` (as read, outside any
@@ -884,7 +904,7 @@ class SqlJobStore:
             row = claimed.fetchone()
             return self._job(row) if row else None
         if not limits:
-            found = self._swap_claim(which, params, changes, per_workflow, [None])
+            found = self._sqlite_claim(which, params, changes, per_workflow, [None])
             return found[0] if found else None
         return self._claim_locked(which, params, limits, changes, per_workflow, now)
 
@@ -924,40 +944,30 @@ class SqlJobStore:
             rows = self.db.write_one(self.sql["claim_many" + which],
                                      dict(params, n=len(tokens), tokens=_dumps(tokens)))
             return [self._job(r) for r in sorted(rows, key=lambda r: r["i"])]
-        return self._swap_claim(which, params, changes, per_workflow, tokens)
+        return self._sqlite_claim(which, params, changes, per_workflow, tokens)
 
-    def _swap_claim(self, which, params, changes, per_workflow, tokens):
-        """SQLite, no limits: claim a job per token (None: the one in
-        ``changes``) by reading the first ready ones and swapping each in
-        turn (``_swap``); one taken meanwhile by another claimer is passed
-        over for the next, as PostgreSQL's SKIP LOCKED does. PERF: an empty
-        claim is one read, and a claim writes one statement."""
+    def _sqlite_claim(self, which, params, changes, per_workflow, tokens):
+        """SQLite, no limits: a job per token (None: the lease token in
+        ``changes``), each taken by one statement (_sqlite_claim_sql);
+        several in one transaction. PERF: an empty claim is one read, and
+        writes nothing."""
+        if not self.db.query(self.sql["any_queued" + which], params):
+            return []
+        changes = dict(changes, lease_token=changes.get("lease_token"))
+        sql = _sqlite_claim_sql(bool(which), tuple(changes))
+        params = dict(params, status=changes["status"], lease_expires_at=changes.get("lease_expires_at"),
+                      per_workflow=_dumps(per_workflow or {}),
+                      **{f"c_{k}": _dumps(v) for k, v in changes.items()})
+        each = [params if token is None else dict(params, c_lease_token=_dumps(token)) for token in tokens]
+        if len(each) == 1:
+            return [self._job(row) for row in self.db.write_one(sql, each[0])]
         found = []
-        for _ in range(self.SWAP_TRIES):
-            wanted = len(tokens) - len(found)
-            rows = self.db.query(self.sql["next_queued" + which],
-                                 dict(params, n=wanted + self.CANDIDATES - 1))
-            # PERF: several jobs' swaps commit together, in one transaction.
-            with self.db.write() if wanted > 1 and rows else contextlib.nullcontext() as conn:
-                for row in rows:
-                    job = self._job(row)
-                    claimed = dict(job, **claim_changes(job, changes, per_workflow))
-                    if tokens[len(found)] is not None:
-                        claimed["lease_token"] = tokens[len(found)]
-                    if self._swap(row, job, claimed, conn):
-                        found.append(claimed)
-                        if len(found) == len(tokens):
-                            break
-            if len(found) == len(tokens) or len(rows) < wanted + self.CANDIDATES - 1:
-                return found  # all taken, or the queue ran dry (not just contended)
-        # Lost every race so far: the rest wait their turn in transactions.
-        while len(found) < len(tokens):
-            token = tokens[len(found)]
-            job = self._claim_locked(which, params, {}, changes if token is None
-                                     else dict(changes, lease_token=token), per_workflow, params["now"])
-            if job is None:
-                break
-            found.append(job)
+        with self.db.write() as conn:
+            for one in each:
+                row = conn.execute(sql, one).fetchone()
+                if row is None:
+                    break
+                found.append(self._job(row))
         return found
 
     def set_limits(self, workflow, limits):

@@ -389,6 +389,19 @@ def test_claim_adds_the_changes_of_the_jobs_workflow(jobs, clock):
     assert [j["job_id"] for j in jobs.expired(clock())] == [first["job_id"]]
 
 
+def test_a_claim_keeps_every_digit_and_any_workflow_name(jobs, clock):
+    # Times to the last bit of a double, and a workflow with dots and a quote in its name.
+    job = add(jobs, clock, workflow='a.b "c"')
+    at = 1795982455.1234567
+    changes = dict(running(clock), started_at=at, lease_expires_at=at + 60, progress=None)
+    per_workflow = {'a.b "c"': {"deadline_at": at + 0.1, "lease_expires_at": at + 0.2}}
+    got = jobs.claim(['a.b "c"'], changes, per_workflow)
+    assert got["job_id"] == job["job_id"] and got["started_at"] == at
+    assert (got["deadline_at"], got["lease_expires_at"], got["progress"]) == (at + 0.1, at + 0.2, None)
+    assert jobs.get(job["job_id"]) == got
+    assert [j["job_id"] for j in jobs.expired(at + 0.25)] == [job["job_id"]]
+
+
 def test_claim_order_is_priority_then_first_in_first_out(jobs, clock):
     names = {}
     for name, priority in [("l1", "low"), ("n1", "normal"), ("h1", "high"), ("n2", "normal"),
