@@ -134,15 +134,33 @@ def open_page(driver, site, path):
     driver.get(site["server"].url + path)
 
 
+def replaced(element):
+    """A wait condition: ``element``'s page has gone. Mid-navigation
+    chromedriver may say so as an inspector error, not a stale element."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    def gone(driver):
+        try:
+            element.is_enabled()
+            return False
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+
+    return gone
+
+
 def log_in(driver, site, key=KEY):
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
     open_page(driver, site, "/admin/login")
     form = by_css(driver, "main h1")[0]
     by_css(driver, "input[name=key]")[0].send_keys(key)
     click(driver, "form.login button")
     # The login form's own page has an h1 too: wait until the answer replaced it.
-    WebDriverWait(driver, 5).until(expected_conditions.staleness_of(form))
+    WebDriverWait(driver, 5).until(replaced(form))
     assert wait_until(lambda: driver.execute_script("return document.readyState") == "complete"
                       and by_css(driver, "main h1"), 5)
 
