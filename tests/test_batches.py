@@ -282,21 +282,27 @@ def test_a_waiting_claim_ends_empty_when_its_wait_is_over(c):
     assert out["response"].json() == {"jobs": []} and out["took"] >= 0.3
 
 
-def test_past_the_bound_of_waiting_claims_one_answers_at_once(tmp_path):
-    app = start(tmp_path, CLAIM_WAITERS=1)
-    try:
-        c = Client(app)
-        waiting, _ = claim_in_thread(c, wait=20)
-        time.sleep(0.2)
-        extra, out = claim_in_thread(c, wait=20)
-        extra.join(10)
-        assert out["response"].status == 204 and out["took"] < 10
-        assert waiting.is_alive()
-        batch(c, [job()])
-        waiting.join(15)
-        assert not waiting.is_alive()
-    finally:
-        app.stop()
+@pytest.fixture
+def one_waiting(tmp_path):
+    """A service where one request may wait (CLAIM_WAITERS=1), and a claim
+    already waiting there: (client, that claim's thread)."""
+    application = start(tmp_path, CLAIM_WAITERS=1)
+    c = Client(application)
+    waiting, _ = claim_in_thread(c, wait=20)
+    time.sleep(0.2)
+    yield c, waiting
+    application.stop()
+
+
+def test_past_the_bound_of_waiting_claims_one_answers_at_once(one_waiting):
+    c, waiting = one_waiting
+    extra, out = claim_in_thread(c, wait=20)
+    extra.join(10)
+    assert out["response"].status == 204 and out["took"] < 10
+    assert waiting.is_alive()
+    batch(c, [job()])
+    waiting.join(15)
+    assert not waiting.is_alive()
 
 
 def test_stopping_the_service_ends_a_waiting_claim(tmp_path):
@@ -361,32 +367,21 @@ def test_a_status_wait_out_of_bounds_is_a_400(c, wait):
     assert r.status == 400 and r.json()["error"] == "invalid_query"
 
 
-def test_a_status_wait_shares_the_bound_of_waiting_claims(tmp_path):
-    app = start(tmp_path, CLAIM_WAITERS=1)
-    try:
-        c = Client(app)
-        waiting, _ = claim_in_thread(c, wait=20)
-        time.sleep(0.2)
-        job_id = batch(c, [job(workflow="ext.other")]).json()["jobs"][0]["job_id"]
-        thread, out = status_in_thread(c, job_id, 20)  # no room to wait: answered now
-        thread.join(10)
-        assert out["response"].json()["status"] == "queued" and out["took"] < 10
-        assert waiting.is_alive()
-    finally:
-        app.stop()
+def test_a_status_wait_shares_the_bound_of_waiting_claims(one_waiting):
+    c, waiting = one_waiting
+    job_id = batch(c, [job(workflow="ext.other")]).json()["jobs"][0]["job_id"]
+    thread, out = status_in_thread(c, job_id, 20)  # no room to wait: answered now
+    thread.join(10)
+    assert out["response"].json()["status"] == "queued" and out["took"] < 10
+    assert waiting.is_alive()
 
 
-def test_a_status_wait_on_another_keys_job_is_a_404_at_once(tmp_path):
-    app = start(tmp_path)
-    try:
-        c = Client(app)
-        other = c.post("/api/v1/keys", {"name": "other", "role": "client"}, key=KEY).json()["key"]
-        job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
-        started = time.monotonic()
-        r = c.get(f"/api/v1/status/{job_id}?wait=20", key=other)
-        assert r.status == 404 and time.monotonic() - started < 10
-    finally:
-        app.stop()
+def test_a_status_wait_on_another_keys_job_is_a_404_at_once(c):
+    other = c.post("/api/v1/keys", {"name": "other", "role": "client"}, key=KEY).json()["key"]
+    job_id = batch(c, [job()]).json()["jobs"][0]["job_id"]
+    started = time.monotonic()
+    r = c.get(f"/api/v1/status/{job_id}?wait=20", key=other)
+    assert r.status == 404 and time.monotonic() - started < 10
 
 
 def test_batch_openapi_and_error_shape(c):
