@@ -90,6 +90,9 @@ class LeaseLost(BaseException):
 FOREVER = 1e18
 MAX_STEPS = 1000              # steps (sleeps and events included) one job may record
 MAX_STEP_BYTES = 1024 * 1024  # of recorded results, as JSON, per job
+# A result must be JSON a database and a callback can hold: no NaN or
+# Infinity. PERF: one encoder (json.dumps with arguments builds one per call).
+_strict_json = json.JSONEncoder(allow_nan=False).encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +246,7 @@ class JobContext:
         finally:
             self._step = None
         try:
-            size = len(json.dumps(result, allow_nan=False))
+            size = len(_strict_json(result))
         except (TypeError, ValueError) as exc:
             raise PermanentFailure(f"step {name!r} returned something that is not JSON: {exc}") from None
         self._record({"name": name, "kind": "step", "state": "done", "result": result, "size": size,
@@ -1097,7 +1100,7 @@ class Engine:
         result = _UNSET
         try:
             result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
-            json.dumps(result, allow_nan=False)  # it must be storable and sendable
+            _strict_json(result)  # it must be storable and sendable
         except Exception as exc:
             ctx._write_progress()  # what it reported before it ended so
             done = self._attempt_failed(job, token, exc, returned=result is not _UNSET)
