@@ -232,6 +232,13 @@ class JobStore(Protocol):
         so idle workers need not wait for their next poll. A store no other
         process writes does nothing."""
 
+    def announce(self) -> None:
+        """This process queued a job, or ended one: have the other
+        processes' ``watch`` see it now rather than at their next look
+        (where the store's own writes do not already tell them). Best
+        effort: a watch must still see every change by its own means,
+        only later."""
+
     def __len__(self) -> int:
         """How many jobs are held, of any status."""
 

@@ -1236,6 +1236,8 @@ class Engine:
         store's watch; None: of any workflow): wake a pool thread (with
         ``every``, all of them) if this process runs the workflow, else
         the claims waiting for an external worker's job."""
+        if workflow is not None:  # here: the other processes' watches are told at once
+            self.store.announce()
         if workflow is None or self.registry.get(workflow) is not None:
             with self._wake:
                 self._wake.notify_all() if every else self._wake.notify()

@@ -406,6 +406,9 @@ class MemoryJobStore:
     def watch(self, wake):
         """Nothing to watch: no other process can queue a job here."""
 
+    def announce(self):
+        """No other process to tell."""
+
     def __len__(self):
         with self._lock:
             return len(self._jobs)
@@ -1070,6 +1073,12 @@ class SqlJobStore:
             self.db.listen(wake)
         elif self.db.shared:
             self.db.watch(wake)
+
+    def announce(self):
+        """Tell the other processes watching now (SQLite: storage.Changes);
+        PostgreSQL's queued jobs announce themselves (NOTIFY, by trigger)."""
+        if not self.postgres:
+            self.db.announce()
 
     def __len__(self):
         return self.db.query(self.sql["count"])[0]["n"]

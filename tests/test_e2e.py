@@ -1,6 +1,7 @@
 """Real gunicorn on loopback, driven the way a user would drive it."""
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -211,6 +212,59 @@ def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
         assert woken.wait(5)
     finally:
         mine.close()
+
+
+def _bound(folder, limit=5.0):
+    """The wake sockets in ``folder``, once there is one (or [] at ``limit``)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        found = list(folder.glob("*")) if folder.exists() else []
+        if found:
+            return found
+        time.sleep(0.01)
+    return []
+
+
+def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monkeypatch):
+    # The watch looks at data_version only every 60 s here: what wakes it
+    # within the test's bound can only be the announce's datagram.
+    monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
+    woken = threading.Event()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow: woken.set())
+    try:
+        assert len(_bound(tmp_path / "w.db-wake")) == 1
+        assert not woken.wait(0.1)
+        other.announce()
+        assert woken.wait(5)
+    finally:
+        started = time.monotonic()
+        mine.close()
+    assert time.monotonic() - started < 2  # its stop ends the wait at once
+    assert not list((tmp_path / "w.db-wake").glob("*"))  # and its socket is gone
+
+
+def test_an_announce_clears_a_dead_watchers_socket_and_follows_no_symlink(tmp_path):
+    folder = tmp_path / "w.db-wake"
+    folder.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(str(folder / "1-dead"))
+    dead.close()  # its path stays, bound to nothing: a process killed
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    elsewhere.bind(str(tmp_path / "elsewhere"))
+    elsewhere.setblocking(False)
+    (folder / "2-link").symlink_to(tmp_path / "elsewhere")
+    (folder / "3-file").write_text("not a socket")
+    try:
+        storage.Database(str(tmp_path / "w.db"), shared=True).announce()
+        assert not (folder / "1-dead").exists()
+        with pytest.raises(BlockingIOError):
+            elsewhere.recv(16)  # nothing was sent through the link
+        assert (folder / "3-file").read_text() == "not a socket"
+    finally:
+        elsewhere.close()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
