@@ -40,8 +40,9 @@ Every ratio is to a peer measured in the same run.
 - in-process drain: as bench/jobqueue.py does it, --jobs jobs of bench.noop
   parked in SQLite, then released at once to 2 gunicorn worker processes'
   pools (WORKER_THREADS=4 each): jobs/s, first start to last finish.
-- idle latency: one worker process of each system, idle; one job at a
-  time, from the client sending it to the client seeing it finished:
+- idle latency: one worker process of each system, idle (Levqor's a
+  Worker of 4 slots, its default, and of 1, as RQ's and Celery's run one
+  job at a time); one job at a time, from the client sending it to the client seeing it finished:
   Levqor's client waits on the job's status (``Client.wait``: one
   ``GET /api/v1/status/<id>?wait=`` the server holds until the job ends),
   RQ blocks on the job's result stream
@@ -543,10 +544,10 @@ def idle_gap():
     time.sleep(random.uniform(0.02, 0.05))
 
 
-def latency_levqor(store, ctx):
+def latency_levqor(store, ctx, slots=SLOTS):
     samples, workflow = [], "bench.latency"
     with levqor_host(store, ctx.workdir, ctx.tag, patience=2) as (url, _):
-        workers = Workers(ctx.workdir, ctx.tag, [levqor_worker_cmd(url, workflow, ctx.args)])
+        workers = Workers(ctx.workdir, ctx.tag, [levqor_worker_cmd(url, workflow, ctx.args, slots)])
         client = Client(url, KEY)
         try:
             workers.open()
@@ -622,6 +623,8 @@ SECTIONS = [
     ("inprocess", [("Levqor, SQLite", drain_inprocess)]),
     ("latency", [("Levqor, memory", lambda ctx: latency_levqor("memory", ctx)),
                  ("Levqor, SQLite", lambda ctx: latency_levqor("sqlite", ctx)),
+                 ("Levqor, memory, 1 slot", lambda ctx: latency_levqor("memory", ctx, 1)),
+                 ("Levqor, SQLite, 1 slot", lambda ctx: latency_levqor("sqlite", ctx, 1)),
                  ("RQ", latency_rq), ("Celery", latency_celery)]),
 ]
 
@@ -743,8 +746,10 @@ def report(results, args, load, info, peer_versions):
         "| system | p50 ms | p99 ms | p50 ÷ RQ's | p50 ÷ Celery's |",
         "|---|---:|---:|---:|---:|",
     ]
-    for system, label in (("Levqor, memory", "Levqor, memory: `Worker`, waiting claim"),
-                          ("Levqor, SQLite", "Levqor, SQLite: `Worker`, waiting claim"),
+    for system, label in (("Levqor, memory", f"Levqor, memory: `Worker` of {SLOTS} slots, waiting claim"),
+                          ("Levqor, SQLite", f"Levqor, SQLite: `Worker` of {SLOTS} slots, waiting claim"),
+                          ("Levqor, memory, 1 slot", "Levqor, memory: `Worker` of 1 slot, waiting claim"),
+                          ("Levqor, SQLite, 1 slot", "Levqor, SQLite: `Worker` of 1 slot, waiting claim"),
                           ("RQ", "RQ `SimpleWorker`"), ("Celery", "Celery `--pool=solo`")):
         p50 = lat(system, 50)
         is_peer = not system.startswith("Levqor")
@@ -775,12 +780,15 @@ def report(results, args, load, info, peer_versions):
                     f"{value:,.0f} jobs/s", ", ".join(f"{v:,.0f}" for v in values),
                     value >= TARGETS["inprocess"]))
     for store in ("memory", "SQLite"):
-        p50 = lat(f"Levqor, {store}", 50)
-        targets.append((f"idle external waiting-claim p50, {store} ≤ RQ's and Celery's",
-                        f"{p50:.1f} ms (RQ {lat('RQ', 50):.1f}, Celery {lat('Celery', 50):.1f})",
-                        "÷ RQ's " + per_round("latency", f"Levqor, {store}", "RQ") + "; ÷ Celery's "
-                        + per_round("latency", f"Levqor, {store}", "Celery"),
-                        p50 <= min(lat("RQ", 50), lat("Celery", 50))))
+        for system, slots in ((f"Levqor, {store}", f"{SLOTS} slots"),
+                              (f"Levqor, {store}, 1 slot", "1 slot")):
+            p50 = lat(system, 50)
+            targets.append((f"idle external waiting-claim p50, {store}, `Worker` of {slots} "
+                            "≤ RQ's and Celery's",
+                            f"{p50:.1f} ms (RQ {lat('RQ', 50):.1f}, Celery {lat('Celery', 50):.1f})",
+                            "÷ RQ's " + per_round("latency", system, "RQ") + "; ÷ Celery's "
+                            + per_round("latency", system, "Celery"),
+                            p50 <= min(lat("RQ", 50), lat("Celery", 50))))
     lines += ["", "Targets of issue 19 (each round: the same ratio within that round):", "",
               "| target | this run | each round | met |", "|---|---:|---:|:---:|"]
     lines += [f"| {name} | {figure} | {rounds} | {'✅' if ok else '❌'} |"

@@ -100,5 +100,7 @@ def test_throughput_benchmark_smoke_run():
                             env=bench_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for row in ("| enqueue, 1 client thread |", "| RQ `enqueue_many` |", "| Celery `--pool=solo` |",
-                "| in-process drain, SQLite, 2 processes"):
+                "| in-process drain, SQLite, 2 processes",
+                "| Levqor, memory: `Worker` of 1 slot, waiting claim |",
+                "| idle external waiting-claim p50, SQLite, `Worker` of 1 slot"):
         assert row in result.stdout, row
