@@ -1,5 +1,6 @@
 """Real gunicorn on loopback, driven the way a user would drive it."""
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -198,20 +199,28 @@ def test_sigterm_lets_a_running_job_finish(tmp_path):
 # -- waiting claims across processes ----------------------------------------------------------
 
 
-def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
+@contextlib.contextmanager
+def _watching(tmp_path):
+    """Two connections to one SQLite file, the first one's watch on:
+    (the other, an Event its wake sets)."""
     woken = threading.Event()
     path = str(tmp_path / "w.db")
     mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
     mine.query("SELECT 1")
     mine.watch(lambda workflow: woken.set())
     try:
+        yield other, woken
+    finally:
+        mine.close()
+
+
+def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
+    with _watching(tmp_path) as (other, woken):
         time.sleep(0.1)
         assert not woken.is_set()
         with other.write() as conn:
             conn.execute("CREATE TABLE t (x)")
         assert woken.wait(5)
-    finally:
-        mine.close()
 
 
 def _bound(folder, limit=5.0):
@@ -229,19 +238,12 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
     # The watch looks at data_version only every 60 s here: what wakes it
     # within the test's bound can only be the announce's datagram.
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
-    woken = threading.Event()
-    path = str(tmp_path / "w.db")
-    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow: woken.set())
-    try:
+    with _watching(tmp_path) as (other, woken):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         assert not woken.wait(0.1)
         other.announce()
         assert woken.wait(5)
-    finally:
         started = time.monotonic()
-        mine.close()
     assert time.monotonic() - started < 2  # its stop ends the wait at once
     assert not list((tmp_path / "w.db-wake").glob("*"))  # and its socket is gone
 
