@@ -565,11 +565,12 @@ class Database:
             return  # a busy file: the watchers' data_version reads see it within EVERY
         self._announced = now
         pid, read_at, peers, sender = self._told
-        if pid != os.getpid() or now - read_at > 1.0:
-            if sender is None or pid != os.getpid():
-                sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                sender.setblocking(False)
-            self._told = pid, read_at, peers, sender = os.getpid(), now, self._peers(), sender
+        if pid != os.getpid():  # a socket of this process's own
+            sender, read_at = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), float("-inf")
+            sender.setblocking(False)
+        if now - read_at > 1.0:
+            peers = self._peers()
+            self._told = (os.getpid(), now, peers, sender)
         for path in peers:
             try:
                 sender.sendto(b"!", path)
@@ -654,7 +655,7 @@ class Changes(Background):
         finally:
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(sock.getsockname())
+                    os.unlink(self.path)
                 sock.close()
 
     def _listen(self):
@@ -662,13 +663,14 @@ class Changes(Background):
         data_version reads alone then)."""
         if len(self.path.encode()) >= 100:  # AF_UNIX paths are short (108 bytes on Linux)
             return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.bind(self.path)
             return sock
-        except OSError:
+        except OSError:  # a folder it may not write, say
+            sock.close()
             return None
 
     def _wait(self, sock):
