@@ -1076,7 +1076,8 @@ class SqlJobStore:
 
     def announce(self):
         """Tell the other processes watching now (SQLite: storage.Changes);
-        PostgreSQL's queued jobs announce themselves (NOTIFY, by trigger)."""
+        PostgreSQL's jobs announce themselves, queued or ended (NOTIFY, by
+        triggers)."""
         if not self.postgres:
             self.db.announce()
 
