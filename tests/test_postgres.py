@@ -206,13 +206,19 @@ def test_a_key_revoked_through_one_host_is_refused_by_every_host(tmp_path):
 # -- wakeups ---------------------------------------------------------------------------------------
 
 
+def two_hosts(threads_a, threads_b):
+    """Two engines on one database, as two hosts would have, with pools of
+    ``threads_a`` and ``threads_b``."""
+    url = postgres_url()
+    registry = engine.registry.copy()
+    return [engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=n)
+            for n in (threads_a, threads_b)]
+
+
 def test_an_idle_host_starts_a_job_queued_on_another_within_moments():
     """Host B's one worker thread sleeps up to a second between polls: only
     the notification can wake it sooner."""
-    url = postgres_url()
-    registry = engine.registry.copy()
-    host_a = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=0)
-    host_b = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=1)
+    host_a, host_b = two_hosts(0, 1)
     host_b.start()
     try:
         time.sleep(1.5)  # the listener is connected, the worker asleep
@@ -233,10 +239,7 @@ def test_a_status_read_waiting_on_one_host_answers_when_another_host_ends_the_jo
     """Host A's wait looks for itself only every 60 s here: only the
     notification of the end, sent by host B's commit, can answer it sooner."""
     monkeypatch.setattr(engine.Engine, "END_POLL", 60.0)
-    url = postgres_url()
-    registry = engine.registry.copy()
-    host_a = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=0)
-    host_b = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=0)
+    host_a, host_b = two_hosts(0, 0)
     host_a.start()
     try:
         time.sleep(1.5)  # the listener is connected
