@@ -228,10 +228,9 @@ class JobStore(Protocol):
 
     def watch(self, wake: Callable[[str | None], None]) -> None:
         """Call ``wake(workflow)`` (from a thread of the store's) whenever
-        another process may have queued a job of ``workflow`` (None: of any,
-        or may have ended one; ``""``: ended one, queued none), so idle
-        workers and waits for an end need not wait for their next poll. A
-        store no other process writes does nothing."""
+        another process may have queued a job of ``workflow`` (None: of any),
+        so idle workers need not wait for their next poll. A store no other
+        process writes does nothing."""
 
     def announce(self) -> None:
         """This process queued a job, or ended one: have the other

@@ -610,7 +610,7 @@ class Engine:
         """The job once it has ended, or as it is when ``wait`` seconds
         have passed. Woken the moment a job ends in this process, or (the
         store's watch) when another may have changed one; and it looks at
-        least every END_POLL (should a notification be lost). Waits
+        least every END_POLL (PostgreSQL notifies queued jobs only). Waits
         count against the same bound as waiting claims: past it, and when
         the caller has hung up, the job is answered as it is now."""
         deadline = time.monotonic() + wait
@@ -1236,9 +1236,6 @@ class Engine:
         store's watch; None: of any workflow): wake a pool thread (with
         ``every``, all of them) if this process runs the workflow, else
         the claims waiting for an external worker's job."""
-        if workflow == "":  # another host ended a job (the store's watch): waits for an end look
-            self._signal_ended()
-            return
         if workflow is not None:  # here: the other processes' watches are told at once
             self.store.announce()
         if workflow is None or self.registry.get(workflow) is not None:

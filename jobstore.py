@@ -1076,8 +1076,7 @@ class SqlJobStore:
 
     def announce(self):
         """Tell the other processes watching now (SQLite: storage.Changes);
-        PostgreSQL's jobs announce themselves, queued or ended (NOTIFY, by
-        triggers)."""
+        PostgreSQL's queued jobs announce themselves (NOTIFY, by trigger)."""
         if not self.postgres:
             self.db.announce()
 

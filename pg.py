@@ -24,7 +24,7 @@ from background import Background
 from storage import StorageError
 
 INSTALL_HINT = "pip install -r requirements-postgres.txt"
-CHANNEL = "levqor_jobs"  # NOTIFY'd with the workflow's name when a job is queued, "" when one ends
+CHANNEL = "levqor_jobs"  # NOTIFY'd with the workflow's name when a job is queued
 
 # Each entry moves the schema from version i to i + 1 (the row in
 # schema_version). Append only: a released migration is never edited, and a
@@ -245,19 +245,6 @@ MIGRATIONS = [
         WHERE status = 'waiting';
     CREATE INDEX jobs_waking ON jobs (not_before) WHERE status = 'waiting';
     ALTER TABLE ledger ADD COLUMN step text;
-    """,
-    """
-    -- Tell every host when a job ends, with the empty name (no workflow is
-    -- named so), so that a status read waiting for that end on another host
-    -- answers at once. PostgreSQL sends one such notification per commit.
-    CREATE FUNCTION jobs_notify_ended() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_notify('levqor_jobs', '');
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER jobs_ended AFTER UPDATE OF status ON jobs FOR EACH ROW
-        WHEN (NEW.status IN ('succeeded', 'failed', 'canceled') AND OLD.status IS DISTINCT FROM NEW.status)
-        EXECUTE FUNCTION jobs_notify_ended();
     """,
 ]
 
@@ -516,9 +503,8 @@ class PgDatabase:
         return float(self.query("SELECT extract(epoch FROM clock_timestamp()) AS t")[0]["t"])
 
     def listen(self, wake):
-        """Call ``wake(workflow)`` whenever any host queues a job, and
-        ``wake("")`` when one ends (one Listener thread per process,
-        started in the process that asks)."""
+        """Call ``wake(workflow)`` whenever any host queues a job (one
+        Listener thread per process, started in the process that asks)."""
         if self._listener is None or self._listener.pid != os.getpid():
             self._listener = Listener(self.url, wake, self.log)
         self._listener.start()
@@ -638,7 +624,7 @@ class Listener(Background):
                     self.wake(None)  # anything queued while we were not listening
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=1.0):
-                            self.wake(notice.payload)  # the workflow's name, or "": an end
+                            self.wake(notice.payload)  # the workflow's name
             except Exception as exc:
                 if self.log is not None and not lost and not self._stop.is_set():
                     self.log.warning("job notifications lost; polling until the database is back",

@@ -206,19 +206,13 @@ def test_a_key_revoked_through_one_host_is_refused_by_every_host(tmp_path):
 # -- wakeups ---------------------------------------------------------------------------------------
 
 
-def two_hosts(threads_a, threads_b):
-    """Two engines on one database, as two hosts would have, with pools of
-    ``threads_a`` and ``threads_b``."""
-    url = postgres_url()
-    registry = engine.registry.copy()
-    return [engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=n)
-            for n in (threads_a, threads_b)]
-
-
 def test_an_idle_host_starts_a_job_queued_on_another_within_moments():
     """Host B's one worker thread sleeps up to a second between polls: only
     the notification can wake it sooner."""
-    host_a, host_b = two_hosts(0, 1)
+    url = postgres_url()
+    registry = engine.registry.copy()
+    host_a = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=0)
+    host_b = engine.Engine(jobstore.SqlJobStore(postgres_database(url)), registry, Log(), threads=1)
     host_b.start()
     try:
         time.sleep(1.5)  # the listener is connected, the worker asleep
@@ -232,31 +226,6 @@ def test_an_idle_host_starts_a_job_queued_on_another_within_moments():
         assert sorted(waits)[2] < 0.5, waits
     finally:
         host_b.stop(grace=2)
-        host_b.store.db.close()
-
-
-def test_a_status_read_waiting_on_one_host_answers_when_another_host_ends_the_job(monkeypatch):
-    """Host A's wait looks for itself only every 60 s here: only the
-    notification of the end, sent by host B's commit, can answer it sooner."""
-    monkeypatch.setattr(engine.Engine, "END_POLL", 60.0)
-    host_a, host_b = two_hosts(0, 0)
-    host_a.start()
-    try:
-        time.sleep(1.5)  # the listener is connected
-        job, _ = host_b.submit(host_b.new_job("external.work", {}, "normal", None, "k"))
-        claimed = host_b.claim(["external.work"], 60)
-        seen = {}
-        waiter = threading.Thread(target=lambda: seen.update(job=host_a.wait_for_end(job["job_id"], 30)))
-        waiter.start()
-        time.sleep(0.3)  # waiting: the job is still running
-        assert waiter.is_alive() and not seen
-        host_b.report(job["job_id"], claimed["lease_token"], result={"ok": True})
-        waiter.join(10)  # well before the wait's 30 s, or any look of its own
-        assert not waiter.is_alive()
-        assert seen["job"]["status"] == "succeeded" and seen["job"]["result"] == {"ok": True}
-    finally:
-        host_a.stop(grace=2)
-        host_a.store.db.close()
         host_b.store.db.close()
 
 
