@@ -432,7 +432,12 @@ class Engine:
         self._claiming = threading.Lock()  # the pool's claims, one at a time
         self._wanting = 0  # pool threads in run_next that have no job yet
         self._claiming_lock = threading.Lock()  # guards _wanting
-        self._handed = collections.deque()  # jobs claimed for them by another
+        # Jobs claimed but not started: (job, its context, when claimed,
+        # monotonic). Their contexts are in _contexts from the claim on, so
+        # the sweeper renews their leases and a cancel reaches them.
+        self._handed = collections.deque()
+        self._runner = None  # (thread, monotonic start) of a fast runner's job (see run_next)
+        self._local = threading.local()  # .fast: this thread's last job ended within FAST
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
         # Requests that may wait at once (claims for a job, status reads for
@@ -882,6 +887,7 @@ class Engine:
         out without a heartbeat go back to the queue, the attempt counted,
         or fail with ``lease_expired`` after the last one."""
         now = self.now()
+        self._hand_back(self.HAND_BACK)
         self._renew_local_leases(now)
         self._promote_due(now)
         for job in self.store.expired(now):
@@ -1066,15 +1072,29 @@ class Engine:
 
     # -- the in-process pool -----------------------------------------------------------------
 
+    # PERF: the pool's fast runner. Short jobs on several threads cost twice
+    # the CPU they cost on one (the GIL passed at every SQLite call, each
+    # thread's connection reading again what another wrote), so while a
+    # thread's jobs return within FAST it claims BATCH at once and runs them,
+    # and the other threads stand aside (see _stand_aside). Once one of its
+    # jobs has run STEAL seconds, they take the rest of its batch; a job
+    # claimed but left waiting HAND_BACK seconds anyway (every thread busy)
+    # goes back to the queue (_hand_back). With one thread there is no one
+    # to take over: it claims one job at a time.
+    BATCH = 16
+    FAST = 0.001
+    STEAL = 0.002
+    HAND_BACK = 0.5
+
     def run_next(self):
         """Claim one job of a registered workflow and run it here; False if none waits."""
         names = self.registry.names()
-        # PERF: this process's pool threads claim one at a time: racing each
-        # other for the same first job, most of their writes would be lost.
-        # And the one claiming takes a job for each thread waiting for its
-        # turn, in one write: they find theirs handed over. (Never more jobs
-        # handed over than threads counted in _wanting, each of which is
-        # about to take its turn: no job waits for a thread.)
+        fast = self.threads > 1 and getattr(self._local, "fast", False) and not self._stopping.is_set()
+        # The pool's threads claim one at a time: racing each other for the
+        # same first job, most of their writes would be lost. The one
+        # claiming takes a job for each thread waiting for its turn (counted
+        # in _wanting, each about to take its turn), or a batch if it runs
+        # fast: they find theirs in _handed.
         with self._claiming_lock:
             self._wanting += 1
         with self._claiming:
@@ -1082,24 +1102,46 @@ class Engine:
                 self._wanting -= 1
                 others = self._wanting
             if self._handed:
-                job = self._handed.popleft()
+                job, ctx, _ = self._handed.popleft()
             else:
                 changes, per_workflow = self._start_attempt("local", None, names)
+                count = max(1 + others, self.BATCH if fast else 1)
                 jobs = self.store.claim_many(names, changes, per_workflow,
-                                             [new_token() for _ in range(1 + others)])
-                job = jobs[0] if jobs else None
-                self._handed.extend(jobs[1:])
-        if job is None:
-            return False
-        ctx = JobContext(self, job)
-        with self._contexts_lock:
-            self._contexts[job["job_id"]] = ctx
+                                             [new_token() for _ in range(count)])
+                if not jobs:
+                    return False
+                contexts = [JobContext(self, j) for j in jobs]
+                with self._contexts_lock:
+                    self._contexts.update((c.job_id, c) for c in contexts)
+                claimed = time.monotonic()
+                self._handed.extend((j, c, claimed) for j, c in zip(jobs[1:], contexts[1:]))
+                job, ctx = jobs[0], contexts[0]
+        me = threading.get_ident()
+        if fast:
+            self._runner = (me, time.monotonic())
+        self._local.fast = False  # until this one ends within FAST
+        try:
+            self._run(job, ctx)
+        finally:
+            if self._runner is not None and self._runner[0] == me:
+                self._runner = None
+        return True
+
+    def _run(self, job, ctx):
+        """Run a claimed job here, and end its attempt."""
+        token = job["lease_token"]
+        if ctx.canceled:  # before it started: canceled, or ended by another (timed out)
+            job = self.store.get(job["job_id"])
+            if job is not None and job["lease_token"] == token and job["cancel_requested"]:
+                self._finish(job, token, status="canceled")
+            if job is None or job["lease_token"] != token or job["cancel_requested"]:
+                return self._forget(ctx)
         if job["cancel_requested"]:
             ctx._cancel.set()
-        token = job["lease_token"]
-        result = _UNSET
+        result, began = _UNSET, time.monotonic()
         try:
             result = self.registry.get(job["workflow"]).fn(job["payload"], ctx)
+            self._local.fast = time.monotonic() - began < self.FAST
             _strict_json(result)  # it must be storable and sendable
         except Exception as exc:
             ctx._write_progress()  # what it reported before it ended so
@@ -1118,9 +1160,40 @@ class Engine:
                 done = self.succeed(self.store.get(job["job_id"]) or job, token, result)
         if done is None:
             self.log.info("late result discarded", job_id=job["job_id"], workflow=job["workflow"])
+        self._forget(ctx)
+
+    def _forget(self, ctx):
         with self._contexts_lock:
-            self._contexts.pop(job["job_id"], None)
-        return True
+            if self._contexts.get(ctx.job_id) is ctx:
+                del self._contexts[ctx.job_id]
+
+    def _stand_aside(self):
+        """Seconds this pool thread should wait before claiming: while
+        another runs fast jobs, and its current one began under STEAL ago.
+        None: go on."""
+        runner = self._runner
+        if runner is None or runner[0] == threading.get_ident():
+            return None
+        age = time.monotonic() - runner[1]
+        return None if age >= self.STEAL else self.STEAL - age
+
+    def _hand_back(self, older_than):
+        """Put the jobs claimed for this pool more than ``older_than`` seconds
+        ago, and not started, back in the queue (as they were: the claim's
+        attempt is not counted); how many."""
+        now, cutoff, back = self.now(), time.monotonic() - older_than, []
+        with self._claiming:
+            while self._handed and self._handed[0][2] <= cutoff:
+                back.append(self._handed.popleft())
+        for job, ctx, _ in back:
+            self._forget(ctx)
+            done = self.store.update(
+                job["job_id"], expect={"status": "running", "lease_token": job["lease_token"]},
+                status="queued", attempts=job["attempts"] - 1, runner=None, lease_token=None,
+                lease_seconds=None, lease_expires_at=None, deadline_at=None, updated_at=now)
+            if done is not None:
+                self._notify_for(job["workflow"])
+        return len(back)
 
     def _attempt_failed(self, job, token, exc, returned):
         """End an in-process attempt that raised ``exc`` (or, ``returned``,
@@ -1253,6 +1326,10 @@ class Engine:
 
     def _worker(self):
         while not self._stopping.is_set():
+            pause = self._stand_aside()
+            if pause is not None:
+                time.sleep(pause)
+                continue
             try:
                 if self.run_next():
                     continue
@@ -1319,8 +1396,13 @@ class Engine:
         self.store.watch(self._notify_for)
 
     def stopping(self):
-        """Take no more jobs, and answer the claims that wait for one now."""
+        """Take no more jobs (those claimed but not started go back to the
+        queue), and answer the claims that wait for one now."""
         self._stopping.set()
+        try:
+            self._hand_back(0)
+        except Exception:  # the database is away: their leases run out instead
+            self.log.error("jobs claimed could not be put back", traceback=traceback.format_exc())
         self._notify_all()
 
     def stop(self, grace=25.0):
@@ -1330,6 +1412,7 @@ class Engine:
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
+        self._hand_back(0)  # claimed by a thread as it stopped
         with self._contexts_lock:
             unfinished = list(self._contexts)
         counts = self.store.counts()["by_status"]

@@ -139,6 +139,91 @@ def test_pool_threads_waiting_to_claim_get_jobs_claimed_for_them_in_one_claim():
     assert eng.run_next() is False
 
 
+# The pool's fast runner (Engine.run_next): a thread whose jobs end quickly
+# claims a batch at once and runs it, while the other threads stand aside.
+
+def batch_behind_a_slow_job(threads=2, after=3):
+    """An engine whose fast pool thread has claimed a batch: a slow job
+    (it runs until ``gate`` is set) and ``after`` jobs behind it, not
+    started. (engine, gate, slow job id, ids, the claims' sizes, jobs
+    run, the runner thread)"""
+    gate, ran = threading.Event(), []
+    reg = engine.Registry()
+    reg.register("slow", lambda p, ctx: {"opened": gate.wait(10)})
+    reg.register("w", lambda p, ctx: ran.append(p["n"]) or {"n": p["n"]})
+    eng, _ = make_engine(reg, threads=threads)
+    slow = submit(eng, "slow", priority="high")
+    ids = [submit(eng, payload={"n": n}) for n in range(after)]
+    claims = []
+    claim_many = eng.store.claim_many
+    eng.store.claim_many = lambda *args: claims.append(len(args[3])) or claim_many(*args)
+
+    def runner():
+        eng._local.fast = True  # as after a job that ended within Engine.FAST
+        eng.run_next()
+    thread = threading.Thread(target=runner)
+    thread.start()
+    assert wait_until(lambda: eng.get(slow)["status"] == "running", 10)
+    return eng, gate, slow, ids, claims, ran, thread
+
+
+def test_a_fast_runner_claims_a_batch_and_the_pool_runs_what_a_slow_job_holds_up():
+    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job()
+    try:
+        assert claims == [engine.Engine.BATCH]  # one claim took the slow job and those behind it
+        assert [eng.get(i)["status"] for i in ids] == ["running"] * 3
+        eng.start()  # the pool's threads take them over: they do not wait for the slow one
+        assert wait_until(lambda: all(eng.get(i)["status"] == "succeeded" for i in ids), 10)
+        assert eng.get(slow)["status"] == "running" and sorted(ran) == [0, 1, 2]
+        assert [eng.get(i)["attempts"] for i in ids] == [1, 1, 1]
+    finally:
+        gate.set()
+        thread.join(10)
+        eng.stop(grace=5)
+    assert eng.get(slow)["status"] == "succeeded" and claims[0] == engine.Engine.BATCH
+
+
+def test_a_pool_of_one_thread_claims_one_job_at_a_time():
+    # No other thread could take over what a slow job would hold up.
+    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job(threads=1)
+    gate.set()
+    thread.join(10)
+    assert claims == [1] and [eng.get(i)["status"] for i in ids] == ["queued"] * 3
+
+
+@pytest.mark.parametrize("why", ["stopping", "waited too long"])
+def test_jobs_claimed_but_not_started_go_back_to_the_queue_uncounted(why):
+    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job()
+    try:
+        if why == "stopping":
+            eng.stopping()
+        else:
+            eng.HAND_BACK = 0  # each sweep puts back what waited longer than this
+            eng.tick()
+        for job in map(eng.get, ids):
+            assert (job["status"], job["attempts"], job["lease_token"], job["runner"]) \
+                == ("queued", 0, None, None)
+        assert not eng._handed and eng.get(slow)["status"] == "running"
+    finally:
+        gate.set()
+        thread.join(10)
+    assert eng.get(slow)["status"] == "succeeded" and ran == []
+    while eng.run_next():  # put back as they were: each runs once, its first attempt
+        pass
+    assert [(eng.get(i)["status"], eng.get(i)["attempts"]) for i in ids] == [("succeeded", 1)] * 3
+
+
+def test_a_job_canceled_while_it_waits_in_a_batch_ends_canceled_without_running():
+    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job(after=2)
+    eng.cancel(ids[0])
+    gate.set()
+    thread.join(10)
+    while eng.run_next():
+        pass
+    assert eng.get(ids[0])["status"] == "canceled" and eng.get(ids[1])["status"] == "succeeded"
+    assert ran == [1] and not eng._contexts
+
+
 def test_unregistered_workflows_wait_for_external_workers():
     eng, _ = make_engine(engine.Registry())
     job_id = submit(eng, "elsewhere")
