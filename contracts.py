@@ -118,6 +118,16 @@ class JobStore(Protocol):
         same update, so ``purge`` judges it by its next finish, not its last.
         """
 
+    def update_many(self, updates: Sequence[tuple[str, dict[str, Any] | None, Job | None,
+                                                 dict[str, Any]]]) -> list[Job | None]:
+        """``update`` for each of ``updates`` (job_id, expect, known,
+        changes), in order, each as if alone: a list of what each returned.
+        A store may write them in one transaction (or in one per update,
+        as ``update`` does): either way an update that was not applied
+        leaves the others alone, and a durable store has committed them
+        all before it returns.
+        """
+
     def claim(self, workflows: Sequence[str] | None, changes: dict[str, Any],
               per_workflow: dict[str, dict[str, Any]] | None = None) -> Job | None:
         """Take the best ready job of ``workflows`` (None: any workflow; empty:

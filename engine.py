@@ -438,6 +438,8 @@ class Engine:
         self._handed = collections.deque()
         self._runner = None  # (thread, monotonic start) of a fast runner's job (see run_next)
         self._local = threading.local()  # .fast: this thread's last job ended within FAST
+        self._unwritten = []  # ends of a fast runner's jobs, to store together (_write_ends)
+        self._unwritten_lock = threading.Lock()
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
         # Requests that may wait at once (claims for a job, status reads for
@@ -817,21 +819,30 @@ class Engine:
         """End the attempt holding ``token`` (and, if given, the values of
         ``_expect``); None if it no longer holds the job. ``_known``: the
         store's ``known`` hint."""
+        job_id, expect, known, changes = self._ending(job, token, _expect, _known, changes)
+        done = self.store.update(job_id, expect, known, **changes)
+        if done is not None:
+            self._after_end(job, done)
+        return done
+
+    def _ending(self, job, token, expect, known, changes):
+        """The store's update that ends the attempt holding ``token``:
+        (job_id, expect, known, changes), as ``update_many`` takes them."""
         now = self.now()
         if changes.get("status") in JOB_FINAL:
             changes["finished_at"] = now
         changes.update(updated_at=now, lease_token=None, lease_expires_at=None, deadline_at=None)
         changes["attempt_log"] = attempt_log(job, changes, now)  # kept with the job, for the dashboard
-        done = self.store.update(job["job_id"], expect={"status": "running", "lease_token": token,
-                                                        **dict(_expect)}, known=_known, **changes)
-        if done is not None:
-            with self._contexts_lock:
-                self._contexts.pop(job["job_id"], None)
-            if done["status"] == "queued":
-                self._notify_for(job["workflow"])
-            elif done["status"] in JOB_FINAL:
-                self.finished(done)
-        return done
+        return job["job_id"], {"status": "running", "lease_token": token, **dict(expect)}, known, changes
+
+    def _after_end(self, job, done):
+        """What follows an attempt's end, once it is stored (``done``)."""
+        with self._contexts_lock:
+            self._contexts.pop(job["job_id"], None)
+        if done["status"] == "queued":
+            self._notify_for(job["workflow"])
+        elif done["status"] in JOB_FINAL:
+            self.finished(done)
 
     def finished(self, job):
         self._signal_ended()
@@ -851,9 +862,14 @@ class Engine:
         over that copy unread (``known``)."""
         if job["cancel_requested"]:
             return self._finish(job, token, status="canceled")
-        return self._finish(job, token, status="succeeded", result=result, error=None,
-                            progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")},
-                            _expect={"cancel_requested": False} if claimed else {}, _known=claimed)
+        return self._finish(job, token, **self._success(job, result, claimed))
+
+    @staticmethod
+    def _success(job, result, claimed):
+        """``succeed``'s changes, the job not canceled."""
+        return dict(status="succeeded", result=result, error=None,
+                    progress={"fraction": 1.0, "note": (job.get("progress") or {}).get("note")},
+                    _expect={"cancel_requested": False} if claimed else {}, _known=claimed)
 
     def fail(self, job, token, error_type, message, retryable=True):
         """A failed attempt: retried after backoff while attempts remain, else final."""
@@ -887,6 +903,7 @@ class Engine:
         out without a heartbeat go back to the queue, the attempt counted,
         or fail with ``lease_expired`` after the last one."""
         now = self.now()
+        self._write_ends()
         self._hand_back(self.HAND_BACK)
         self._renew_local_leases(now)
         self._promote_due(now)
@@ -1072,15 +1089,16 @@ class Engine:
 
     # -- the in-process pool -----------------------------------------------------------------
 
-    # PERF: the pool's fast runner. Short jobs on several threads cost twice
-    # the CPU they cost on one (the GIL passed at every SQLite call, each
+    # PERF: the pool's fast runner. Short jobs on several threads cost a
+    # third more CPU than on one (the GIL passed at every SQLite call, each
     # thread's connection reading again what another wrote), so while a
-    # thread's jobs return within FAST it claims BATCH at once and runs them,
-    # and the other threads stand aside (see _stand_aside). Once one of its
-    # jobs has run STEAL seconds, they take the rest of its batch; a job
-    # claimed but left waiting HAND_BACK seconds anyway (every thread busy)
-    # goes back to the queue (_hand_back). With one thread there is no one
-    # to take over: it claims one job at a time.
+    # thread's jobs return within FAST it claims BATCH at once, runs them and
+    # stores their ends together (_write_ends), and the other threads stand
+    # aside (_stand_aside). Once one of its jobs has run STEAL seconds, they
+    # store the ends before it and take the rest of its batch; a job claimed
+    # but left waiting HAND_BACK seconds anyway (every thread busy) goes back
+    # to the queue (_hand_back). With one thread there is no one to take
+    # over: it claims one job at a time.
     BATCH = 16
     FAST = 0.001
     STEAL = 0.002
@@ -1104,11 +1122,13 @@ class Engine:
             if self._handed:
                 job, ctx, _ = self._handed.popleft()
             else:
+                self._write_ends()  # the last batch's, before the next is taken
                 changes, per_workflow = self._start_attempt("local", None, names)
                 count = max(1 + others, self.BATCH if fast else 1)
                 jobs = self.store.claim_many(names, changes, per_workflow,
                                              [new_token() for _ in range(count)])
                 if not jobs:
+                    self._step_down()
                     return False
                 contexts = [JobContext(self, j) for j in jobs]
                 with self._contexts_lock:
@@ -1116,19 +1136,21 @@ class Engine:
                 claimed = time.monotonic()
                 self._handed.extend((j, c, claimed) for j, c in zip(jobs[1:], contexts[1:]))
                 job, ctx = jobs[0], contexts[0]
-        me = threading.get_ident()
         if fast:
-            self._runner = (me, time.monotonic())
+            self._runner = (threading.get_ident(), time.monotonic())
         self._local.fast = False  # until this one ends within FAST
         try:
-            self._run(job, ctx)
+            self._run(job, ctx, defer=fast)
         finally:
-            if self._runner is not None and self._runner[0] == me:
-                self._runner = None
+            if not self._local.fast:
+                self._step_down()
+        if not self._handed or len(self._unwritten) >= self.BATCH:
+            self._write_ends()
         return True
 
-    def _run(self, job, ctx):
-        """Run a claimed job here, and end its attempt."""
+    def _run(self, job, ctx, defer=False):
+        """Run a claimed job here, and end its attempt (with ``defer``, if
+        it succeeds within FAST, the end is stored with the batch's)."""
         token = job["lease_token"]
         if ctx.canceled:  # before it started: canceled, or ended by another (timed out)
             job = self.store.get(job["job_id"])
@@ -1155,24 +1177,69 @@ class Engine:
             # PERF: finished from the job as claimed, with the progress this
             # attempt reported, not read again: the compare-and-set expects
             # no cancel requested meanwhile; if one was, read it and end so.
-            done = self.succeed(dict(job, progress=ctx._progress), token, result, claimed=job)
+            ran = dict(job, progress=ctx._progress)
+            if defer and self._local.fast and not job["cancel_requested"]:
+                changes = self._success(ran, result, job)
+                end = self._ending(ran, token, changes.pop("_expect"), changes.pop("_known"), changes)
+                with self._unwritten_lock:
+                    self._unwritten.append((ran, result, ctx, end))
+                return
+            done = self.succeed(ran, token, result, claimed=job)
             if done is None:
                 done = self.succeed(self.store.get(job["job_id"]) or job, token, result)
+        self._discard_if_late(job, done)
+        self._forget(ctx)
+
+    def _discard_if_late(self, job, done):
         if done is None:
             self.log.info("late result discarded", job_id=job["job_id"], workflow=job["workflow"])
-        self._forget(ctx)
+
+    def _write_ends(self):
+        """PERF: store the ends of the jobs a fast runner ran, not yet
+        stored, in one call (one transaction, on SQLite: a batch's jobs
+        ended one by one cost a commit each); then what follows each. An
+        end that did not apply (a cancel came meanwhile) is read again and
+        ended as run_next would. If the store fails, they are kept for the
+        next try (the sweeper's, at the latest), their leases still renewed."""
+        with self._unwritten_lock:
+            unwritten, self._unwritten = self._unwritten, []
+        if not unwritten:
+            return
+        try:
+            stored = self.store.update_many([end for _, _, _, end in unwritten])
+        except Exception:
+            with self._unwritten_lock:
+                self._unwritten[:0] = unwritten
+            raise
+        for (ran, result, ctx, end), done in zip(unwritten, stored):
+            if done is not None:
+                self._after_end(ran, done)
+            else:
+                done = self.succeed(self.store.get(ran["job_id"]) or ran, end[1]["lease_token"], result)
+                self._discard_if_late(ran, done)
+            self._forget(ctx)
 
     def _forget(self, ctx):
         with self._contexts_lock:
             if self._contexts.get(ctx.job_id) is ctx:
                 del self._contexts[ctx.job_id]
 
+    def _running_fast(self):
+        """Whether this thread is the pool's fast runner."""
+        runner = self._runner
+        return runner is not None and runner[0] == threading.get_ident()
+
+    def _step_down(self):
+        """This thread is the fast runner no more (if it was)."""
+        if self._running_fast():
+            self._runner = None
+
     def _stand_aside(self):
         """Seconds this pool thread should wait before claiming: while
         another runs fast jobs, and its current one began under STEAL ago.
         None: go on."""
         runner = self._runner
-        if runner is None or runner[0] == threading.get_ident():
+        if runner is None or self._running_fast():
             return None
         age = time.monotonic() - runner[1]
         return None if age >= self.STEAL else self.STEAL - age
@@ -1331,6 +1398,8 @@ class Engine:
                 time.sleep(pause)
                 continue
             try:
+                if not self._running_fast():  # a runner's, held up by a job slower than the rest
+                    self._write_ends()
                 if self.run_next():
                     continue
             except Exception:  # the pool outlives any one job's surprise
@@ -1400,6 +1469,7 @@ class Engine:
         queue), and answer the claims that wait for one now."""
         self._stopping.set()
         try:
+            self._write_ends()
             self._hand_back(0)
         except Exception:  # the database is away: their leases run out instead
             self.log.error("jobs claimed could not be put back", traceback=traceback.format_exc())
@@ -1412,6 +1482,7 @@ class Engine:
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
+        self._write_ends()
         self._hand_back(0)  # claimed by a thread as it stopped
         with self._contexts_lock:
             unfinished = list(self._contexts)

@@ -2,6 +2,7 @@
 
 import io
 import threading
+import time
 
 import pytest
 
@@ -139,89 +140,127 @@ def test_pool_threads_waiting_to_claim_get_jobs_claimed_for_them_in_one_claim():
     assert eng.run_next() is False
 
 
-# The pool's fast runner (Engine.run_next): a thread whose jobs end quickly
+# The pool's fast runner (Engine.run_next): a thread whose jobs return quickly
 # claims a batch at once and runs it, while the other threads stand aside.
 
-def batch_behind_a_slow_job(threads=2, after=3):
-    """An engine whose fast pool thread has claimed a batch: a slow job
-    (it runs until ``gate`` is set) and ``after`` jobs behind it, not
-    started. (engine, gate, slow job id, ids, the claims' sizes, jobs
-    run, the runner thread)"""
-    gate, ran = threading.Event(), []
-    reg = engine.Registry()
-    reg.register("slow", lambda p, ctx: {"opened": gate.wait(10)})
-    reg.register("w", lambda p, ctx: ran.append(p["n"]) or {"n": p["n"]})
-    eng, _ = make_engine(reg, threads=threads)
-    slow = submit(eng, "slow", priority="high")
-    ids = [submit(eng, payload={"n": n}) for n in range(after)]
-    claims = []
-    claim_many = eng.store.claim_many
-    eng.store.claim_many = lambda *args: claims.append(len(args[3])) or claim_many(*args)
+class Batch:
+    """An engine whose pool thread, fast so far, has claimed a batch: ``before``
+    quick jobs, a slow one (running until ``gate`` is set), and ``after``
+    quick jobs, not started yet."""
 
-    def runner():
-        eng._local.fast = True  # as after a job that ended within Engine.FAST
-        eng.run_next()
-    thread = threading.Thread(target=runner)
-    thread.start()
-    assert wait_until(lambda: eng.get(slow)["status"] == "running", 10)
-    return eng, gate, slow, ids, claims, ran, thread
+    def __init__(self, threads=2, before=0, after=3):
+        self.gate, self.started, self.ran, self.claims, self.writes = (
+            threading.Event(), threading.Event(), [], [], [])
+        reg = engine.Registry()
+        reg.register("slow", self._slow)
+        reg.register("w", lambda p, ctx: self.ran.append(p["n"]) or {"n": p["n"]})
+        self.eng, _ = make_engine(reg, threads=threads)
+        self.first = [submit(self.eng, priority="high", payload={"n": -1 - n}) for n in range(before)]
+        self.slow = submit(self.eng, "slow", priority="high")
+        self.ids = [submit(self.eng, payload={"n": n}) for n in range(after)]
+        store = self.eng.store
+        claim_many, update_many = store.claim_many, store.update_many
+        store.claim_many = lambda *args: self.claims.append(len(args[3])) or claim_many(*args)
+        store.update_many = lambda updates: self.writes.append(len(updates)) or update_many(updates)
+        self.thread = threading.Thread(target=self._runner)
+        self.thread.start()
+        assert self.started.wait(10)
+
+    def _slow(self, payload, ctx):
+        self.started.set()
+        opened = self.gate.wait(10)
+        time.sleep(engine.Engine.FAST * 5)  # slow however soon the gate opens
+        return {"opened": opened}
+
+    def _runner(self):
+        self.eng._local.fast = True  # as after a job that returned within Engine.FAST
+        while self.eng.run_next():  # its batch's jobs, then no more (the pool takes none)
+            if not self.eng._handed:
+                return
+
+    def status(self, *ids):
+        return [self.eng.get(i)["status"] for i in ids]
+
+    def finish(self):
+        self.gate.set()
+        self.thread.join(10)
 
 
 def test_a_fast_runner_claims_a_batch_and_the_pool_runs_what_a_slow_job_holds_up():
-    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job()
+    batch = Batch(before=1)
+    eng = batch.eng
     try:
-        assert claims == [engine.Engine.BATCH]  # one claim took the slow job and those behind it
-        assert [eng.get(i)["status"] for i in ids] == ["running"] * 3
-        eng.start()  # the pool's threads take them over: they do not wait for the slow one
-        assert wait_until(lambda: all(eng.get(i)["status"] == "succeeded" for i in ids), 10)
-        assert eng.get(slow)["status"] == "running" and sorted(ran) == [0, 1, 2]
-        assert [eng.get(i)["attempts"] for i in ids] == [1, 1, 1]
+        assert batch.claims == [engine.Engine.BATCH]  # one claim took them all
+        assert batch.status(*batch.first, *batch.ids) == ["running"] * 4  # the first's end not stored yet
+        eng.start()  # the pool's threads take over: they do not wait for the slow one
+        assert wait_until(lambda: batch.status(*batch.first, *batch.ids) == ["succeeded"] * 4, 10)
+        assert batch.status(batch.slow) == ["running"] and sorted(batch.ran) == [-1, 0, 1, 2]
+        assert [eng.get(i)["attempts"] for i in batch.first + batch.ids] == [1] * 4
     finally:
-        gate.set()
-        thread.join(10)
+        batch.finish()
         eng.stop(grace=5)
-    assert eng.get(slow)["status"] == "succeeded" and claims[0] == engine.Engine.BATCH
+    assert batch.status(batch.slow) == ["succeeded"]
+
+
+def test_a_fast_runners_jobs_are_ended_in_one_write_each_once():
+    ended = []
+    batch = Batch(before=3, after=0)
+    batch.eng.on_finish.append(lambda job: ended.append(job["job_id"]))
+    batch.finish()
+    assert batch.writes == [3]  # the three quick ones, stored together
+    assert batch.status(*batch.first, batch.slow) == ["succeeded"] * 4
+    assert sorted(ended) == sorted(batch.first + [batch.slow])  # each end followed up once
+    assert not batch.eng._contexts and not batch.eng._unwritten
 
 
 def test_a_pool_of_one_thread_claims_one_job_at_a_time():
     # No other thread could take over what a slow job would hold up.
-    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job(threads=1)
-    gate.set()
-    thread.join(10)
-    assert claims == [1] and [eng.get(i)["status"] for i in ids] == ["queued"] * 3
+    batch = Batch(threads=1)
+    batch.finish()
+    assert batch.claims == [1] and batch.status(*batch.ids) == ["queued"] * 3
 
 
 @pytest.mark.parametrize("why", ["stopping", "waited too long"])
 def test_jobs_claimed_but_not_started_go_back_to_the_queue_uncounted(why):
-    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job()
+    batch = Batch(before=1)
+    eng = batch.eng
     try:
         if why == "stopping":
             eng.stopping()
         else:
             eng.HAND_BACK = 0  # each sweep puts back what waited longer than this
             eng.tick()
-        for job in map(eng.get, ids):
+        for job in map(eng.get, batch.ids):
             assert (job["status"], job["attempts"], job["lease_token"], job["runner"]) \
                 == ("queued", 0, None, None)
-        assert not eng._handed and eng.get(slow)["status"] == "running"
+        # What ran before the slow job is stored as ended, not left running.
+        assert batch.status(*batch.first, batch.slow) == ["succeeded", "running"]
+        assert not eng._handed
     finally:
-        gate.set()
-        thread.join(10)
-    assert eng.get(slow)["status"] == "succeeded" and ran == []
+        batch.finish()
+    assert batch.status(batch.slow) == ["succeeded"] and batch.ran == [-1]
     while eng.run_next():  # put back as they were: each runs once, its first attempt
         pass
-    assert [(eng.get(i)["status"], eng.get(i)["attempts"]) for i in ids] == [("succeeded", 1)] * 3
+    assert [(job["status"], job["attempts"]) for job in map(eng.get, batch.ids)] \
+        == [("succeeded", 1)] * 3
 
 
 def test_a_job_canceled_while_it_waits_in_a_batch_ends_canceled_without_running():
-    eng, gate, slow, ids, claims, ran, thread = batch_behind_a_slow_job(after=2)
-    eng.cancel(ids[0])
-    gate.set()
-    thread.join(10)
-    while eng.run_next():
+    batch = Batch(after=2)
+    batch.eng.cancel(batch.ids[0])
+    batch.finish()
+    while batch.eng.run_next():
         pass
-    assert eng.get(ids[0])["status"] == "canceled" and eng.get(ids[1])["status"] == "succeeded"
-    assert ran == [1] and not eng._contexts
+    assert batch.status(*batch.ids) == ["canceled", "succeeded"]
+    assert batch.ran == [1] and not batch.eng._contexts
+
+
+def test_a_job_canceled_after_it_ran_but_before_its_end_was_stored_ends_canceled():
+    batch = Batch(before=1, after=0)
+    batch.eng.cancel(batch.first[0])  # it has returned; its end waits for the batch's
+    batch.finish()
+    assert batch.status(batch.first[0], batch.slow) == ["canceled", "succeeded"]
+    assert batch.ran == [-1] and not batch.eng._contexts
 
 
 def test_unregistered_workflows_wait_for_external_workers():

@@ -351,6 +351,26 @@ def test_an_update_over_a_known_copy_has_the_outcome_it_would_have_without(jobs,
     assert jobs.get(job["job_id"])["status"] == "canceled"
 
 
+def test_update_many_has_each_updates_outcome_as_if_alone(jobs, clock):
+    fresh, stale, lost, ended = (add(jobs, clock) for _ in range(4))
+    stale_copy = jobs.get(stale["job_id"])
+    jobs.update(stale["job_id"], error={"n": 1})  # the copy is stale now
+    jobs.update(ended["job_id"], status="canceled", finished_at=clock())
+    done = jobs.update_many([
+        (fresh["job_id"], {"status": "queued"}, jobs.get(fresh["job_id"]), {"priority": "high"}),
+        (stale["job_id"], {"status": "queued"}, stale_copy, {"priority": "low"}),
+        (lost["job_id"], {"lease_token": "not its"}, None, {"status": "failed"}),
+        (ended["job_id"], {"status": "queued"}, ended, {"status": "failed"}),  # known, but stale
+        ("no-such-job", None, None, {"status": "failed"}),
+    ])
+    assert done[0]["priority"] == "high" and jobs.get(fresh["job_id"]) == done[0]
+    assert (done[1]["priority"], done[1]["error"]) == ("low", {"n": 1})  # over what is stored
+    assert jobs.get(stale["job_id"]) == done[1]
+    assert done[2:] == [None, None, None]  # refused: each changed nothing
+    assert jobs.get(lost["job_id"]) == lost and jobs.get(ended["job_id"])["status"] == "canceled"
+    assert jobs.update_many([]) == []
+
+
 def test_racing_updates_expecting_the_same_values_apply_once(jobs, clock):
     job = add(jobs, clock)
     results = race(16, lambda i: jobs.update(job["job_id"], expect={"status": "queued"},
