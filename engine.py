@@ -820,7 +820,7 @@ class Engine:
         ``_expect``); None if it no longer holds the job. ``_known``: the
         store's ``known`` hint."""
         job_id, expect, known, changes = self._ending(job, token, _expect, _known, changes)
-        done = self.store.update(job_id, expect, known, **changes)
+        done = self.store.update(job_id, expect=expect, known=known, **changes)
         if done is not None:
             self._after_end(job, done)
         return done
@@ -1025,7 +1025,8 @@ class Engine:
             while True:
                 with self._claims:
                     seen = self._queued
-                if waiting and gone():
+                # Woken by a stop: the database may be closing under it.
+                if waiting and (gone() or self._stopping.is_set()):
                     return []
                 changes, _ = self._start_attempt("external", lease_seconds)
                 jobs = self.store.claim_many(external, dict(changes, claimed_by=key_id), None,
