@@ -843,17 +843,15 @@ class SqlJobStore:
     SWAP_TRIES = 8  # lost races before a change waits its turn in a transaction
 
     def update_many(self, updates):
-        """PERF: SQLite writes them in one transaction, each swapped over its
+        """PERF: one transaction. On SQLite each is swapped over its
         ``known`` copy, or read and written when that is not what is
-        stored; PostgreSQL, one by one."""
-        if self.postgres:
-            return [self.update(job_id, expect, known, **changes)
-                    for job_id, expect, known, changes in updates]
+        stored; on PostgreSQL each row is locked, read and written."""
         done = []
         with self.db.write() as conn:
             for job_id, expect, known, changes in updates:
                 expect = expect or {}
-                if known is not None and all(known.get(k) == v for k, v in expect.items()):
+                if not self.postgres and known is not None \
+                        and all(known.get(k) == v for k, v in expect.items()):
                     changed = dict(known, **changes)
                     if self._swap({"data": _dumps(known)}, known, changed, conn):
                         done.append(changed)
