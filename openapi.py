@@ -95,6 +95,12 @@ RESPONSES = {
     "Reported": obj(("job",), job=ref("JobStatus"),
                     next={"oneOf": [ref("ClaimedJob"), {"type": "null"}],
                           "description": "with claim_next: the worker's next job"}),
+    "ReportedMany": obj(("reports",), reports={"type": "array", "items": obj(
+        ("job_id",), job_id=STR, status={"enum": STATUSES},
+        error={"type": "string", "description": "why this report was refused (lease_lost, not_found, ...)"},
+        message=STR)},
+        next={"type": "array", "items": ref("ClaimedJob"),
+              "description": "with claim_next: the worker's next jobs, possibly none"}),
     "AcceptedBatch": obj(("jobs",), jobs={"type": "array", "items": ref("Accepted")}),
     "BulkResult": obj(("matched", "changed"), matched={"type": "integer"}, changed={"type": "integer"}),
     "Limits": obj(("max_concurrency", "max_concurrency_per_key", "rate"),
@@ -193,6 +199,9 @@ ROUTE_DOCS = {
                                      "with wait, held up to that many seconds until one is queued", "claim",
                                      {200: ("Jobs and their leases", "Claimed"),
                                       204: ("Nothing waits (without max_jobs)", None)}),
+    ("POST", "/api/v1/jobs/report"): ("Report up to 100 results and failures, each applied on its own "
+                                      "(with claim_next, take the next jobs)", "reports",
+                                      {200: ("Each report's outcome, in order", "ReportedMany")}),
     ("POST", "/api/v1/jobs/<job_id>/heartbeat"): ("Extend a lease", "heartbeat",
                                                   {200: ("Extended", "Heartbeat")}),
     ("POST", "/api/v1/jobs/<job_id>/complete"): ("Report a result (with claim_next, take the next job)",

@@ -112,6 +112,7 @@ SCHEDULE_PROPERTIES = {
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII
 MAX_BATCH = 1000      # jobs in one POST /api/v1/intake/batch
 MAX_CLAIM_JOBS = 100  # jobs one claim may take
+MAX_REPORTS = 100     # completions and failures in one POST /api/v1/jobs/report
 MAX_CLAIM_WAIT = 30   # seconds a claim may wait for a job
 CLAIM_PROPERTIES = {
     "workflows": {"type": "array", "minItems": 1, "maxItems": 50, "uniqueItems": True,
@@ -189,6 +190,27 @@ SCHEMAS = {
                        "error": {"type": "string", "minLength": 1, "maxLength": 1000},
                        "retryable": {"type": "boolean"}, "cost": COST, "claim_next": CLAIM_NEXT},
         "required": ["lease_token", "error"],
+        "additionalProperties": False,
+    },
+    # Several completions and failures at once: each a complete's or a
+    # fail's body with its job_id, and a result or an error (checked by the
+    # handler, which names the report); claim_next may take several jobs.
+    "reports": {
+        "type": "object",
+        "properties": {
+            "reports": {"type": "array", "minItems": 1, "maxItems": MAX_REPORTS, "items": {
+                "type": "object",
+                "properties": {"job_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                               "lease_token": {"type": "string", "maxLength": 64}, "result": {},
+                               "error": {"type": "string", "minLength": 1, "maxLength": 1000},
+                               "retryable": {"type": "boolean"}, "cost": COST},
+                "required": ["job_id", "lease_token"],
+                "additionalProperties": False}},
+            "claim_next": dict(CLAIM_NEXT, properties={
+                **CLAIM_PROPERTIES,
+                "max_jobs": {"type": "integer", "minimum": 1, "maximum": MAX_CLAIM_JOBS}}),
+        },
+        "required": ["reports"],
         "additionalProperties": False,
     },
     "step": {

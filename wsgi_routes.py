@@ -377,16 +377,21 @@ def _claimed(job):
 def _claim(req, ask, max_jobs=1, wait=0.0):
     """Jobs claimed for the caller as ``ask`` (a claim body) says; a claim
     that took nothing changed nothing, so it leaves no audit row."""
-    patterns = req.key and req.key["workflows"]  # None: any workflow
-    if patterns:
-        for name in ask["workflows"]:
-            if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
-                raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
+    _may_claim(req, ask["workflows"])
     jobs = req.services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
                                           max_jobs, wait, gone=lambda: hung_up(req.environ))
     if not jobs:
         req.audit_paths = []
     return [_claimed(job) for job in jobs]
+
+
+def _may_claim(req, workflows):
+    """403 unless the caller's key may claim every one of ``workflows``."""
+    patterns = req.key and req.key["workflows"]  # None: any workflow
+    if patterns:
+        for name in workflows:
+            if not any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
+                raise HTTPError(403, "forbidden", f"this key may not claim the workflow {name}")
 
 
 def hung_up(environ):
@@ -470,6 +475,45 @@ def job_fail(req, job_id):
     return _reported(req, job, body)
 
 
+def job_reports(req):
+    """Several completions and failures in one call, for the caller's
+    leases: each applied on its own, as its complete or fail would be, and
+    answered in order with the job's status, or the error that refused it
+    (the others still apply). With ``claim_next``, up to its ``max_jobs``
+    next jobs (``"next"``), claimed after the reports; that claim never waits."""
+    body = validate("reports", req.json(limit=req.services.settings.max_batch_content_length))
+    for i, item in enumerate(body["reports"]):
+        if ("result" in item) == ("error" in item):
+            raise HTTPError(400, "validation_failed", f"reports/{i}: needs a result or an error, not both",
+                            field=f"reports/{i}", index=i)
+        if "retryable" in item and "result" in item:
+            raise HTTPError(400, "validation_failed", f"reports/{i}/retryable: only with an error",
+                            field=f"reports/{i}/retryable", index=i)
+    if "claim_next" in body:  # refused before any report is applied
+        _may_claim(req, body["claim_next"]["workflows"])
+    engine, answers, applied = req.services.engine, [], []
+    for item in body["reports"]:
+        job_id, outcome = item["job_id"], ({"result": item["result"]} if "result" in item else
+                                           {"error": item["error"], "retryable": item.get("retryable", True)})
+        try:
+            if not _JOB_ID.match(job_id):
+                raise JobError("not_found", "no such job")
+            job = engine.report(job_id, item["lease_token"], cost=item.get("cost"), key_id=req.key_id,
+                                **outcome)
+        except JobError as exc:
+            answers.append({"job_id": job_id, "error": exc.code, "message": exc.message})
+            continue
+        answers.append({"job_id": job_id, "status": job["status"]})
+        applied.append(f"{req.path}#{job_id}")
+    answer = {"reports": answers}
+    if "claim_next" in body:
+        ask = body["claim_next"]
+        answer["next"] = _claim(req, ask, int(ask.get("max_jobs", 1)))
+        applied += [req.path] if answer["next"] else []  # and a row for a claim that took jobs
+    req.audit_paths = applied  # a row per report applied
+    return respond(answer)
+
+
 # ---------------------------------------------------------------------------
 # The route table
 # ---------------------------------------------------------------------------
@@ -501,6 +545,7 @@ ROUTES = [
     ("POST", "/api/v1/jobs/cancel", flow.jobs_cancel, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/retry", flow.jobs_retry, KEY, ("audit",)),
     ("POST", "/api/v1/jobs/claim", job_claim, KEY, ("audit", "worker")),
+    ("POST", "/api/v1/jobs/report", job_reports, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/heartbeat", job_heartbeat, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/complete", job_complete, KEY, ("audit", "worker")),
     ("POST", "/api/v1/jobs/<job_id>/fail", job_fail, KEY, ("audit", "worker")),

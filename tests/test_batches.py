@@ -245,6 +245,89 @@ def test_a_stale_report_with_claim_next_claims_nothing(c):
     assert len(claim(c, max_jobs=10).json()["jobs"]) == 1  # the other is still there
 
 
+# -- several reports in one call ---------------------------------------------------------------
+
+
+def report(c, reports, key=KEY, **body):
+    return c.post("/api/v1/jobs/report", {"reports": reports, **body}, key=key)
+
+
+def test_reports_apply_each_in_order_and_claim_the_next_jobs(app, c):
+    batch(c, [job() for _ in range(5)])
+    a, b, d = claim(c, max_jobs=3).json()["jobs"]
+    r = report(c, [{"job_id": a["job_id"], "lease_token": a["lease_token"], "result": {"n": 1}, "cost": 0},
+                   {"job_id": b["job_id"], "lease_token": b["lease_token"], "error": "no",
+                    "retryable": False},
+                   {"job_id": d["job_id"], "lease_token": d["lease_token"], "result": None}],
+               claim_next={"workflows": ["ext.work"], "lease_seconds": 30, "max_jobs": 5})
+    assert r.status == 200, r
+    assert r.json()["reports"] == [{"job_id": a["job_id"], "status": "succeeded"},
+                                   {"job_id": b["job_id"], "status": "failed"},
+                                   {"job_id": d["job_id"], "status": "succeeded"}]
+    assert c.get(f"/api/v1/status/{a['job_id']}", key=KEY).json()["result"] == {"n": 1}
+    nxt = r.json()["next"]
+    assert len(nxt) == 2 and all(j["lease_expires_at"] > time.time() + 20 for j in nxt)
+    rows = audit_paths(app)[-4:]  # a row per report, and one for the claim that took jobs
+    assert rows == [f"/api/v1/jobs/report#{j['job_id']}" for j in (a, b, d)] + ["/api/v1/jobs/report"]
+    r = report(c, [{"job_id": j["job_id"], "lease_token": j["lease_token"], "result": 1} for j in nxt],
+               claim_next={"workflows": ["ext.work"]})
+    assert r.json()["next"] == [] and app.services.engine.counts()["by_status"]["succeeded"] == 4
+
+
+def test_a_refused_report_leaves_the_others_applied(app, c):
+    other = c.post("/api/v1/keys", {"name": "o", "role": "client"}, key=KEY).json()["key"]
+    theirs = c.post("/api/v1/intake", job("ext.other"), key=other).json()["job_id"]  # not claimed
+    batch(c, [job(), job()])
+    a, b = claim(c, max_jobs=2).json()["jobs"]
+    r = report(c, [{"job_id": a["job_id"], "lease_token": "0" * 32, "result": 1},   # not its lease
+                   {"job_id": "f" * 32, "lease_token": "x", "result": 1},           # no such job
+                   {"job_id": "../x", "lease_token": "x", "result": 1},             # not a job id
+                   {"job_id": theirs, "lease_token": "x", "error": "e"},            # not its job
+                   {"job_id": b["job_id"], "lease_token": b["lease_token"], "result": 2},
+                   {"job_id": b["job_id"], "lease_token": b["lease_token"], "result": 3}])  # again
+    assert r.status == 200, r
+    assert [x.get("error") or x["status"] for x in r.json()["reports"]] == \
+        ["lease_lost", "not_found", "not_found", "lease_lost", "succeeded", "lease_lost"]
+    assert c.get(f"/api/v1/status/{a['job_id']}", key=KEY).json()["status"] == "running"
+    assert c.get(f"/api/v1/status/{b['job_id']}", key=KEY).json()["result"] == 2
+    assert c.get(f"/api/v1/status/{theirs}", key=other).json()["status"] == "queued"
+    assert "next" not in r.json()
+
+
+@pytest.mark.parametrize("reports, field", [
+    ([], "reports"),
+    ([{"job_id": "x", "lease_token": "t", "result": 1}] * 101, "reports"),
+    ([{"job_id": "x", "lease_token": "t"}], "reports/0"),                                # neither
+    ([{"job_id": "x", "lease_token": "t", "result": 1, "error": "e"}], "reports/0"),     # both
+    ([{"job_id": "x", "lease_token": "t", "result": 1, "retryable": True}], "reports/0/retryable"),
+    ([{"job_id": "x", "lease_token": "t", "error": ""}], "reports/0/error"),
+    ([{"job_id": "x", "lease_token": "t", "result": 1, "extra": 1}], "reports/0/extra"),
+    ([{"job_id": "x", "lease_token": "t", "result": 1, "cost": -1}], "reports/0/cost"),
+    ("not a list", "reports"),
+])
+def test_malformed_reports_are_a_400_and_apply_nothing(app, c, reports, field):
+    batch(c, [job()])
+    first = claim(c).json()["job"]
+    good = {"job_id": first["job_id"], "lease_token": first["lease_token"], "result": 1}
+    sent = [good] + reports if isinstance(reports, list) and 0 < len(reports) <= 99 else reports
+    r = report(c, sent)
+    assert r.status == 400 and r.json()["error"] == "validation_failed"
+    shifted = field.replace("reports/0", "reports/1") if sent is not reports else field
+    assert r.json()["field"] == shifted, r.json()
+    assert c.get(f"/api/v1/status/{first['job_id']}", key=KEY).json()["status"] == "running"
+
+
+def test_reports_claiming_a_workflow_the_key_may_not_claim_apply_nothing(app, c):
+    worker = c.post("/api/v1/keys", {"name": "w", "role": "worker", "workflows": ["ext.*"]},
+                    key=KEY).json()["key"]
+    batch(c, [job()])
+    first = c.post("/api/v1/jobs/claim", {"workflows": ["ext.work"]}, key=worker).json()["job"]
+    r = report(c, [{"job_id": first["job_id"], "lease_token": first["lease_token"], "result": 1}],
+               key=worker, claim_next={"workflows": ["other"]})
+    assert r.status == 403
+    assert c.get(f"/api/v1/status/{first['job_id']}", key=KEY).json()["status"] == "running"
+
+
 # -- claims that wait ----------------------------------------------------------------------------
 
 
