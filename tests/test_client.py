@@ -551,6 +551,8 @@ class Counting(Client):
     def request(self, method, path, *args, **kw):
         with self.calls_lock:
             self.calls[method, path.rsplit("/", 1)[-1]] += 1
+            if path.endswith("/jobs/report"):
+                self.calls["reported"] += len(args[0]["reports"])  # jobs reported together
         return super().request(method, path, *args, **kw)
 
 
@@ -639,7 +641,7 @@ def test_claim_many_a_blocking_claim_claim_next_and_interrupt(server):
 
 
 @pytest.mark.server
-def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_one_call_per_job(server):
+def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_a_call_per_job_at_most(server):
     c = Client(server.url, KEY)
     counting = Counting(server.url, KEY)
     runs = Runs()
@@ -657,7 +659,9 @@ def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_one_call_per_jo
                                                 for i in range(1, 101)])]
         for i, job_id in enumerate(ids, 1):
             assert c.wait(job_id, 30).result["i"] == i
-        assert counting.calls["POST", "complete"] == 101
+        calls = counting.calls
+        assert calls["POST", "complete"] + calls["reported"] == 101  # each reported once
+        assert calls["POST", "complete"] + calls["POST", "report"] <= 101
         assert counting.calls["POST", "heartbeat"] == 0  # none due: no job ran for 20 s
         assert counting.calls["POST", "claim"] - claims <= 10, counting.calls  # the rest came with completions
         stopped = time.monotonic()
@@ -666,6 +670,41 @@ def test_an_idle_worker_waits_at_the_server_and_a_busy_one_makes_one_call_per_jo
         t.join(30)
     assert not t.is_alive() and time.monotonic() - stopped < 3  # its waiting claim was ended
     assert worker.handled == 101 and set(runs.count.values()) == {1}
+
+
+class Older(Counting):
+    """A client of a server without POST /api/v1/jobs/report."""
+
+    def request(self, method, path, *args, **kw):
+        if path.endswith("/jobs/report"):
+            raise levqor_client.NotFound("no such endpoint", code="not_found", status=404)
+        return super().request(method, path, *args, **kw)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("client", [Counting, Older])
+def test_reports_of_slots_that_finish_together_go_in_one_call(server, client):
+    c = Client(server.url, KEY)
+    workflow = f"ext.together.{client.__name__.lower()}"
+    ids = [j.job_id for j in c.submit_many([{"workflow": workflow, "payload": {"i": i}}
+                                            for i in range(200)])]
+    counting, runs = client(server.url, KEY), Runs()
+    worker = Worker(counting, {workflow: runs}, concurrency=4, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        for i, job_id in enumerate(ids):
+            assert c.wait(job_id, 30).result["i"] == i
+    finally:
+        worker.stop()
+        t.join(30)
+    calls = counting.calls
+    assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
+    assert calls["POST", "complete"] + calls["reported"] == 200
+    if client is Older:  # each on its own, as before
+        assert calls["POST", "complete"] == 200 and calls["POST", "report"] == 0
+    else:  # some went together, each call with the next jobs of its slots
+        assert calls["reported"] > calls["POST", "report"] > 0, calls
+        assert calls["POST", "claim"] < 20, calls
 
 
 @pytest.mark.server

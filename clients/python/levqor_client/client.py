@@ -381,10 +381,30 @@ class Client:
         answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/steps", body, retry_unsure=True)
         return bool(answer["recorded"])
 
+    def report_many(self, reports: Sequence[Mapping[str, Any]], *, claim_next: Any = None,
+                    max_jobs: Optional[int] = None) -> Any:
+        """Report up to 100 claimed jobs in one call, each ``{"job_id",
+        "lease_token", "result"}`` or ``{"job_id", "lease_token", "error"}``
+        (with ``"retryable"`` if not), and ``"cost"`` if it spent. Each is
+        applied on its own: a list, in order, of ``{"job_id", "status"}``,
+        or ``{"job_id", "error", "message"}`` for one refused (``lease_lost``,
+        ``not_found``, ...) while the others applied.
+
+        With ``claim_next`` (as ``complete`` takes it) the same call claims
+        up to ``max_jobs`` next jobs (default 1): then ``(outcomes, jobs)``.
+        Sent again after a broken connection, as ``complete`` is."""
+        body: Dict[str, Any] = {"reports": [dict(r) for r in reports]}
+        if claim_next is not None:
+            body["claim_next"] = _claim_next(claim_next)
+            if max_jobs is not None:
+                body["claim_next"]["max_jobs"] = max_jobs
+        answer = self.request("POST", "/api/v1/jobs/report", body, retry_unsure=True)
+        outcomes = list(answer["reports"])
+        return outcomes if claim_next is None else (outcomes, list(answer.get("next") or []))
+
     def _report(self, job_id: str, action: str, body: Dict[str, Any], claim_next: Any) -> Any:
         if claim_next is not None:
-            body["claim_next"] = ({"workflows": list(claim_next)}
-                                  if not isinstance(claim_next, Mapping) else dict(claim_next))
+            body["claim_next"] = _claim_next(claim_next)
         answer = self.request("POST", f"/api/v1/jobs/{_seg(job_id)}/{action}", body,
                               retry_unsure=True)
         job = Job.from_dict(answer["job"])
@@ -700,3 +720,8 @@ def _json(raw: bytes, default: Any = None) -> Any:
             return default
         raise LevqorError(f"the server answered something that is not JSON: {raw[:100]!r}",
                           code="invalid_answer") from None
+
+
+def _claim_next(claim_next: Any) -> Dict[str, Any]:
+    """A report's ``claim_next``: a list of workflows, or a claim body."""
+    return {"workflows": list(claim_next)} if not isinstance(claim_next, Mapping) else dict(claim_next)

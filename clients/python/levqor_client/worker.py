@@ -18,7 +18,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 
 from .client import Client
 from .errors import (AuthError, Conflict, LevqorConnectionError, LevqorError,
-                     ValidationError)
+                     NotFound, ValidationError)
 
 log = logging.getLogger("levqor_client.worker")
 MAX_CLAIM = 100  # jobs one claim may ask for (max_jobs)
@@ -166,6 +166,10 @@ class Worker:
         self._beats: Dict[str, Any] = {}  # job id -> (first beat due, [ctx, done, its thread])
         self._batched = True        # until the server refuses max_jobs and wait
         self._chained = True        # until the server refuses claim_next
+        self._grouped = True        # until the server has no POST /api/v1/jobs/report
+        self._out_cond = threading.Condition()  # reports wait here for the one in flight
+        self._outbox: List[_Outgoing] = []  # reports waiting to go together
+        self._sending = False       # a slot is sending reports
 
     def stop(self) -> None:
         """Ask the worker to stop: no more claims (a blocking one is ended);
@@ -435,6 +439,91 @@ class Worker:
             wait = every
 
     def _report(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
+        """Complete or fail the job, claiming the next job in the same call
+        when it may: the next job, or None. PERF: the reports of slots that
+        finish while another slot's are in flight wait for them, then go
+        together in one call, sent by the first of them to get there (a
+        busy worker's slots make a round trip between them, not one each)."""
+        mine = _Outgoing(ctx, outcome)
+        with self._out_cond:
+            self._outbox.append(mine)
+            while self._sending and not mine.sent:
+                self._out_cond.wait()
+            if mine.sent:  # it went with another slot's
+                return mine.following
+            self._sending = True
+            batch, self._outbox = self._outbox, []
+        try:
+            if len(batch) == 1 or not self._grouped:
+                for entry in batch:
+                    entry.following = self._report_one(entry.ctx, entry.outcome)
+            else:
+                self._report_together(batch)
+        finally:
+            with self._out_cond:
+                for entry in batch:
+                    entry.sent = True
+                self._sending = False
+                self._out_cond.notify_all()
+        return mine.following
+
+    def _report_together(self, batch: List[_Outgoing]) -> None:
+        """Send ``batch``'s reports in one call (POST /api/v1/jobs/report),
+        with a next job claimed for each slot that may take one, as
+        ``_report_one`` does for one."""
+        for entry in [e for e in batch if e.ctx.lease_lost]:
+            batch.remove(entry)
+            self._lost(entry.ctx, "report", "lease_lost")
+        chain = sum(self._reserve_next() for _ in batch)
+        give_up = time.monotonic() + self.lease_seconds
+        pause = 0.1
+        following: List[Dict[str, Any]] = []
+        try:
+            while batch:
+                ask = ({"workflows": list(self.registry), "lease_seconds": self.lease_seconds}
+                       if chain else None)
+                try:
+                    answer = self.client.report_many([e.body() for e in batch], claim_next=ask,
+                                                     max_jobs=chain or None)
+                except NotFound:
+                    log.info("the server takes reports one at a time")
+                    self._grouped = False
+                    for entry in batch:
+                        entry.following = self._report_one(entry.ctx, entry.outcome)
+                    return
+                except LevqorConnectionError as exc:
+                    if time.monotonic() + pause > give_up:
+                        for entry in batch:
+                            self._lost(entry.ctx, "report", f"not sent: {exc}")
+                        return
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                except LevqorError as exc:
+                    log.error("reports of %s refused: %s", [e.ctx.job_id for e in batch], exc)
+                    return
+                outcomes, following = answer if chain else (answer, [])
+                for entry, outcome in zip(batch, outcomes):
+                    if outcome.get("error") == "lease_lost":
+                        self._lost(entry.ctx, entry.outcome[0], outcome["error"])
+                    elif "error" in outcome:
+                        log.error("job %s: %s refused: %s", entry.ctx.job_id, entry.outcome[0],
+                                  outcome.get("message"))
+                    else:
+                        log.info("job %s: %s", entry.ctx.job_id, outcome["status"])
+                for entry, job in zip(batch, following):
+                    entry.following = job
+                return
+        finally:
+            for _ in range(chain - len(following)):
+                self._unreserve()
+
+    def _lost(self, ctx: JobContext, action: str, why: str) -> None:
+        with self._lock:
+            self.lost.append(ctx.job_id)
+        log.warning("job %s: %s refused (%s); result dropped", ctx.job_id, action, why)
+
+    def _report_one(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
         """Complete or fail the job (claiming the next job in the same call
         when it may); through a server restart, keep trying while the lease may
         still hold (after that the server hands the job to someone else and
@@ -462,10 +551,7 @@ class Worker:
                     if chain:
                         final, following = final
                 except Conflict as exc:
-                    with self._lock:
-                        self.lost.append(ctx.job_id)
-                    log.warning("job %s: %s refused (%s); result dropped", ctx.job_id, action,
-                                exc.code)
+                    self._lost(ctx, action, exc.code)
                     return None
                 except LevqorConnectionError as exc:
                     if time.monotonic() + pause > give_up:
@@ -493,6 +579,29 @@ class Worker:
         finally:
             if chain and following is None:
                 self._unreserve()
+
+
+class _Outgoing:
+    """A slot's report, waiting to be sent with others (Worker._report)."""
+
+    __slots__ = ("ctx", "outcome", "sent", "following")
+
+    def __init__(self, ctx: JobContext, outcome: Any) -> None:
+        self.ctx, self.outcome = ctx, outcome
+        self.sent = False
+        self.following: Optional[Dict[str, Any]] = None  # the next job claimed for its slot
+
+    def body(self) -> Dict[str, Any]:
+        """Its entry in a POST /api/v1/jobs/report."""
+        action, value, retryable = self.outcome
+        body: Dict[str, Any] = {"job_id": self.ctx.job_id, "lease_token": self.ctx.lease_token}
+        if action == "complete":
+            body["result"] = value
+        else:
+            body.update(error=value[:1000] or "error", retryable=bool(retryable))
+        if self.ctx.cost is not None:
+            body["cost"] = self.ctx.cost
+        return body
 
 
 def _unsupported(exc: LevqorError, fields: Any) -> bool:
