@@ -1088,6 +1088,37 @@ class Engine:
             raise JobError("lease_lost", "this lease is no longer valid")
         return done
 
+    def report_many(self, reports, key_id=None):
+        """``report`` for each of ``reports`` ((job_id, token, outcome, cost),
+        the outcome ``{"result": ...}`` or ``{"error": ..., "retryable": ...}``),
+        each applied on its own: a list, in order, of the job or the
+        JobError that refused it. PERF: the results of jobs leased as said,
+        with no cost to record, are stored in one call (update_many: one
+        transaction on SQLite); a job changed since it was read (a cancel)
+        is ended as ``report`` would end it."""
+        answers, together = [None] * len(reports), []
+        for i, (job_id, token, outcome, cost) in enumerate(reports):
+            try:
+                if cost is None and "result" in outcome:
+                    job = self._leased(job_id, token, key_id)
+                    if not job["cancel_requested"]:
+                        changes = self._success(job, outcome["result"], job)
+                        together.append((i, job, outcome["result"], self._ending(
+                            job, token, changes.pop("_expect"), changes.pop("_known"), changes)))
+                        continue
+                answers[i] = self.report(job_id, token, cost=cost, key_id=key_id, **outcome)
+            except JobError as exc:
+                answers[i] = exc
+        stored = self.store.update_many([end for *_, end in together]) if together else []
+        for (i, job, result, end), done in zip(together, stored):
+            if done is not None:
+                self._after_end(job, done)
+            else:
+                done = self.succeed(self.store.get(job["job_id"]) or job, end[1]["lease_token"], result)
+            answers[i] = done if done is not None else JobError(
+                "lease_lost", "this lease is no longer valid")
+        return answers
+
     # -- the in-process pool -----------------------------------------------------------------
 
     # PERF: the pool's fast runner. Short jobs on several threads cost a

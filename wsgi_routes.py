@@ -491,20 +491,21 @@ def job_reports(req):
                             field=f"reports/{i}/retryable", index=i)
     if "claim_next" in body:  # refused before any report is applied
         _may_claim(req, body["claim_next"]["workflows"])
-    engine, answers, applied = req.services.engine, [], []
-    for item in body["reports"]:
-        job_id, outcome = item["job_id"], ({"result": item["result"]} if "result" in item else
-                                           {"error": item["error"], "retryable": item.get("retryable", True)})
-        try:
-            if not _JOB_ID.match(job_id):
-                raise JobError("not_found", "no such job")
-            job = engine.report(job_id, item["lease_token"], cost=item.get("cost"), key_id=req.key_id,
-                                **outcome)
-        except JobError as exc:
-            answers.append({"job_id": job_id, "error": exc.code, "message": exc.message})
-            continue
-        answers.append({"job_id": job_id, "status": job["status"]})
-        applied.append(f"{req.path}#{job_id}")
+    items = body["reports"]
+    wellformed = [i for i, item in enumerate(items) if _JOB_ID.match(item["job_id"])]
+    outcomes = dict(zip(wellformed, req.services.engine.report_many([
+        (items[i]["job_id"], items[i]["lease_token"],
+         {"result": items[i]["result"]} if "result" in items[i] else
+         {"error": items[i]["error"], "retryable": items[i].get("retryable", True)}, items[i].get("cost"))
+        for i in wellformed], key_id=req.key_id)))
+    answers, applied = [], []
+    for i, item in enumerate(items):
+        job_id, job = item["job_id"], outcomes.get(i, JobError("not_found", "no such job"))
+        if isinstance(job, JobError):
+            answers.append({"job_id": job_id, "error": job.code, "message": job.message})
+        else:
+            answers.append({"job_id": job_id, "status": job["status"]})
+            applied.append(f"{req.path}#{job_id}")
     answer = {"reports": answers}
     if "claim_next" in body:
         ask = body["claim_next"]

@@ -263,6 +263,30 @@ def test_a_job_canceled_after_it_ran_but_before_its_end_was_stored_ends_canceled
     assert batch.ran == [-1] and not batch.eng._contexts
 
 
+
+def test_report_many_applies_each_as_report_would_and_stores_plain_results_together():
+    eng, _ = make_engine(engine.Registry())
+    for n in range(5):
+        submit(eng, "ext", payload={"n": n})
+    plain, costly, failing, canceled, stale = eng.claim_many(["ext"], 60, max_jobs=5)
+    eng.cancel(canceled["job_id"])
+    writes = []
+    update_many = eng.store.update_many
+    eng.store.update_many = lambda updates: writes.append(len(updates)) or update_many(updates)
+    done = eng.report_many([
+        (plain["job_id"], plain["lease_token"], {"result": {"n": 0}}, None),
+        (costly["job_id"], costly["lease_token"], {"result": 1}, 0.0),
+        (failing["job_id"], failing["lease_token"], {"error": "no", "retryable": False}, None),
+        (canceled["job_id"], canceled["lease_token"], {"result": 3}, None),
+        (stale["job_id"], "0" * 32, {"result": 4}, None),
+        (plain["job_id"], plain["lease_token"], {"result": "again"}, None),
+    ])
+    assert [d["status"] if isinstance(d, dict) else d.code for d in done] == \
+        ["succeeded", "budget_exceeded", "failed", "canceled", "lease_lost", "lease_lost"]
+    # (A cost goes through report, which charges it: this engine has no budget.)
+    assert writes == [2]  # the plain result, and its repeat (refused), in one call
+    assert eng.get(plain["job_id"])["result"] == {"n": 0} and eng.get(stale["job_id"])["status"] == "running"
+
 def test_unregistered_workflows_wait_for_external_workers():
     eng, _ = make_engine(engine.Registry())
     job_id = submit(eng, "elsewhere")
