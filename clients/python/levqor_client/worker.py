@@ -473,7 +473,7 @@ class Worker:
         ``_report_one`` does for one."""
         for entry in [e for e in batch if e.ctx.lease_lost]:
             batch.remove(entry)
-            self._lost(entry.ctx, "report", "lease_lost")
+            self._lost(entry.ctx, "the lease was lost while the job ran; result dropped")
         chain = sum(self._reserve_next() for _ in batch)
         give_up = time.monotonic() + self.lease_seconds
         pause = 0.1
@@ -494,7 +494,7 @@ class Worker:
                 except LevqorConnectionError as exc:
                     if time.monotonic() + pause > give_up:
                         for entry in batch:
-                            self._lost(entry.ctx, "report", f"not sent: {exc}")
+                            self._lost(entry.ctx, f"could not report ({exc}); the lease will run out")
                         return
                     time.sleep(pause)
                     pause = min(pause * 2, 1.0)
@@ -505,7 +505,7 @@ class Worker:
                 outcomes, following = answer if chain else (answer, [])
                 for entry, outcome in zip(batch, outcomes):
                     if outcome.get("error") == "lease_lost":
-                        self._lost(entry.ctx, entry.outcome[0], outcome["error"])
+                        self._lost(entry.ctx, f"{entry.outcome[0]} refused (lease_lost); result dropped")
                     elif "error" in outcome:
                         log.error("job %s: %s refused: %s", entry.ctx.job_id, entry.outcome[0],
                                   outcome.get("message"))
@@ -518,10 +518,11 @@ class Worker:
             for _ in range(chain - len(following)):
                 self._unreserve()
 
-    def _lost(self, ctx: JobContext, action: str, why: str) -> None:
+    def _lost(self, ctx: JobContext, why: str) -> None:
+        """A job whose result could not be reported (``worker.lost``)."""
         with self._lock:
             self.lost.append(ctx.job_id)
-        log.warning("job %s: %s refused (%s); result dropped", ctx.job_id, action, why)
+        log.warning("job %s: %s", ctx.job_id, why)
 
     def _report_one(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
         """Complete or fail the job (claiming the next job in the same call
@@ -551,14 +552,11 @@ class Worker:
                     if chain:
                         final, following = final
                 except Conflict as exc:
-                    self._lost(ctx, action, exc.code)
+                    self._lost(ctx, f"{action} refused ({exc.code}); result dropped")
                     return None
                 except LevqorConnectionError as exc:
                     if time.monotonic() + pause > give_up:
-                        with self._lock:
-                            self.lost.append(ctx.job_id)
-                        log.warning("job %s: could not report (%s); the lease will run out",
-                                    ctx.job_id, exc)
+                        self._lost(ctx, f"could not report ({exc}); the lease will run out")
                         return None
                     time.sleep(pause)
                     pause = min(pause * 2, 1.0)
