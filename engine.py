@@ -1137,7 +1137,9 @@ class Engine:
     HAND_BACK = 0.5
 
     def run_next(self):
-        """Claim one job of a registered workflow and run it here; False if none waits."""
+        """Claim one job of a registered workflow and run it here; False if
+        none waits. (A thread whose last job was fast claims a batch: the
+        next calls, from any thread, run the rest of it first.)"""
         names = self.registry.names()
         fast = self.threads > 1 and getattr(self._local, "fast", False) and not self._stopping.is_set()
         # The pool's threads claim one at a time: racing each other for the
