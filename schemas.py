@@ -193,8 +193,8 @@ SCHEMAS = {
         "additionalProperties": False,
     },
     # Several completions and failures at once: each a complete's or a
-    # fail's body with its job_id, and a result or an error (checked by the
-    # handler, which names the report); claim_next may take several jobs.
+    # fail's body with its job_id, so a result or an error, not both (which
+    # takes these bodies past the fast check); claim_next may take several jobs.
     "reports": {
         "type": "object",
         "properties": {
@@ -205,6 +205,9 @@ SCHEMAS = {
                                "error": {"type": "string", "minLength": 1, "maxLength": 1000},
                                "retryable": {"type": "boolean"}, "cost": COST},
                 "required": ["job_id", "lease_token"],
+                "oneOf": [{"required": ["result"]}, {"required": ["error"]}],
+                "$comment": "needs a result or an error, not both",  # said when oneOf fails
+                "dependentRequired": {"retryable": ["error"]},
                 "additionalProperties": False}},
             "claim_next": dict(CLAIM_NEXT, properties={
                 **CLAIM_PROPERTIES,
@@ -444,6 +447,8 @@ def validate(name, instance, validator=None, prefix=()):
     elif error.validator in ("minimum", "maximum", "minItems", "maxItems"):
         bound = "at least" if error.validator.startswith("min") else "at most"
         text = f"must be {bound} {error.validator_value}" + (" items" if "Items" in error.validator else "")
+    elif error.validator == "oneOf" and "$comment" in error.schema:
+        text = error.schema["$comment"]
     else:
         text = _ERROR_TEXT.get(error.validator, error.message[:200])
     raise HTTPError(400, "validation_failed", f"{field or 'body'}: {text}", field=field)

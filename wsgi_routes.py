@@ -482,13 +482,6 @@ def job_reports(req):
     (the others still apply). With ``claim_next``, up to its ``max_jobs``
     next jobs (``"next"``), claimed after the reports; that claim never waits."""
     body = validate("reports", req.json(limit=req.services.settings.max_batch_content_length))
-    for i, item in enumerate(body["reports"]):
-        if ("result" in item) == ("error" in item):
-            raise HTTPError(400, "validation_failed", f"reports/{i}: needs a result or an error, not both",
-                            field=f"reports/{i}", index=i)
-        if "retryable" in item and "result" in item:
-            raise HTTPError(400, "validation_failed", f"reports/{i}/retryable: only with an error",
-                            field=f"reports/{i}/retryable", index=i)
     if "claim_next" in body:  # refused before any report is applied
         _may_claim(req, body["claim_next"]["workflows"])
     items = body["reports"]
