@@ -1,6 +1,7 @@
 """The job engine, driven step by step: a fake clock, no sleeps, no threads."""
 
 import io
+import os
 import threading
 import time
 
@@ -807,3 +808,31 @@ def test_a_worker_thread_outlives_a_database_that_fails_between_jobs():
         assert eng.running, "every pool thread is still alive"
     finally:
         eng.stop(grace=2)
+
+
+def test_tokens_are_unique_across_threads_and_in_a_forked_child():
+    # Tokens are cut from a buffer of random bytes: two threads never get
+    # the same slice, and a child forked with part of the buffer unread
+    # does not hand out what its parent will.
+    engine.new_token()  # the parent holds a partly used buffer
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next tokens, then out without cleanup
+        os.close(read)
+        os.write(write, " ".join(engine.new_token() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    made = []
+    threads = [threading.Thread(target=lambda: made.extend(engine.new_token() for _ in range(2000)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    parent = [engine.new_token() for _ in range(8)]
+    assert len(child) == 8 and all(len(t) == 32 and int(t, 16) >= 0 for t in child + parent)
+    assert not set(child) & set(parent + made)
+    assert len(set(made)) == len(made) == 8000
