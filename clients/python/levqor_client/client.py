@@ -138,7 +138,7 @@ class Client:
 
         Sent ``batch_size`` (at most 1000) to a ``POST /api/v1/intake/batch``,
         each batch accepted or refused whole. With ``idempotent`` (the
-        default) a job without an ``idempotency_key`` is given a uuid, so a
+        default) a job without an ``idempotency_key`` is given a random one, so a
         batch whose connection broke is sent again without making any job
         twice; with ``idempotent=False`` such jobs are sent without one (the
         server keeps no key for them) and a batch is not sent again after a
@@ -150,6 +150,7 @@ class Client:
         if not 1 <= batch_size <= BATCH_MAX:
             raise ValueError(f"batch_size is 1 to {BATCH_MAX}")
         bodies = []
+        fresh = os.urandom(16 * len(jobs))  # PERF: the keys made here, one read (a uuid4 each cost 2 µs)
         for i, spec in enumerate(jobs):
             unknown = set(spec) - _SUBMIT_FIELDS
             if unknown or "workflow" not in spec or "payload" not in spec:
@@ -159,7 +160,7 @@ class Client:
             key = fields.pop("idempotency_key", None)
             body = _intake_body(fields.pop("workflow"), fields.pop("payload"), **fields)
             if key is not None or idempotent:
-                body["idempotency_key"] = key or str(uuid.uuid4())
+                body["idempotency_key"] = key or fresh[16 * i:16 * i + 16].hex()
             bodies.append(body)
         made: List[Job] = []
         for start in range(0, len(bodies), batch_size):
