@@ -37,11 +37,13 @@ class Recorder:
     """Audit rows, job outcomes and per-minute counters, written by one
     background thread with group commit.
 
-    An audited request and a finished job append their row in memory and
-    wait for the transaction that carries it: the writer takes everything
+    An audited request appends its row in memory and waits for the
+    transaction that carries it: the writer takes everything
     pending as one batch, so however many threads wait, each batch costs one
     transaction, and an acknowledged change always has its audit row on disk
-    (a kill -9 loses nothing that was answered). With nothing to write, the
+    (a kill -9 loses nothing that was answered). Counters and outcomes
+    are statistics: the thread writes them every ``interval``, and a kill -9
+    loses at most that much of them. With nothing to write, the
     thread wakes every ``interval`` seconds for a heartbeat row for the
     current minute (at least one each minute), which is what uptime is
     measured from. ``auth_writes`` is counted apart from the audit row, so a
@@ -102,8 +104,8 @@ class Recorder:
             self._outcomes[day, job["workflow"], job["key_id"], job["status"]] += 1
 
     def count(self, column):
-        """Count an event of this minute; written with the next batch (a
-        request that counts is audited, and so waits for it)."""
+        """Count an event of this minute; written by the writer thread's
+        next flush, within ``interval`` (a request does not wait for it)."""
         assert column in COUNTERS
         minute = int(self.clock() // 60)
         with self._lock:
@@ -139,7 +141,7 @@ class Recorder:
                     raise StorageError("unavailable", "the audit log cannot be written now; "
                                                       "its row is kept for the next write")
             try:
-                self.flush()
+                self._flush(rows_only=True)
             except Exception as exc:  # the rows are kept for the next batch; _failed says so
                 self.log.error("recorder flush failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -181,23 +183,34 @@ class Recorder:
         """Write pending rows and counters, and a heartbeat for this minute,
         as one transaction; then wake whoever waited for them, once the
         next batch may be written (``_wait_written`` waits for both)."""
+        self._flush()
+
+    def _flush(self, rows_only=False):
+        """``flush``; with ``rows_only``, the audit rows alone, for a request
+        waiting on its row. PERF: the counters and outcomes wait for the
+        writer thread's next flush (within ``interval``), which spares every
+        audited request the upsert of this minute's row (an in-process
+        intake took 11% less time)."""
         try:
             with self._flushing:
-                self._write_batch()
+                self._write_batch(rows_only)
         finally:
             with self._cond:
                 self._cond.notify_all()
 
-    def _write_batch(self):
+    def _write_batch(self, rows_only=False):
+        counts, outcomes = collections.Counter(), collections.Counter()
         with self._lock:
             rows, self._rows = self._rows, []
-            counts, self._counts = self._counts, collections.Counter()
-            outcomes, self._outcomes = self._outcomes, collections.Counter()
+            if not rows_only:
+                counts, self._counts = self._counts, collections.Counter()
+                outcomes, self._outcomes = self._outcomes, collections.Counter()
             self._taken += 1
             batch = self._taken
         this_minute = int(self.clock() // 60)
-        if rows or counts or outcomes or this_minute != self._beat_minute:
-            minutes = {this_minute: dict.fromkeys(COUNTERS, 0)}
+        beat = not rows_only and this_minute != self._beat_minute
+        if rows or counts or outcomes or beat:
+            minutes = {} if rows_only else {this_minute: dict.fromkeys(COUNTERS, 0)}
             for (minute, column), n in counts.items():
                 minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
             try:
@@ -208,7 +221,8 @@ class Recorder:
                                                       for m in sorted(minutes)])
                     conn.executemany(SQL["outcomes"], [dict(zip(OUTCOME_FIELDS, k), n=outcomes[k])
                                                        for k in sorted(outcomes)])
-                self._beat_minute = this_minute
+                if not rows_only:
+                    self._beat_minute = this_minute
             except Exception:
                 with self._lock:  # put it back for the next batch, newest last
                     self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]

@@ -1178,6 +1178,26 @@ def test_changes_accepted_while_a_batch_is_written_share_the_next(recorder_backe
     assert len(writes) <= 4  # not one transaction per change
 
 
+def test_a_waiting_change_writes_its_audit_row_and_the_writer_the_counters(recorder_backend):
+    # The request waits for its audit row only; the minute's counters are
+    # the writer thread's, every interval (a transaction per request less).
+    rec = recorder_backend.recorder()
+    rec.count("jobs")
+    rec.audit("k", "POST", "/api/v1/intake", 202, "req-c")
+    assert rec.pending() == 0  # the row is on disk
+    other = recorder_backend.recorder()  # what another process reads
+    assert other.metrics()["jobs_today"] == 0 and rec.metrics()["jobs_today"] == 1
+    rec.interval = 0.02
+    rec.start()
+    try:
+        deadline = time.monotonic() + 10
+        while other.metrics()["jobs_today"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert other.metrics()["jobs_today"] == 1
+    finally:
+        rec.stop()
+
+
 def test_a_batch_writes_a_row_per_path_together(recorder_backend):
     rec = recorder_backend.recorder()
     rec.audit_many("k", "POST", [f"/api/v1/intake/batch#{i}" for i in range(3)], 202, "req-b")
