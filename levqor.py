@@ -534,6 +534,7 @@ class Services:
         self.started_at = time.time()
         self._db_checked = (float("-inf"), True)  # (when, answer) of the last ping
         self.pid = None  # the process whose background threads are running
+        self.stopped = False  # stop() has begun: requests are answered 503 (middleware.ErrorGuard)
         self._lock = threading.Lock()
 
     def _postgres(self, settings):
@@ -596,6 +597,7 @@ class Services:
             self.callbacks.start()
             self.scheduler.start()
             self.pid = os.getpid()
+            self.stopped = False
 
     def _quarantine(self):
         """Set aside job rows that cannot be read, before anything scans them.
@@ -613,6 +615,7 @@ class Services:
 
     def stop(self, grace=25.0):
         """Let running jobs finish within ``grace`` seconds, then write what is buffered."""
+        self.stopped = True  # first: nothing new is taken while the stores close
         self.scheduler.stop()
         self.engine.stop(grace)
         self.callbacks.stop()
@@ -678,7 +681,7 @@ def create_app(settings=None, log_stream=None, registry=None):
     services = Services(settings, log, registry.copy())
     wsgi = Api(services)
     wsgi = dashboard.Dashboard(wsgi, services)  # /admin: the operator's pages
-    wsgi = middleware.ErrorGuard(wsgi, log)
+    wsgi = middleware.ErrorGuard(wsgi, log, stopped=lambda: services.stopped)
     wsgi = metrics.HttpMetrics(wsgi, services.metrics)
     wsgi = middleware.SecureHeaders(wsgi, settings)
     wsgi = middleware.AccessLog(wsgi, settings, log)

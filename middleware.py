@@ -26,6 +26,12 @@ STORAGE_ERRORS = {
 }
 
 
+def shutting_down():
+    return HTTPError(503, "shutting_down", "the service is stopping; try again shortly",
+                     [("Retry-After", "1")])
+
+
+
 class ErrorGuard:
     """The one place errors become responses.
 
@@ -34,14 +40,22 @@ class ErrorGuard:
     anything else is logged with its traceback and the request id, and the
     client gets a generic 500 that leaks nothing. KeyboardInterrupt and
     SystemExit pass through.
+
+    Once the service has begun to stop (``stopped()``), a request is answered
+    503 without reaching a handler; and one in flight that failed as the
+    stores closed under it is answered 503 too, not 500: the client may
+    send it again, to this host once it is back or to another.
     """
 
-    def __init__(self, app, log):
+    def __init__(self, app, log, stopped=lambda: False):
         self.app = app
         self.log = log
+        self.stopped = stopped
 
     def __call__(self, environ, start_response):
         try:
+            if self.stopped():
+                raise shutting_down()
             return self.app(environ, start_response)
         except HTTPError as exc:
             error = exc
@@ -49,12 +63,17 @@ class ErrorGuard:
             error = STORAGE_ERRORS[exc.kind](str(exc))
             self.log.warning("storage unavailable", request_id=environ["levqor.request_id"],
                              kind=exc.kind)
-        except Exception:
-            self.log.error("unhandled exception", request_id=environ["levqor.request_id"],
-                           method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
-                           traceback=traceback.format_exc())
-            error = HTTPError(500, "internal_error",
-                              "an unexpected error occurred; quote the request id when reporting it")
+        except Exception as exc:
+            if self.stopped():
+                error = shutting_down()
+                self.log.warning("request failed as the service stopped",
+                                 request_id=environ["levqor.request_id"], error_type=type(exc).__name__)
+            else:
+                self.log.error("unhandled exception", request_id=environ["levqor.request_id"],
+                               method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
+                               traceback=traceback.format_exc())
+                error = HTTPError(500, "internal_error",
+                                  "an unexpected error occurred; quote the request id when reporting it")
         body = json_body(error.body(environ["levqor.request_id"]))
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    *error.headers]
