@@ -597,6 +597,7 @@ def overview(p):
                         note="retrying or given up, 24 h"))
 
     this_minute = int(now // 60)
+    services.recorder.flush()  # this process's counts of the last second too (written every second)
     minutes = {r["minute"]: r for r in insights.minutes(this_minute - 1439)}
 
     def chart(label, count, width, fmt, first):

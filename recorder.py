@@ -208,20 +208,27 @@ class Recorder:
             self._taken += 1
             batch = self._taken
         this_minute = int(self.clock() // 60)
-        beat = not rows_only and this_minute != self._beat_minute
-        if rows or counts or outcomes or beat:
-            minutes = {} if rows_only else {this_minute: dict.fromkeys(COUNTERS, 0)}
+        minutes = {}
+        if counts or (not rows_only and this_minute != self._beat_minute):
+            minutes[this_minute] = dict.fromkeys(COUNTERS, 0)  # this minute's heartbeat, at least
             for (minute, column), n in counts.items():
                 minutes.setdefault(minute, dict.fromkeys(COUNTERS, 0))[column] += n
+        if rows or minutes or outcomes:
             try:
-                with self.db.write() as conn:
-                    conn.executemany(SQL["audit"], [dict(zip(AUDIT_FIELDS, r)) for r in rows])
-                    # Rows in key order: hosts flushing at once lock them in one order.
-                    conn.executemany(SQL["minutes"], [{"minute": m, **minutes[m]}
-                                                      for m in sorted(minutes)])
-                    conn.executemany(SQL["outcomes"], [dict(zip(OUTCOME_FIELDS, k), n=outcomes[k])
-                                                       for k in sorted(outcomes)])
-                if not rows_only:
+                if len(rows) == 1 and not minutes and not outcomes:
+                    # PERF: one statement commits itself: no BEGIN and COMMIT to run.
+                    self.db.write_one(SQL["audit"], dict(zip(AUDIT_FIELDS, rows[0])))
+                else:
+                    with self.db.write() as conn:
+                        # Rows in key order: hosts flushing at once lock them in one order.
+                        for name, params in (
+                                ("audit", [dict(zip(AUDIT_FIELDS, r)) for r in rows]),
+                                ("minutes", [{"minute": m, **minutes[m]} for m in sorted(minutes)]),
+                                ("outcomes", [dict(zip(OUTCOME_FIELDS, k), n=outcomes[k])
+                                              for k in sorted(outcomes)])):
+                            if params:
+                                conn.executemany(SQL[name], params)
+                if minutes:
                     self._beat_minute = this_minute
             except Exception:
                 with self._lock:  # put it back for the next batch, newest last

@@ -247,6 +247,9 @@ class Unwritable:
     def write(self, lock=None):
         raise storage.StorageError("unavailable", "the database is unavailable; try again shortly")
 
+    def write_one(self, sql, params=()):
+        self.write()
+
     def __getattr__(self, name):
         return getattr(self.db, name)
 

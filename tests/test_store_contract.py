@@ -1167,7 +1167,12 @@ def test_changes_accepted_while_a_batch_is_written_share_the_next(recorder_backe
             yield conn
             time.sleep(0.05)  # a slow disk: everyone else arrives meanwhile
 
-    rec.db = types.SimpleNamespace(write=slow_write, checkpoint=db.checkpoint, query=db.query)
+    def slow_write_one(sql, params=()):
+        with slow_write() as conn:
+            conn.execute(sql, params)
+
+    rec.db = types.SimpleNamespace(write=slow_write, write_one=slow_write_one, checkpoint=db.checkpoint,
+                                   query=db.query)
     rec.start()
     try:
         results = race(16, lambda i: rec.audit("k", "POST", "/api/v1/intake", 202, f"req-{i}"))
