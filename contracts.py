@@ -419,8 +419,8 @@ class AuditLog(Protocol):
                    request_id: str) -> None:
         """``audit`` with one row for each of ``paths``, written together."""
 
-    def count(self, column: str) -> None:
-        """Count one event this minute: ``column`` is one of
+    def count(self, column: str, n: int = 1) -> None:
+        """Count ``n`` events this minute: ``column`` is one of
         ``storage.COUNTERS`` ("jobs", "auth_writes", "finished")."""
 
     def outcome(self, job: Job) -> None:

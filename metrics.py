@@ -28,6 +28,7 @@ in-process ones, first come first named, and counts the rest as ``_other``.
 """
 
 import bisect
+import collections
 import hmac
 import math
 import mmap
@@ -242,8 +243,11 @@ class Metrics:
             counter = self._requests[key] = _series("levqor_http_requests_total", (*key[:2], str(status)))
         self.table.add([(counter, 1), *self._observe("levqor_http_request_duration_seconds", (route,), seconds)])
 
-    def job_enqueued(self, job):
-        self.table.add([(_series("levqor_jobs_enqueued_total", (self.workflow(job["workflow"]),)), 1)])
+    def jobs_enqueued(self, jobs):
+        """Count new ``jobs``: one update for a batch's each workflow."""
+        by_workflow = collections.Counter(self.workflow(job["workflow"]) for job in jobs)
+        self.table.add([(_series("levqor_jobs_enqueued_total", (workflow,)), n)
+                        for workflow, n in by_workflow.items()])
 
     def on_finish(self, job):
         """An engine on_finish hook: the job's outcome, and its last attempt's

@@ -103,13 +103,13 @@ class Recorder:
         with self._lock:
             self._outcomes[day, job["workflow"], job["key_id"], job["status"]] += 1
 
-    def count(self, column):
-        """Count an event of this minute; written by the writer thread's
+    def count(self, column, n=1):
+        """Count ``n`` events of this minute; written by the writer thread's
         next flush, within ``interval`` (a request does not wait for it)."""
         assert column in COUNTERS
         minute = int(self.clock() // 60)
         with self._lock:
-            self._counts[minute, column] += 1
+            self._counts[minute, column] += n
 
     def _take_ticket(self, wake_writer=True):
         """The number of the batch that will carry what was just appended

@@ -291,10 +291,10 @@ def accept(req, jobs, keys):
         raise HTTPError(422, "idempotency_key_reused",
                         "this Idempotency-Key was used with a different request body",
                         **({"index": exc.index} if len(jobs) > 1 else {}))
-    for job, created in added:
-        if created:
-            services.recorder.count("jobs")
-            services.metrics.job_enqueued(job)
+    created = [job for job, new in added if new]
+    if created:
+        services.recorder.count("jobs", len(created))
+        services.metrics.jobs_enqueued(created)
     return added
 
 

@@ -69,6 +69,10 @@ def test_a_batch_is_accepted_in_order_with_a_row_of_audit_per_job(app, c):
         assert c.get(f"/api/v1/status/{got['job_id']}", key=KEY).json()["priority"] == sent
     assert audit_paths(app) == [f"/api/v1/intake/batch#{j['job_id']}" for j in jobs]
     assert app.services.engine.counts()["by_status"]["queued"] == 2
+    # Counted as three jobs, in the day's figures and in the Prometheus counters.
+    assert c.get("/public/metrics").json()["jobs_today"] == 3
+    scrape = c.get("/metrics", key=KEY).body.decode()
+    assert 'levqor_jobs_enqueued_total{workflow="ext.work"} 2' in scrape, scrape
 
 
 @pytest.mark.parametrize("bad, field, code", [
