@@ -490,10 +490,11 @@ SQL = {
     "idempotent": "SELECT key, body_hash, job_id FROM idempotency"
                   " WHERE key_id = :key_id AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
     # A batch's jobs, without RETURNING (executemany keeps no rows): their
-    # seq is read back after, and a short count means the limit was reached.
+    # seq is read back after. The limit is checked once before them, in the
+    # same write transaction ("held"), not by each row.
+    "held": "SELECT n FROM job_count",
     "insert_each": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
-                   f" SELECT {', '.join(':' + c for c in JOB_COLUMNS)}"
-                   " WHERE (SELECT n FROM job_count) < :max_jobs",
+                   f" VALUES ({', '.join(':' + c for c in JOB_COLUMNS)})",
     "seqs": "SELECT job_id, seq FROM jobs WHERE job_id IN (SELECT value FROM json_each(:job_ids))",
     "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, expires)"
                 " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
@@ -801,11 +802,12 @@ class SqlJobStore:
                 "count": len(jobs), "max_jobs": self.max_jobs,
                 "rows": _dumps([dict(self._columns(job, data=False), data=job) for job in jobs])
             }).fetchall()
-        else:  # PERF: one call; executemany keeps no RETURNING rows, so count, then read
-            inserted = conn.executemany(self.sql["insert_each"], [
-                dict(self._columns(job), max_jobs=self.max_jobs) for job in jobs]).rowcount
-            rows = [] if inserted != len(jobs) else conn.execute(
-                self.sql["seqs"], {"job_ids": _dumps([job["job_id"] for job in jobs])}).fetchall()
+        else:  # PERF: one call; executemany keeps no RETURNING rows, so read them after
+            if conn.execute(self.sql["held"]).fetchone()["n"] + len(jobs) > self.max_jobs:
+                raise QueueFull("the job store is full")
+            conn.executemany(self.sql["insert_each"], [self._columns(job) for job in jobs])
+            rows = conn.execute(self.sql["seqs"], {"job_ids": _dumps([job["job_id"] for job in jobs])}
+                                ).fetchall()
         if len(rows) != len(jobs):
             raise QueueFull("the job store is full")
         seqs = {row["job_id"]: row["seq"] for row in rows}
