@@ -708,6 +708,30 @@ def test_reports_of_slots_that_finish_together_go_in_one_call(server, client):
 
 
 @pytest.mark.server
+def test_a_report_waits_for_the_other_slots_that_just_started_a_job(server):
+    # Slots whose jobs end within moments of each other send one call, not
+    # one as soon as the first is done and another with the rest. (GATHER is
+    # widened so that a loaded machine's slow thread wake-ups cannot split them.)
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.gather", "payload": {"i": i}}
+                                            for i in range(200)])]
+    counting, runs = Counting(server.url, KEY), Runs()
+    worker = Worker(counting, {"ext.gather": runs}, concurrency=4, claim_wait=WAIT)
+    worker.GATHER = 0.5
+    t = run_worker(worker)
+    try:
+        for job_id in ids:
+            assert c.wait(job_id, 30).ok
+    finally:
+        worker.stop()
+        t.join(30)
+    calls = counting.calls
+    assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
+    assert calls["reported"] + calls["POST", "complete"] == 200, calls  # a lone report: complete
+    assert calls["POST", "report"] + calls["POST", "complete"] <= 200 / 3.5, calls  # four a call, but for a few
+
+
+@pytest.mark.server
 def test_a_worker_claims_no_more_than_max_jobs_and_leaves_when_idle(server):
     c = Client(server.url, KEY)
     ids = [j.job_id for j in c.submit_many([{"workflow": "ext.some", "payload": {"i": i}}
