@@ -312,7 +312,8 @@ _BOUNDS = {
 }
 _FAST_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "minLength",
                   "maxLength", "pattern", "format", "minProperties", "maxProperties", "items",
-                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum", "dependentSchemas"}
+                  "minItems", "maxItems", "uniqueItems", "minimum", "maximum", "dependentSchemas",
+                  "dependentRequired", "oneOf", "$comment"}
 
 
 def _all_of(checks):
@@ -365,6 +366,19 @@ def fast_check(schema):
     if "format" in schema:
         fmt = schema["format"]
         checks.append(lambda v: FORMATS.conforms(v, fmt))
+    if "oneOf" in schema:
+        # Only of "required" alone: a test that is exact. (This test may say no
+        # to a valid instance; in a oneOf, one such no would let an instance
+        # through that matches two.)
+        if not all(set(sub) == {"required"} for sub in schema["oneOf"]):
+            return None
+        alternatives = [tuple(sub["required"]) for sub in schema["oneOf"]]
+        checks.append(lambda v: type(v) is not dict
+                      or sum(all(k in v for k in names) for names in alternatives) == 1)
+    if "dependentRequired" in schema:
+        needs = schema["dependentRequired"]
+        checks.append(lambda v: type(v) is not dict
+                      or all(n in v for k, names in needs.items() if k in v for n in names))
     if "dependentSchemas" in schema:
         dependents = {k: fast_check(sub) for k, sub in schema["dependentSchemas"].items()}
         if None in dependents.values():
