@@ -100,6 +100,9 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None:
         """A copy of the job, or None."""
 
+    def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """``get`` for each of ``job_ids``, in order (one read on a database)."""
+
     def update(self, job_id: str, expect: dict[str, Any] | None = None, known: Job | None = None,
                **changes: Any) -> Job | None:
         """Compare-and-set: if the job exists and has every value in

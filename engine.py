@@ -1075,8 +1075,9 @@ class Engine:
             if waiting:
                 self._wait_slots.release()
 
-    def _leased(self, job_id, token, key_id=None):
-        job = self.get(job_id)
+    def _leased(self, job_id, token, key_id=None, job=None):
+        """The job, if ``token`` holds its lease (``job``: as just read, if it was)."""
+        job = job or self.get(job_id)
         # Another key's token is refused as a wrong one is: the answer says
         # nothing of whether the token was right.
         # A lease claimed before leases named their key has no claimed_by.
@@ -1121,13 +1122,15 @@ class Engine:
         each applied on its own: a list, in order, of the job or the
         JobError that refused it. PERF: the results of jobs leased as said,
         with no cost to record, are stored in one call (update_many: one
-        transaction on SQLite); a job changed since it was read (a cancel)
-        is ended as ``report`` would end it."""
+        transaction on SQLite), after one read of them all (get_many); a
+        job changed since it was read (a cancel) is ended as ``report``
+        would end it."""
         answers, together = [None] * len(reports), []
-        for i, (job_id, token, outcome, cost) in enumerate(reports):
+        read = self.store.get_many([job_id for job_id, *_ in reports])
+        for i, ((job_id, token, outcome, cost), job) in enumerate(zip(reports, read)):
             try:
                 if cost is None and "result" in outcome:
-                    job = self._leased(job_id, token, key_id)
+                    job = self._leased(job_id, token, key_id, job)
                     if not job["cancel_requested"]:
                         changes = self._success(job, outcome["result"], job)
                         together.append((i, job, outcome["result"], self._ending(

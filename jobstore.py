@@ -261,6 +261,10 @@ class MemoryJobStore:
             job = self._jobs.get(job_id)
             return dict(job) if job is not None else None
 
+    def get_many(self, job_ids):
+        with self._lock:
+            return [None if job is None else dict(job) for job in map(self._jobs.get, job_ids)]
+
     def update(self, job_id, expect=None, known=None, **changes):
         """Apply changes if the job has the ``expect``ed values; the new copy, or None."""
         with self._lock:
@@ -486,6 +490,7 @@ SQL = {
     "save": "UPDATE jobs SET " + ", ".join(f"{c} = :{c}" for c in JOB_COLUMNS[1:])
             + " WHERE job_id = :job_id",
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
+    "get_many": "SELECT seq, data FROM jobs WHERE job_id IN {job_ids}",
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "idempotent": "SELECT key, body_hash, job_id FROM idempotency"
                   " WHERE key_id = :key_id AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
@@ -661,7 +666,7 @@ POSTGRES = {
 def statements(dialect):
     """Every statement of the job store in ``dialect``, lists spelt its way."""
     lists = {name: IN_LIST[dialect].format(name)
-             for name in ("workflows", "blocked", "pairs", "limited", "statuses")}
+             for name in ("workflows", "blocked", "pairs", "limited", "statuses", "job_ids")}
     chosen = SQL | POSTGRES if dialect == "postgres" else SQL
     return {name: sql.format(**lists) for name, sql in chosen.items()}
 
@@ -817,6 +822,11 @@ class SqlJobStore:
     def get(self, job_id):
         rows = self.db.query(self.sql["get"], {"job_id": job_id})
         return self._job(rows[0]) if rows else None
+
+    def get_many(self, job_ids):
+        rows = self.db.query(self.sql["get_many"], {"job_ids": _dumps(list(job_ids))}) if job_ids else []
+        found = {job["job_id"]: job for job in map(self._job, rows)}
+        return [found.get(job_id) for job_id in job_ids]
 
     def update(self, job_id, expect=None, known=None, **changes):
         if not self.postgres:

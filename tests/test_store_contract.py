@@ -371,6 +371,16 @@ def test_update_many_has_each_updates_outcome_as_if_alone(jobs, clock):
     assert jobs.update_many([]) == []
 
 
+def test_get_many_reads_each_job_in_the_order_asked(jobs, clock):
+    a, b = add(jobs, clock), add(jobs, clock)
+    jobs.update(b["job_id"], priority="high")
+    got = jobs.get_many([b["job_id"], "no-such-job", a["job_id"], b["job_id"]])
+    assert got == [jobs.get(b["job_id"]), None, jobs.get(a["job_id"]), jobs.get(b["job_id"])]
+    assert got[0]["priority"] == "high" and jobs.get_many([]) == []
+    got[2]["priority"] = "low"  # a copy: the store's job is not changed by it
+    assert jobs.get(a["job_id"])["priority"] == "normal"
+
+
 def test_racing_updates_expecting_the_same_values_apply_once(jobs, clock):
     job = add(jobs, clock)
     results = race(16, lambda i: jobs.update(job["job_id"], expect={"status": "queued"},
