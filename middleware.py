@@ -31,7 +31,6 @@ def shutting_down():
                      [("Retry-After", "1")])
 
 
-
 class ErrorGuard:
     """The one place errors become responses.
 
