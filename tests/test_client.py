@@ -732,6 +732,85 @@ def test_a_report_waits_for_the_other_slots_that_just_started_a_job(server):
 
 
 @pytest.mark.server
+def test_a_fast_slot_holds_its_next_jobs_and_reports_them_together(server):
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.hold", "payload": {"i": i}}
+                                            for i in range(200)])]
+    counting, runs = Counting(server.url, KEY), Runs()
+    worker = Worker(counting, {"ext.hold": runs}, concurrency=1, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        for i, job_id in enumerate(ids):
+            assert c.wait(job_id, 30).result["i"] == i
+    finally:
+        worker.stop()
+        t.join(30)
+    calls = counting.calls
+    assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
+    assert calls["reported"] + calls["POST", "complete"] == 200, calls
+    # One slot, yet several jobs a call: each call claims HOLD more than it needs.
+    assert calls["POST", "report"] + calls["POST", "complete"] <= 200 / 5, calls
+
+
+@pytest.mark.server
+def test_jobs_held_behind_a_slow_one_keep_their_leases_and_reports_before_it_go_meanwhile(server):
+    # One slot, 2 s leases. Job 1's report claims jobs 2-10 ahead; 2, 3 and
+    # 4 are fast, so their reports wait for a later call; 5 runs 3 s, past a
+    # lease. The held 6-10 keep their leases by heartbeats, and the waiting
+    # reports are sent meanwhile, not when 5 is done.
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.held", "payload": {"i": i}}
+                                            for i in range(12)])]
+    runs = collections.Counter()
+
+    def work(payload, ctx):
+        runs[payload["i"]] += 1
+        if payload["i"] == 5:
+            time.sleep(3)
+        return {"i": payload["i"]}
+
+    worker = Worker(Client(server.url, KEY), {"ext.held": work}, concurrency=1, lease_seconds=2,
+                    claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        assert c.wait(ids[4], 2).ok  # sent while 5 still runs
+        assert c.get(ids[5]).status == "running"
+        assert [c.wait(job_id, 30).result["i"] for job_id in ids] == list(range(12))
+    finally:
+        worker.stop()
+        t.join(30)
+    assert worker.lost == [] and runs == collections.Counter(range(12))  # each once
+
+
+@pytest.mark.server
+def test_held_jobs_a_stopped_worker_never_ran_go_back_when_their_leases_lapse(server):
+    # Stopped while job 5 runs past its grace, the worker leaves with jobs
+    # 6-10 held: their heartbeats stop, so the server hands them out again.
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.left", "payload": {"i": i}}
+                                            for i in range(12)])]
+    slow = threading.Event()
+
+    def work(payload, ctx):
+        if payload["i"] == 5:
+            slow.set()
+            time.sleep(4)
+        return {"i": payload["i"]}
+
+    worker = Worker(Client(server.url, KEY), {"ext.left": work}, concurrency=1, lease_seconds=1,
+                    claim_wait=WAIT, grace=0.2)
+    t = run_worker(worker)
+    assert slow.wait(10)
+    time.sleep(1)  # the held jobs' heartbeats have begun
+    worker.stop()
+    t.join(10)
+    assert not t.is_alive()
+    held = [c.get(job_id) for job_id in ids[6:11]]
+    assert {job.status for job in held} == {"running"}  # held by the worker when it left
+    assert wait_until(lambda: all(c.get(job_id).status == "queued" for job_id in ids[6:11]), 10)
+
+
+@pytest.mark.server
 def test_a_worker_claims_no_more_than_max_jobs_and_leaves_when_idle(server):
     c = Client(server.url, KEY)
     ids = [j.job_id for j in c.submit_many([{"workflow": "ext.some", "payload": {"i": i}}

@@ -23,6 +23,7 @@ from .errors import (AuthError, Conflict, LevqorConnectionError, LevqorError,
 log = logging.getLogger("levqor_client.worker")
 MAX_CLAIM = 100  # jobs one claim may ask for (max_jobs)
 MAX_WAIT = 30    # seconds a claim may wait at the server
+MAX_REPORTS = 100  # reports one call may carry
 
 
 class Permanent(Exception):
@@ -120,8 +121,11 @@ class Worker:
     for one to arrive, so an idle worker starts a job the moment it is
     queued, holding one request open, not polling. A slot that completes
     (or fails) a job claims its next one in the same call, so a busy worker
-    makes one round trip per job. With ``claim_wait=0`` an idle worker
-    polls instead, backing off up to ``idle_max`` seconds between claims;
+    makes at most one round trip per job; while jobs return within
+    ``FAST``, it also claims up to ``HOLD`` more, held ready with their
+    leases renewed, and reports them together (see HOLD). With
+    ``claim_wait=0`` an idle worker polls instead, backing off up to
+    ``idle_max`` seconds between claims;
     with a server that knows no batched or blocking claims (or no
     ``claim_next``) it claims one job at a time and polls the same way.
     Connection errors (a server restarting) back off the same way and carry
@@ -133,6 +137,16 @@ class Worker:
     # so that one call carries them all: with no-op jobs, a worker of 4 slots
     # sent 2 reports a call, 1 and 3 by turns, and now sends 4.
     GATHER = 0.002
+    # PERF: a slot whose job returned within FAST asks, with its report, for
+    # up to HOLD more jobs than it needs (claim_next's max_jobs) and holds
+    # them ready; while one is ready and its last job was fast, a slot leaves
+    # its report for a later call and runs that job. So short jobs make one
+    # round trip for several, even on one slot. A held job's lease is renewed
+    # from the moment it is held; a report left waiting FLUSH seconds (the
+    # job after it was slow) is sent by the heartbeat thread.
+    FAST = 0.005
+    HOLD = 8
+    FLUSH = 0.05
 
     def __init__(self, client: Client, registry: Mapping[str, Handler], concurrency: int = 4, *,
                  lease_seconds: int = 60, idle_max: float = 1.0, grace: float = 30.0,
@@ -172,11 +186,13 @@ class Worker:
         self._beats: Dict[str, Any] = {}  # job id -> (first beat due, [ctx, done, its thread])
         self._batched = True        # until the server refuses max_jobs and wait
         self._chained = True        # until the server refuses claim_next
+        self._chain_works = False   # once a report's claim_next was answered: HOLD applies
         self._grouped = True        # until the server has no POST /api/v1/jobs/report
         self._out_cond = threading.Condition()  # reports wait here for the one in flight
         self._outbox: List[_Outgoing] = []  # reports waiting to go together
         self._sending = False       # a slot is sending reports
         self._running: Dict[str, float] = {}  # job id -> when it started, until its report
+        self._begun: Dict[str, Any] = {}  # job id -> (ctx, done, beating) of a job held ready
 
     def stop(self) -> None:
         """Ask the worker to stop: no more claims (a blocking one is ended);
@@ -231,9 +247,13 @@ class Worker:
             left = [t.name for t in slots if t.is_alive()]
             if left:
                 log.warning("grace period over with jobs still running in %s", left)
+            self._flush_deferred()  # a slot that failed after leaving its report
         finally:
             self._ended.set()
             with self._beat_cond:
+                for _, done, _ in self._begun.values():  # held, never run: let their leases lapse
+                    done.set()
+                self._begun.clear()
                 self._beat_cond.notify_all()
             for sig, old in restore.items():
                 signal.signal(sig, old)
@@ -329,7 +349,7 @@ class Worker:
                 if job is None:
                     return
             try:
-                job = self._run(job)
+                job = self._after(*self._execute(job))
             except Exception:  # the slot outlives any one job's surprise
                 log.exception("job %s: the worker failed to run or report it", job.get("job_id"))
                 job = None
@@ -373,19 +393,36 @@ class Worker:
             self._claimed -= 1
             self._cond.notify_all()
 
-    def _run(self, job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """Run one job and report it; the next job, if its completion claimed one."""
+    def _begin(self, job: Dict[str, Any]) -> Any:
+        """The job's context, and its heartbeat's ``done`` and entry, from now
+        on: _beat_starter starts its heartbeat thread once the first beat is
+        due (a job done sooner never has one)."""
         ctx = JobContext(job, self.client)
         done = threading.Event()
-        # Its heartbeat thread, started by _beat_starter once the first beat
-        # is due: a job done sooner never has one.
         beating: List[Any] = [ctx, done, None]
         with self._beat_cond:
             self._beats[ctx.job_id] = (time.monotonic() + self._beat_every, beating)
             self._beat_cond.notify()
+        return ctx, done, beating
+
+    def _hold(self, jobs: List[Dict[str, Any]]) -> None:
+        """Jobs claimed ahead: ready for any slot, their leases renewed meanwhile."""
+        begun = [(job["job_id"], self._begin(job)) for job in jobs]
+        with self._beat_cond:
+            self._begun.update(begun)
+        with self._cond:
+            self._ready.extend(jobs)
+            self._work.notify(len(jobs))
+
+    def _execute(self, job: Dict[str, Any]) -> Any:
+        """Run one job: (its context, its outcome, whether it was fast)."""
+        with self._beat_cond:
+            begun = self._begun.pop(job["job_id"], None)
+        ctx, done, beating = begun or self._begin(job)
         fn = self.registry[job["workflow"]]
+        started = time.monotonic()
         with self._out_cond:
-            self._running[ctx.job_id] = time.monotonic()
+            self._running[ctx.job_id] = started
         try:
             result = fn(job.get("payload") or {}, ctx)
         except Permanent as exc:
@@ -405,7 +442,24 @@ class Worker:
                 beat = beating[2]
             if beat is not None:
                 beat.join()
-        return self._report(ctx, outcome)
+        return ctx, outcome, time.monotonic() - started < self.FAST
+
+    def _after(self, ctx: JobContext, outcome: Any, fast: bool) -> Optional[Dict[str, Any]]:
+        """Report the outcome, or leave it for a later call (see HOLD): the
+        slot's next job, or None."""
+        if fast and len(self._outbox) < self.HOLD:
+            with self._cond:
+                held = self._ready.popleft() if self._ready else None
+            if held is not None:
+                entry = _Outgoing(ctx, outcome, deferred=True)
+                with self._out_cond:
+                    self._outbox.append(entry)
+                    self._running.pop(ctx.job_id, None)
+                    self._out_cond.notify_all()
+                with self._beat_cond:
+                    self._beat_cond.notify()  # to send it, should nobody within FLUSH
+                return held
+        return self._report(ctx, outcome, self.HOLD if fast and self._chain_works else 0)
 
     def _beat_starter(self) -> None:
         """Start a job's heartbeat thread when its first beat is due. PERF: a
@@ -424,7 +478,13 @@ class Worker:
                     beating[2] = threading.Thread(target=self._heartbeat, args=(*beating[:2], 0.0),
                                                   name="levqor-worker-beat", daemon=True)
                     beating[2].start()
-                self._beat_cond.wait(min(1.0, min(pending, default=now + 1.0) - now))
+                with self._out_cond:
+                    left = [e.since + self.FLUSH for e in self._outbox if e.deferred]
+                if left and min(left) <= now:
+                    threading.Thread(target=self._flush_deferred, name="levqor-worker-flush",
+                                     daemon=True).start()
+                    left = [now + self.FLUSH]
+                self._beat_cond.wait(min(1.0, min(pending + left, default=now + 1.0) - now))
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event, first: Optional[float] = None) -> None:
         """Renew the lease every third of it until ``done`` (the first time
@@ -447,12 +507,13 @@ class Worker:
                 ctx.canceled = True
             wait = every
 
-    def _report(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
+    def _report(self, ctx: JobContext, outcome: Any, prefetch: int = 0) -> Optional[Dict[str, Any]]:
         """Complete or fail the job, claiming the next job in the same call
-        when it may: the next job, or None. PERF: the reports of slots that
-        finish while another slot's are in flight wait for them, then go
-        together in one call, sent by the first of them to get there (a
-        busy worker's slots make a round trip between them, not one each)."""
+        when it may (and ``prefetch`` more, held ready): the next job, or
+        None. PERF: the reports of slots that finish while another slot's
+        are in flight wait for them, then go together in one call, sent by
+        the first of them to get there (a busy worker's slots make a round
+        trip between them, not one each)."""
         mine = _Outgoing(ctx, outcome)
         with self._out_cond:
             self._outbox.append(mine)
@@ -473,14 +534,32 @@ class Worker:
                 self._out_cond.wait(max(self._running.values()) + self.GATHER - now)
             if mine.sent:  # it went with another slot's
                 return mine.following
-            self._sending = True
-            batch, self._outbox = self._outbox, []
+            batch = self._take_outbox()
+        self._send(batch, prefetch)
+        return mine.following
+
+    def _take_outbox(self) -> List[_Outgoing]:
+        """The reports to send now, as the one sending (under _out_cond)."""
+        self._sending = True
+        batch, self._outbox = self._outbox[:MAX_REPORTS], self._outbox[MAX_REPORTS:]
+        return batch
+
+    def _flush_deferred(self) -> None:
+        """Send the reports left for a later call, unless a send is under way."""
+        with self._out_cond:
+            if self._sending or not any(e.deferred for e in self._outbox):
+                return
+            batch = self._take_outbox()
+        self._send(batch, 0)
+
+    def _send(self, batch: List[_Outgoing], prefetch: int) -> None:
+        """Send ``batch`` (taken with _take_outbox), then let the next go."""
         try:
-            if len(batch) == 1 or not self._grouped:
+            if not self._grouped or (len(batch) == 1 and not prefetch):
                 for entry in batch:
-                    entry.following = self._report_one(entry.ctx, entry.outcome)
+                    entry.following = self._report_one(entry.ctx, entry.outcome, not entry.deferred)
             else:
-                self._report_together(batch)
+                self._report_together(batch, prefetch)
         finally:
             with self._out_cond:
                 now = time.monotonic()
@@ -490,16 +569,17 @@ class Worker:
                         self._running[entry.following["job_id"]] = now
                 self._sending = False
                 self._out_cond.notify_all()
-        return mine.following
 
-    def _report_together(self, batch: List[_Outgoing]) -> None:
+    def _report_together(self, batch: List[_Outgoing], prefetch: int = 0) -> None:
         """Send ``batch``'s reports in one call (POST /api/v1/jobs/report),
-        with a next job claimed for each slot that may take one, as
-        ``_report_one`` does for one."""
+        with a next job claimed for each slot waiting on its report that may
+        take one, as ``_report_one`` does for one, and ``prefetch`` more,
+        held ready."""
         for entry in [e for e in batch if e.ctx.lease_lost]:
             batch.remove(entry)
             self._lost(entry.ctx, "the lease was lost while the job ran; result dropped")
-        chain = sum(self._reserve_next() for _ in batch)
+        waiting = [e for e in batch if not e.deferred]
+        chain = sum(self._reserve_next() for _ in range(min(MAX_CLAIM, len(waiting) + prefetch)))
         give_up = time.monotonic() + self.lease_seconds
         pause = 0.1
         following: List[Dict[str, Any]] = []
@@ -514,7 +594,7 @@ class Worker:
                     log.info("the server takes reports one at a time")
                     self._grouped = False
                     for entry in batch:
-                        entry.following = self._report_one(entry.ctx, entry.outcome)
+                        entry.following = self._report_one(entry.ctx, entry.outcome, not entry.deferred)
                     return
                 except LevqorConnectionError as exc:
                     if time.monotonic() + pause > give_up:
@@ -528,6 +608,7 @@ class Worker:
                     log.error("reports of %s refused: %s", [e.ctx.job_id for e in batch], exc)
                     return
                 outcomes, following = answer if chain else (answer, [])
+                self._chain_works = self._chain_works or bool(chain)
                 for entry, outcome in zip(batch, outcomes):
                     if outcome.get("error") == "lease_lost":
                         self._lost(entry.ctx, f"{entry.outcome[0]} refused (lease_lost); result dropped")
@@ -536,8 +617,10 @@ class Worker:
                                   outcome.get("message"))
                     else:
                         log.info("job %s: %s", entry.ctx.job_id, outcome["status"])
-                for entry, job in zip(batch, following):
+                for entry, job in zip(waiting, following):
                     entry.following = job
+                if following[len(waiting):]:
+                    self._hold(following[len(waiting):])
                 return
         finally:
             for _ in range(chain - len(following)):
@@ -549,7 +632,7 @@ class Worker:
             self.lost.append(ctx.job_id)
         log.warning("job %s: %s", ctx.job_id, why)
 
-    def _report_one(self, ctx: JobContext, outcome: Any) -> Optional[Dict[str, Any]]:
+    def _report_one(self, ctx: JobContext, outcome: Any, claim: bool = True) -> Optional[Dict[str, Any]]:
         """Complete or fail the job (claiming the next job in the same call
         when it may); through a server restart, keep trying while the lease may
         still hold (after that the server hands the job to someone else and
@@ -557,7 +640,7 @@ class Worker:
         action, value, retryable = outcome
         give_up = time.monotonic() + self.lease_seconds
         pause = 0.1
-        chain = self._reserve_next()
+        chain = claim and self._reserve_next()
         following: Optional[Dict[str, Any]] = None
         try:
             while True:
@@ -576,6 +659,7 @@ class Worker:
                                                  claim_next=ask)
                     if chain:
                         final, following = final
+                        self._chain_works = True
                 except Conflict as exc:
                     self._lost(ctx, f"{action} refused ({exc.code}); result dropped")
                     return None
@@ -607,10 +691,12 @@ class Worker:
 class _Outgoing:
     """A slot's report, waiting to be sent with others (Worker._report)."""
 
-    __slots__ = ("ctx", "outcome", "sent", "following")
+    __slots__ = ("ctx", "outcome", "sent", "following", "deferred", "since")
 
-    def __init__(self, ctx: JobContext, outcome: Any) -> None:
+    def __init__(self, ctx: JobContext, outcome: Any, deferred: bool = False) -> None:
         self.ctx, self.outcome = ctx, outcome
+        self.deferred = deferred  # its slot went on to another job (Worker._after)
+        self.since = time.monotonic()
         self.sent = False
         self.following: Optional[Dict[str, Any]] = None  # the next job claimed for its slot
 
