@@ -811,6 +811,30 @@ def test_held_jobs_a_stopped_worker_never_ran_go_back_when_their_leases_lapse(se
 
 
 @pytest.mark.server
+def test_a_worker_of_many_slots_sends_at_most_a_hundred_reports_a_call(server):
+    c = Client(server.url, KEY)
+    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.many", "payload": {"i": i}}
+                                            for i in range(600)])]
+    sizes = []
+
+    class Sizes(Client):
+        def request(self, method, path, *args, **kw):
+            if path.endswith("/jobs/report"):
+                sizes.append(len(args[0]["reports"]))
+            return super().request(method, path, *args, **kw)
+
+    worker = Worker(Sizes(server.url, KEY), {"ext.many": Runs()}, concurrency=150, claim_wait=WAIT)
+    worker.GATHER = 0.5  # the slots' reports gather, past what one call may carry
+    t = run_worker(worker)
+    try:
+        assert all(c.wait(job_id, 60).ok for job_id in ids)
+    finally:
+        worker.stop()
+        t.join(30)
+    assert worker.lost == [] and max(sizes) == 100, sizes
+
+
+@pytest.mark.server
 def test_a_worker_claims_no_more_than_max_jobs_and_leaves_when_idle(server):
     c = Client(server.url, KEY)
     ids = [j.job_id for j in c.submit_many([{"workflow": "ext.some", "payload": {"i": i}}

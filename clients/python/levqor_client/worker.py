@@ -534,14 +534,18 @@ class Worker:
                 self._out_cond.wait(max(self._running.values()) + self.GATHER - now)
             if mine.sent:  # it went with another slot's
                 return mine.following
-            batch = self._take_outbox()
+            batch = self._take_outbox(mine)
         self._send(batch, prefetch)
         return mine.following
 
-    def _take_outbox(self) -> List[_Outgoing]:
-        """The reports to send now, as the one sending (under _out_cond)."""
+    def _take_outbox(self, mine: Optional[_Outgoing] = None) -> List[_Outgoing]:
+        """The reports to send now (at most MAX_REPORTS, ``mine`` among
+        them), as the one sending (under _out_cond)."""
         self._sending = True
-        batch, self._outbox = self._outbox[:MAX_REPORTS], self._outbox[MAX_REPORTS:]
+        batch = self._outbox[:MAX_REPORTS]
+        if mine is not None and mine not in batch:
+            batch[-1] = mine
+        self._outbox = [e for e in self._outbox if e not in batch]
         return batch
 
     def _flush_deferred(self) -> None:
