@@ -681,15 +681,17 @@ class Older(Counting):
         return super().request(method, path, *args, **kw)
 
 
-@pytest.mark.server
-@pytest.mark.parametrize("client", [Counting, Older])
-def test_reports_of_slots_that_finish_together_go_in_one_call(server, client):
+def counted_drain(server, workflow, concurrency, client=Counting, gather=None):
+    """200 no-op jobs run by a Worker of ``concurrency`` slots through a
+    ``client`` that counts its calls: its counts, once every job is seen
+    done, in order, run once, none lost. (``gather``: Worker.GATHER.)"""
     c = Client(server.url, KEY)
-    workflow = f"ext.together.{client.__name__.lower()}"
     ids = [j.job_id for j in c.submit_many([{"workflow": workflow, "payload": {"i": i}}
                                             for i in range(200)])]
     counting, runs = client(server.url, KEY), Runs()
-    worker = Worker(counting, {workflow: runs}, concurrency=4, claim_wait=WAIT)
+    worker = Worker(counting, {workflow: runs}, concurrency=concurrency, claim_wait=WAIT)
+    if gather is not None:
+        worker.GATHER = gather
     t = run_worker(worker)
     try:
         for i, job_id in enumerate(ids):
@@ -697,9 +699,15 @@ def test_reports_of_slots_that_finish_together_go_in_one_call(server, client):
     finally:
         worker.stop()
         t.join(30)
-    calls = counting.calls
     assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
-    assert calls["POST", "complete"] + calls["reported"] == 200
+    assert counting.calls["POST", "complete"] + counting.calls["reported"] == 200, counting.calls
+    return counting.calls
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("client", [Counting, Older])
+def test_reports_of_slots_that_finish_together_go_in_one_call(server, client):
+    calls = counted_drain(server, f"ext.together.{client.__name__.lower()}", 4, client)
     if client is Older:  # each on its own, as before
         assert calls["POST", "complete"] == 200 and calls["POST", "report"] == 0
     else:  # some went together, each call with the next jobs of its slots
@@ -712,65 +720,43 @@ def test_a_report_waits_for_the_other_slots_that_just_started_a_job(server):
     # Slots whose jobs end within moments of each other send one call, not
     # one as soon as the first is done and another with the rest. (GATHER is
     # widened so that a loaded machine's slow thread wake-ups cannot split them.)
-    c = Client(server.url, KEY)
-    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.gather", "payload": {"i": i}}
-                                            for i in range(200)])]
-    counting, runs = Counting(server.url, KEY), Runs()
-    worker = Worker(counting, {"ext.gather": runs}, concurrency=4, claim_wait=WAIT)
-    worker.GATHER = 0.5
-    t = run_worker(worker)
-    try:
-        for job_id in ids:
-            assert c.wait(job_id, 30).ok
-    finally:
-        worker.stop()
-        t.join(30)
-    calls = counting.calls
-    assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
-    assert calls["reported"] + calls["POST", "complete"] == 200, calls  # a lone report: complete
+    calls = counted_drain(server, "ext.gather", 4, gather=0.5)
     assert calls["POST", "report"] + calls["POST", "complete"] <= 200 / 3.5, calls  # four a call, but for a few
 
 
 @pytest.mark.server
 def test_a_fast_slot_holds_its_next_jobs_and_reports_them_together(server):
-    c = Client(server.url, KEY)
-    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.hold", "payload": {"i": i}}
-                                            for i in range(200)])]
-    counting, runs = Counting(server.url, KEY), Runs()
-    worker = Worker(counting, {"ext.hold": runs}, concurrency=1, claim_wait=WAIT)
-    t = run_worker(worker)
-    try:
-        for i, job_id in enumerate(ids):
-            assert c.wait(job_id, 30).result["i"] == i
-    finally:
-        worker.stop()
-        t.join(30)
-    calls = counting.calls
-    assert worker.handled == 200 and worker.lost == [] and set(runs.count.values()) == {1}
-    assert calls["reported"] + calls["POST", "complete"] == 200, calls
     # One slot, yet several jobs a call: each call claims HOLD more than it needs.
+    calls = counted_drain(server, "ext.hold", 1)
     assert calls["POST", "report"] + calls["POST", "complete"] <= 200 / 5, calls
 
 
-@pytest.mark.server
-def test_jobs_held_behind_a_slow_one_keep_their_leases_and_reports_before_it_go_meanwhile(server):
-    # One slot, 2 s leases. Job 1's report claims jobs 2-10 ahead; 2, 3 and
-    # 4 are fast, so their reports wait for a later call; 5 runs 3 s, past a
-    # lease. The held 6-10 keep their leases by heartbeats, and the waiting
-    # reports are sent meanwhile, not when 5 is done.
+def slow_fifth(server, workflow, slow_for, **options):
+    """Twelve jobs for a worker of one slot: job 5 runs ``slow_for``
+    seconds, the others return at once. (client, job ids, worker, runs by
+    the job's i, an Event set as job 5 starts.) Job 1's report claims 2-10
+    ahead, and 2, 3 and 4 leave their reports for a later call."""
     c = Client(server.url, KEY)
-    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.held", "payload": {"i": i}}
+    ids = [j.job_id for j in c.submit_many([{"workflow": workflow, "payload": {"i": i}}
                                             for i in range(12)])]
-    runs = collections.Counter()
+    runs, slow = collections.Counter(), threading.Event()
 
     def work(payload, ctx):
         runs[payload["i"]] += 1
         if payload["i"] == 5:
-            time.sleep(3)
+            slow.set()
+            time.sleep(slow_for)
         return {"i": payload["i"]}
 
-    worker = Worker(Client(server.url, KEY), {"ext.held": work}, concurrency=1, lease_seconds=2,
-                    claim_wait=WAIT)
+    worker = Worker(Client(server.url, KEY), {workflow: work}, concurrency=1, claim_wait=WAIT, **options)
+    return c, ids, worker, runs, slow
+
+
+@pytest.mark.server
+def test_jobs_held_behind_a_slow_one_keep_their_leases_and_reports_before_it_go_meanwhile(server):
+    # 2 s leases, and job 5 runs 3 s: the held 6-10 keep their leases by
+    # heartbeats, and the waiting reports are sent meanwhile, not when 5 is done.
+    c, ids, worker, runs, _ = slow_fifth(server, "ext.held", 3, lease_seconds=2)
     t = run_worker(worker)
     try:
         assert c.wait(ids[4], 2).ok  # sent while 5 still runs
@@ -786,19 +772,7 @@ def test_jobs_held_behind_a_slow_one_keep_their_leases_and_reports_before_it_go_
 def test_held_jobs_a_stopped_worker_never_ran_go_back_when_their_leases_lapse(server):
     # Stopped while job 5 runs past its grace, the worker leaves with jobs
     # 6-10 held: their heartbeats stop, so the server hands them out again.
-    c = Client(server.url, KEY)
-    ids = [j.job_id for j in c.submit_many([{"workflow": "ext.left", "payload": {"i": i}}
-                                            for i in range(12)])]
-    slow = threading.Event()
-
-    def work(payload, ctx):
-        if payload["i"] == 5:
-            slow.set()
-            time.sleep(4)
-        return {"i": payload["i"]}
-
-    worker = Worker(Client(server.url, KEY), {"ext.left": work}, concurrency=1, lease_seconds=1,
-                    claim_wait=WAIT, grace=0.2)
+    c, ids, worker, _, slow = slow_fifth(server, "ext.left", 4, lease_seconds=1, grace=0.2)
     t = run_worker(worker)
     assert slow.wait(10)
     time.sleep(1)  # the held jobs' heartbeats have begun
