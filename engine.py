@@ -1022,6 +1022,7 @@ class Engine:
     # -- external workers ----------------------------------------------------------------
 
     CLAIM_POLL = 1.0  # seconds a waiting claim sleeps at most between looks
+    HANGUP_POLL = 0.1  # seconds between its looks whether its caller hung up
 
     def claim(self, workflows, lease_seconds, key_id=None):
         """The next job for an external worker, or None (see ``claim_many``)."""
@@ -1068,9 +1069,12 @@ class Engine:
                 due = self.store.next_due()  # a job whose retry backoff ends
                 pause = min(left, self.CLAIM_POLL,
                             self.CLAIM_POLL if due is None else max(0.0, due - self.now()))
+                end = time.monotonic() + pause
                 with self._claims:
-                    if self._queued == seen:
-                        self._claims.wait(pause)
+                    # A caller that hangs up (a worker stopping) is heard within
+                    # HANGUP_POLL, not at the next look: it waits for this answer.
+                    while self._queued == seen and not gone() and (now := time.monotonic()) < end:
+                        self._claims.wait(min(self.HANGUP_POLL, end - now))
         finally:
             if waiting:
                 self._wait_slots.release()

@@ -836,3 +836,17 @@ def test_tokens_are_unique_across_threads_and_in_a_forked_child():
     assert len(child) == 8 and all(len(t) == 32 and int(t, 16) >= 0 for t in child + parent)
     assert not set(child) & set(parent + made)
     assert len(set(made)) == len(made) == 8000
+
+
+def test_a_waiting_claim_hears_its_caller_hang_up_at_once_and_takes_nothing():
+    """A worker that stops half-closes its waiting claim and waits for the
+    answer: the claim must end within HANGUP_POLL, not at its next look
+    for jobs (CLAIM_POLL, a second)."""
+    eng, _ = make_engine(engine.Registry())
+    hung_up = threading.Event()
+    threading.Timer(0.2, hung_up.set).start()
+    started = time.monotonic()
+    assert eng.claim_many(["ext"], 60, max_jobs=5, wait=10, gone=hung_up.is_set) == []
+    assert time.monotonic() - started < 0.2 + engine.Engine.CLAIM_POLL * 0.6
+    submit(eng, "ext")
+    assert len(eng.claim_many(["ext"], 60, max_jobs=5)) == 1  # it took nothing
