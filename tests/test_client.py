@@ -475,13 +475,15 @@ def test_a_429_is_retried_after_retry_after(tmp_path):
         srv.stop()
 
 
-class DroppingProxy:
-    """A loopback TCP proxy that forwards requests to the server but drops
-    the first ``drops`` connections once the server's answer starts, so the
-    request has acted and its sender never hears of it."""
+class Relay:
+    """A loopback TCP proxy in front of the server. It drops the first
+    ``drops`` connections once the server's answer starts, so the request
+    has acted and its sender never hears of it; it holds each piece of an
+    answer ``delay`` seconds, as a slow network would; a client's
+    half-close reaches the server as one."""
 
-    def __init__(self, target_port, drops=1):
-        self.target_port, self.drops = target_port, drops
+    def __init__(self, target_port, drops=1, delay=0.0):
+        self.target_port, self.drops, self.delay = target_port, drops, delay
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -498,16 +500,21 @@ class DroppingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             drop = self.dropped < self.drops
             self.dropped += drop
-            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, drop), daemon=True).start()
+            threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, drop, self.delay, True),
+                             daemon=True).start()
 
     @staticmethod
-    def _pump(src, dst, drop):
+    def _pump(src, dst, drop=False, delay=0.0, answers=False):
         try:
             while True:
                 data = src.recv(65536)
+                if not data and not answers:  # the client is done sending
+                    dst.shutdown(socket.SHUT_WR)
+                    return
                 if not data or drop:
                     break
+                time.sleep(delay)
                 dst.sendall(data)
         except OSError:
             pass
@@ -524,7 +531,7 @@ class DroppingProxy:
 
 @pytest.mark.server
 def test_an_intake_retried_after_a_dropped_connection_makes_one_job(server):
-    proxy = DroppingProxy(server.port)
+    proxy = Relay(server.port)
     try:
         c = Client(proxy.url, KEY)
         job = c.submit("dropped.once", {"n": 1})
@@ -588,7 +595,7 @@ def test_submit_many_answers_in_order_in_chunks_and_is_refused_a_batch_at_a_time
 
 @pytest.mark.server
 def test_a_batch_retried_after_a_dropped_connection_makes_each_job_once(server):
-    proxy = DroppingProxy(server.port)
+    proxy = Relay(server.port)
     try:
         c = Client(proxy.url, KEY)
         made = c.submit_many([{"workflow": "many.dropped", "payload": {"i": i}} for i in range(3)])
@@ -628,16 +635,34 @@ def test_claim_many_a_blocking_claim_claim_next_and_interrupt(server):
     assert c.complete(first[0]["job_id"], first[0]["lease_token"], None).status == "succeeded"
     ended = []
 
-    def hold():
-        try:
-            c.claim(["many.nobody"], wait=WAIT)
-        except levqor_client.LevqorConnectionError as exc:
-            ended.append(exc)
-    t = threading.Thread(target=hold)
+    t = threading.Thread(target=lambda: ended.append(c.claim(["many.nobody"], wait=10)))
     t.start()
     assert wait_until(lambda: c.interrupt(t), 5, 0.01)
+    started = time.monotonic()
     t.join(5)
-    assert not t.is_alive() and ended
+    assert not t.is_alive() and ended == [None] and time.monotonic() - started < 1
+    c.submit("many.nobody", {})  # the interrupted claim took nothing, nor takes it now
+    assert [j["payload"] for j in c.claim(["many.nobody"], max_jobs=5)] == [{}]
+
+
+@pytest.mark.server
+def test_an_interrupted_claim_keeps_the_job_handed_out_as_it_came(server):
+    """The job the server hands out just as the claim is interrupted comes
+    back with it: cutting the connection lost it until its lease ran out,
+    and a worker stopped at that moment left it unrun (a test failed so)."""
+    relay = Relay(server.port, drops=0, delay=0.5)  # each answer half a second late
+    try:
+        c = Client(relay.url, KEY)
+        got = []
+        t = threading.Thread(target=lambda: got.append(c.claim(["many.late"], max_jobs=5, wait=10)))
+        t.start()
+        job_id = Client(server.url, KEY).submit("many.late", {"i": 1}).job_id
+        assert wait_until(lambda: Client(server.url, KEY).get(job_id).status == "running", 5, 0.02)
+        assert c.interrupt(t) == 1  # the answer is still on its way
+        t.join(5)
+        assert not t.is_alive() and [[j["job_id"] for j in jobs] for jobs in got] == [[job_id]]
+    finally:
+        relay.close()
 
 
 @pytest.mark.server

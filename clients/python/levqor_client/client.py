@@ -309,23 +309,43 @@ class Client:
         # A server that does not batch answers one job, as without max_jobs.
         return list(answer["jobs"]) if "jobs" in answer else [answer["job"]]
 
+    # Seconds a claim asked to end has to answer before its connection is cut.
+    INTERRUPT_GRACE = 2.0
+
     def interrupt(self, thread: Optional[threading.Thread] = None) -> int:
         """End the blocking claims (``wait``) in flight on this client, those
-        of ``thread`` only when given: each raises ``LevqorConnectionError``
-        in its own thread at once. A job the server handed out at that very
-        moment goes to another worker when its lease runs out. How many
-        were ended."""
+        of ``thread`` only when given; how many.
+
+        A claim's connection is half-closed: the server hears its caller
+        hang up, ends the wait and answers with what it has, so the claim
+        returns at once with nothing, or with the jobs the server handed
+        out at that very moment (cutting the connection instead lost them
+        until their leases ran out). Over TLS, and on a call made
+        ``INTERRUPT_GRACE`` seconds after the first (a server that cannot
+        tell a hang-up), the connection is cut: the claim raises
+        ``LevqorConnectionError``, and a job handed out at that moment goes
+        to another worker when its lease runs out."""
         with self._held_lock:
-            held = [conn.sock for ident, conn in self._held.items()
+            held = [conn for ident, conn in self._held.items()
                     if thread is None or ident == thread.ident]
         ended = 0
-        for sock in held:
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                    ended += 1
-                except OSError:
-                    pass
+        for conn in held:
+            sock, now = conn.sock, time.monotonic()
+            if sock is None:
+                continue
+            if conn.interrupted is None:
+                conn.interrupted = now
+                how = socket.SHUT_RDWR if conn.https else socket.SHUT_WR
+            elif now - conn.interrupted >= self.INTERRUPT_GRACE:
+                how = socket.SHUT_RDWR
+            else:
+                ended += 1  # asked already: its answer is on the way
+                continue
+            try:
+                sock.shutdown(how)
+                ended += 1
+            except OSError:
+                pass
         return ended
 
     def heartbeat(self, job_id: str, lease_token: str, *, lease_seconds: Optional[int] = None,
@@ -488,7 +508,7 @@ class Client:
             if interruptible:
                 with self._held_lock:
                     self._held.pop(ident, None)
-        if will_close:
+        if will_close or conn.interrupted is not None:  # half-closed: of no more use
             self._drop()
         return status, answer_headers, raw
 
@@ -547,6 +567,7 @@ class _Connection:
         self.timeout = timeout
         self.sock: Optional[socket.socket] = None
         self._fp: Any = None
+        self.interrupted: Optional[float] = None  # when Client.interrupt half-closed it
         authority = f"[{host}]" if ":" in host else host
         self._host_header = (authority if self.port == (443 if https else 80)
                              else f"{authority}:{self.port}")
