@@ -87,7 +87,8 @@ class JobStore(Protocol):
         """
 
     def add_many(self, jobs: Sequence[Job],
-                 idempotency: Sequence[tuple[str, str, str, float] | None] | None = None
+                 idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
+                 batch_key: tuple[str, str, str, float] | None = None
                  ) -> list[tuple[Job, bool]]:
         """Store new jobs all together, as ``add`` stores one: all of them or,
         on any refusal, none. Returns [(the stored copy, created)] in their
@@ -95,7 +96,23 @@ class JobStore(Protocol):
         replay's entry is the job its key made (created False).
         ``IdempotencyMismatch.index`` names the first job refused so; one
         transaction on a durable store, so nothing half-written remains.
-        ``QueueFull`` when the new ones do not all fit."""
+        ``QueueFull`` when the new ones do not all fit.
+
+        ``batch_key`` (instead of ``idempotency``) is one key for the whole
+        batch, as ``add``'s is for one job: while it is held and every job
+        it made still is, the same body is answered with those jobs, in
+        their order (all created False), and another body is refused with
+        ``IdempotencyMismatch`` (``index`` None). One record for the batch,
+        not one a job. Jobs' keys and batches' share one namespace: a job's
+        key used again for a batch (or the other way round) is refused as
+        one used for another body would be."""
+
+    def replayed(self, idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
+                 batch_key: tuple[str, str, str, float] | None = None) -> list[Job] | None:
+        """The jobs ``add_many`` with these keys would answer, if every one
+        of them would be a replay; otherwise None. Stores nothing (the
+        engine asks when the budget could not hold the jobs again).
+        ``IdempotencyMismatch`` as ``add_many`` raises it."""
 
     def get(self, job_id: str) -> Job | None:
         """A copy of the job, or None."""

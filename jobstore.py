@@ -110,7 +110,7 @@ class MemoryJobStore:
         self._starts = {}                     # workflow -> deque of claim times (rate limits)
         self._limits = {}                     # workflow -> limits
         self._finished = collections.deque()  # (finished_at, job_id), oldest first
-        self._idempotency = {}                # (key_id, key) -> (body_hash, job_id, expires)
+        self._idempotency = {}                # (key_id, key) -> (body_hash, job ids, expires)
         self._idempotency_order = collections.deque()  # (expires, (key_id, key))
         self._counts = collections.Counter()  # (status, priority, workflow) -> n
         self._seq = 0
@@ -217,33 +217,59 @@ class MemoryJobStore:
     def add(self, job, idempotency=None):
         return self.add_many([job], [idempotency])[0]
 
-    def add_many(self, jobs, idempotency=None):
+    def add_many(self, jobs, idempotency=None, batch_key=None):
         """Store new jobs, all or none; [(job, created)] in their order.
 
         ``idempotency`` holds, for each job, None or (key_id, key,
         body_hash, ttl): if that key was used within ttl for the same body,
         the job it made is returned instead (created False); for another
-        body, IdempotencyMismatch. Checked and recorded under the one lock,
-        so concurrent duplicates make one job.
+        body, IdempotencyMismatch. ``batch_key`` is such a key for the
+        whole batch: the jobs it made, all of them, are returned instead.
+        Checked and recorded under the one lock, so concurrent duplicates
+        make one job (or one batch).
         """
         with self._lock:
             now = self.clock()
             self._purge(now)
+            if batch_key is not None:
+                made = self._remembered(batch_key, None, now)
+                if made is not None:
+                    return [(dict(job), False) for job in made]
+                if len(self._jobs) + len(jobs) > self.max_jobs:
+                    raise QueueFull("the job store is full")
+                added = [(self._store(job, None, now), True) for job in jobs]
+                self._remember(batch_key, [job["job_id"] for job, _ in added], now)
+                return added
             keys = idempotency or [None] * len(jobs)
             found = [self._remembered(key, i, now) for i, key in enumerate(keys)]
             if len(self._jobs) + found.count(None) > self.max_jobs:
                 raise QueueFull("the job store is full")
-            return [(dict(existing), False) if existing else (self._store(job, key, now), True)
+            return [(dict(existing[0]), False) if existing else (self._store(job, key, now), True)
                     for job, key, existing in zip(jobs, keys, found)]
 
+    def replayed(self, idempotency=None, batch_key=None):
+        """What ``add_many`` would answer, if every job would be a replay; else None."""
+        with self._lock:
+            now = self.clock()
+            if batch_key is not None:
+                made = self._remembered(batch_key, None, now)
+                return made and [dict(job) for job in made]
+            found = [self._remembered(key, i, now) for i, key in enumerate(idempotency or [])]
+            return [dict(made[0]) for made in found] if found and all(found) else None
+
     def _remembered(self, key, index, now):
-        """The job an idempotency key made, if it is still held."""
+        """The jobs an idempotency key made, if it is still held (all of them)."""
         entry = key and self._idempotency.get(key[:2])
-        if not entry or entry[2] <= now or entry[1] not in self._jobs:
+        if not entry or entry[2] <= now or not all(job_id in self._jobs for job_id in entry[1]):
             return None
         if entry[0] != key[2]:
             raise IdempotencyMismatch(key[1], index)
-        return self._jobs[entry[1]]
+        return [self._jobs[job_id] for job_id in entry[1]]
+
+    def _remember(self, key, job_ids, now):
+        key_id, name, body_hash, ttl = key
+        self._idempotency[key_id, name] = (body_hash, tuple(job_ids), now + ttl)
+        self._idempotency_order.append((now + ttl, (key_id, name)))
 
     def _store(self, job, key, now):
         self._seq += 1
@@ -252,9 +278,7 @@ class MemoryJobStore:
         self._counts[None, stored["priority"], stored["workflow"]] += 1
         self._set(stored, {"status": job["status"]}, now)
         if key is not None:
-            key_id, name, body_hash, ttl = key
-            self._idempotency[key_id, name] = (body_hash, stored["job_id"], now + ttl)
-            self._idempotency_order.append((now + ttl, (key_id, name)))
+            self._remember(key, [stored["job_id"]], now)
         return dict(stored)
 
     def get(self, job_id):
@@ -493,7 +517,7 @@ SQL = {
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "get_many": "SELECT seq, data FROM jobs WHERE job_id IN {job_ids}",
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
-    "idempotent": "SELECT key, body_hash, job_id FROM idempotency"
+    "idempotent": "SELECT key, body_hash, job_id, job_ids FROM idempotency"
                   " WHERE key_id = :key_id AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
     # A batch's jobs, without RETURNING (executemany keeps no rows): their
     # seq is read back after. The limit is checked once before them, in the
@@ -504,10 +528,10 @@ SQL = {
     "insert_each": f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)})"
                    f" VALUES ({', '.join('?' for _ in JOB_COLUMNS)})",
     "seqs": "SELECT job_id, seq FROM jobs WHERE job_id IN (SELECT value FROM json_each(:job_ids))",
-    "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, expires)"
-                " VALUES (:key_id, :key, :body_hash, :job_id, :expires)"
+    "remember": "INSERT INTO idempotency (key_id, key, body_hash, job_id, job_ids, expires)"
+                " VALUES (:key_id, :key, :body_hash, :job_id, :job_ids, :expires)"
                 " ON CONFLICT (key_id, key) DO UPDATE SET body_hash = excluded.body_hash,"
-                " job_id = excluded.job_id, expires = excluded.expires",
+                " job_id = excluded.job_id, job_ids = excluded.job_ids, expires = excluded.expires",
     # Whether a claim would find anything (SQLite reads before it writes).
     **{f"any_queued{'_in' * only}": f"SELECT 1 AS found FROM jobs WHERE {_pick(only)} LIMIT 1"
        for only in (False, True)},
@@ -627,7 +651,7 @@ POSTGRES = {
               f" SELECT {', '.join(':' + c for c in JOB_COLUMNS[:-1])}, CAST(:data AS jsonb)"
               " FROM slot RETURNING seq, job_id",
     # A batch: the slots for all, then every row from one JSON array.
-    "idempotent": "SELECT key, body_hash, job_id FROM idempotency WHERE key_id = :key_id"
+    "idempotent": "SELECT key, body_hash, job_id, job_ids FROM idempotency WHERE key_id = :key_id"
                   " AND key IN (SELECT jsonb_array_elements_text(CAST(:keys AS jsonb))) AND expires > :now",
     "insert_many": "WITH slot AS (UPDATE job_count SET n = n + :count WHERE id = 1"
                    " AND n + :count <= :max_jobs RETURNING n)"
@@ -679,6 +703,13 @@ def statements(dialect):
 # claim and a finish encode a dozen values).
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _row = operator.itemgetter(*JOB_COLUMNS)  # a job's columns, in order
+
+
+def _memo(key, job_id, job_ids, now):
+    """The idempotency row of ``key``: the job it made, or (a batch's key)
+    the first of them and all their ids in order."""
+    return {"key_id": key[0], "key": key[1], "body_hash": key[2], "job_id": job_id,
+            "job_ids": None if job_ids is None else _dumps(job_ids), "expires": now + key[3]}
 
 
 class SqlJobStore:
@@ -748,20 +779,20 @@ class SqlJobStore:
     def add(self, job, idempotency=None):
         return self.add_many([job], [idempotency])[0]
 
-    def add_many(self, jobs, idempotency=None):
+    def add_many(self, jobs, idempotency=None, batch_key=None):
         now = self.clock()
         jobs = [dict(job, queued_at=job["created_at"]) for job in jobs]
         keys = idempotency or [None] * len(jobs)
         for attempt in range(2):  # full: purge what is past its time, then once more
             try:
-                return self._add(jobs, keys, now)
+                return self._add(jobs, keys, now, batch_key)
             except QueueFull:
                 if attempt or not self.purge(now):
                     raise
         raise AssertionError("unreachable")
 
-    def _add(self, jobs, keys, now):
-        if len(jobs) == 1 and keys[0] is None:  # PERF: one statement, its own transaction
+    def _add(self, jobs, keys, now, batch_key):
+        if len(jobs) == 1 and keys[0] is None and batch_key is None:  # PERF: one statement
             rows = self.db.write_one(self.sql["insert"], dict(self._columns(jobs[0]),
                                                               max_jobs=self.max_jobs))
             if not rows:
@@ -770,16 +801,49 @@ class SqlJobStore:
             return [(jobs[0], True)]
         # The lock makes the checks and the records of a caller's keys one
         # step (SQLite's write transactions are one at a time anyway).
-        key_id = next((key[0] for key in keys if key), None)
+        key_id = batch_key[0] if batch_key else next((key[0] for key in keys if key), None)
         with self.db.write(lock=key_id and f"idempotency:{key_id}") as conn:
-            found = self._remembered(conn, keys, now)
-            new = [job for job, existing in zip(jobs, found) if not existing]
-            self._insert(conn, new)
-            conn.executemany(self.sql["remember"], [
-                {"key_id": key[0], "key": key[1], "body_hash": key[2], "job_id": job["job_id"],
-                 "expires": now + key[3]}
-                for job, key, existing in zip(jobs, keys, found) if key and not existing])
+            if batch_key is not None:
+                made = self._remembered_batch(conn, batch_key, now)
+                if made is not None:
+                    return [(job, False) for job in made]
+                found = [None] * len(jobs)
+                memos = [_memo(batch_key, jobs[0]["job_id"], [job["job_id"] for job in jobs], now)]
+            else:
+                found = self._remembered(conn, keys, now)
+                memos = [_memo(key, job["job_id"], None, now)
+                         for job, key, existing in zip(jobs, keys, found) if key and not existing]
+            self._insert(conn, [job for job, existing in zip(jobs, found) if not existing])
+            conn.executemany(self.sql["remember"], memos)
         return [(existing, False) if existing else (job, True) for job, existing in zip(jobs, found)]
+
+    def replayed(self, idempotency=None, batch_key=None):
+        keys = idempotency or []
+        key_id = batch_key[0] if batch_key else next((key[0] for key in keys if key), None)
+        if key_id is None:
+            return None
+        now = self.clock()
+        with self.db.write(lock=f"idempotency:{key_id}") as conn:  # rare: a replay past a budget
+            if batch_key is not None:
+                return self._remembered_batch(conn, batch_key, now)
+            found = self._remembered(conn, keys, now)
+        return found if all(found) else None
+
+    def _remembered_batch(self, conn, key, now):
+        """The jobs a batch's ``key`` made, in order, if it is still held
+        and all of them are; IdempotencyMismatch (no index) for another body."""
+        row = conn.execute(self.sql["idempotent"], {"key_id": key[0], "keys": _dumps([key[1]]),
+                                                    "now": now}).fetchone()
+        if row is None:
+            return None
+        job_ids = json.loads(row["job_ids"]) if row["job_ids"] else [row["job_id"]]
+        rows = conn.execute(self.sql["get_many"], {"job_ids": _dumps(job_ids)}).fetchall()
+        held = {job["job_id"]: job for job in map(self._job, rows)}
+        if len(held) != len(job_ids):  # some have gone: the key is free again
+            return None
+        if row["body_hash"] != key[2]:
+            raise IdempotencyMismatch(key[1], None)
+        return [held[job_id] for job_id in job_ids]
 
     def _remembered(self, conn, keys, now):
         """For each of one caller's ``keys`` (or None), the job it made if

@@ -246,6 +246,10 @@ MIGRATIONS = [
     CREATE INDEX jobs_waking ON jobs (not_before) WHERE status = 'waiting';
     ALTER TABLE ledger ADD COLUMN step text;
     """,
+    """
+    -- A batch's own idempotency key (as in storage.MIGRATIONS): its jobs' ids.
+    ALTER TABLE idempotency ADD COLUMN job_ids text;
+    """,
 ]
 
 

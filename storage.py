@@ -310,6 +310,11 @@ MIGRATIONS = [
     -- The step a charge was made in (NULL: none).
     ALTER TABLE ledger ADD COLUMN step TEXT;
     """,
+    """
+    -- A batch's own idempotency key is one row for all its jobs: their ids,
+    -- in order, as a JSON array (job_id holds the first). NULL: one job's key.
+    ALTER TABLE idempotency ADD COLUMN job_ids TEXT;
+    """,
 ]
 # What the Recorder counts per minute: columns of the minutes table.
 COUNTERS = ("jobs", "auth_writes", "finished", "failed")

@@ -820,6 +820,68 @@ def test_add_many_replays_and_refuses_by_idempotency_key(job_backend, clock):
     assert refused.value.index == 1 and len(store) == 2  # the first job was not kept either
 
 
+def test_a_batch_key_answers_its_jobs_again_and_refuses_another_body(job_backend, clock):
+    store = job_backend.jobs(max_jobs=5)
+    batch = ("k", "batch-1", "body-1", 3600)
+    made = store.add_many([new_job(clock) for _ in range(3)], batch_key=batch)
+    assert [created for _, created in made] == [True] * 3 and len(store) == 3
+    clock.advance(1)
+    again = store.add_many([new_job(clock) for _ in range(3)], batch_key=batch)
+    assert [(j["job_id"], created) for j, created in again] == [(j["job_id"], False) for j, _ in made]
+    assert len(store) == 3
+    with pytest.raises(IdempotencyMismatch) as refused:
+        store.add_many([new_job(clock) for _ in range(3)], batch_key=("k", "batch-1", "body-2", 3600))
+    assert refused.value.index is None and len(store) == 3
+    # Jobs' keys and batches' share one namespace (their bodies always differ).
+    with pytest.raises(IdempotencyMismatch):
+        store.add(new_job(clock), ("k", "batch-1", "body-x", 3600))
+    store.add(new_job(clock), ("k", "one", "body-1", 3600))
+    with pytest.raises(IdempotencyMismatch):
+        store.add_many([new_job(clock)], batch_key=("k", "one", "body-9", 3600))
+    # Another caller's key of the same name is another key; a full store refuses it whole.
+    with pytest.raises(QueueFull):
+        store.add_many([new_job(clock) for _ in range(2)], batch_key=("other", "batch-1", "body-1", 3600))
+    assert len(store) == 4
+    clock.advance(3600)  # past its lifetime the key is free again
+    fresh = store.add_many([new_job(clock)], batch_key=("k", "batch-1", "body-2", 3600))
+    assert fresh[0][1] is True and len(store) == 5
+
+
+def test_a_batch_key_is_free_again_once_a_job_it_made_is_gone(job_backend, clock):
+    store = job_backend.jobs(ttl=60)
+    batch = ("k", "batch-2", "body", 86_400)
+    store.add_many([new_job(clock) for _ in range(2)], batch_key=batch)
+    finish(store, clock, claim(store, clock)["job_id"])
+    clock.advance(61)
+    assert store.purge(clock()) == 1
+    again = store.add_many([new_job(clock) for _ in range(2)], batch_key=batch)
+    assert [created for _, created in again] == [True, True]
+
+
+def test_replayed_answers_only_when_every_job_would_be_a_replay(job_backend, clock):
+    store = job_backend.jobs()
+    one, _ = store.add(new_job(clock), ("k", "one", "body-1", 3600))
+    made = store.add_many([new_job(clock) for _ in range(2)], batch_key=("k", "b", "body-b", 3600))
+    assert [j["job_id"] for j in store.replayed([("k", "one", "body-1", 3600)])] == [one["job_id"]]
+    assert store.replayed([("k", "one", "body-1", 3600), ("k", "new", "body", 3600)]) is None
+    assert store.replayed([("k", "one", "body-1", 3600), None]) is None
+    assert store.replayed([None]) is None and store.replayed() is None
+    assert [j["job_id"] for j in store.replayed(batch_key=("k", "b", "body-b", 3600))] == \
+        [j["job_id"] for j, _ in made]
+    assert store.replayed(batch_key=("k", "other", "body-b", 3600)) is None
+    with pytest.raises(IdempotencyMismatch):
+        store.replayed(batch_key=("k", "b", "body-c", 3600))
+    assert len(store) == 3  # it stores nothing
+
+
+def test_concurrent_batches_with_one_key_make_one_batch(job_backend, clock):
+    store = job_backend.jobs()
+    results = race(8, lambda i: store.add_many([new_job(clock) for _ in range(3)],
+                                               batch_key=("k", "race", "body", 3600)))
+    assert sorted(all(created for _, created in r) for r in results) == [False] * 7 + [True]
+    assert len({tuple(j["job_id"] for j, _ in r) for r in results}) == 1 and len(store) == 3
+
+
 def test_claim_many_takes_jobs_in_queue_order_each_with_its_token(jobs, clock):
     ids = [add(jobs, clock, priority=p)["job_id"] for p in ("low", "normal", "high", "normal")]
     add(jobs, clock, workflow="other")
