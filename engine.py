@@ -526,13 +526,13 @@ class Engine:
     def submit(self, job, idempotency=None):
         return self.submit_many([job], [idempotency])[0]
 
-    def submit_many(self, jobs, idempotency=None):
+    def submit_many(self, jobs, idempotency=None, batch_key=None):
         """Store new jobs (see the store's ``add_many``) and wake workers; a
         job that depends on others is linked to them and may then start at
         once. [(job, created)] in order."""
         added = []
         queued = set()
-        for job, created in self.store.add_many(jobs, idempotency):
+        for job, created in self.store.add_many(jobs, idempotency, batch_key):
             if created and job["status"] == "waiting":
                 for parent_id in job["depends_on"]:
                     self._link(parent_id, job["job_id"])
@@ -551,12 +551,22 @@ class Engine:
         costs.BudgetExceeded, and the store's QueueFull and IdempotencyMismatch."""
         return self.accept_many([job], key, [idempotency])[0]
 
-    def accept_many(self, jobs, key=None, idempotency=None):
+    def accept_many(self, jobs, key=None, idempotency=None, batch_key=None):
         """``accept`` for a batch of one caller's jobs: all reserved and
-        stored, or none (the exceptions' ``index`` names the job refused)."""
-        self.guardrails.reserve_many(jobs, key)
+        stored, or none (the exceptions' ``index`` names the job refused).
+        ``batch_key``: one idempotency key for them all (see the store's
+        ``add_many``)."""
         try:
-            added = self.submit_many(jobs, idempotency)
+            self.guardrails.reserve_many(jobs, key)
+        except BudgetExceeded:
+            # A replay reserves nothing and makes nothing: it is answered even
+            # when the budget could not hold its jobs again.
+            made = (idempotency or batch_key) and self.store.replayed(idempotency, batch_key)
+            if made:
+                return [(job, False) for job in made]
+            raise
+        try:
+            added = self.submit_many(jobs, idempotency, batch_key)
         except BaseException as exc:  # no job was stored: nothing may stay reserved for them
             for job in jobs:
                 self.guardrails.settle(job, f"intake refused: {type(exc).__name__}")

@@ -161,8 +161,11 @@ ROUTE_DOCS = {
     ("POST", "/api/v1/intake"): ("Submit a job", "intake",
                                  {202: ("Accepted (or replayed, with Idempotent-Replayed)", "Accepted")}),
     ("POST", "/api/v1/intake/batch"): ("Submit up to 1,000 jobs, accepted or refused together (a "
-                                       "refusal's index names the first job refused)", "intake_batch",
-                                       {202: ("Accepted, in the order given", "AcceptedBatch")}),
+                                       "refusal's index names the first job refused); idempotency_key "
+                                       "(or the Idempotency-Key header) is the batch's own key",
+                                       "intake_batch",
+                                       {202: ("Accepted, in the order given (or replayed, with "
+                                              "Idempotent-Replayed)", "AcceptedBatch")}),
     ("GET", "/api/v1/status/<job_id>"): ("A job's status (in production, for the key that made it "
                                          "or an admin key, unless PUBLIC_JOB_STATUS=1)", None,
                                          {200: ("The job", "JobStatus")},

@@ -414,6 +414,9 @@ SCHEMAS["intake_batch_job"] = dict(SCHEMAS["intake"], properties={
     **SCHEMAS["intake"]["properties"],
     "idempotency_key": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}})
 SCHEMAS["intake_batch"]["properties"]["jobs"]["items"] = SCHEMAS["intake_batch_job"]
+# A batch may instead have one key of its own, for all its jobs.
+SCHEMAS["intake_batch"]["properties"]["idempotency_key"] = {
+    "type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}
 
 VALIDATORS = {}
 FAST_CHECKS = {}

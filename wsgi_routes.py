@@ -29,7 +29,7 @@ from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lo
 from costs import BudgetExceeded, to_usd
 from engine import JobError, status_view, step_results
 from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
-from schemas import MAX_BATCH, SCHEMAS, validate
+from schemas import IDEMPOTENCY_KEY_PATTERN, MAX_BATCH, SCHEMAS, python_pattern, validate
 from static import robots, security_txt, static_file
 from storage import StorageError
 from web import STATUS_LINES, VERSION, HTTPError, Request, json_body, not_found, respond, whole_number
@@ -160,7 +160,8 @@ def ops_health(req):
 
 # -- jobs ------------------------------------------------------------------------
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+# One spelling with the schemas', whose $ is the end of the string (not of a line).
+_IDEMPOTENCY_KEY = python_pattern(IDEMPOTENCY_KEY_PATTERN)
 # An idempotency key is held with a digest of its body in this one spelling.
 # PERF: one encoder, not one built by each json.dumps with arguments.
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
@@ -235,15 +236,23 @@ def intake_batch(req):
     """Up to MAX_BATCH jobs in one call, accepted or refused together: a
     refusal names the first job refused (``index``, and ``jobs/<i>`` in its
     field). Each may carry an ``idempotency_key``: a replayed job answers
-    with its status then ("queued"), as a replayed intake does."""
+    with its status then ("queued"), as a replayed intake does. Or the
+    batch has one key of its own (``idempotency_key`` beside ``jobs``, or
+    the Idempotency-Key header): one record for all its jobs, and a replay
+    answers them all as the first call was answered."""
     body = req.json(limit=req.services.settings.max_batch_content_length)
     items = body.get("jobs") if isinstance(body, dict) else None
-    if not isinstance(items, list) or set(body) != {"jobs"} or not 1 <= len(items) <= MAX_BATCH:
+    if not isinstance(items, list) or set(body) - {"idempotency_key"} != {"jobs"} \
+            or not 1 <= len(items) <= MAX_BATCH or not isinstance(body.get("idempotency_key", ""), str):
         validate("intake_batch", body)  # the batch itself is malformed: say how
+    name = _batch_key_name(req, body)
     # Each job checked in full before the next, so a refusal names the first bad one.
     jobs, keys, seen = [], [], set()
     for i, item in enumerate(items):
         _in_batch(i, validate, "intake_batch_job", item, prefix=("jobs", str(i)))
+        if name is not None and "idempotency_key" in item:
+            raise HTTPError(400, "validation_failed", f"jobs/{i}/idempotency_key: a batch with a key of "
+                            "its own takes none for its jobs", field=f"jobs/{i}/idempotency_key", index=i)
         key = item.pop("idempotency_key", None)
         if key is not None and key in seen:
             raise HTTPError(400, "validation_failed", f"jobs/{i}/idempotency_key: repeated in this batch",
@@ -251,10 +260,26 @@ def intake_batch(req):
         seen.add(key)
         jobs.append(_in_batch(i, new_job, req, item))
         keys.append(None if key is None else idempotency(req, key, item))
-    added = accept(req, jobs, keys)
+    batch_key = None if name is None else idempotency(req, name, {"jobs": items})
+    added = accept(req, jobs, keys, batch_key)
     req.audit_paths = [f"{req.path}#{job['job_id']}" for job, _ in added]  # a row per job
+    replayed = [("Idempotent-Replayed", "true")] if batch_key and not added[0][1] else []
     return respond({"jobs": [{"job_id": job["job_id"], "status": job["status"] if created else "queued"}
-                             for job, created in added]}, 202)
+                             for job, created in added]}, 202, replayed)
+
+
+def _batch_key_name(req, body):
+    """The batch's own idempotency key, given in its body or its header (or
+    both, the same), or None."""
+    header = req.environ.get("HTTP_IDEMPOTENCY_KEY")
+    name = body.get("idempotency_key")
+    if name is not None and not _IDEMPOTENCY_KEY.match(name):
+        raise HTTPError(400, "validation_failed", "idempotency_key: 1 to 255 printable ASCII characters",
+                        field="idempotency_key")
+    if name is not None and header is not None and header != name:
+        raise HTTPError(400, "validation_failed", "idempotency_key: differs from the Idempotency-Key header",
+                        field="idempotency_key")
+    return header if name is None else name
 
 
 def _in_batch(index, fn, *args, **kwargs):
@@ -272,12 +297,12 @@ def _in_batch(index, fn, *args, **kwargs):
         raise
 
 
-def accept(req, jobs, keys):
+def accept(req, jobs, keys, batch_key=None):
     """Reserve and store new jobs (``Engine.accept_many``), its refusals
     answered; [(job, created)]. A refusal of one job of a batch names it."""
     services = req.services
     try:
-        added = services.engine.accept_many(jobs, req.key, keys)
+        added = services.engine.accept_many(jobs, req.key, keys, batch_key)
     except BudgetExceeded as exc:
         refusal = budget_refusal(req, exc)
         if len(jobs) > 1:
@@ -290,7 +315,7 @@ def accept(req, jobs, keys):
     except IdempotencyMismatch as exc:
         raise HTTPError(422, "idempotency_key_reused",
                         "this Idempotency-Key was used with a different request body",
-                        **({"index": exc.index} if len(jobs) > 1 else {}))
+                        **({"index": exc.index} if exc.index is not None and len(jobs) > 1 else {}))
     created = [job for job, new in added if new]
     if created:
         services.recorder.count("jobs", len(created))

@@ -139,6 +139,63 @@ def test_idempotency_keys_replay_each_job_of_a_batch(c):
     assert len(listed(c)) == 4  # neither refused batch left a job
 
 
+def test_a_batch_with_a_key_of_its_own_is_made_once_and_replayed_whole(c):
+    first = c.post("/api/v1/intake/batch", {"jobs": [job(), job()], "idempotency_key": "b-1"}, key=KEY)
+    assert first.status == 202 and "idempotent-replayed" not in first.headers
+    # The same batch again: its jobs, in order, answered as the first call was.
+    again = c.post("/api/v1/intake/batch", {"idempotency_key": "b-1", "jobs": [job(), job()]}, key=KEY)
+    assert again.status == 202 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json() and len(listed(c)) == 2
+    # The header names it as well (and may repeat the body's).
+    header = batch(c, [job(), job()], headers={"Idempotency-Key": "b-1"})
+    assert header.status == 202 and header.json() == first.json()
+    both = c.post("/api/v1/intake/batch", {"jobs": [job(), job()], "idempotency_key": "b-1"}, key=KEY,
+                  headers={"Idempotency-Key": "b-1"})
+    assert both.json() == first.json() and len(listed(c)) == 2
+    # Another body under the key is refused whole, and leaves nothing.
+    r = c.post("/api/v1/intake/batch", {"jobs": [job(), job(), job()], "idempotency_key": "b-1"}, key=KEY)
+    assert r.status == 422 and r.json()["error"] == "idempotency_key_reused" and "index" not in r.json()
+    assert len(listed(c)) == 2
+
+
+@pytest.mark.parametrize("body, headers, field", [
+    ({"jobs": [job()], "idempotency_key": 7}, {}, "idempotency_key"),
+    ({"jobs": [job()], "idempotency_key": ""}, {}, "idempotency_key"),
+    ({"jobs": [job()], "idempotency_key": "k\n"}, {}, "idempotency_key"),
+    ({"jobs": [job()], "idempotency_key": "x" * 256}, {}, "idempotency_key"),
+    ({"jobs": [job()], "idempotency_key": "a"}, {"Idempotency-Key": "b"}, "idempotency_key"),
+    ({"jobs": [job(), job(idempotency_key="j")], "idempotency_key": "a"}, {}, "jobs/1/idempotency_key"),
+    ({"jobs": [job(), job(idempotency_key="j")]}, {"Idempotency-Key": "a"}, "jobs/1/idempotency_key"),
+])
+def test_a_bad_or_doubled_batch_key_is_a_400_and_makes_nothing(c, body, headers, field):
+    r = c.post("/api/v1/intake/batch", body, key=KEY, headers=headers)
+    assert r.status == 400 and r.json()["error"] == "validation_failed" and r.json()["field"] == field, r
+    assert listed(c) == []
+
+
+def test_replays_reserve_nothing_and_are_answered_when_the_budget_could_not_hold_them_again(tmp_path):
+    app = start(tmp_path, MAX_COST_PER_DAY="1", MAX_COST_PER_JOB="0.3")
+    try:
+        c = Client(app)
+        body = {"jobs": [job(max_cost=0.3), job(max_cost=0.3)], "idempotency_key": "paid"}
+        first = c.post("/api/v1/intake/batch", body, key=KEY)
+        one = c.post("/api/v1/intake", job(max_cost=0.3), key=KEY, headers={"Idempotency-Key": "one"})
+        each = batch(c, [job(max_cost=0.05, idempotency_key="e")])
+        assert (first.status, one.status, each.status) == (202, 202, 202)
+        for _ in range(3):  # a retry whose answer was lost is answered, not refused with 429
+            assert c.post("/api/v1/intake/batch", body, key=KEY).json() == first.json()
+            assert c.post("/api/v1/intake", job(max_cost=0.3), key=KEY,
+                          headers={"Idempotency-Key": "one"}).json() == one.json()
+            assert batch(c, [job(max_cost=0.05, idempotency_key="e")]).json() == each.json()
+        assert c.get("/api/v1/usage", key=KEY).json()["totals"]["reserved"] == pytest.approx(0.95)
+        # Anything new past the budget is still refused, replays among it or not.
+        r = batch(c, [job(max_cost=0.05, idempotency_key="e"), job(max_cost=0.3)])
+        assert r.status == 429 and r.json()["error"] == "budget_exceeded"
+        assert len(listed(c)) == 4
+    finally:
+        app.stop()
+
+
 def test_a_batch_past_the_budget_reserves_nothing_and_stores_nothing(tmp_path):
     app = start(tmp_path, MAX_COST_PER_DAY="1", MAX_COST_PER_JOB="0.3")
     try:
