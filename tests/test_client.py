@@ -593,6 +593,47 @@ def test_submit_many_answers_in_order_in_chunks_and_is_refused_a_batch_at_a_time
     assert c.submit_many([]) == [] and c.calls["POST", "batch"] == 9
 
 
+class OlderServer(Counting):
+    """A client of a server from before batches had keys of their own: it
+    refuses one as that server did, and records what each batch carried."""
+
+    def request(self, method, path, *args, **kw):
+        if path.endswith("/intake/batch"):
+            body = args[0]
+            self.calls["keys"] = ("idempotency_key" in body,  # the batch's key; each job's
+                                  all("idempotency_key" in j for j in body["jobs"]))
+            if "idempotency_key" in body:
+                self.calls["POST", "batch"] += 1
+                raise levqor_client.errors.error_for(400, {
+                    "error": "validation_failed", "field": "idempotency_key",
+                    "message": "idempotency_key: is not an accepted field"}, None)
+        return super().request(method, path, *args, **kw)
+
+
+@pytest.mark.server
+def test_a_batch_has_one_key_of_its_own_or_from_an_older_server_one_a_job(server, monkeypatch):
+    sent = []
+    request = levqor_client.Client.request
+    monkeypatch.setattr(levqor_client.Client, "request",
+                        lambda self, method, path, body=None, **kw:
+                        sent.append(body) or request(self, method, path, body, **kw))
+    c = Client(server.url, KEY)
+    made = c.submit_many([{"workflow": "many.keyed", "payload": {"i": i}} for i in range(3)])
+    assert set(sent[-1]) == {"jobs", "idempotency_key"}  # one key, for the batch
+    assert not any("idempotency_key" in j for j in sent[-1]["jobs"])
+    # A job with a key of its own keeps it, and then each of the others gets one.
+    c.submit_many([{"workflow": "many.keyed", "payload": {}, "idempotency_key": "mine"},
+                   {"workflow": "many.keyed", "payload": {}}])
+    assert set(sent[-1]) == {"jobs"} and sent[-1]["jobs"][0]["idempotency_key"] == "mine"
+    assert all(len(j["idempotency_key"]) == 32 for j in sent[-1]["jobs"][1:])
+    assert len(made) == 3 and len(list(c.jobs(workflow="many.keyed"))) == 5
+    older = OlderServer(server.url, KEY)
+    for _ in range(2):  # refused once; from then on each job has a key
+        assert len(older.submit_many([{"workflow": "many.older", "payload": {}}] * 2)) == 2
+        assert older.calls["keys"] == (False, True)
+    assert older.calls["POST", "batch"] == 3 and len(list(c.jobs(workflow="many.older"))) == 4
+
+
 @pytest.mark.server
 def test_a_batch_retried_after_a_dropped_connection_makes_each_job_once(server):
     proxy = Relay(server.port)

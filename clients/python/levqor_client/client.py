@@ -17,7 +17,7 @@ import urllib.parse
 import uuid
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import LevqorConnectionError, LevqorError, error_for
+from .errors import LevqorConnectionError, LevqorError, ValidationError, error_for, unsupported
 
 FINAL = ("succeeded", "failed", "canceled")
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -105,6 +105,7 @@ class Client:
         self._local = threading.local()
         self._held: Dict[int, _Connection] = {}  # thread -> its waiting claim's connection
         self._held_lock = threading.RLock()  # a signal handler's stop may come in it
+        self._batch_keys = True  # until the server refuses a batch's own idempotency_key
 
     def __repr__(self) -> str:
         return f"Client({self.base_url!r})"
@@ -138,19 +139,21 @@ class Client:
 
         Sent ``batch_size`` (at most 1000) to a ``POST /api/v1/intake/batch``,
         each batch accepted or refused whole. With ``idempotent`` (the
-        default) a job without an ``idempotency_key`` is given a random one, so a
-        batch whose connection broke is sent again without making any job
-        twice; with ``idempotent=False`` such jobs are sent without one (the
-        server keeps no key for them) and a batch is not sent again after a
-        broken connection. A refused batch raises its error with two more
-        attributes: ``accepted``, the jobs of the batches before it (made),
-        and ``index``, the position in ``jobs`` of the first job refused
-        (None if the answer names none).
+        default) each batch is sent with a random key of its own (one record
+        at the server for the lot), so a batch whose connection broke is
+        sent again without making any job twice. Jobs given an
+        ``idempotency_key`` keep it, and then the others of their batch get
+        one each, as they do from a server without batch keys. With
+        ``idempotent=False`` only such jobs have keys, and a batch is not
+        sent again after a broken connection unless all of its jobs do. A
+        refused batch raises its error with two more attributes:
+        ``accepted``, the jobs of the batches before it (made), and
+        ``index``, the position in ``jobs`` of the first job refused (None
+        if the answer names none).
         """
         if not 1 <= batch_size <= BATCH_MAX:
             raise ValueError(f"batch_size is 1 to {BATCH_MAX}")
         bodies = []
-        fresh = os.urandom(16 * len(jobs))  # PERF: the keys made here, one read (a uuid4 each cost 2 µs)
         for i, spec in enumerate(jobs):
             unknown = set(spec) - _SUBMIT_FIELDS
             if unknown or "workflow" not in spec or "payload" not in spec:
@@ -159,15 +162,14 @@ class Client:
             fields = dict(spec)
             key = fields.pop("idempotency_key", None)
             body = _intake_body(fields.pop("workflow"), fields.pop("payload"), **fields)
-            if key is not None or idempotent:
-                body["idempotency_key"] = key or fresh[16 * i:16 * i + 16].hex()
+            if key is not None:
+                body["idempotency_key"] = key
             bodies.append(body)
         made: List[Job] = []
         for start in range(0, len(bodies), batch_size):
             chunk = bodies[start:start + batch_size]
             try:
-                answer = self.request("POST", "/api/v1/intake/batch", {"jobs": chunk},
-                                      retry_unsure=all("idempotency_key" in b for b in chunk))
+                answer = self._submit_batch(chunk, idempotent)
             except LevqorError as exc:
                 exc.accepted = list(made)  # type: ignore[attr-defined]
                 exc.index = _batch_index(exc.body, start)  # type: ignore[attr-defined]
@@ -177,6 +179,24 @@ class Client:
                                   f"{len(answer['jobs'])}", code="invalid_answer")
             made += [Job.from_dict(item) for item in answer["jobs"]]
         return made
+
+    def _submit_batch(self, chunk: List[Dict[str, Any]], idempotent: bool) -> Any:
+        """One ``POST /api/v1/intake/batch``: its answer."""
+        if idempotent and self._batch_keys and not any("idempotency_key" in b for b in chunk):
+            try:  # PERF: one key for the batch, not one a job (a digest, a lookup and a row each)
+                return self.request("POST", "/api/v1/intake/batch",
+                                    {"jobs": chunk, "idempotency_key": os.urandom(16).hex()},
+                                    retry_unsure=True)
+            except ValidationError as exc:
+                if not unsupported(exc, ("idempotency_key",)):
+                    raise
+                self._batch_keys = False  # an older server: a key for each job instead
+        if idempotent:
+            fresh = os.urandom(16 * len(chunk))  # PERF: one read (a uuid4 each cost 2 µs)
+            chunk = [b if "idempotency_key" in b else dict(b, idempotency_key=fresh[16 * i:16 * i + 16].hex())
+                     for i, b in enumerate(chunk)]
+        return self.request("POST", "/api/v1/intake/batch", {"jobs": chunk},
+                            retry_unsure=all("idempotency_key" in b for b in chunk))
 
     def get(self, job_id: str, *, wait: int = 0) -> Job:
         """The job's status view; with ``wait`` (whole seconds, up to 30)

@@ -95,3 +95,10 @@ def error_for(status: int, body: Any, request_id: Optional[str],
         cls = LevqorError
     return cls(message, code=code, status=status, request_id=request_id, body=body,
                retry_after=retry_after)
+
+
+def unsupported(exc: LevqorError, fields: Any) -> bool:
+    """Whether a 400 says the server does not know one of ``fields`` (an
+    older server): then the caller does without them."""
+    field = str(exc.body.get("field") or "")
+    return exc.status == 400 and field in fields and "not an accepted field" in exc.message

@@ -18,7 +18,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
 
 from .client import Client
 from .errors import (AuthError, Conflict, LevqorConnectionError, LevqorError,
-                     NotFound, ValidationError)
+                     NotFound, ValidationError, unsupported)
 
 log = logging.getLogger("levqor_client.worker")
 MAX_CLAIM = 100  # jobs one claim may ask for (max_jobs)
@@ -332,7 +332,7 @@ class Worker:
                 return self.client.claim(workflows, self.lease_seconds, max_jobs=want,
                                          wait=round(wait, 3) if wait > 0 else None)
             except ValidationError as exc:
-                if not _unsupported(exc, ("max_jobs", "wait")):
+                if not unsupported(exc, ("max_jobs", "wait")):
                     raise
                 log.info("the server claims one job at a time: polling instead")
                 self._batched = False
@@ -675,7 +675,7 @@ class Worker:
                     pause = min(pause * 2, 1.0)
                     continue
                 except ValidationError as exc:
-                    if chain and _unsupported(exc, ("claim_next",)):
+                    if chain and unsupported(exc, ("claim_next",)):
                         log.info("the server does not claim with a report: claiming apart")
                         self._chained = chain = False
                         self._unreserve()
@@ -715,10 +715,3 @@ class _Outgoing:
         if self.ctx.cost is not None:
             body["cost"] = self.ctx.cost
         return body
-
-
-def _unsupported(exc: LevqorError, fields: Any) -> bool:
-    """Whether a 400 says the server does not know one of ``fields`` (an
-    older server): then the worker does without them."""
-    field = str(exc.body.get("field") or "")
-    return exc.status == 400 and field in fields and "not an accepted field" in exc.message
