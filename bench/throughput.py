@@ -26,7 +26,7 @@ Every ratio is to a peer measured in the same run.
   Jobs/s accepted; nothing runs them.
 - batch enqueue: batches of 1000 for --seconds: Levqor
   ``POST /api/v1/intake/batch`` through ``Client.submit_many`` (SQLite),
-  with an idempotency key per job (the client's default) and without; RQ
+  with an idempotency key per batch (the client's default) and without; RQ
   ``Queue.enqueue_many``. Jobs/s.
 - external drain: --jobs jobs queued first, then 2 worker processes of each
   system, started together: Levqor's Worker (levqor_client: claims with
@@ -690,8 +690,9 @@ def report(results, args, load, info, peer_versions):
         + (f"; {args.note}" if args.note else ""),
         f"- Levqor: production settings, rate limits raised out of the way, 4 threads per "
         f"gunicorn worker, WORKER_THREADS=4; memory: 1 gunicorn worker, SQLite: {CORES}; the "
-        f"server had {used}. Levqor's client gives every job an idempotency key (its default: "
-        "a retry never makes two jobs), which the server keeps; RQ and Celery have none",
+        f"server had {used}. Levqor's client gives every intake, and every batch, an idempotency "
+        "key (its default: a retry never makes two jobs), which the server keeps; RQ and Celery "
+        "have none",
         "- RQ and Celery: Redis on the same machine (it keeps nothing on disk), their defaults "
         "otherwise; Celery's app has a Redis result backend, which the drain and the latency "
         "read",
