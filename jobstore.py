@@ -517,8 +517,8 @@ SQL = {
     "get": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
     "get_many": "SELECT seq, data FROM jobs WHERE job_id IN {job_ids}",
     "get_to_change": "SELECT seq, data FROM jobs WHERE job_id = :job_id",
-    "idempotent": "SELECT key, body_hash, job_id, job_ids FROM idempotency"
-                  " WHERE key_id = :key_id AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
+    "idempotent": "SELECT key, body_hash, job_id, job_ids FROM idempotency WHERE key_id = :key_id"
+                  " AND key IN (SELECT value FROM json_each(:keys)) AND expires > :now",
     # A batch's jobs, without RETURNING (executemany keeps no rows): their
     # seq is read back after. The limit is checked once before them, in the
     # same write transaction ("held"), not by each row.
@@ -705,6 +705,11 @@ _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _row = operator.itemgetter(*JOB_COLUMNS)  # a job's columns, in order
 
 
+def _caller(keys, batch_key):
+    """The key_id of the caller whose idempotency keys these are, or None."""
+    return batch_key[0] if batch_key else next((key[0] for key in keys if key), None)
+
+
 def _memo(key, job_id, job_ids, now):
     """The idempotency row of ``key``: the job it made, or (a batch's key)
     the first of them and all their ids in order."""
@@ -801,7 +806,7 @@ class SqlJobStore:
             return [(jobs[0], True)]
         # The lock makes the checks and the records of a caller's keys one
         # step (SQLite's write transactions are one at a time anyway).
-        key_id = batch_key[0] if batch_key else next((key[0] for key in keys if key), None)
+        key_id = _caller(keys, batch_key)
         with self.db.write(lock=key_id and f"idempotency:{key_id}") as conn:
             if batch_key is not None:
                 made = self._remembered_batch(conn, batch_key, now)
@@ -819,7 +824,7 @@ class SqlJobStore:
 
     def replayed(self, idempotency=None, batch_key=None):
         keys = idempotency or []
-        key_id = batch_key[0] if batch_key else next((key[0] for key in keys if key), None)
+        key_id = _caller(keys, batch_key)
         if key_id is None:
             return None
         now = self.clock()

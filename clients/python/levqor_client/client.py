@@ -193,8 +193,8 @@ class Client:
                 self._batch_keys = False  # an older server: a key for each job instead
         if idempotent:
             fresh = os.urandom(16 * len(chunk))  # PERF: one read (a uuid4 each cost 2 µs)
-            chunk = [b if "idempotency_key" in b else dict(b, idempotency_key=fresh[16 * i:16 * i + 16].hex())
-                     for i, b in enumerate(chunk)]
+            chunk = [b if "idempotency_key" in b else
+                     dict(b, idempotency_key=fresh[16 * i:16 * i + 16].hex()) for i, b in enumerate(chunk)]
         return self.request("POST", "/api/v1/intake/batch", {"jobs": chunk},
                             retry_unsure=all("idempotency_key" in b for b in chunk))
 
