@@ -401,7 +401,7 @@ def _matches(job, name, data):
 
 
 class _Tokens:
-    """Random 128-bit tokens (job ids, leases), cut from os.urandom read
+    """Random 128-bit tokens (leases, the tail of job ids), cut from os.urandom read
     4 KiB at a time. PERF: os.urandom gives up the GIL for its system call,
     and with the service's threads about, getting it back costs more than
     the read: 1,000-job batch intakes through the app in one process ran
@@ -429,6 +429,16 @@ class _Tokens:
 
 
 new_token = _Tokens()
+
+
+def new_job_id():
+    """A job's id: 32 hex digits, the first 12 the time in milliseconds and
+    the other 20 random (80 bits; knowing one id tells nothing of the next).
+    PERF: ids that grow with time go in at the end of the stores' job_id
+    index, not at random places in it: a SQLite batch of 1,000 jobs was
+    written in two thirds of the time (fewer pages touched, and fewer
+    pages in the commit). A clock set back only costs that saving."""
+    return f"{time.time_ns() // 1_000_000:012x}{new_token()[:20]}"
 
 
 class Engine:
@@ -507,7 +517,7 @@ class Engine:
         status = "waiting" if depends_on else "scheduled" if run_at and run_at > now else "queued"
         not_before = FOREVER if depends_on else max(now, run_at or now)
         return {
-            "job_id": new_token(), "status": status, "workflow": workflow, "payload": payload,
+            "job_id": new_job_id(), "status": status, "workflow": workflow, "payload": payload,
             "priority": priority, "callback_url": callback_url, "key_id": key_id,
             "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
             "attempts": 0, "max_attempts": self._options(workflow)[1],

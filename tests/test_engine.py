@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import threading
 import time
 
@@ -836,6 +837,22 @@ def test_tokens_are_unique_across_threads_and_in_a_forked_child():
     assert len(child) == 8 and all(len(t) == 32 and int(t, 16) >= 0 for t in child + parent)
     assert not set(child) & set(parent + made)
     assert len(set(made)) == len(made) == 8000
+
+
+def test_job_ids_are_32_hex_digits_that_sort_in_the_order_jobs_were_made():
+    """The first 12 digits are the time in milliseconds (ids then go in at
+    the end of a store's index); the other 20 are random, so ids made in
+    the same millisecond still differ and none can be guessed from another."""
+    eng, _ = make_engine(engine.Registry())
+    ids = []
+    for _ in range(3):
+        ids += [eng.new_job("ext", {}, "normal", None, "k")["job_id"] for _ in range(500)]
+        time.sleep(0.002)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", job_id) for job_id in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids[0] < ids[500] < ids[1000]  # a later millisecond sorts later
+    assert abs(int(ids[-1][:12], 16) / 1000 - time.time()) < 5
+    assert len({job_id[12:] for job_id in ids}) == len(ids)  # the random part alone is unique
 
 
 def test_a_waiting_claim_hears_its_caller_hang_up_at_once_and_takes_nothing():
