@@ -792,6 +792,9 @@ def test_add_many_stores_every_job_in_order(job_backend, clock):
     seqs = [j["seq"] for j, _ in added]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
     assert [store.get(j["job_id"])["priority"] for j in jobs] == ["low", "normal", "high"]
+    # the seq each job was answered with is the one stored (a page cursor), after a first batch too
+    more = store.add_many([new_job(clock) for _ in range(3)])
+    assert [store.get(j["job_id"])["seq"] for j, _ in added + more] == seqs + [j["seq"] for j, _ in more]
 
 
 def test_add_many_over_max_jobs_stores_none(job_backend, clock):
