@@ -218,6 +218,7 @@ SETTINGS = (
     ("threads", "THREADS", whole(1, 256), "4"),
     ("read_timeout", "READ_TIMEOUT", seconds(0.1, 3600), "5"),
     ("request_timeout", "REQUEST_TIMEOUT", seconds(0.1, 3600), "10"),
+    ("keepalive_linger", "KEEPALIVE_LINGER", seconds(0, 5), "0.1"),
     ("gunicorn_log_level", "GUNICORN_LOG_LEVEL", choice("debug", "info", "warning", "error",
                                                         "critical"), "info"),
     # Blank: a quarter of MAX_COST_PER_DAY (costs.Guardrails).
@@ -287,6 +288,7 @@ class Settings:
     threads: int
     read_timeout: float          # seconds of silence in one read of a request
     request_timeout: float       # seconds for a whole request's head and body
+    keepalive_linger: float      # seconds a thread waits on its kept-alive connection
     gunicorn_log_level: str
     key_daily_budget: object     # micro-dollars for a managed key without its own; None: default
     callback_scan_interval: float  # seconds between scans for deliveries whose sender died

@@ -243,3 +243,80 @@ def test_a_worker_that_fails_to_boot_exits_cleanly(tmp_path):
     assert "no_such_module_xyz" in log
     assert "AttributeError" not in log, log
     assert "Exception during worker exit" not in log, log
+
+
+# -- kept-alive connections: the thread that answered waits on them a moment ------------------
+
+
+def _responses(sock, n):
+    """The status lines of the next n responses (Content-Length bodies) on sock."""
+    reader, lines = sock.makefile("rb"), []
+    for _ in range(n):
+        status = reader.readline()
+        assert status, "connection closed"
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        reader.read(length)
+        lines.append(status.strip())
+    return lines
+
+
+def test_a_kept_alive_connection_is_answered_however_soon_its_next_request_comes(tmp_path):
+    """At once, within the linger, after it, and two requests in one write
+    (the second read ahead with the first): each answered, in order."""
+    srv = Server(tmp_path, API_KEYS=KEY, THREADS=2, KEEPALIVE_LINGER=0.2).start()
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            for gap in (0, 0.05, 0.5, 0.01):
+                time.sleep(gap)
+                s.sendall(request)
+                assert _responses(s, 1) == [b"HTTP/1.1 200 OK"]
+            s.sendall(request + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _responses(s, 2) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+    finally:
+        srv.stop()
+
+
+def test_a_lingering_thread_gives_way_to_other_clients(tmp_path):
+    """Two threads. Client A's thread waits on A's connection (a 5 s linger);
+    a status read that waits for its job (8 s) takes the other thread. Then
+    client C comes: A's thread gives up its linger for it. If it did not, C
+    would wait behind both, for the linger or the job's wait."""
+    srv = Server(tmp_path, API_KEYS=KEY, THREADS=2, KEEPALIVE_LINGER=5).start()
+    headers = {"X-Api-Key": KEY}
+    try:
+        job_id = requests.post(srv.url + "/api/v1/intake", headers=headers, timeout=5, json={
+            "workflow": "nobody.claims", "payload": {}}).json()["job_id"]
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as a:
+            a.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _responses(a, 1) == [b"HTTP/1.1 200 OK"]  # A's thread lingers now
+            waiting = threading.Thread(target=lambda: requests.get(
+                f"{srv.url}/api/v1/status/{job_id}?wait=8", headers=headers, timeout=15))
+            waiting.start()
+            time.sleep(0.5)  # the wait has its thread
+            started = time.monotonic()
+            assert requests.get(srv.url + "/health", timeout=15).status_code == 200
+            assert time.monotonic() - started < 3
+            waiting.join()
+    finally:
+        srv.stop()
+
+
+def test_sigterm_ends_a_linger(tmp_path):
+    """A connection idle after its request, its thread waiting on it for 5 s:
+    SIGTERM stops the server within gunicorn's own 2 s for kept-alive
+    connections, not after the linger."""
+    srv = Server(tmp_path, API_KEYS=KEY, THREADS=2, KEEPALIVE_LINGER=5).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _responses(s, 1) == [b"HTTP/1.1 200 OK"]
+            started = time.monotonic()
+            srv.proc.terminate()
+            srv.proc.wait(timeout=15)
+            assert time.monotonic() - started < 4.5
+    finally:
+        srv.stop()
