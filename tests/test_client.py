@@ -300,6 +300,25 @@ def test_worker_drains_200_jobs_exactly_once(server):
     assert worker.handled == 200 and worker.lost == []
 
 
+def test_an_idle_worker_runs_each_job_on_the_slot_idle_for_the_shortest_time(server):
+    """Jobs one at a time, with pauses longer than a slot's own wake-ups
+    (0.2 s): each runs on the slot that ran the one before, whose thread and
+    connection are the warmest, not on the slots in turn."""
+    c = Client(server.url, KEY)
+    threads = []
+    worker = Worker(c, {"ext.where": lambda payload, ctx: threads.append(
+        threading.current_thread().name)}, concurrency=4, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        for i in range(5):
+            assert c.wait(c.submit("ext.where", {"i": i}).job_id, timeout=30).ok
+            time.sleep(0.3)
+    finally:
+        worker.stop()
+        t.join(30)
+    assert len(threads) == 5 and len(set(threads[1:])) == 1, threads
+
+
 def test_a_worker_s_steps_run_once_across_attempts_and_are_charged_once(server):
     c = Client(server.url, KEY)
     calls = collections.Counter()

@@ -170,7 +170,7 @@ class Worker:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the claim thread waits here for idle slots
-        self._work = threading.Condition(self._lock)  # idle slots wait here for jobs
+        self._work = _LatestIdleFirst(self._lock)  # idle slots wait here for jobs
         self._ready: Deque[Dict[str, Any]] = collections.deque()  # claimed for idle slots
         self._idle = 0              # slots waiting for a job
         self._busy = 0              # slots holding one
@@ -366,6 +366,7 @@ class Worker:
         with self._cond:
             self._idle += 1
             self._cond.notify_all()
+            idle_since = time.monotonic()
             try:
                 while True:
                     if self._ready:
@@ -375,7 +376,7 @@ class Worker:
                         self._max_jobs is not None and self._claimed >= self._max_jobs)
                     if done and not self._claiming:
                         return None
-                    self._work.wait(0.2)
+                    self._work.wait(0.2, idle_since)
             finally:
                 self._idle -= 1
 
@@ -690,6 +691,39 @@ class Worker:
         finally:
             if chain and following is None:
                 self._unreserve()
+
+
+class _LatestIdleFirst:
+    """Where idle slots wait for jobs (a condition on the worker's lock):
+    ``notify(n)`` wakes the n slots idle for the shortest time, not the
+    longest waiting as a Condition would. PERF: that slot's thread, and its
+    connection, were used last: the server may still be waiting on that
+    connection for its next request (KEEPALIVE_LINGER), which spares a
+    hand-off between the server's threads. With slots taken in turn, an
+    idle worker of 4 slots reported each job on a connection idle for four
+    jobs' time."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._sleepers: List[Any] = []  # [idle since, its condition], of slots waiting
+
+    def wait(self, timeout: float, idle_since: float) -> None:
+        """Wait (holding the lock) until notified or ``timeout`` passes."""
+        sleeper = [idle_since, threading.Condition(self._lock)]
+        self._sleepers.append(sleeper)
+        try:
+            sleeper[1].wait(timeout)
+        finally:
+            if sleeper in self._sleepers:
+                self._sleepers.remove(sleeper)
+
+    def notify(self, n: int = 1) -> None:
+        self._sleepers.sort(key=lambda sleeper: sleeper[0])
+        for _ in range(min(n, len(self._sleepers))):
+            self._sleepers.pop()[1].notify()
+
+    def notify_all(self) -> None:
+        self.notify(len(self._sleepers))
 
 
 class _Outgoing:
