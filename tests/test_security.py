@@ -62,6 +62,7 @@ def test_open_mode_warns_loudly(tmp_path):
     ({"API_KEYS": "short"}, "API_KEYS"),
     ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"KEEPALIVE_LINGER": "60"}, "KEEPALIVE_LINGER"),  # a thread per idle connection, for a minute
 ])
 def test_bad_settings_refuse_to_start(tmp_path, env, message):
     with pytest.raises(levqor.ConfigError, match=message):
