@@ -5,7 +5,7 @@
     python bench/run.py --smoke    # one short round, for CI; writes nothing
 
 Starts two gunicorn servers with identical settings (1 worker, gthread,
-4 threads): Levqor with its production defaults (keys, limiter, validation,
+4 threads, both under gunicorn.conf.py): Levqor with its production defaults (keys, limiter, validation,
 headers, audit and logging all on; only the rate limits raised out of the
 way), and bench/floor.py. Then drives each endpoint with `wrk -t1 -c8`,
 several rounds, alternating which app goes first, and reports medians:
@@ -366,7 +366,9 @@ def main():
         "",
         f"- date: {info['date']}; commit: {info['commit']}",
         f"- machine: {info['nproc']} cores, {info['cpu']}; Python {info['python']}; gunicorn {info['gunicorn']}",
-        f"- setup: 1 gunicorn worker, gthread, 4 threads, for both apps; `wrk -t1 -c8`, "
+        f"- setup: 1 gunicorn worker, gthread (gunicorn.conf.py's: a thread waits on its kept-alive "
+        f"connection up to KEEPALIVE_LINGER, {os.environ.get('KEEPALIVE_LINGER', '0.1')} s), 4 threads, "
+        f"for every app; `wrk -t1 -c8`, "
         f"{args.rounds} rounds of {args.seconds} s per endpoint and app, apps alternating; medians",
         "- Levqor: LEVQOR_ENV=production with an API key; rate limits raised out of the way, "
         "everything else on (auth, limiter, validation, headers, audit, JSON access log to a file); "
