@@ -68,6 +68,8 @@ class LingeringWorker(ThreadWorker):
         self._busy_lock = threading.Lock()
 
     def handle(self, conn):
+        if self.LINGER <= 0:
+            return super().handle(conn)
         with self._busy_lock:
             self._busy += 1
         try:
@@ -85,20 +87,30 @@ class LingeringWorker(ThreadWorker):
                 and self._busy < self.cfg.threads)
 
     def _next_request_came(self, conn):
-        """Whether the connection's next request is here, having waited up
-        to LINGER for it while nobody else needed this thread."""
-        unread = getattr(getattr(conn.parser, "unreader", None), "buf", None)
-        if unread is None:
+        """Whether this thread answers the connection's next request: it is
+        here, or came within LINGER, and nobody else needs the thread. If
+        somebody does, the connection goes back to gthread, which queues it
+        behind them when its next request is already read (as gthread does
+        with a client that sends several at once: without that turn, such
+        a client could keep a thread for as long as it keeps sending)."""
+        unreader = getattr(conn.parser, "unreader", None)
+        if unreader is None:
             return False  # not an HTTP/1.1 connection: gthread's own way
-        if unread.getvalue() or getattr(conn.sock, "pending", int)():
-            return True  # read ahead with the last one (by gunicorn, or by TLS)
-        deadline = time.monotonic() + self.LINGER
-        while self._others_can_wait() and time.monotonic() < deadline:
-            try:
-                if select.select([conn.sock], [], [], self.SLICE)[0]:
+        try:
+            if not unreader.buf.getvalue() and getattr(conn.sock, "pending", int)():
+                # TLS read ahead: put where gthread looks for read-ahead
+                # bytes, as the socket will not look readable for them.
+                unreader.unread(conn.sock.recv(conn.sock.pending()))
+            if unreader.buf.getvalue():
+                return self._others_can_wait()
+            deadline = time.monotonic() + self.LINGER
+            poller = select.poll()  # not select(): that fails past file descriptor 1023
+            poller.register(conn.sock, select.POLLIN)
+            while self._others_can_wait() and time.monotonic() < deadline:
+                if poller.poll(self.SLICE * 1000):
                     return True
-            except (OSError, ValueError):  # closed meanwhile
-                return False
+        except (OSError, ValueError):  # closed meanwhile
+            pass
         return False
 
 

@@ -7,7 +7,10 @@ read silent for long, and the gthread worker gives it a thread for as long as
 it keeps that up."""
 
 import math
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
@@ -280,6 +283,38 @@ def test_a_kept_alive_connection_is_answered_however_soon_its_next_request_comes
         srv.stop()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_over_tls_requests_sent_together_and_apart_are_all_answered(tmp_path, monkeypatch, threads):
+    """TLS reads ahead on its own: requests sent in one write wait decrypted
+    in the TLS layer, where the socket does not look readable for them. With
+    one thread (no linger: the connection goes back to gthread) and with two."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # Server.start's readiness check
+    srv = Server(tmp_path, THREADS=threads, KEEPALIVE_LINGER=0.2,
+                 GUNICORN_CMD_ARGS=f"--certfile={cert} --keyfile={key}")
+    srv.url = srv.url.replace("http://", "https://")
+    srv.start()
+    context = ssl.create_default_context(cafile=str(cert))
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5),
+                                 server_hostname="127.0.0.1") as s:
+            s.sendall(request)
+            assert _responses(s, 1) == [b"HTTP/1.1 200 OK"]
+            s.sendall(request * 3)
+            assert _responses(s, 3) == [b"HTTP/1.1 200 OK"] * 3
+            time.sleep(0.5)  # past the linger
+            s.sendall(request)
+            assert _responses(s, 1) == [b"HTTP/1.1 200 OK"]
+    finally:
+        srv.stop()
+
+
 def test_a_lingering_thread_gives_way_to_other_clients(tmp_path):
     """Two threads. Client A's thread waits on A's connection (a 5 s linger);
     a status read that waits for its job (8 s) takes the other thread. Then
@@ -319,4 +354,45 @@ def test_sigterm_ends_a_linger(tmp_path):
             srv.proc.wait(timeout=15)
             assert time.monotonic() - started < 4.5
     finally:
+        srv.stop()
+
+
+def test_a_client_that_sends_many_requests_at_once_takes_turns_with_the_others(tmp_path):
+    """One thread. Client A keeps 200 requests in flight on one connection
+    for 4 s; client B's one request, sent meanwhile, is answered in its
+    turn. A thread that answered A's requests read ahead one after another
+    kept the thread until A paused (B waited 2.4 s)."""
+    big = 10**9
+    srv = Server(tmp_path, THREADS=1, RATE_ANON=big, RATE_ANON_GLOBAL=big, RATE_BURST=big,
+                 RATE_GLOBAL=big, RATE_READ=big).start()
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    until = time.monotonic() + 4
+    a = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+
+    def flood():
+        try:
+            while time.monotonic() < until:
+                a.sendall(request * 200)
+        except OSError:
+            pass
+
+    def drain():
+        try:
+            while a.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=flood, daemon=True), threading.Thread(target=drain, daemon=True)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as b:
+            started = time.monotonic()
+            b.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert b.recv(100).startswith(b"HTTP/1.1 200 ")
+            assert time.monotonic() - started < 1.0
+    finally:
+        a.close()
         srv.stop()
