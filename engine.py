@@ -433,7 +433,7 @@ new_token = _Tokens()
 
 def new_job_id():
     """A job's id: 32 hex digits, the first 12 the time in milliseconds and
-    the other 20 random (80 bits; knowing one id tells nothing of the next).
+    the other 20 random (80 bits: no id can be guessed from another).
     PERF: ids that grow with time go in at the end of the stores' job_id
     index, not at random places in it: a SQLite batch of 1,000 jobs was
     written in two thirds of the time (fewer pages touched, and fewer
