@@ -300,14 +300,24 @@ def test_worker_drains_200_jobs_exactly_once(server):
     assert worker.handled == 200 and worker.lost == []
 
 
-def test_an_idle_worker_runs_each_job_on_the_slot_idle_for_the_shortest_time(server):
+def test_an_idle_worker_runs_each_job_on_the_slot_whose_claim_got_it(server):
     """Jobs one at a time, with pauses longer than a slot's own wake-ups
-    (0.2 s): each runs on the slot that ran the one before, whose thread and
-    connection are the warmest, not on the slots in turn."""
+    (0.2 s): each runs on the thread that claimed it (no hand-off to
+    another), and that thread reports it on the connection the claim came
+    back on."""
     c = Client(server.url, KEY)
-    threads = []
-    worker = Worker(c, {"ext.where": lambda payload, ctx: threads.append(
-        threading.current_thread().name)}, concurrency=4, claim_wait=WAIT)
+    claimed, ran = {}, {}
+    real_claim = c.claim
+
+    def claim(*args, **kwargs):
+        answer = real_claim(*args, **kwargs)
+        for job in answer if isinstance(answer, list) else [answer] if answer else []:
+            claimed[job["job_id"]] = threading.current_thread().name
+        return answer
+
+    c.claim = claim
+    worker = Worker(c, {"ext.where": lambda payload, ctx: ran.__setitem__(
+        ctx.job_id, threading.current_thread().name)}, concurrency=4, claim_wait=WAIT)
     t = run_worker(worker)
     try:
         for i in range(5):
@@ -316,7 +326,35 @@ def test_an_idle_worker_runs_each_job_on_the_slot_idle_for_the_shortest_time(ser
     finally:
         worker.stop()
         t.join(30)
-    assert len(threads) == 5 and len(set(threads[1:])) == 1, threads
+    assert len(ran) == 5 and ran == claimed, (ran, claimed)
+    assert set(ran.values()) <= {f"levqor-worker-{i}" for i in range(4)}
+
+
+def test_a_job_queued_while_another_runs_starts_on_an_idle_slot_at_once(server):
+    """The claim for the slots still idle waits a moment after a claim got
+    a job (GATHER), and no longer: a second job, queued while the first one
+    runs on, starts beside it, not after it."""
+    c = Client(server.url, KEY)
+    release, started = threading.Event(), threading.Event()
+
+    def slow(payload, ctx):
+        started.set()
+        assert release.wait(30)
+
+    worker = Worker(c, {"ext.slow": slow, "ext.quick": lambda payload, ctx: "done"},
+                    concurrency=2, claim_wait=WAIT)
+    t = run_worker(worker)
+    try:
+        first = c.submit("ext.slow", {}).job_id
+        assert started.wait(30)
+        second = c.submit("ext.quick", {}).job_id
+        assert c.wait(second, timeout=10).result == "done"
+        assert c.get(first).status == "running"
+    finally:
+        release.set()
+        worker.stop()
+        t.join(30)
+    assert c.wait(first, timeout=10).ok and worker.handled == 2
 
 
 def test_a_worker_s_steps_run_once_across_attempts_and_are_charged_once(server):
