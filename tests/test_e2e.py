@@ -238,6 +238,7 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
     # The watch looks at data_version only every 60 s here: what wakes it
     # within the test's bound can only be the announce's datagram.
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
     with _watching(tmp_path) as (other, woken):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         assert not woken.wait(0.1)
@@ -246,6 +247,36 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
         started = time.monotonic()
     assert time.monotonic() - started < 2  # its stop ends the wait at once
     assert not list((tmp_path / "w.db-wake").glob("*"))  # and its socket is gone
+
+
+def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, monkeypatch):
+    """Once nothing changed for QUIET seconds, the watch reads data_version
+    every IDLE_EVERY (an idle process spent 3-4 % of a core reading it every
+    5 ms); a commit by another connection, which sends no datagram, still
+    wakes it, and the quick reads start again."""
+    monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
+    reads = []
+    real_query = storage.Database.query
+
+    def query(self, sql, *args, **kwargs):
+        if "data_version" in sql:
+            reads.append(time.monotonic())
+        return real_query(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Database, "query", query)
+
+    def reads_within(seconds):
+        start = time.monotonic()
+        time.sleep(seconds)
+        return len([t for t in reads if t >= start])
+
+    with _watching(tmp_path) as (other, woken):
+        time.sleep(0.4)  # past QUIET
+        assert reads_within(0.5) <= 0.5 / storage.Changes.IDLE_EVERY + 2  # not 100
+        with other.write() as conn:
+            conn.execute("CREATE TABLE t (x)")
+        assert woken.wait(5)
+        assert reads_within(0.15) > 0.15 / storage.Changes.IDLE_EVERY + 2
 
 
 def test_an_announce_clears_a_dead_watchers_socket_and_follows_no_symlink(tmp_path):
