@@ -357,6 +357,46 @@ def test_a_job_queued_while_another_runs_starts_on_an_idle_slot_at_once(server):
     assert c.wait(first, timeout=10).ok and worker.handled == 2
 
 
+def test_a_worker_holds_no_jobs_ready_while_a_slot_is_idle(server):
+    """A fast job queues nine slow ones just before it ends, while the other
+    slot's claim is on its way to the server (late, here): the report claims
+    its slot's next job, not eight more held ready, which that claim, once
+    it waits at the server with nothing left to take, could not reach: they
+    would run one after another on the first slot."""
+    c = Client(server.url, KEY)
+    starts = []
+
+    class LateClaims(Client):
+        def claim(self, *args, **kwargs):
+            time.sleep(0.3)
+            return super().claim(*args, **kwargs)
+
+    def fan_out(payload, ctx):
+        if payload.get("fan_out"):
+            c.submit_many([{"workflow": "ext.slow", "payload": {}} for _ in range(9)])
+
+    def slow(payload, ctx):
+        starts.append((time.monotonic(), threading.current_thread().name))
+        time.sleep(0.3)
+
+    worker = Worker(LateClaims(server.url, KEY), {"ext.fan": fan_out, "ext.slow": slow},
+                    concurrency=2, claim_wait=10)
+    worker.GATHER, worker.FAST = 0.0, 5.0  # the next claim at once; every job counts as fast
+    t = run_worker(worker)
+    try:
+        assert c.wait(c.submit("ext.fan", {}).job_id, timeout=30).ok  # a report with claim_next
+        time.sleep(0.5)  # a claim waits at the server
+        assert c.wait(c.submit("ext.fan", {"fan_out": True}).job_id, timeout=30).ok
+        deadline = time.monotonic() + 30
+        while len(starts) < 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        t.join(30)
+    first, second = sorted(starts)[:2]
+    assert first[1] != second[1] and second[0] - first[0] < 1.0, sorted(starts)
+
+
 def test_a_worker_s_steps_run_once_across_attempts_and_are_charged_once(server):
     c = Client(server.url, KEY)
     calls = collections.Counter()

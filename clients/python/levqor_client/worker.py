@@ -148,7 +148,9 @@ class Worker:
     # its report for a later call and runs that job. So short jobs make one
     # round trip for several, even on one slot. A held job's lease is renewed
     # from the moment it is held; a report left waiting FLUSH seconds (the
-    # job after it was slow) is sent by the heartbeat thread.
+    # job after it was slow) is sent by the heartbeat thread. Jobs are held
+    # only while no slot is idle: an idle one waits at the server, where held
+    # jobs cannot reach it, and they would run one after another.
     FAST = 0.005
     HOLD = 8
     FLUSH = 0.05
@@ -582,6 +584,8 @@ class Worker:
 
     def _send(self, batch: List[_Outgoing], prefetch: int) -> None:
         """Send ``batch`` (taken with _take_outbox), then let the next go."""
+        if self._idle:  # see HOLD; no slot turns idle while this is in flight,
+            prefetch = 0  # for one does so only once its own report is answered
         try:
             if not self._grouped or (len(batch) == 1 and not prefetch):
                 for entry in batch:
