@@ -634,8 +634,8 @@ class Changes(Background):
     the thread by datagram whenever it waits, and one held back (within
     ANNOUNCE_EVERY of the last) follows an announce, which starts the quick
     reads again; a new watch, which its peers learn of within a second,
-    starts with them too. Only a write by another program is seen up to
-    IDLE_EVERY later."""
+    starts with them too. Only a write by another program, or by a process
+    past the MAX_PEERS that are told, is seen up to IDLE_EVERY later."""
 
     NAME = "levqor-sqlite-changes"
     EVERY = 0.005  # seconds between reads while changes come (or with no socket)
@@ -665,8 +665,8 @@ class Changes(Background):
                 told = self._wait(sock, self.IDLE_EVERY if quiet else self.EVERY)
                 try:
                     version = self.db.query("PRAGMA data_version")[0]["data_version"]
-                except StorageError:
-                    continue  # busy or away: the waiters' own polls cover it
+                except StorageError:  # busy or away: the waiters' own polls cover it
+                    version = seen
                 if told or (seen is not None and version != seen):
                     self.wake(None)
                     changed = time.monotonic()
