@@ -10,6 +10,7 @@ import math
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -228,6 +229,35 @@ def test_each_request_on_a_keep_alive_connection_has_its_own_deadline(server):
         s.sendall(request[20:])
         status, _ = _read_response(s)
         assert status.startswith(b"HTTP/1.1 200 "), status
+
+
+def _data_segments_in(sock):
+    """TCP segments with data this socket has received (Linux's tcp_info)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="tcp_info is Linux's")
+def test_an_answer_comes_in_one_segment_head_and_body(server):
+    """gunicorn sends an answer's head and body apart; gunicorn.conf.py sends
+    one whose body comes whole in one write (the same bytes): the client
+    wakes once for it, not twice. A HEAD request still gets the head alone."""
+    body = b'{"workflow":"echo","payload":{"n":1}}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        for request in (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /api/v1/intake HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+                        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body):
+            before = _data_segments_in(s)
+            s.sendall(request)
+            status, _ = _read_response(s)
+            assert status.split()[1] in (b"200", b"202"), status
+            assert _data_segments_in(s) - before == 1
+        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), head
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # nothing of a body came before
+        assert _read_response(s)[0].startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_worker_that_fails_to_boot_exits_cleanly(tmp_path):
