@@ -187,7 +187,10 @@ def _bound_request_reads(log):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise drop(self.sock)
-            self.sock.settimeout(wait)
+            # PERF: each settimeout is a system call; most reads of a request
+            # are far from its deadline, on a socket already at READ_TIMEOUT.
+            if self.sock.gettimeout() != wait:
+                self.sock.settimeout(wait)
             try:
                 return original_chunk(self, *args, **kwargs)
             except TimeoutError:
@@ -196,7 +199,8 @@ def _bound_request_reads(log):
                 # The response is written on this socket too: leave it the
                 # READ_TIMEOUT it had before the request deadline existed,
                 # not the last few milliseconds of that deadline.
-                self.sock.settimeout(READ_TIMEOUT)
+                if wait != READ_TIMEOUT:
+                    self.sock.settimeout(READ_TIMEOUT)
 
         chunk.levqor_bounded = True
         unreader.SocketUnreader.chunk = chunk
