@@ -367,7 +367,8 @@ def main():
         f"- date: {info['date']}; commit: {info['commit']}",
         f"- machine: {info['nproc']} cores, {info['cpu']}; Python {info['python']}; gunicorn {info['gunicorn']}",
         f"- setup: 1 gunicorn worker, gthread (gunicorn.conf.py's: a thread waits on its kept-alive "
-        f"connection up to KEEPALIVE_LINGER, {os.environ.get('KEEPALIVE_LINGER', '0.1')} s), 4 threads, "
+        f"connection up to KEEPALIVE_LINGER, {os.environ.get('KEEPALIVE_LINGER', '0.1')} s, and an "
+        f"answer's head and body leave in one write), 4 threads, "
         f"for every app; `wrk -t1 -c8`, "
         f"{args.rounds} rounds of {args.seconds} s per endpoint and app, apps alternating; medians",
         "- Levqor: LEVQOR_ENV=production with an API key; rate limits raised out of the way, "
