@@ -23,8 +23,8 @@ if CLIENT_DIR not in sys.path:
     sys.path.insert(0, CLIENT_DIR)
 
 import levqor_client  # noqa: E402
-from levqor_client import (AuthError, BudgetExceeded, Client, Conflict, LevqorError,  # noqa: E402
-                           NotFound, Permanent, RateLimited, ValidationError,
+from levqor_client import (AuthError, BudgetExceeded, Client, Conflict,  # noqa: E402
+                           LevqorConnectionError, LevqorError, NotFound, Permanent, RateLimited, ValidationError,
                            WebhookVerificationError, Worker, verify_webhook)
 from levqor_client.errors import error_for  # noqa: E402
 
@@ -125,8 +125,9 @@ class ScriptedServer:
     ``answers`` (raw bytes), closing the connection after an answer that has
     no length; it counts the connections it accepted."""
 
-    def __init__(self, answers):
+    def __init__(self, answers, piece=None):
         self.answers = list(answers)
+        self.piece = piece  # send each answer in writes of this many bytes
         self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -155,7 +156,12 @@ class ScriptedServer:
                               if h.lower().startswith(b"content-length:")]
                     reader.read(length[0] if length else 0)
                     answer = self.answers.pop(0)
-                    conn.sendall(answer)
+                    if self.piece:
+                        for i in range(0, len(answer), self.piece):
+                            conn.sendall(answer[i:i + self.piece])
+                            time.sleep(0.001)
+                    else:
+                        conn.sendall(answer)
                     if b"Content-Length" not in answer and b"chunked" not in answer \
                             and b" 204 " not in answer:
                         break  # a body to the connection's end: close it
@@ -188,6 +194,45 @@ def test_the_connection_reads_chunked_folded_interim_and_close_delimited_answers
                 c.request("GET", "/six", headers=bad)
         with pytest.raises(ValueError):
             c.request("GET", "/six seven")
+    finally:
+        server.close()
+
+
+def test_an_answer_that_arrives_a_few_bytes_at_a_time_reads_the_same():
+    """The head is taken whole once its blank line has come, however the
+    bytes were split: here a few at a time, with bare LF line ends too."""
+    server = ScriptedServer([
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-A: 1\r\n\r\n{\"a\": 1}",
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\nX-B: 2\n\n3\r\n{\"b\r\n5\r\n\": 2}\r\n0\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}",
+    ], piece=3)
+    try:
+        c = Client(server.url, KEY)
+        assert c.request("GET", "/one") == {"a": 1}
+        assert c.request("GET", "/two") == {"b": 2}
+        assert c.request("POST", "/three", {}) == {}
+        assert server.connections == 1
+    finally:
+        server.close()
+
+
+def test_a_head_that_never_ends_or_an_answer_cut_short_is_a_connection_error():
+    """A server that sends header lines without end is cut off at a bound
+    (the client neither hangs nor holds it all); one that closes mid-answer
+    is a connection error, not a half answer taken for a whole one."""
+    server = ScriptedServer([
+        b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 100000 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+        # (spelt so that the scripted server closes the connection after it)
+        b"HTTP/1.1 200 OK\r\nContent-length: 50\r\n\r\n{\"short\": ",
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+    ])
+    try:
+        c = Client(server.url, KEY, max_retries=0)
+        for path in ("/long", "/many", "/short", "/cut"):
+            with pytest.raises(LevqorConnectionError):
+                c.request("POST", path, {})
+            c.close()  # the next on a fresh connection, as the server closes each of these
     finally:
         server.close()
 
