@@ -86,9 +86,14 @@ class JobStore(Protocol):
         ``QueueFull`` when ``max_jobs`` jobs are held; nothing is stored.
         """
 
+    carries_also: bool
+    """Whether ``add_many`` writes its ``also`` statements (a store in the
+    service's own database), or ignores them (in memory)."""
+
     def add_many(self, jobs: Sequence[Job],
                  idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
-                 batch_key: tuple[str, str, str, float] | None = None
+                 batch_key: tuple[str, str, str, float] | None = None,
+                 also: Callable[[list[tuple[Job, bool]]], list[tuple[str, dict]]] | None = None
                  ) -> list[tuple[Job, bool]]:
         """Store new jobs all together, as ``add`` stores one: all of them or,
         on any refusal, none. Returns [(the stored copy, created)] in their
@@ -105,7 +110,12 @@ class JobStore(Protocol):
         ``IdempotencyMismatch`` (``index`` None). One record for the batch,
         not one a job. Jobs' keys and batches' share one namespace: a job's
         key used again for a batch (or the other way round) is refused as
-        one used for another body would be."""
+        one used for another body would be.
+
+        ``also``, given the answer, names statements [(sql, params)] that a
+        store with ``carries_also`` runs in the same transaction: committed
+        with the jobs or, on any refusal, not at all (the request's audit
+        rows). A store in memory ignores it."""
 
     def replayed(self, idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
                  batch_key: tuple[str, str, str, float] | None = None) -> list[Job] | None:
@@ -438,6 +448,16 @@ class AuditLog(Protocol):
     def audit_many(self, key_id: str, method: str, paths: Sequence[str], status: int,
                    request_id: str) -> None:
         """``audit`` with one row for each of ``paths``, written together."""
+
+    def statements(self, key_id: str, method: str, paths: Sequence[str], status: int,
+                   request_id: str) -> list[tuple[str, dict]]:
+        """The rows ``audit_many`` would write, as statements [(sql, params)]
+        for the transaction of the change they record (``JobStore.add_many``'s
+        ``also``), on the database this log writes to. Notes nothing."""
+
+    def carried(self, n: int) -> None:
+        """Note ``n`` rows of ``statements`` committed with their change, as
+        ``audit_many`` notes the rows it writes (``audit_coverage`` counts them)."""
 
     def count(self, column: str, n: int = 1) -> None:
         """Count ``n`` events this minute: ``column`` is one of

@@ -536,13 +536,13 @@ class Engine:
     def submit(self, job, idempotency=None):
         return self.submit_many([job], [idempotency])[0]
 
-    def submit_many(self, jobs, idempotency=None, batch_key=None):
-        """Store new jobs (see the store's ``add_many``) and wake workers; a
-        job that depends on others is linked to them and may then start at
-        once. [(job, created)] in order."""
+    def submit_many(self, jobs, idempotency=None, batch_key=None, also=None):
+        """Store new jobs (see the store's ``add_many``, and its ``also``) and
+        wake workers; a job that depends on others is linked to them and may
+        then start at once. [(job, created)] in order."""
         added = []
         queued = set()
-        for job, created in self.store.add_many(jobs, idempotency, batch_key):
+        for job, created in self.store.add_many(jobs, idempotency, batch_key, also):
             if created and job["status"] == "waiting":
                 for parent_id in job["depends_on"]:
                     self._link(parent_id, job["job_id"])
@@ -561,11 +561,11 @@ class Engine:
         costs.BudgetExceeded, and the store's QueueFull and IdempotencyMismatch."""
         return self.accept_many([job], key, [idempotency])[0]
 
-    def accept_many(self, jobs, key=None, idempotency=None, batch_key=None):
+    def accept_many(self, jobs, key=None, idempotency=None, batch_key=None, also=None):
         """``accept`` for a batch of one caller's jobs: all reserved and
         stored, or none (the exceptions' ``index`` names the job refused).
-        ``batch_key``: one idempotency key for them all (see the store's
-        ``add_many``)."""
+        ``batch_key``: one idempotency key for them all, and ``also``: what
+        else to write with them (see the store's ``add_many``)."""
         try:
             self.guardrails.reserve_many(jobs, key)
         except BudgetExceeded:
@@ -576,7 +576,7 @@ class Engine:
                 return [(job, False) for job in made]
             raise
         try:
-            added = self.submit_many(jobs, idempotency, batch_key)
+            added = self.submit_many(jobs, idempotency, batch_key, also)
         except BaseException as exc:  # no job was stored: nothing may stay reserved for them
             for job in jobs:
                 self.guardrails.settle(job, f"intake refused: {type(exc).__name__}")

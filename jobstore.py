@@ -217,7 +217,9 @@ class MemoryJobStore:
     def add(self, job, idempotency=None):
         return self.add_many([job], [idempotency])[0]
 
-    def add_many(self, jobs, idempotency=None, batch_key=None):
+    carries_also = False  # no database of its own: ``also`` is not written here
+
+    def add_many(self, jobs, idempotency=None, batch_key=None, also=None):
         """Store new jobs, all or none; [(job, created)] in their order.
 
         ``idempotency`` holds, for each job, None or (key_id, key,
@@ -787,20 +789,22 @@ class SqlJobStore:
     def add(self, job, idempotency=None):
         return self.add_many([job], [idempotency])[0]
 
-    def add_many(self, jobs, idempotency=None, batch_key=None):
+    carries_also = True  # ``also`` goes in the jobs' own transaction
+
+    def add_many(self, jobs, idempotency=None, batch_key=None, also=None):
         now = self.clock()
         jobs = [dict(job, queued_at=job["created_at"]) for job in jobs]
         keys = idempotency or [None] * len(jobs)
         for attempt in range(2):  # full: purge what is past its time, then once more
             try:
-                return self._add(jobs, keys, now, batch_key)
+                return self._add(jobs, keys, now, batch_key, also)
             except QueueFull:
                 if attempt or not self.purge(now):
                     raise
         raise AssertionError("unreachable")
 
-    def _add(self, jobs, keys, now, batch_key):
-        if len(jobs) == 1 and keys[0] is None and batch_key is None:  # PERF: one statement
+    def _add(self, jobs, keys, now, batch_key, also):
+        if len(jobs) == 1 and keys[0] is None and batch_key is None and also is None:  # PERF: one statement
             rows = self.db.write_one(self.sql["insert"], dict(self._columns(jobs[0]),
                                                               max_jobs=self.max_jobs))
             if not rows:
@@ -810,20 +814,27 @@ class SqlJobStore:
         # The lock makes the checks and the records of a caller's keys one
         # step (SQLite's write transactions are one at a time anyway).
         key_id = _caller(keys, batch_key)
-        with self.db.write(lock=key_id and f"idempotency:{key_id}") as conn:
-            if batch_key is not None:
-                made = self._remembered_batch(conn, batch_key, now)
-                if made is not None:
-                    return [(job, False) for job in made]
-                found = [None] * len(jobs)
-                memos = [_memo(batch_key, jobs[0]["job_id"], [job["job_id"] for job in jobs], now)]
+        # PERF: pipelined on PostgreSQL: the statements after the insert go
+        # out without waiting for each other's answers, COMMIT with them.
+        with self.db.write(lock=key_id and f"idempotency:{key_id}", pipeline=True) as conn:
+            made = None if batch_key is None else self._remembered_batch(conn, batch_key, now)
+            if made is not None:
+                answer = [(job, False) for job in made]
             else:
-                found = self._remembered(conn, keys, now)
-                memos = [_memo(key, job["job_id"], None, now)
-                         for job, key, existing in zip(jobs, keys, found) if key and not existing]
-            self._insert(conn, [job for job, existing in zip(jobs, found) if not existing])
-            conn.executemany(self.sql["remember"], memos)
-        return [(existing, False) if existing else (job, True) for job, existing in zip(jobs, found)]
+                if batch_key is not None:
+                    found = [None] * len(jobs)
+                    memos = [_memo(batch_key, jobs[0]["job_id"], [job["job_id"] for job in jobs], now)]
+                else:
+                    found = self._remembered(conn, keys, now)
+                    memos = [_memo(key, job["job_id"], None, now)
+                             for job, key, existing in zip(jobs, keys, found) if key and not existing]
+                self._insert(conn, [job for job, existing in zip(jobs, found) if not existing])
+                conn.executemany(self.sql["remember"], memos)
+                answer = [(existing, False) if existing else (job, True)
+                          for job, existing in zip(jobs, found)]
+            for sql, params in also(answer) if also is not None else ():
+                conn.execute(sql, params)
+        return answer
 
     def replayed(self, idempotency=None, batch_key=None):
         keys = idempotency or []

@@ -261,8 +261,7 @@ def intake_batch(req):
         jobs.append(_in_batch(i, new_job, req, item))
         keys.append(None if key is None else idempotency(req, key, item))
     batch_key = None if name is None else idempotency(req, name, {"jobs": items})
-    added = accept(req, jobs, keys, batch_key)
-    req.audit_paths = [f"{req.path}#{job['job_id']}" for job, _ in added]  # a row per job
+    added = accept(req, jobs, keys, batch_key, each=True)
     replayed = [("Idempotent-Replayed", "true")] if batch_key and not added[0][1] else []
     return respond({"jobs": [{"job_id": job["job_id"], "status": job["status"] if created else "queued"}
                              for job, created in added]}, 202, replayed)
@@ -297,12 +296,26 @@ def _in_batch(index, fn, *args, **kwargs):
         raise
 
 
-def accept(req, jobs, keys, batch_key=None):
+def accept(req, jobs, keys, batch_key=None, each=False):
     """Reserve and store new jobs (``Engine.accept_many``), its refusals
-    answered; [(job, created)]. A refusal of one job of a batch names it."""
+    answered; [(job, created)]. A refusal of one job of a batch names it.
+
+    The request's audit row (with ``each``, a row per job) is written in
+    the jobs' own transaction when the store has one: the jobs and the
+    record of who made them are committed together, and the answer waits
+    for no second write. Otherwise ``Api._audit`` writes it, as for any
+    other request."""
     services = req.services
+    carried = []
+
+    def audit_rows(added):
+        paths = [f"{req.path}#{job['job_id']}" for job, _ in added] if each else [req.path]
+        carried[:] = services.recorder.statements(req.key_id, req.method, paths, 202, req.request_id)
+        return carried
+
     try:
-        added = services.engine.accept_many(jobs, req.key, keys, batch_key)
+        added = services.engine.accept_many(jobs, req.key, keys, batch_key,
+                                            audit_rows if services.jobs.carries_also else None)
     except BudgetExceeded as exc:
         refusal = budget_refusal(req, exc)
         if len(jobs) > 1:
@@ -316,6 +329,11 @@ def accept(req, jobs, keys, batch_key=None):
         raise HTTPError(422, "idempotency_key_reused",
                         "this Idempotency-Key was used with a different request body",
                         **({"index": exc.index} if exc.index is not None and len(jobs) > 1 else {}))
+    if carried:  # committed with the jobs: nothing left for Api._audit
+        services.recorder.carried(len(carried))
+        req.audit_paths = []
+    elif each:
+        req.audit_paths = [f"{req.path}#{job['job_id']}" for job, _ in added]  # a row per job
     created = [job for job, new in added if new]
     if created:
         services.recorder.count("jobs", len(created))

@@ -105,6 +105,35 @@ def test_every_authenticated_write_is_audited_with_its_status(keyed):
     assert keyed.get("/public/metrics").json()["audit_coverage"] == 100.0
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_an_intake_is_answered_once_its_audit_row_is_written(tmp_path, store):
+    """With jobs in the database, an intake's audit rows go in the jobs' own
+    transaction (committed together, or neither); in memory, the recorder
+    writes them before the answer. Either way the row is there the moment
+    the answer is, once, and the coverage counts it."""
+    app = make_app(tmp_path, API_KEYS=KEY, JOB_STORE=store)
+    try:
+        c = Client(app)
+        db = app.services.db
+        once = c.post(INTAKE, JOB, key=KEY).json()["job_id"]
+        replay = {"Idempotency-Key": "order-1"}
+        assert c.post(INTAKE, JOB, key=KEY, headers=replay).status == 202
+        assert c.post(INTAKE, JOB, key=KEY, headers=replay).headers["idempotent-replayed"] == "true"
+        made = c.post("/api/v1/intake/batch", {"jobs": [JOB, JOB]}, key=KEY).json()["jobs"]
+        assert c.post(INTAKE, {"workflow": "w"}, key=KEY).status == 400  # refused: not waited for
+        rows = db.query("SELECT path, status, request_id FROM audit_log ORDER BY id")
+        assert [(r["path"], r["status"]) for r in rows][:5] == [(INTAKE, 202)] * 3 + [
+            (f"/api/v1/intake/batch#{j['job_id']}", 202) for j in made]
+        assert rows[3]["request_id"] == rows[4]["request_id"] != rows[0]["request_id"]
+        assert c.get(f"/api/v1/status/{once}", key=KEY).status == 200
+        app.services.recorder.flush()
+        assert [r["status"] for r in db.query("SELECT status FROM audit_log ORDER BY id")] == \
+            [202] * 5 + [400]
+        assert c.get("/public/metrics").json()["audit_coverage"] == 100.0
+    finally:
+        app.stop()
+
+
 def test_lost_audit_rows_show_in_coverage(client, app):
     recorder = app.services.recorder
     client.post(INTAKE, JOB)

@@ -823,6 +823,43 @@ def test_add_many_replays_and_refuses_by_idempotency_key(job_backend, clock):
     assert refused.value.index == 1 and len(store) == 2  # the first job was not kept either
 
 
+def test_add_many_writes_also_with_the_jobs_or_not_at_all(job_backend, clock):
+    """``also``'s statements (the request's audit rows) are committed with
+    the jobs, after seeing the answer; a refusal, or a statement that fails,
+    leaves neither. A store in memory has no transaction to put them in."""
+    store = job_backend.jobs(max_jobs=3)
+    asked = []
+
+    def also(answer):
+        asked.append([(job["job_id"], created) for job, created in answer])
+        return job_backend.recorder().statements("k", "POST", [f"/in#{job['job_id']}" for job, _ in answer],
+                                                 202, "req-1")
+
+    batch = ("k", "batch-1", "body-1", 3600)
+    made = store.add_many([new_job(clock), new_job(clock)], batch_key=batch, also=also)
+    if not store.carries_also:
+        assert asked == [] and len(store) == 2
+        return
+
+    def audited():
+        return sorted(row["path"] for row in job_backend.db.query("SELECT path FROM audit_log"))
+
+    first = sorted(f"/in#{job['job_id']}" for job, _ in made)
+    assert asked == [[(job["job_id"], True) for job, _ in made]] and audited() == first
+    with pytest.raises(QueueFull):
+        store.add_many([new_job(clock), new_job(clock)], also=also)
+    with pytest.raises(IdempotencyMismatch):
+        store.add_many([new_job(clock)], batch_key=("k", "batch-1", "other", 3600), also=also)
+    assert audited() == first and len(store) == 2  # refused: nothing of either
+    # A replay writes its own rows, for the jobs it answers with.
+    again = store.add_many([new_job(clock), new_job(clock)], batch_key=batch, also=also)
+    assert [job["job_id"] for job, _ in again] == [job["job_id"] for job, _ in made]
+    assert audited() == sorted(first * 2)
+    with pytest.raises(Exception):
+        store.add_many([new_job(clock)], also=lambda answer: [("INSERT INTO no_such_table VALUES (1)", {})])
+    assert len(store) == 2 and audited() == sorted(first * 2)  # the job went with the failed statement
+
+
 def test_a_batch_key_answers_its_jobs_again_and_refuses_another_body(job_backend, clock):
     store = job_backend.jobs(max_jobs=5)
     batch = ("k", "batch-1", "body-1", 3600)
