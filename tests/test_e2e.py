@@ -279,6 +279,69 @@ def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, mon
         assert reads_within(0.15) > 0.15 / storage.Changes.IDLE_EVERY + 2
 
 
+def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkeypatch):
+    """A second announce within ANNOUNCE_EVERY of the first is not dropped:
+    the sender's watch sends it once that time has passed. (The receiver
+    here reads data_version only every 60 s: only a datagram wakes it.)"""
+    monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
+    woken = threading.Event()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow: woken.set())
+    try:
+        assert len(_bound(tmp_path / "w.db-wake")) == 1
+        mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # from its next wait on
+        other.query("SELECT 1")
+        other.watch(lambda workflow: None)  # the sender's own watch
+        deadline = time.monotonic() + 5
+        while len(list((tmp_path / "w.db-wake").glob("*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other.announce()
+        assert woken.wait(5)
+        woken.clear()
+        other.announce()  # held back: within ANNOUNCE_EVERY of the first
+        assert other.owes_announce and not woken.wait(0.1)
+        assert woken.wait(5)  # sent by the sender's watch once the 0.3 s had passed
+        assert not other.owes_announce
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_watch_is_not_woken_by_each_of_its_own_processs_commits(tmp_path):
+    """data_version moves for this process's own commits as for anyone's:
+    a move over which this process wrote wakes the waiters at most every
+    DOUBT_EVERY (each wake sent a waiter to look again, about 200 a second
+    on a process taking intakes); another's commit, made while this
+    process keeps writing, is still seen."""
+    wakes = []
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    with mine.write() as conn:
+        conn.execute("CREATE TABLE t (x)")
+    mine.watch(lambda workflow: wakes.append(time.monotonic()))
+    try:
+        time.sleep(0.1)
+        start, deadline = time.monotonic(), time.monotonic() + 0.6
+        while time.monotonic() < deadline:  # this process writing, every 2 ms
+            mine.write_one("INSERT INTO t VALUES (1)")
+            time.sleep(0.002)
+        own = [t for t in wakes if t >= start]
+        assert len(own) <= 0.6 / storage.Changes.DOUBT_EVERY + 3, len(own)  # not about 120
+        seen = len(wakes)
+        with other.write() as conn:  # another process's commit, no datagram, while this one writes
+            conn.execute("INSERT INTO t VALUES (2)")
+        deadline = time.monotonic() + 5
+        while len(wakes) == seen and time.monotonic() < deadline:
+            mine.write_one("INSERT INTO t VALUES (1)")
+            time.sleep(0.002)
+        assert len(wakes) > seen
+    finally:
+        mine.close()
+        other.close()
+
+
 def test_an_announce_clears_a_dead_watchers_socket_and_follows_no_symlink(tmp_path):
     folder = tmp_path / "w.db-wake"
     folder.mkdir(mode=0o700)
