@@ -93,7 +93,7 @@ class JobStore(Protocol):
     def add_many(self, jobs: Sequence[Job],
                  idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
                  batch_key: tuple[str, str, str, float] | None = None,
-                 also: Callable[[list[tuple[Job, bool]]], list[tuple[str, dict]]] | None = None
+                 also: Callable[[list[tuple[Job, bool]]], list[tuple[str, list[dict]]]] | None = None
                  ) -> list[tuple[Job, bool]]:
         """Store new jobs all together, as ``add`` stores one: all of them or,
         on any refusal, none. Returns [(the stored copy, created)] in their
@@ -112,8 +112,9 @@ class JobStore(Protocol):
         key used again for a batch (or the other way round) is refused as
         one used for another body would be.
 
-        ``also``, given the answer, names statements [(sql, params)] that a
-        store with ``carries_also`` runs in the same transaction: committed
+        ``also``, given the answer, names statements [(sql, [params, ...])]
+        that a store with ``carries_also`` runs, once for each set of
+        params, in the same transaction: committed
         with the jobs or, on any refusal, not at all (the request's audit
         rows). A store in memory ignores it."""
 
@@ -450,8 +451,8 @@ class AuditLog(Protocol):
         """``audit`` with one row for each of ``paths``, written together."""
 
     def statements(self, key_id: str, method: str, paths: Sequence[str], status: int,
-                   request_id: str) -> list[tuple[str, dict]]:
-        """The rows ``audit_many`` would write, as statements [(sql, params)]
+                   request_id: str) -> list[tuple[str, list[dict]]]:
+        """The rows ``audit_many`` would write, as statements [(sql, [params, ...])]
         for the transaction of the change they record (``JobStore.add_many``'s
         ``also``), on the database this log writes to. Notes nothing."""
 

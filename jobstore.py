@@ -832,8 +832,8 @@ class SqlJobStore:
                 conn.executemany(self.sql["remember"], memos)
                 answer = [(existing, False) if existing else (job, True)
                           for job, existing in zip(jobs, found)]
-            for sql, params in also(answer) if also is not None else ():
-                conn.execute(sql, params)
+            for sql, rows in also(answer) if also is not None else ():
+                conn.executemany(sql, rows)
         return answer
 
     def replayed(self, idempotency=None, batch_key=None):

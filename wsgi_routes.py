@@ -306,12 +306,14 @@ def accept(req, jobs, keys, batch_key=None, each=False):
     for no second write. Otherwise ``Api._audit`` writes it, as for any
     other request."""
     services = req.services
-    carried = []
+    carried = []  # the audit paths written with the jobs
+
+    def paths(added):
+        return [f"{req.path}#{job['job_id']}" for job, _ in added] if each else [req.path]
 
     def audit_rows(added):
-        paths = [f"{req.path}#{job['job_id']}" for job, _ in added] if each else [req.path]
-        carried[:] = services.recorder.statements(req.key_id, req.method, paths, 202, req.request_id)
-        return carried
+        carried[:] = paths(added)
+        return services.recorder.statements(req.key_id, req.method, carried, 202, req.request_id)
 
     try:
         added = services.engine.accept_many(jobs, req.key, keys, batch_key,
@@ -333,7 +335,7 @@ def accept(req, jobs, keys, batch_key=None, each=False):
         services.recorder.carried(len(carried))
         req.audit_paths = []
     elif each:
-        req.audit_paths = [f"{req.path}#{job['job_id']}" for job, _ in added]  # a row per job
+        req.audit_paths = paths(added)  # a row per job
     created = [job for job, new in added if new]
     if created:
         services.recorder.count("jobs", len(created))

@@ -856,7 +856,7 @@ def test_add_many_writes_also_with_the_jobs_or_not_at_all(job_backend, clock):
     assert [job["job_id"] for job, _ in again] == [job["job_id"] for job, _ in made]
     assert audited() == sorted(first * 2)
     with pytest.raises(Exception):
-        store.add_many([new_job(clock)], also=lambda answer: [("INSERT INTO no_such_table VALUES (1)", {})])
+        store.add_many([new_job(clock)], also=lambda answer: [("INSERT INTO no_such_table VALUES (1)", [{}])])
     assert len(store) == 2 and audited() == sorted(first * 2)  # the job went with the failed statement
 
 
