@@ -202,20 +202,20 @@ def test_sigterm_lets_a_running_job_finish(tmp_path):
 @contextlib.contextmanager
 def _watching(tmp_path):
     """Two connections to one SQLite file, the first one's watch on:
-    (the other, an Event its wake sets)."""
+    (the other, an Event its wake sets, the first)."""
     woken = threading.Event()
     path = str(tmp_path / "w.db")
     mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
     mine.query("SELECT 1")
     mine.watch(lambda workflow: woken.set())
     try:
-        yield other, woken
+        yield other, woken, mine
     finally:
         mine.close()
 
 
 def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
-    with _watching(tmp_path) as (other, woken):
+    with _watching(tmp_path) as (other, woken, _):
         time.sleep(0.1)
         assert not woken.is_set()
         with other.write() as conn:
@@ -223,12 +223,12 @@ def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
         assert woken.wait(5)
 
 
-def _bound(folder, limit=5.0):
-    """The wake sockets in ``folder``, once there is one (or [] at ``limit``)."""
+def _bound(folder, limit=5.0, count=1):
+    """The wake sockets in ``folder``, once there are ``count`` (or [] at ``limit``)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         found = list(folder.glob("*")) if folder.exists() else []
-        if found:
+        if len(found) >= count:
             return found
         time.sleep(0.01)
     return []
@@ -239,7 +239,7 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
     # within the test's bound can only be the announce's datagram.
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
-    with _watching(tmp_path) as (other, woken):
+    with _watching(tmp_path) as (other, woken, _):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         assert not woken.wait(0.1)
         other.announce()
@@ -270,7 +270,7 @@ def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, mon
         time.sleep(seconds)
         return len([t for t in reads if t >= start])
 
-    with _watching(tmp_path) as (other, woken):
+    with _watching(tmp_path) as (other, woken, _):
         time.sleep(0.4)  # past QUIET
         assert reads_within(0.5) <= 0.5 / storage.Changes.IDLE_EVERY + 2  # not 100
         with other.write() as conn:
@@ -284,19 +284,11 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
     the sender's watch sends it once that time has passed. (The receiver
     here reads data_version only every 60 s: only a datagram wakes it.)"""
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
-    woken = threading.Event()
-    path = str(tmp_path / "w.db")
-    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow: woken.set())
-    try:
+    with _watching(tmp_path) as (other, woken, mine):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # from its next wait on
-        other.query("SELECT 1")
         other.watch(lambda workflow: None)  # the sender's own watch
-        deadline = time.monotonic() + 5
-        while len(list((tmp_path / "w.db-wake").glob("*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
         other.announce()
         assert woken.wait(5)
         woken.clear()
@@ -304,8 +296,6 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
         assert other.owes_announce and not woken.wait(0.1)
         assert woken.wait(5)  # sent by the sender's watch once the 0.3 s had passed
         assert not other.owes_announce
-    finally:
-        mine.close()
         other.close()
 
 
