@@ -86,9 +86,10 @@ class JobStore(Protocol):
         ``QueueFull`` when ``max_jobs`` jobs are held; nothing is stored.
         """
 
-    carries_also: bool
-    """Whether ``add_many`` writes its ``also`` statements (a store in the
-    service's own database), or ignores them (in memory)."""
+    @property
+    def carries_also(self) -> bool:
+        """Whether ``add_many`` writes its ``also`` statements, or ignores them
+        (in memory; and where carrying them would cost more than it saves)."""
 
     def add_many(self, jobs: Sequence[Job],
                  idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
@@ -114,9 +115,9 @@ class JobStore(Protocol):
 
         ``also``, given the answer, names statements [(sql, [params, ...])]
         that a store with ``carries_also`` runs, once for each set of
-        params, in the same transaction: committed
-        with the jobs or, on any refusal, not at all (the request's audit
-        rows). A store in memory ignores it."""
+        params, in the same transaction: committed with the jobs or, on any
+        refusal, not at all (the request's audit rows). A store without
+        ``carries_also`` ignores it."""
 
     def replayed(self, idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
                  batch_key: tuple[str, str, str, float] | None = None) -> list[Job] | None:

@@ -539,14 +539,23 @@ class Engine:
     def submit_many(self, jobs, idempotency=None, batch_key=None, also=None):
         """Store new jobs (see the store's ``add_many``, and its ``also``) and
         wake workers; a job that depends on others is linked to them and may
-        then start at once. [(job, created)] in order."""
+        then start at once. [(job, created)] in order.
+
+        Once stored, the jobs are accepted: a link that fails then (the
+        database busy) is logged, and housekeeping resolves that job when
+        its parents end; raising would answer the client with an error for
+        jobs that exist, and release their reservations."""
         added = []
         queued = set()
         for job, created in self.store.add_many(jobs, idempotency, batch_key, also):
             if created and job["status"] == "waiting":
-                for parent_id in job["depends_on"]:
-                    self._link(parent_id, job["job_id"])
-                job = self._resolve(job) or job
+                try:
+                    for parent_id in job["depends_on"]:
+                        self._link(parent_id, job["job_id"])
+                    job = self._resolve(job) or job
+                except Exception as exc:
+                    self.log.error("job stored, its dependencies not linked: housekeeping resolves it",
+                                   job_id=job["job_id"], error=f"{type(exc).__name__}: {exc}")
             elif created and job["status"] == "queued":
                 queued.add(job["workflow"])
             added.append((job, created))

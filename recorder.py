@@ -96,9 +96,8 @@ class Recorder:
     def statements(self, key_id, method, paths, status, request_id):
         """The rows ``audit_many`` would write, as statements (each with its
         rows of parameters) for the transaction of the change they record (a
-        job store's ``also``):
-        committed with it, they need no wait and no write of their own.
-        ``carried`` counts them once that transaction has committed."""
+        job store's ``also``): committed with it, they need no wait and no
+        write of their own. ``carried`` counts them once it has committed."""
         ts = round(self.clock(), 3)
         return [(SQL["audit"], [dict(zip(AUDIT_FIELDS, (ts, key_id, method, path, status, request_id)))
                                 for path in paths])]

@@ -638,7 +638,9 @@ class Changes(Background):
     SQLite host spent 3 to 4 % of a core on them. Levqor's own changes wake
     the thread by datagram whenever it waits, and one held back (within
     ANNOUNCE_EVERY of the last) is sent by the sender's own watch at its
-    next read, which come every EVERY while its process writes; a new
+    next read: within EVERY while it reads quickly, IDLE_EVERY at most (the
+    receivers' quick reads, started by the announce before it, see that
+    commit meanwhile); a new
     watch, which its peers learn of within a second, starts with the quick
     reads too. Only a write by another program, or by a process past the
     MAX_PEERS that are told, is seen up to IDLE_EVERY later.
@@ -682,7 +684,9 @@ class Changes(Background):
                 told = self._wait(sock, self.IDLE_EVERY if quiet else self.EVERY)
                 if self.db.owes_announce:
                     self.db.announce()
-                writes = self.db.writes  # read before the version: a write between counts as ours
+                # Read before the version: an own commit between the two reads
+                # is taken for another's (one wake more, never one fewer).
+                writes = self.db.writes
                 try:
                     version = self.db.query("PRAGMA data_version")[0]["data_version"]
                 except StorageError:  # busy or away: the waiters' own polls cover it

@@ -134,6 +134,36 @@ def test_an_intake_is_answered_once_its_audit_row_is_written(tmp_path, store):
         app.stop()
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_an_intake_whose_link_fails_once_stored_is_accepted_and_audited_once(tmp_path, store, monkeypatch):
+    """A job that depends on another is linked to it after it is stored. If
+    that fails (the database busy), the job exists all the same: the intake
+    is answered 202 with one audit row, its reservation kept, and the log
+    says housekeeping resolves it (answering an error invited a duplicate,
+    and left a second audit row beside the one committed with the job)."""
+    log = io.StringIO()
+    app = make_app(tmp_path, log=log, API_KEYS=KEY, JOB_STORE=store)
+    try:
+        c = Client(app)
+        parent = c.post(INTAKE, JOB, key=KEY).json()["job_id"]
+
+        def busy(parent_id, child_id):
+            raise RuntimeError("database busy")
+
+        monkeypatch.setattr(app.services.engine, "_link", busy)
+        r = c.post(INTAKE, dict(JOB, depends_on=[parent]), key=KEY)
+        assert r.status == 202, r
+        child = c.get(f"/api/v1/status/{r.json()['job_id']}", key=KEY).json()
+        assert child["status"] == "waiting"
+        app.services.recorder.flush()
+        rows = app.services.db.query("SELECT path, status FROM audit_log ORDER BY id")
+        assert [(row["path"], row["status"]) for row in rows] == [(INTAKE, 202)] * 2
+        assert c.get("/public/metrics").json()["audit_coverage"] == 100.0
+        assert "its dependencies not linked" in log.getvalue()
+    finally:
+        app.stop()
+
+
 def test_lost_audit_rows_show_in_coverage(client, app):
     recorder = app.services.recorder
     client.post(INTAKE, JOB)
