@@ -268,18 +268,20 @@ class JobStore(Protocol):
         ids set aside, each kept whole for the operator. A store that never
         reads jobs back from text has none."""
 
-    def watch(self, wake: Callable[[str | None], None]) -> None:
-        """Call ``wake(workflow)`` (from a thread of the store's) whenever
-        another process may have queued a job of ``workflow`` (None: of any),
-        so idle workers need not wait for their next poll. A store no other
-        process writes does nothing."""
+    def watch(self, wake: Callable[..., None]) -> None:
+        """Call ``wake(workflow, ended=False)`` (from a thread of the
+        store's) whenever another process may have queued a job of
+        ``workflow`` or (``ended``) ended one; ``wake(None)``: anything
+        may have changed, a job's end too. Idle workers need not wait for
+        their next poll, and what waits for another workflow's jobs is not
+        woken for nothing. A store no other process writes does nothing."""
 
-    def announce(self) -> None:
-        """This process queued a job, or ended one: have the other
-        processes' ``watch`` see it now rather than at their next look
-        (where the store's own writes do not already tell them). Best
-        effort: a watch must still see every change by its own means,
-        only later."""
+    def announce(self, workflow: str, ended: bool = False) -> None:
+        """This process queued a job of ``workflow``, or (``ended``) ended
+        one: have the other processes' ``watch`` see it now rather than at
+        their next look (where the store's own writes do not already tell
+        them). Best effort: a watch must still see every change by its own
+        means, only later."""
 
     def __len__(self) -> int:
         """How many jobs are held, of any status."""

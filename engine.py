@@ -903,7 +903,9 @@ class Engine:
     def finished(self, job):
         self._signal_ended()
         self._release_children(job)
-        self._notify_for(job["workflow"])  # a slot under a concurrency limit may be free
+        # Told as an end: what waits for it elsewhere looks, and a slot
+        # under a concurrency limit may be free.
+        self._notify_for(job["workflow"], ended=True)
         for hook in self.on_finish:
             try:
                 hook(job)
@@ -1468,25 +1470,35 @@ class Engine:
         if ctx is not None:
             ctx._cancel.set()
 
-    def _notify_for(self, workflow, every=False):
-        """A job of ``workflow`` was queued (here, or by another process: the
-        store's watch; None: of any workflow): wake a pool thread (with
-        ``every``, all of them) if this process runs the workflow, else
-        the claims waiting for an external worker's job."""
-        if workflow is not None:  # here: the other processes' watches are told at once
-            self.store.announce()
+    def _notify_for(self, workflow, every=False, ended=False):
+        """A job of ``workflow`` was queued here, or (``ended``) one ended
+        here: the other processes are told (the store's announce), and what
+        waits here for the workflow's jobs is woken (``_wake_for``)."""
+        self.store.announce(workflow, ended)
+        self._wake_for(workflow, every)
+
+    def _heard(self, workflow, ended=False):
+        """The store's watch: another process queued a job of ``workflow``,
+        or (``ended``) ended one; None: anything may have changed."""
+        if ended or workflow is None:
+            self._signal_ended()
+        self._wake_for(workflow)
+
+    def _wake_for(self, workflow, every=False):
+        """Wake a pool thread (with ``every``, all of them) if this process
+        runs ``workflow`` (None: any), else the claims waiting for an
+        external worker's job."""
         if workflow is None or self.registry.get(workflow) is not None:
             with self._wake:
                 self._wake.notify_all() if every else self._wake.notify()
-        if workflow is None:  # another process changed something: maybe a job's end
-            self._signal_ended()
         if workflow is None or self.registry.get(workflow) is None:
             with self._claims:
                 self._queued += 1
                 self._claims.notify_all()
 
     def _notify_all(self):
-        self._notify_for(None, every=True)
+        self._signal_ended()
+        self._wake_for(None, every=True)
 
     def _worker(self):
         while not self._stopping.is_set():
@@ -1559,7 +1571,7 @@ class Engine:
         for t in self._threads:
             t.start()
         # Jobs queued by other processes wake the pool and waiting claims.
-        self.store.watch(self._notify_for)
+        self.store.watch(self._heard)
 
     def stopping(self):
         """Take no more jobs (those claimed but not started go back to the

@@ -444,7 +444,7 @@ class MemoryJobStore:
     def watch(self, wake):
         """Nothing to watch: no other process can queue a job here."""
 
-    def announce(self):
+    def announce(self, workflow, ended=False):
         """No other process to tell."""
 
     def __len__(self):
@@ -1203,20 +1203,21 @@ class SqlJobStore:
         return gone
 
     def watch(self, wake):
-        """Have ``wake(workflow)`` called when another process may have queued a job:
-        with PostgreSQL, on its notification (pg.Listener); with SQLite
-        shared by several processes, when another connection commits
-        (storage.Changes). One process alone needs no watch."""
+        """Have ``wake(workflow, ended=False)`` called when another process
+        may have queued a job of ``workflow`` or (``ended``) ended one:
+        with PostgreSQL, on its notification of a queued job (pg.Listener);
+        with SQLite shared by several processes, on another's announce or
+        commit (storage.Changes). One process alone needs no watch."""
         if self.postgres:
             self.db.listen(wake)
         elif self.db.shared:
             self.db.watch(wake)
 
-    def announce(self):
+    def announce(self, workflow, ended=False):
         """Tell the other processes watching now (SQLite: storage.Changes);
         PostgreSQL's queued jobs announce themselves (NOTIFY, by trigger)."""
         if not self.postgres:
-            self.db.announce()
+            self.db.announce(workflow, ended)
 
     def __len__(self):
         return self.db.query(self.sql["count"])[0]["n"]

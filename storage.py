@@ -387,6 +387,8 @@ class Database:
         self._changes = None  # this process's Changes, once something watches
         self._told = (None, 0.0, [], None)  # (pid, when, the peers' wake sockets, a socket to send from)
         self._announced = 0.0
+        self._news = set()  # what this process announced and has not sent yet (see announce)
+        self._news_lock = threading.Lock()
         self.owes_announce = False  # an announce was held back: Changes sends it
         self.writes = 0  # write transactions this process began (Changes: whose change?)
 
@@ -563,17 +565,32 @@ class Database:
     def ping(self):
         return self.query("SELECT 1 AS ok")[0]["ok"] == 1
 
-    def announce(self):
+    def announce(self, workflow=None, ended=False):
         """Wake the other processes watching this file (Changes) now: this
-        one queued or ended a job. Costs a datagram per watcher; the list
-        of them is read at most once a second."""
+        one queued a job of ``workflow``, or (``ended``) ended one; None:
+        something changed. The datagram names the workflows, so a process
+        wakes only what waits for them (a pool that does not run a
+        workflow stays asleep for its jobs). Costs a datagram per watcher;
+        the list of them is read at most once a second."""
         if not self.shared:
             return
+        with self._news_lock:
+            self._news.add(None if workflow is None else ("e" if ended else "q", workflow))
+        self.send_news()
+
+    def send_news(self):
+        """Send what was announced, unless this process sent some within
+        ANNOUNCE_EVERY: then it is owed, and its watch calls this again."""
         now = time.monotonic()
-        if now - self._announced < self.ANNOUNCE_EVERY:
-            self.owes_announce = True  # a busy file: this process's watch sends it soon
+        with self._news_lock:
+            if now - self._announced < self.ANNOUNCE_EVERY:
+                self.owes_announce = bool(self._news)  # a busy file: this process's watch sends it soon
+                return
+            news, self._news = self._news, set()
+            self._announced, self.owes_announce = now, False
+        if not news:
             return
-        self._announced, self.owes_announce = now, False
+        message = news_message(news)
         pid, read_at, peers, sender = self._told
         if pid != os.getpid():  # a socket of this process's own
             sender, read_at = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), float("-inf")
@@ -583,7 +600,7 @@ class Database:
             self._told = (os.getpid(), now, peers, sender)
         for path in peers:
             try:
-                sender.sendto(b"!", path)
+                sender.sendto(message, path)
             except ConnectionRefusedError:  # nobody bound: left by a process that died
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -602,8 +619,9 @@ class Database:
             return []
 
     def watch(self, wake):
-        """Call ``wake(None)`` soon after another connection commits to the
-        file: a job another process queued (see Changes)."""
+        """Call ``wake(workflow, ended)`` soon after another process queues
+        a job of ``workflow`` or (``ended``) ends one, and ``wake(None)``
+        soon after another connection commits something else (see Changes)."""
         if self._changes is None or self._changes.pid != os.getpid():
             self._changes = Changes(self, wake)
         self._changes.start()
@@ -621,43 +639,41 @@ class Changes(Background):
     """SQLite has no notifications between processes. So the thread of
     each process that watches a file binds a datagram socket beside it
     (``<file>-wake/<pid>-<random>``, the folder only its owner may open),
-    and a process that queued or ended a job sends each such socket a byte
-    (``Database.announce``): the others look at once, not at their next
-    poll, which cost a waiting claim or status read 2.5 ms on average
-    whenever the job was on another process. As the backstop (a change
-    within ANNOUNCE_EVERY of the last announced, a write by anything else,
-    a path too long for a socket), the thread also reads ``PRAGMA
-    data_version`` every few milliseconds: a number in shared memory that
-    changes when any other connection commits, read without touching the
-    disk. Either way ``wake(None)``: whatever waits for a job, or for a
-    job's end, looks again (a look finds nothing for most commits, and
-    costs one read).
+    and a process that queued or ended a job sends each such socket the
+    news (``Database.announce``): the workflows whose jobs were queued or
+    ended. The others wake at once, not at their next poll (which cost a
+    waiting claim or status read 2.5 ms on average whenever the job was
+    on another process), and only what waits for those workflows:
+    ``wake(workflow, ended)``. As the backstop (a write by anything else,
+    a process past the MAX_PEERS that are told, a path too long for a
+    socket), the thread also reads ``PRAGMA data_version``: a number in
+    shared memory that changes when any other connection commits, read
+    without touching the disk. A move wakes everything, ``wake(None)``:
+    whatever waits for a job, or for a job's end, looks again.
 
     PERF: the reads are every EVERY while changes come, and every
     IDLE_EVERY once none came for QUIET seconds: an idle process of a
-    SQLite host spent 3 to 4 % of a core on them. Levqor's own changes wake
-    the thread by datagram whenever it waits, and one held back (within
-    ANNOUNCE_EVERY of the last) is sent by the sender's own watch at its
-    next read: within EVERY while it reads quickly, IDLE_EVERY at most (the
-    receivers' quick reads, started by the announce before it, see that
-    commit meanwhile); a new
-    watch, which its peers learn of within a second, starts with the quick
-    reads too. Only a write by another program, or by a process past the
-    MAX_PEERS that are told, is seen up to IDLE_EVERY later.
+    SQLite host spent 3 to 4 % of a core on them. News held back (within
+    ANNOUNCE_EVERY of the last sent) goes with the next announce, or is
+    sent by the sender's own watch at its next read: within EVERY while it
+    reads quickly, IDLE_EVERY at most (the receivers' quick reads, started
+    by the news before it, see that commit meanwhile). A new watch, which
+    its peers learn of within a second, starts with the quick reads too.
 
-    PERF: data_version moves for this process's own commits too (each
-    thread has its own connection), and every move woke what waits here
-    to look again and find nothing: about 200 times a second on a process
-    taking intakes. A move over which this process began a write of its
-    own (``Database.writes``) may be its own alone, so it wakes them only
-    once DOUBT_EVERY has passed since they were last woken; Levqor's other
-    processes have said so by datagram meanwhile. On a SQLite host of 2
-    workers, an intake took 6 % less server CPU (840 -> 793 us)."""
+    PERF: data_version moves for every commit but this connection's own,
+    and most commits are nothing anyone waits for (audit rows, claims,
+    this process's own other threads' writes), while Levqor's processes
+    say what matters by datagram. So with a socket, a move wakes
+    everything only once DOUBT_EVERY has passed since the last time; with
+    none, a move over which this process wrote nothing (``Database.writes``)
+    wakes it at once. Before, every move woke everything: on a SQLite host
+    of 2 workers whose one process took intakes, the other's pool threads
+    looked for jobs about 200 times a second, and found none."""
 
     NAME = "levqor-sqlite-changes"
     EVERY = 0.005  # seconds between reads while changes come (or with no socket)
     IDLE_EVERY = 0.1  # between reads once none came for QUIET seconds
-    DOUBT_EVERY = 0.02  # between wakes for moves that may be this process's own
+    DOUBT_EVERY = 0.02  # between wakes of everything for moves of data_version
     QUIET = 1.0
 
     def __init__(self, db, wake):
@@ -677,13 +693,18 @@ class Changes(Background):
     def _run(self):
         sock, seen, mine = self._listen(), None, self.db.writes
         changed = woken = time.monotonic()  # quick reads while the peers learn of this watch
-        doubt = False  # a move since the last wake that may have been another's
+        doubt = False  # data_version moved since everything was last woken
         try:
             while not self._stop.is_set():
                 quiet = sock is not None and time.monotonic() - changed > self.QUIET
-                told = self._wait(sock, self.IDLE_EVERY if quiet else self.EVERY)
+                heard = self._wait(sock, self.IDLE_EVERY if quiet else self.EVERY)
+                if heard and heard is not ANYTHING:
+                    # PERF: what waits for these jobs looks before this thread
+                    # reads data_version (a cold read after an idle spell).
+                    for kind, workflow in sorted(heard):
+                        self.wake(workflow, kind == "e")
                 if self.db.owes_announce:
-                    self.db.announce()
+                    self.db.send_news()
                 # Read before the version: an own commit between the two reads
                 # is taken for another's (one wake more, never one fewer).
                 writes = self.db.writes
@@ -694,10 +715,12 @@ class Changes(Background):
                 now = time.monotonic()
                 moved = seen is not None and version != seen
                 doubt = doubt or moved
-                if told or (moved and writes == mine) or (doubt and now - woken >= self.DOUBT_EVERY):
+                # Without a socket, no announce comes: another's move is all there is.
+                foreign = moved and writes == mine and sock is None
+                if heard is ANYTHING or foreign or (doubt and now - woken >= self.DOUBT_EVERY):
                     self.wake(None)
                     woken, doubt = now, False
-                if told or moved:
+                if heard is not None or moved:
                     changed = now
                 seen, mine = version, writes
         finally:
@@ -722,17 +745,52 @@ class Changes(Background):
             return None
 
     def _wait(self, sock, timeout):
-        """Wait up to ``timeout`` seconds; whether an announce came meanwhile
-        (every datagram waiting read: one look covers them all)."""
+        """Wait up to ``timeout`` seconds; what the announces that came
+        meanwhile said (every datagram waiting read: one look covers them
+        all): None if none came, else a set of (kind, workflow), or
+        ANYTHING."""
         if sock is None:
             self._stop.wait(timeout)
-            return False
+            return None
         if not select.select([sock], [], [], timeout)[0]:
-            return False
+            return None
+        heard = set()
         with contextlib.suppress(OSError):  # BlockingIOError: none left
             while True:
-                sock.recv(16)
-        return True
+                news = news_heard(sock.recv(NEWS_BYTES))
+                heard = ANYTHING if news is None or heard is ANYTHING else heard | news
+        return heard
+
+
+# An announce's datagram: NEWS_HEAD, then a line for each job queued
+# ("q <workflow>") or ended ("e <workflow>") since the last. Anything else
+# (b"!" for more than NEWS_MAX of them, or from a process that does not
+# say) means that anything may have changed.
+NEWS_HEAD = "levqor-news 1"
+NEWS_MAX = 16
+NEWS_BYTES = 4096  # more than NEWS_MAX lines of workflow names of up to 128 characters
+ANYTHING = frozenset([None])
+
+
+def news_message(news):
+    """The datagram that tells ``news``: {("q" or "e", workflow)}, None in it for anything."""
+    if None in news or len(news) > NEWS_MAX:
+        return b"!"
+    return "\n".join([NEWS_HEAD] + [f"{kind} {workflow}" for kind, workflow in sorted(news)]).encode()
+
+
+def news_heard(message):
+    """What a datagram tells: a set of ("q" or "e", workflow), or None (anything)."""
+    lines = message.decode("utf-8", "replace").split("\n")
+    if lines[0] != NEWS_HEAD:
+        return None
+    heard = set()
+    for line in lines[1:]:
+        kind, _, workflow = line.partition(" ")
+        if kind not in ("q", "e") or not workflow:
+            return None
+        heard.add((kind, workflow))
+    return heard
 
 
 def _now():

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import queue
 import socket
 import sqlite3
 import subprocess
@@ -207,7 +208,7 @@ def _watching(tmp_path):
     path = str(tmp_path / "w.db")
     mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
     mine.query("SELECT 1")
-    mine.watch(lambda workflow: woken.set())
+    mine.watch(lambda workflow, ended=False: woken.set())
     try:
         yield other, woken, mine
     finally:
@@ -249,6 +250,59 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
     assert not list((tmp_path / "w.db-wake").glob("*"))  # and its socket is gone
 
 
+def test_an_announce_tells_the_watch_whose_jobs_were_queued_or_ended(tmp_path, monkeypatch):
+    """The datagram names the workflow of each job queued, or ended, so
+    the process that hears it wakes only what waits for that workflow.
+    What is held back (within ANNOUNCE_EVERY of the last) goes in the next
+    datagram; more than NEWS_MAX names, or an announce of no workflow,
+    is news of anything (``wake(None)``)."""
+    monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # only datagrams wake it here
+    monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
+    heard = queue.Queue()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
+
+    def one_datagram():
+        got = [heard.get(timeout=5)]
+        time.sleep(0.05)
+        while not heard.empty():
+            got.append(heard.get())
+        return got
+
+    try:
+        assert len(_bound(tmp_path / "w.db-wake")) == 1
+        other.announce("reports.daily")
+        assert one_datagram() == [("reports.daily", False)]
+        other.announce("reports.daily", ended=True)  # held back, as are the next two
+        other.announce("mail.send")
+        other.announce("mail.send")
+        assert other.owes_announce and heard.empty()
+        time.sleep(0.35)
+        other.announce("images.resize")
+        assert one_datagram() == [("reports.daily", True), ("images.resize", False), ("mail.send", False)]
+        for i in range(storage.NEWS_MAX + 1):
+            other.announce(f"w{i}")
+        time.sleep(0.35)
+        other.send_news()
+        assert one_datagram() == [(None, False)]  # too many to name: anything
+        time.sleep(0.35)
+        other.announce()
+        assert one_datagram() == [(None, False)]
+    finally:
+        mine.close()
+
+
+def test_a_datagram_that_is_not_news_in_levqors_words_is_news_of_anything():
+    news = {("q", "a.b"), ("e", "c-d:e")}
+    assert storage.news_heard(storage.news_message(news)) == news
+    for message in (b"!", b"", b"levqor-news 1\nx a", b"levqor-news 1\nq", b"levqor-news 2\nq a",
+                    "levqor-news 1\nq a\n\u00ff".encode("latin-1")):
+        assert storage.news_heard(message) is None, message
+
+
 def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, monkeypatch):
     """Once nothing changed for QUIET seconds, the watch reads data_version
     every IDLE_EVERY (an idle process spent 3-4 % of a core reading it every
@@ -288,7 +342,7 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
     with _watching(tmp_path) as (other, woken, mine):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # from its next wait on
-        other.watch(lambda workflow: None)  # the sender's own watch
+        other.watch(lambda workflow, ended=False: None)  # the sender's own watch
         assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
         other.announce()
         assert woken.wait(5)
@@ -311,7 +365,7 @@ def test_a_watch_is_not_woken_by_each_of_its_own_processs_commits(tmp_path):
     mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
     with mine.write() as conn:
         conn.execute("CREATE TABLE t (x)")
-    mine.watch(lambda workflow: wakes.append(time.monotonic()))
+    mine.watch(lambda workflow, ended=False: wakes.append(time.monotonic()))
     try:
         time.sleep(0.1)
         start, deadline = time.monotonic(), time.monotonic() + 0.6

@@ -855,6 +855,52 @@ def test_job_ids_are_32_hex_digits_that_sort_in_the_order_jobs_were_made():
     assert len({job_id[12:] for job_id in ids}) == len(ids)  # the random part alone is unique
 
 
+def test_news_of_another_processs_jobs_wakes_only_what_waits_for_their_workflow():
+    """The store's watch names the workflows whose jobs another process
+    queued (or ended): jobs for external workers wake the claims waiting
+    for them, never this process's pool, which would look and find
+    nothing (on an idle SQLite host, its threads looked about 200 times a
+    second while the other process took intakes); a job of a workflow the
+    pool runs wakes the pool."""
+    reg = engine.Registry()
+    reg.register("here", lambda payload, ctx: {"ok": True})
+    eng, _ = make_engine(reg, threads=1)
+    looks = []
+    real_claim_many = eng.store.claim_many
+
+    def claim_many(*args, **kwargs):
+        if threading.current_thread().name.startswith("levqor-job"):
+            looks.append(time.monotonic())
+        return real_claim_many(*args, **kwargs)
+
+    eng.store.claim_many = claim_many
+    eng.start()
+    try:
+        assert wait_until(lambda: looks, 5)  # the pool's first look; the next is a second away
+        time.sleep(0.1)  # and it waits again
+        looks.clear()
+        for _ in range(20):
+            eng._heard("ext")
+            eng._heard("ext", True)
+        time.sleep(0.3)
+        assert looks == []  # not one look for the external workers' jobs
+        eng._heard("here")
+        assert wait_until(lambda: looks, 0.5)
+
+        out = {}
+        waiting = threading.Thread(target=lambda: out.update(jobs=eng.claim_many(["ext"], 60, wait=10)))
+        waiting.start()
+        time.sleep(0.2)
+        eng.store.add(eng.new_job("ext", {}, "normal", None, "k"))  # as another process does
+        told = time.monotonic()
+        eng._heard("ext")
+        waiting.join(10)
+        assert len(out["jobs"]) == 1
+        assert time.monotonic() - told < engine.Engine.CLAIM_POLL / 2  # woken, not its next look
+    finally:
+        eng.stop()
+
+
 def test_a_waiting_claim_hears_its_caller_hang_up_at_once_and_takes_nothing():
     """A worker that stops half-closes its waiting claim and waits for the
     answer: the claim must end within HANGUP_POLL, not at its next look
