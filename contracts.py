@@ -88,8 +88,9 @@ class JobStore(Protocol):
 
     @property
     def carries_also(self) -> bool:
-        """Whether ``add_many`` writes its ``also`` statements, or ignores them
-        (in memory; and where carrying them would cost more than it saves)."""
+        """Whether ``add_many`` (and ``claim_many``, where it can) writes its
+        ``also`` statements, or ignores them (in memory; and where carrying
+        them would cost more than it saves)."""
 
     def add_many(self, jobs: Sequence[Job],
                  idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
@@ -193,11 +194,19 @@ class JobStore(Protocol):
 
     def claim_many(self, workflows: Sequence[str] | None, changes: dict[str, Any],
                    per_workflow: dict[str, dict[str, Any]] | None,
-                   tokens: Sequence[str]) -> list[Job]:
+                   tokens: Sequence[str],
+                   also: Callable[[list[Job]], list[tuple[str, list[dict]]]] | None = None
+                   ) -> list[Job]:
         """Claim as ``claim`` does, up to once per token, in the queue's
         order, while jobs are ready: the claimed copies, each with its own
         token of ``tokens`` as ``lease_token`` (in place of the one in
-        ``changes``). Limits hold job by job."""
+        ``changes``). Limits hold job by job.
+
+        ``also`` is as for ``add_many``, given the jobs claimed: a store
+        with ``carries_also`` runs its statements in the claim's own
+        transaction when it claims any, where the claim has one (SQLite's
+        claims without limits), and only then calls it. A caller that
+        finds it uncalled writes those rows itself."""
 
     def set_limits(self, workflow: str, limits: dict[str, Any] | None) -> None:
         """Replace the workflow's limits (``jobstore.LIMIT_NAMES``; a

@@ -1061,7 +1061,7 @@ class Engine:
         return jobs[0] if jobs else None
 
     def claim_many(self, workflows, lease_seconds, key_id=None, max_jobs=1, wait=0.0,
-                   gone=lambda: False):
+                   gone=lambda: False, also=None):
         """Up to ``max_jobs`` jobs for an external worker calling with
         ``key_id``, whose leases only that key can use. Workflows this
         service runs in-process are never handed out: their payloads are
@@ -1074,7 +1074,8 @@ class Engine:
         every thread that serves requests; past that, the call answers at
         once with nothing. ``gone()`` says whether the caller has hung up
         meanwhile: then it takes nothing (its job would be stranded until
-        its lease ran out)."""
+        its lease ran out). ``also``: the store's, for the claim that takes
+        jobs (``contracts.JobStore.claim_many``)."""
         external = [name for name in workflows if self.registry.get(name) is None]
         if not external:
             return []
@@ -1089,7 +1090,7 @@ class Engine:
                     return []
                 changes, _ = self._start_attempt("external", lease_seconds)
                 jobs = self.store.claim_many(external, dict(changes, claimed_by=key_id), None,
-                                             [new_token() for _ in range(max_jobs)])
+                                             [new_token() for _ in range(max_jobs)], also)
                 left = deadline - time.monotonic()
                 if jobs or left <= 0 or self._stopping.is_set():
                     return jobs

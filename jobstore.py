@@ -315,8 +315,9 @@ class MemoryJobStore:
         found = self.claim_many(workflows, changes, per_workflow, [changes["lease_token"]])
         return found[0] if found else None
 
-    def claim_many(self, workflows, changes, per_workflow, tokens):
-        """Claim as ``claim`` does, once per token while jobs are ready; the copies."""
+    def claim_many(self, workflows, changes, per_workflow, tokens, also=None):
+        """Claim as ``claim`` does, once per token while jobs are ready; the
+        copies. ``also``: no transaction here to put it in."""
         found = []
         with self._lock:
             now = self.clock()
@@ -1068,11 +1069,12 @@ class SqlJobStore:
                                                      "slot": slot["slot"]})
         return job or None
 
-    def claim_many(self, workflows, changes, per_workflow, tokens):
+    def claim_many(self, workflows, changes, per_workflow, tokens, also=None):
         if workflows is not None and not workflows:
             return []
-        if len(tokens) == 1 or self._limited(workflows):
-            # Limits are counted claim by claim (each under the limits lock).
+        if (len(tokens) == 1 and self.postgres) or self._limited(workflows):
+            # Limits are counted claim by claim (each under the limits lock);
+            # PostgreSQL's one claim is its own statement.
             found = []
             for token in tokens:
                 job = self.claim(workflows, dict(changes, lease_token=token), per_workflow)
@@ -1086,13 +1088,13 @@ class SqlJobStore:
             rows = self.db.write_one(self.sql["claim_many" + which],
                                      dict(params, n=len(tokens), tokens=_dumps(tokens)))
             return [self._job(r) for r in sorted(rows, key=lambda r: r["i"])]
-        return self._sqlite_claim(which, params, changes, per_workflow, tokens)
+        return self._sqlite_claim(which, params, changes, per_workflow, tokens, also)
 
-    def _sqlite_claim(self, which, params, changes, per_workflow, tokens):
+    def _sqlite_claim(self, which, params, changes, per_workflow, tokens, also=None):
         """SQLite, no limits: a job per token (None: the lease token in
         ``changes``), each taken by one statement (_sqlite_claim_sql);
-        several in one transaction. PERF: an empty claim is one read, and
-        writes nothing."""
+        several, or one with ``also``'s statements, in one transaction.
+        PERF: an empty claim is one read, and writes nothing."""
         if not self.db.query(self.sql["any_queued" + which], params):
             return []
         changes = dict(changes, lease_token=changes.get("lease_token"))
@@ -1101,7 +1103,7 @@ class SqlJobStore:
                       per_workflow=_dumps(per_workflow or {}),
                       **{f"c_{k}": _dumps(v) for k, v in changes.items()})
         each = [params if token is None else dict(params, c_lease_token=_dumps(token)) for token in tokens]
-        if len(each) == 1:
+        if len(each) == 1 and also is None:
             return [self._job(row) for row in self.db.write_one(sql, each[0])]
         found = []
         with self.db.write() as conn:
@@ -1110,6 +1112,8 @@ class SqlJobStore:
                 if row is None:
                     break
                 found.append(self._job(row))
+            for statement, rows in also(found) if also is not None and found else ():
+                conn.executemany(statement, rows)
         return found
 
     def set_limits(self, workflow, limits):

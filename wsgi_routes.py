@@ -422,13 +422,25 @@ def _claimed(job):
             "traceparent": job.get("traceparent")}
 
 
-def _claim(req, ask, max_jobs=1, wait=0.0):
+def _claim(req, ask, max_jobs=1, wait=0.0, alone=False):
     """Jobs claimed for the caller as ``ask`` (a claim body) says; a claim
-    that took nothing changed nothing, so it leaves no audit row."""
+    that took nothing changed nothing, so it leaves no audit row. A claim
+    ``alone`` in its request has its row written in its own transaction
+    where the store can (as an intake's is: see ``accept``), else by
+    ``Api._audit``."""
     _may_claim(req, ask["workflows"])
-    jobs = req.services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
-                                          max_jobs, wait, gone=lambda: hung_up(req.environ))
-    if not jobs:
+    services, carried = req.services, []
+
+    def audit_row(jobs):
+        carried.append(req.path)
+        return services.recorder.statements(req.key_id, req.method, carried, 200, req.request_id)
+
+    jobs = services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
+                                      max_jobs, wait, gone=lambda: hung_up(req.environ),
+                                      also=audit_row if alone and services.jobs.carries_also else None)
+    if carried:
+        services.recorder.carried(len(carried))
+    if not jobs or carried:
         req.audit_paths = []
     return [_claimed(job) for job in jobs]
 
@@ -462,7 +474,7 @@ def job_claim(req):
     with ``wait``, held until one is queued or the wait ends."""
     body = validate("claim", req.json())
     # int(): JSON Schema's integer admits 77.0.
-    jobs = _claim(req, body, int(body.get("max_jobs", 1)), body.get("wait", 0))
+    jobs = _claim(req, body, int(body.get("max_jobs", 1)), body.get("wait", 0), alone=True)
     if "max_jobs" in body:
         return respond({"jobs": jobs})
     return respond({"job": jobs[0]}) if jobs else (204, [], b"")

@@ -135,6 +135,32 @@ def test_an_intake_is_answered_once_its_audit_row_is_written(tmp_path, store):
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_claim_is_answered_once_its_audit_row_is_written(tmp_path, store):
+    """A worker's claim that takes jobs leaves one audit row, there the
+    moment it is answered: with jobs in SQLite, committed in the claim's
+    own transaction (one commit before the answer, not two). A claim that
+    takes nothing changed nothing, and leaves none."""
+    app = make_app(tmp_path, API_KEYS=KEY, JOB_STORE=store)
+    claim = "/api/v1/jobs/claim"
+    try:
+        c = Client(app)
+        db = app.services.db
+        assert c.post(claim, {"workflows": ["w"]}, key=KEY).status == 204
+        for _ in range(2):
+            assert c.post(INTAKE, JOB, key=KEY).status == 202
+        assert c.post(claim, {"workflows": ["w"]}, key=KEY).status == 200
+        assert len(c.post(claim, {"workflows": ["w"], "max_jobs": 5, "wait": 1}, key=KEY).json()["jobs"]) == 1
+        rows = db.query("SELECT path, status, request_id FROM audit_log ORDER BY id")
+        assert [(r["path"], r["status"]) for r in rows] == [(INTAKE, 202)] * 2 + [(claim, 200)] * 2
+        assert rows[2]["request_id"] != rows[3]["request_id"]
+        app.services.recorder.flush()
+        assert len(db.query("SELECT id FROM audit_log")) == 4
+        assert c.get("/public/metrics").json()["audit_coverage"] == 100.0
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_an_intake_whose_link_fails_once_stored_is_accepted_and_audited_once(tmp_path, store, monkeypatch):
     """A job that depends on another is linked to it after it is stored. If
     that fails (the database busy), the job exists all the same: the intake

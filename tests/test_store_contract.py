@@ -860,6 +860,44 @@ def test_add_many_writes_also_with_the_jobs_or_not_at_all(job_backend, clock):
     assert len(store) == 2 and audited() == sorted(first * 2)  # the job went with the failed statement
 
 
+def test_claim_many_writes_also_with_the_jobs_it_claims_where_it_can(job_backend, clock):
+    """A claim that takes jobs commits ``also``'s statements (its audit row)
+    in its own transaction where it has one (SQLite, no limits): one commit
+    before the worker's answer, not two. An empty claim calls it not; a
+    store or a claim that cannot carry it never calls it, and the caller
+    writes the row itself."""
+    store = job_backend.jobs()
+    asked = []
+
+    def also(jobs):
+        asked.append([job["job_id"] for job in jobs])
+        return job_backend.recorder().statements("k", "POST", ["/claim"], 200, f"req-{len(asked)}")
+
+    def audited():
+        return [row["request_id"] for row in job_backend.db.query("SELECT request_id FROM audit_log")]
+
+    assert store.claim_many(["w"], running(clock), None, [engine.new_token()], also) == []
+    assert asked == []
+    made = [store.add(new_job(clock))[0]["job_id"] for _ in range(3)]
+    one = store.claim_many(["w"], running(clock), None, [engine.new_token()], also)
+    two = store.claim_many(["w"], running(clock), None, [engine.new_token() for _ in range(5)], also)
+    assert [job["job_id"] for job in one + two] == made
+    carried = store.carries_also
+    assert asked == ([[made[0]], made[1:]] if carried else [])
+    if carried:
+        assert audited() == ["req-1", "req-2"]
+        store.add(new_job(clock))
+        with pytest.raises(Exception):
+            store.claim_many(["w"], running(clock), None, [engine.new_token()],
+                             lambda jobs: [("INSERT INTO no_such_table VALUES (1)", [{}])])
+        assert claim(store, clock, ["w"]) is not None  # the claim went with the failed statement
+    store.set_limits("w", {"max_concurrency": 10})
+    store.add(new_job(clock))
+    asked.clear()
+    assert len(store.claim_many(["w"], running(clock), None, [engine.new_token()], also)) == 1
+    assert asked == []  # claims under limits carry nothing
+
+
 def test_a_batch_key_answers_its_jobs_again_and_refuses_another_body(job_backend, clock):
     store = job_backend.jobs(max_jobs=5)
     batch = ("k", "batch-1", "body-1", 3600)
