@@ -278,9 +278,48 @@ def _settings_as_attributes(cfg):
             cfg.__dict__[name] = setting.get()
 
 
+# PERF: gunicorn checks every header of every answer (its name and value
+# against two patterns, whether it is hop-by-hop, its case and spaces): about
+# 12 headers an answer, most of them the same each time (the security
+# headers). A header it has passed unchanged, as an ordinary one, is passed
+# again at sight; any other goes through its checks as before. At most
+# KNOWN_HEADERS are remembered (unique values, such as a request id, fill
+# the rest, and then nothing more is added).
+KNOWN_HEADERS = 512
+
+
+def _remembered_answer_headers(log):
+    from gunicorn import util
+    from gunicorn.http import wsgi
+
+    original = getattr(wsgi.Response, "process_headers", None)
+    if original is None:
+        log.warning("levqor: cannot check answer headers faster in this gunicorn version")
+        return
+    if getattr(original, "levqor_remembers", False):
+        return
+    known = set()
+
+    def process_headers(self, headers):
+        for pair in headers:
+            if type(pair) is tuple and pair in known:
+                self.headers.append(pair)
+                continue
+            before = len(self.headers)
+            original(self, [pair])
+            if (len(known) < KNOWN_HEADERS and len(self.headers) == before + 1
+                    and self.headers[-1] == pair and type(pair) is tuple
+                    and pair[0].lower() != "content-length" and not util.is_hoppish(pair[0])):
+                known.add(pair)
+
+    process_headers.levqor_remembers = True
+    wsgi.Response.process_headers = process_headers
+
+
 def post_worker_init(worker):
     _bound_request_reads(worker.log)
     _one_write_answers(worker.log)
+    _remembered_answer_headers(worker.log)
     _settings_as_attributes(worker.cfg)
     # Open the database and start the background writer in the worker, after
     # the fork, so that the uptime heartbeat runs even before the first request.

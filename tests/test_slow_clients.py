@@ -260,6 +260,35 @@ def test_an_answer_comes_in_one_segment_head_and_body(server):
         assert _read_response(s)[0].startswith(b"HTTP/1.1 200 ")
 
 
+def test_every_answer_carries_its_own_headers_and_the_same_security_headers(server):
+    """gunicorn's checks of an answer's headers are skipped for a header it
+    passed before, unchanged: every answer on a kept-alive connection still
+    has the security headers, its own Content-Length and request id, and a
+    Location only where it has one."""
+    body = b'{"workflow":"echo","payload":{"n":1}}'
+    intake = (b"POST /api/v1/intake HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+              + b"\r\n\r\n" + body)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = []
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        for request in (health, intake, health, intake, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"):
+            s.sendall(request)
+            _, head = _read_response(s)
+            lines = head.decode("latin-1").split("\r\n")[1:]
+            answers.append([tuple(part.strip() for part in line.split(":", 1)) for line in lines])
+    names = [[name.lower() for name, _ in answer] for answer in answers]
+    for answer in names:
+        assert len(answer) == len(set(answer)), answer  # nothing twice
+        assert {"x-content-type-options", "x-frame-options", "content-security-policy",
+                "x-request-id", "content-length", "content-type"} <= set(answer)
+    assert ["location" in answer for answer in names] == [False, True, False, True, False]
+    ids = [dict((n.lower(), v) for n, v in answer)["x-request-id"] for answer in answers]
+    assert len(set(ids)) == 5
+    lengths = [dict((n.lower(), v) for n, v in answer)["content-length"] for answer in answers]
+    assert lengths[0] == lengths[2] and lengths[1] != lengths[4]
+
+
 def test_a_worker_that_fails_to_boot_exits_cleanly(tmp_path):
     """The worker_exit hook runs even for a worker whose app never loaded."""
     srv = Server(tmp_path, LEVQOR_WORKFLOWS="no_such_module_xyz")
