@@ -583,21 +583,23 @@ class Database:
         ANNOUNCE_EVERY: then it is owed, and its watch calls this again."""
         now = time.monotonic()
         with self._news_lock:
-            if now - self._announced < self.ANNOUNCE_EVERY:
+            held = now - self._announced < self.ANNOUNCE_EVERY
+            newly_owed = held and bool(self._news) and not self.owes_announce
+            if held:
                 self.owes_announce = bool(self._news)  # a busy file: this process's watch sends it soon
-                return
-            news, self._news = self._news, set()
-            self._announced, self.owes_announce = now, False
-        if not news:
+            else:
+                news, self._news = self._news, set()
+                self._announced, self.owes_announce = now, False
+        changes = self._changes
+        if newly_owed and changes is not None and changes.pid == os.getpid() and changes.quiet:
+            # A quiet watch waits up to IDLE_EVERY: have it look now, and so
+            # send this within ANNOUNCE_EVERY (its datagram of no news).
+            with contextlib.suppress(OSError):
+                self._sender(now)[1].sendto(NEWS_HEAD.encode(), changes.path)
+        if held or not news:
             return
         message = news_message(news)
-        pid, read_at, peers, sender = self._told
-        if pid != os.getpid():  # a socket of this process's own
-            sender, read_at = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), float("-inf")
-            sender.setblocking(False)
-        if now - read_at > 1.0:
-            peers = self._peers()
-            self._told = (os.getpid(), now, peers, sender)
+        peers, sender = self._sender(now)
         for path in peers:
             try:
                 sender.sendto(message, path)
@@ -606,6 +608,18 @@ class Database:
                     os.unlink(path)
             except OSError:  # full (a wake is pending there anyway), or gone
                 pass
+
+    def _sender(self, now):
+        """(the peers' wake sockets, read at most once a second; this
+        process's socket to send from)."""
+        pid, read_at, peers, sender = self._told
+        if pid != os.getpid():  # a socket of this process's own
+            sender, read_at = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), float("-inf")
+            sender.setblocking(False)
+        if now - read_at > 1.0:
+            peers = self._peers()
+            self._told = (os.getpid(), now, peers, sender)
+        return peers, sender
 
     def _peers(self):
         """The wake sockets beside the file but this process's own (never
@@ -655,10 +669,9 @@ class Changes(Background):
     IDLE_EVERY once none came for QUIET seconds: an idle process of a
     SQLite host spent 3 to 4 % of a core on them. News held back (within
     ANNOUNCE_EVERY of the last sent) goes with the next announce, or is
-    sent by the sender's own watch at its next read: within EVERY while it
-    reads quickly, IDLE_EVERY at most (the receivers' quick reads, started
-    by the news before it, see that commit meanwhile). A new watch, which
-    its peers learn of within a second, starts with the quick reads too.
+    sent by the sender's own watch once ANNOUNCE_EVERY has passed (a quiet
+    one is told to look at once, by a datagram of no news). A new watch,
+    which its peers learn of within a second, starts with the quick reads.
 
     PERF: data_version moves for every commit but this connection's own,
     and most commits are nothing anyone waits for (audit rows, claims,
@@ -682,6 +695,7 @@ class Changes(Background):
         self.pid = os.getpid()
         self.name = f"{self.pid}-{uuid.uuid4().hex[:8]}"
         self.path = os.path.join(db.path + "-wake", self.name)
+        self.quiet = False  # reading every IDLE_EVERY
         super().__init__()
 
     def stop(self):
@@ -696,8 +710,9 @@ class Changes(Background):
         doubt = False  # data_version moved since everything was last woken
         try:
             while not self._stop.is_set():
-                quiet = sock is not None and time.monotonic() - changed > self.QUIET
-                heard = self._wait(sock, self.IDLE_EVERY if quiet else self.EVERY)
+                self.quiet = (sock is not None and not self.db.owes_announce
+                              and time.monotonic() - changed > self.QUIET)
+                heard = self._wait(sock, self.IDLE_EVERY if self.quiet else self.EVERY)
                 if heard and heard is not ANYTHING:
                     # PERF: what waits for these jobs looks before this thread
                     # reads data_version (a cold read after an idle spell).

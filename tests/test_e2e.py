@@ -354,6 +354,38 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
         other.close()
 
 
+def test_news_held_back_by_a_quiet_process_goes_out_when_it_may(tmp_path, monkeypatch):
+    """A process whose watch is quiet (reading every IDLE_EVERY, 60 s here)
+    tells its own watch of news it holds back, so the news goes out once
+    ANNOUNCE_EVERY (0.3 s) has passed, not at that watch's next read."""
+    monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
+    monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
+    heard = queue.Queue()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
+    try:
+        assert len(_bound(tmp_path / "w.db-wake")) == 1
+        mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # the receiver: datagrams alone
+        other.watch(lambda workflow, ended=False: None)
+        assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
+        other._changes.IDLE_EVERY = 60.0
+        assert wait_until(lambda: other._changes.quiet, 5)
+        time.sleep(0.1)  # into its 60 s wait
+        other.announce("mail.send")
+        assert heard.get(timeout=5) == ("mail.send", False)
+        sent = time.monotonic()
+        other.announce("mail.send", ended=True)  # held back: within ANNOUNCE_EVERY
+        assert other.owes_announce
+        assert heard.get(timeout=5) == ("mail.send", True)
+        assert 0.25 < time.monotonic() - sent < 3
+        assert not other.owes_announce
+    finally:
+        other.close()
+        mine.close()
+
+
 def test_a_watch_is_not_woken_by_each_of_its_own_processs_commits(tmp_path):
     """data_version moves for this process's own commits as for anyone's:
     a move over which this process wrote wakes the waiters at most every
