@@ -342,8 +342,17 @@ def test_a_callback_whose_sender_is_killed_is_delivered_by_another_process(tmp_p
         event = callbacks.verify_webhook(SECRET, headers, body)
         assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job_id
         assert headers["webhook-id"] == receiver.hits[0][1]["webhook-id"]
-        view = requests.get(srv.url + f"/api/v1/status/{job_id}", headers=HEADERS, timeout=5).json()
-        assert view["callback"]["state"] == "delivered" and view["callback"]["attempts"] == 1
+        # The receiver counts the delivery as it answers; the sender records
+        # it once that answer reaches it.
+        view = {}
+
+        def recorded():
+            view.update(requests.get(srv.url + f"/api/v1/status/{job_id}", headers=HEADERS,
+                                     timeout=5).json())
+            return view["callback"]["state"] == "delivered"
+
+        assert wait_until(recorded, 10), view
+        assert view["callback"]["attempts"] == 1
         assert len(receiver.delivered) == 1
     finally:
         srv.stop()
