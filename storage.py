@@ -598,7 +598,7 @@ class Database:
                 self._sender(now)[1].sendto(NEWS_HEAD.encode(), changes.path)
         if held or not news:
             return
-        message = news_message(news)
+        message, full = news_message(news), False
         peers, sender = self._sender(now)
         for path in peers:
             try:
@@ -606,8 +606,14 @@ class Database:
             except ConnectionRefusedError:  # nobody bound: left by a process that died
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            except OSError:  # full (a wake is pending there anyway), or gone
+            except BlockingIOError:  # its queue is full (a few datagrams): not told
+                full = True
+            except OSError:  # gone
                 pass
+        if full:  # the news goes again, with the next (the others hear it twice)
+            with self._news_lock:
+                self._news |= news
+                self.owes_announce = True
 
     def _sender(self, now):
         """(the peers' wake sockets, read at most once a second; this
@@ -676,12 +682,15 @@ class Changes(Background):
     PERF: data_version moves for every commit but this connection's own,
     and most commits are nothing anyone waits for (audit rows, claims,
     this process's own other threads' writes), while Levqor's processes
-    say what matters by datagram. So with a socket, a move wakes
-    everything only once DOUBT_EVERY has passed since the last time; with
-    none, a move over which this process wrote nothing (``Database.writes``)
-    wakes it at once. Before, every move woke everything: on a SQLite host
-    of 2 workers whose one process took intakes, the other's pool threads
-    looked for jobs about 200 times a second, and found none."""
+    say what matters by datagram. So with a socket, news explains the
+    moves seen up to it, and a move no news came with wakes everything
+    only once DOUBT_EVERY has passed since the last time (a write by
+    another program seen in the same look as news is left to the waiters'
+    own polls); with no socket, a move over which this process wrote
+    nothing (``Database.writes``) wakes everything at once. Before, every
+    move woke everything: on a SQLite host of 2 workers whose one process
+    took intakes, the other's pool threads looked for jobs about 200
+    times a second, and found none."""
 
     NAME = "levqor-sqlite-changes"
     EVERY = 0.005  # seconds between reads while changes come (or with no socket)
@@ -710,8 +719,11 @@ class Changes(Background):
         doubt = False  # data_version moved since everything was last woken
         try:
             while not self._stop.is_set():
-                self.quiet = (sock is not None and not self.db.owes_announce
-                              and time.monotonic() - changed > self.QUIET)
+                # Quiet, then whether news is owed: news held back meanwhile
+                # finds this watch quiet, and nudges it (Database.send_news).
+                self.quiet = sock is not None and time.monotonic() - changed > self.QUIET
+                if self.quiet and self.db.owes_announce:
+                    self.quiet = False
                 heard = self._wait(sock, self.IDLE_EVERY if self.quiet else self.EVERY)
                 if heard and heard is not ANYTHING:
                     # PERF: what waits for these jobs looks before this thread
@@ -729,7 +741,9 @@ class Changes(Background):
                     version = seen
                 now = time.monotonic()
                 moved = seen is not None and version != seen
-                doubt = doubt or moved
+                # News explains the moves seen up to it (its sender committed,
+                # then told): only a move no news came with is in doubt.
+                doubt = (doubt or moved) and not heard
                 # Without a socket, no announce comes: another's move is all there is.
                 foreign = moved and writes == mine and sock is None
                 if heard is ANYTHING or foreign or (doubt and now - woken >= self.DOUBT_EVERY):
@@ -772,7 +786,8 @@ class Changes(Background):
         heard = set()
         with contextlib.suppress(OSError):  # BlockingIOError: none left
             while True:
-                news = news_heard(sock.recv(NEWS_BYTES))
+                message = sock.recv(NEWS_BYTES + 1)
+                news = news_heard(message) if len(message) <= NEWS_BYTES else None  # cut short
                 heard = ANYTHING if news is None or heard is ANYTHING else heard | news
         return heard
 

@@ -295,6 +295,91 @@ def test_an_announce_tells_the_watch_whose_jobs_were_queued_or_ended(tmp_path, m
         mine.close()
 
 
+def test_news_explains_the_commit_it_comes_with(tmp_path, monkeypatch):
+    """A process commits, then tells: the watch that hears it sees the
+    commit too, and wakes only what waits for the workflow named, not
+    everything (it did both for every announce, so the selective wake
+    saved nothing on a host that was not busy). A commit that comes with
+    no news still wakes everything."""
+    monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # it looks when a datagram comes
+    monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    heard = queue.Queue()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    with other.write() as conn:
+        conn.execute("CREATE TABLE t (x)")
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
+    try:
+        assert len(_bound(tmp_path / "w.db-wake")) == 1
+        time.sleep(0.05)  # its first look is done
+        for _ in range(3):
+            with other.write() as conn:
+                conn.execute("INSERT INTO t VALUES (1)")
+            other.announce("mail.send")
+            assert heard.get(timeout=5) == ("mail.send", False)
+            time.sleep(other.ANNOUNCE_EVERY + 0.05)
+        assert heard.empty()  # no wake of everything
+        with other.write() as conn:
+            conn.execute("INSERT INTO t VALUES (2)")
+        other.announce()  # no workflow named: anything
+        assert heard.get(timeout=5) == (None, False)
+    finally:
+        mine.close()
+
+
+def test_a_datagram_cut_short_is_news_of_anything(tmp_path, monkeypatch):
+    """A datagram longer than the watch reads loses its end unseen, and its
+    last line, cut, would name another workflow: it is taken for news of
+    anything."""
+    monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    heard = queue.Queue()
+    mine = storage.Database(str(tmp_path / "w.db"), shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
+    try:
+        (wake,) = _bound(tmp_path / "w.db-wake")
+        lines = [storage.NEWS_HEAD] + [f"q reports.w{i:06d}" for i in range(400)]  # cut mid-name
+        message = "\n".join(lines).encode()
+        assert len(message) > storage.NEWS_BYTES
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(message, str(wake))
+        assert heard.get(timeout=5) == (None, False)
+        time.sleep(0.1)
+        assert heard.empty()
+    finally:
+        mine.close()
+
+
+def test_news_a_full_queue_refused_goes_again(tmp_path):
+    """A watcher's socket queues only a few datagrams; news that found it
+    full is kept and sent again, not lost."""
+    folder = tmp_path / "w.db-wake"
+    folder.mkdir(mode=0o700)
+    full = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    full.bind(str(folder / "1-full"))
+    full.setblocking(False)
+    db = storage.Database(str(tmp_path / "w.db"), shared=True)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                for _ in range(10_000):
+                    filler.sendto(b"!", str(folder / "1-full"))
+        db.announce("mail.send")
+        assert db.owes_announce
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                full.recv(storage.NEWS_BYTES)
+        time.sleep(db.ANNOUNCE_EVERY * 2)
+        db.send_news()
+        assert storage.news_heard(full.recv(storage.NEWS_BYTES)) == {("q", "mail.send")}
+        assert not db.owes_announce
+    finally:
+        full.close()
+
+
 def test_a_datagram_that_is_not_news_in_levqors_words_is_news_of_anything():
     news = {("q", "a.b"), ("e", "c-d:e")}
     assert storage.news_heard(storage.news_message(news)) == news
