@@ -283,9 +283,12 @@ def _settings_as_attributes(cfg):
 # 12 headers an answer, most of them the same each time (the security
 # headers). A header it has passed unchanged, as an ordinary one, is passed
 # again at sight; any other goes through its checks as before. At most
-# KNOWN_HEADERS are remembered (unique values, such as a request id, fill
-# the rest, and then nothing more is added).
+# KNOWN_HEADERS are remembered, and never one whose value is new each time
+# (a request id, a session cookie: VOLATILE_HEADERS).
 KNOWN_HEADERS = 512
+VOLATILE_HEADERS = frozenset(["set-cookie", "x-request-id", "location", "etag", "last-modified",
+                              "retry-after", "ratelimit-limit", "ratelimit-remaining",
+                              "ratelimit-reset", "content-length", "date", "expires"])
 
 
 def _remembered_answer_headers(log):
@@ -309,7 +312,7 @@ def _remembered_answer_headers(log):
             original(self, [pair])
             if (len(known) < KNOWN_HEADERS and len(self.headers) == before + 1
                     and self.headers[-1] == pair and type(pair) is tuple
-                    and pair[0].lower() != "content-length" and not util.is_hoppish(pair[0])):
+                    and pair[0].lower() not in VOLATILE_HEADERS and not util.is_hoppish(pair[0])):
                 known.add(pair)
 
     process_headers.levqor_remembers = True

@@ -432,7 +432,7 @@ def _claim(req, ask, max_jobs=1, wait=0.0, alone=False):
     services, carried = req.services, []
 
     def audit_row(jobs):
-        carried.append(req.path)
+        carried[:] = [req.path]
         return services.recorder.statements(req.key_id, req.method, carried, 200, req.request_id)
 
     jobs = services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
