@@ -215,6 +215,22 @@ def _watching(tmp_path):
         mine.close()
 
 
+@contextlib.contextmanager
+def _hearing(tmp_path):
+    """As _watching, with what the watch is told put in a queue, as
+    (workflow, ended): (the other, that queue, the first)."""
+    heard = queue.Queue()
+    path = str(tmp_path / "w.db")
+    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
+    mine.query("SELECT 1")
+    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
+    try:
+        yield other, heard, mine
+    finally:
+        other.close()
+        mine.close()
+
+
 def test_a_commit_by_another_connection_wakes_the_sqlite_watch(tmp_path):
     with _watching(tmp_path) as (other, woken, _):
         time.sleep(0.1)
@@ -259,40 +275,33 @@ def test_an_announce_tells_the_watch_whose_jobs_were_queued_or_ended(tmp_path, m
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # only datagrams wake it here
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
-    heard = queue.Queue()
-    path = str(tmp_path / "w.db")
-    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
 
-    def one_datagram():
+    def one_datagram(heard):
         got = [heard.get(timeout=5)]
         time.sleep(0.05)
         while not heard.empty():
             got.append(heard.get())
         return got
 
-    try:
+    with _hearing(tmp_path) as (other, heard, _):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         other.announce("reports.daily")
-        assert one_datagram() == [("reports.daily", False)]
+        assert one_datagram(heard) == [("reports.daily", False)]
         other.announce("reports.daily", ended=True)  # held back, as are the next two
         other.announce("mail.send")
         other.announce("mail.send")
         assert other.owes_announce and heard.empty()
         time.sleep(0.35)
         other.announce("images.resize")
-        assert one_datagram() == [("reports.daily", True), ("images.resize", False), ("mail.send", False)]
+        assert one_datagram(heard) == [("reports.daily", True), ("images.resize", False), ("mail.send", False)]
         for i in range(storage.NEWS_MAX + 1):
             other.announce(f"w{i}")
         time.sleep(0.35)
         other.send_news()
-        assert one_datagram() == [(None, False)]  # too many to name: anything
+        assert one_datagram(heard) == [(None, False)]  # too many to name: anything
         time.sleep(0.35)
         other.announce()
-        assert one_datagram() == [(None, False)]
-    finally:
-        mine.close()
+        assert one_datagram(heard) == [(None, False)]
 
 
 def test_news_explains_the_commit_it_comes_with(tmp_path, monkeypatch):
@@ -303,16 +312,10 @@ def test_news_explains_the_commit_it_comes_with(tmp_path, monkeypatch):
     no news still wakes everything."""
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # it looks when a datagram comes
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
-    heard = queue.Queue()
-    path = str(tmp_path / "w.db")
-    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
-    with other.write() as conn:
-        conn.execute("CREATE TABLE t (x)")
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
-    try:
+    with _hearing(tmp_path) as (other, heard, _):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
-        time.sleep(0.05)  # its first look is done
+        with other.write() as conn:
+            conn.execute("CREATE TABLE t (x)")
         for _ in range(3):
             with other.write() as conn:
                 conn.execute("INSERT INTO t VALUES (1)")
@@ -324,8 +327,6 @@ def test_news_explains_the_commit_it_comes_with(tmp_path, monkeypatch):
             conn.execute("INSERT INTO t VALUES (2)")
         other.announce()  # no workflow named: anything
         assert heard.get(timeout=5) == (None, False)
-    finally:
-        mine.close()
 
 
 def test_a_datagram_cut_short_is_news_of_anything(tmp_path, monkeypatch):
@@ -334,11 +335,7 @@ def test_a_datagram_cut_short_is_news_of_anything(tmp_path, monkeypatch):
     anything."""
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
-    heard = queue.Queue()
-    mine = storage.Database(str(tmp_path / "w.db"), shared=True)
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
-    try:
+    with _hearing(tmp_path) as (_, heard, _):
         (wake,) = _bound(tmp_path / "w.db-wake")
         lines = [storage.NEWS_HEAD] + [f"q reports.w{i:06d}" for i in range(400)]  # cut mid-name
         message = "\n".join(lines).encode()
@@ -348,8 +345,6 @@ def test_a_datagram_cut_short_is_news_of_anything(tmp_path, monkeypatch):
         assert heard.get(timeout=5) == (None, False)
         time.sleep(0.1)
         assert heard.empty()
-    finally:
-        mine.close()
 
 
 def test_news_a_full_queue_refused_goes_again(tmp_path):
@@ -445,12 +440,7 @@ def test_news_held_back_by_a_quiet_process_goes_out_when_it_may(tmp_path, monkey
     ANNOUNCE_EVERY (0.3 s) has passed, not at that watch's next read."""
     monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
-    heard = queue.Queue()
-    path = str(tmp_path / "w.db")
-    mine, other = storage.Database(path, shared=True), storage.Database(path, shared=True)
-    mine.query("SELECT 1")
-    mine.watch(lambda workflow, ended=False: heard.put((workflow, ended)))
-    try:
+    with _hearing(tmp_path) as (other, heard, mine):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # the receiver: datagrams alone
         other.watch(lambda workflow, ended=False: None)
@@ -466,9 +456,6 @@ def test_news_held_back_by_a_quiet_process_goes_out_when_it_may(tmp_path, monkey
         assert heard.get(timeout=5) == ("mail.send", True)
         assert 0.25 < time.monotonic() - sent < 3
         assert not other.owes_announce
-    finally:
-        other.close()
-        mine.close()
 
 
 def test_a_watch_is_not_woken_by_each_of_its_own_processs_commits(tmp_path):
