@@ -95,8 +95,8 @@ class JobStore(Protocol):
     def add_many(self, jobs: Sequence[Job],
                  idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
                  batch_key: tuple[str, str, str, float] | None = None,
-                 also: Callable[[list[tuple[Job, bool]]], list[tuple[str, list[dict]]]] | None = None
-                 ) -> list[tuple[Job, bool]]:
+                 also: Callable[[list[tuple[Job, bool]]], list[tuple[str, list[dict]]]] | None = None,
+                 take: dict[str, Any] | None = None) -> list[tuple[Job, bool]]:
         """Store new jobs all together, as ``add`` stores one: all of them or,
         on any refusal, none. Returns [(the stored copy, created)] in their
         order; ``idempotency`` has an entry (or None) for each job, and a
@@ -118,7 +118,14 @@ class JobStore(Protocol):
         that a store with ``carries_also`` runs, once for each set of
         params, in the same transaction: committed with the jobs or, on any
         refusal, not at all (the request's audit rows). A store without
-        ``carries_also`` ignores it."""
+        ``carries_also`` ignores it.
+
+        ``take`` (with one job only) is a claim's ``changes`` (its lease
+        token among them): the job, if it is made (not a replay), is stored
+        already claimed, as ``claim_many`` would have claimed it at once,
+        one more attempt and all; but as any job, queued, when its
+        workflow has limits (those are counted claim by claim). The engine
+        hands a new job so to a claim that waits for one."""
 
     def replayed(self, idempotency: Sequence[tuple[str, str, str, float] | None] | None = None,
                  batch_key: tuple[str, str, str, float] | None = None) -> list[Job] | None:

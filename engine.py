@@ -431,6 +431,33 @@ class _Tokens:
 new_token = _Tokens()
 
 
+class _Taker:
+    """A claim waiting in this process for a job: what an intake needs to
+    hand it one (see ``Engine._taker_for``)."""
+
+    def __init__(self, workflows, lease_seconds, key_id, gone, also):
+        self.workflows = frozenset(workflows)
+        self.lease_seconds, self.key_id, self.gone, self.also = lease_seconds, key_id, gone, also
+        self.picked = False  # an intake is storing a job claimed for it
+        self.take = None  # the claim's changes that intake stores the job with
+        self.jobs = None  # what it was handed: its answer
+
+    def also_after(self, also):
+        """The intake's ``also``, then, if the job was taken, the claim's own
+        (its audit row, in the same transaction as its claim)."""
+        if self.also is None:
+            return also
+        mine = self.also
+
+        def both(answer):
+            rows = list(also(answer)) if also is not None else []
+            job, created = answer[0]
+            if created and job["status"] == "running":
+                rows += mine([job])
+            return rows
+        return both
+
+
 def new_job_id():
     """A job's id: 32 hex digits, the first 12 the time in milliseconds and
     the other 20 random (80 bits: no id can be guessed from another).
@@ -479,6 +506,7 @@ class Engine:
         self._unwritten_lock = threading.Lock()
         self._claims = threading.Condition()  # waiting claims (claim's wait)
         self._queued = 0  # bumped whenever an external worker's job may have been queued
+        self._takers = []  # _Takers of the claims waiting here, the longest waiting first
         # Requests that may wait at once (claims for a job, status reads for
         # a job's end), so that waiting never holds every serving thread.
         self._wait_slots = threading.BoundedSemaphore(claim_waiters)
@@ -547,7 +575,19 @@ class Engine:
         jobs that exist, and release their reservations."""
         added = []
         queued = set()
-        for job, created in self.store.add_many(jobs, idempotency, batch_key, also):
+        taker = self._taker_for(jobs)
+        if taker is not None:
+            try:
+                stored = self.store.add_many(jobs, idempotency, batch_key, taker.also_after(also),
+                                             taker.take)
+            except BaseException:
+                self._handed_to(taker, None)
+                raise
+            job, created = stored[0]
+            self._handed_to(taker, job if created and job["status"] == "running" else None)
+        else:
+            stored = self.store.add_many(jobs, idempotency, batch_key, also)
+        for job, created in stored:
             if created and job["status"] == "waiting":
                 try:
                     for parent_id in job["depends_on"]:
@@ -594,6 +634,45 @@ class Engine:
             if not created:
                 self.guardrails.settle(job, "idempotent replay")
         return added
+
+    # -- a new job handed to a waiting claim ----------------------------------------
+
+    def _taker_for(self, jobs):
+        """The waiting claim a lone new job goes to, if any (``_Taker``), now
+        marked as picked; None when the job is not one an external worker
+        may take at once, or no claim here waits for its workflow.
+
+        PERF: a job queued where a claim waits for it is stored already
+        claimed for that claim, in its intake's transaction: no claim
+        transaction after it, and the claim's thread, when it gets to run,
+        has its answer ready. The job would have been that claim's anyway
+        (it waits because nothing was ready for it)."""
+        if len(jobs) != 1 or not self._takers or self._stopping.is_set():
+            return None
+        job = jobs[0]
+        if job["status"] != "queued" or self.registry.get(job["workflow"]) is not None:
+            return None
+        with self._claims:
+            for taker in self._takers:
+                if job["workflow"] in taker.workflows and not taker.gone():
+                    self._takers.remove(taker)
+                    taker.picked = True
+                    changes, _ = self._start_attempt("external", taker.lease_seconds)
+                    taker.take = dict(changes, claimed_by=taker.key_id)
+                    return taker
+        return None
+
+    def _handed_to(self, taker, job):
+        """The end of a pick: ``job`` (claimed for it) is the claim's
+        answer; with None (a replay, a job its limits queued, a refusal) the
+        claim goes back to waiting, to look again when woken."""
+        with self._claims:
+            taker.picked = False
+            if job is not None:
+                taker.jobs = [job]
+            else:
+                self._takers.insert(0, taker)
+            self._claims.notify_all()
 
     # -- dependencies -------------------------------------------------------------
 
@@ -1080,7 +1159,7 @@ class Engine:
         if not external:
             return []
         deadline = time.monotonic() + wait
-        waiting = False
+        waiting, taker = False, None
         try:
             while True:
                 with self._claims:
@@ -1098,15 +1177,29 @@ class Engine:
                     if not self._wait_slots.acquire(blocking=False):
                         return []  # as many claims wait as may: this one answers now
                     waiting = True
+                    taker = _Taker(external, lease_seconds, key_id, gone, also)
                 due = self.store.next_due()  # a job whose retry backoff ends
                 pause = min(left, self.CLAIM_POLL,
                             self.CLAIM_POLL if due is None else max(0.0, due - self.now()))
                 end = time.monotonic() + pause
                 with self._claims:
-                    # A caller that hangs up (a worker stopping) is heard within
-                    # HANGUP_POLL, not at the next look: it waits for this answer.
-                    while self._queued == seen and not gone() and (now := time.monotonic()) < end:
-                        self._claims.wait(min(self.HANGUP_POLL, end - now))
+                    # An intake may hand this claim its job only while it waits
+                    # here: it leaves the takers before the lock is let go, and
+                    # a pick in progress is waited for (its job is stored
+                    # claimed for this claim, which must answer with it).
+                    self._takers.append(taker)
+                    try:
+                        # A caller that hangs up (a worker stopping) is heard within
+                        # HANGUP_POLL, not at the next look: it waits for this answer.
+                        while taker.picked or (self._queued == seen and not taker.jobs
+                                               and not gone() and (now := time.monotonic()) < end):
+                            self._claims.wait(self.HANGUP_POLL if taker.picked
+                                              else min(self.HANGUP_POLL, end - now))
+                    finally:
+                        if taker in self._takers:
+                            self._takers.remove(taker)
+                    if taker.jobs:
+                        return taker.jobs
         finally:
             if waiting:
                 self._wait_slots.release()

@@ -58,6 +58,15 @@ def claim_changes(job, changes, per_workflow):
             "attempts": job["attempts"] + 1}
 
 
+def taken(jobs, take, limited):
+    """``jobs`` as ``add_many`` stores them with ``take`` (see the contract):
+    the one job as a claim with those changes would leave it, unless its
+    workflow is ``limited``."""
+    if len(jobs) != 1:
+        raise ValueError("a job is taken at its intake only alone")
+    return jobs if limited else [dict(jobs[0], **claim_changes(jobs[0], take, None))]
+
+
 def matches(job, filters):
     """Whether ``job`` passes ``filters`` (see FILTERS; status is a list)."""
     f = filters or {}
@@ -222,7 +231,7 @@ class MemoryJobStore:
         """No database of its own: ``also`` is not written here."""
         return False
 
-    def add_many(self, jobs, idempotency=None, batch_key=None, also=None):
+    def add_many(self, jobs, idempotency=None, batch_key=None, also=None, take=None):
         """Store new jobs, all or none; [(job, created)] in their order.
 
         ``idempotency`` holds, for each job, None or (key_id, key,
@@ -231,11 +240,13 @@ class MemoryJobStore:
         body, IdempotencyMismatch. ``batch_key`` is such a key for the
         whole batch: the jobs it made, all of them, are returned instead.
         Checked and recorded under the one lock, so concurrent duplicates
-        make one job (or one batch).
+        make one job (or one batch). ``take``: the contract's.
         """
         with self._lock:
             now = self.clock()
             self._purge(now)
+            if take is not None:
+                jobs = taken(jobs, take, self._limits.get(jobs[0]["workflow"]))
             if batch_key is not None:
                 made = self._remembered(batch_key, None, now)
                 if made is not None:
@@ -803,10 +814,12 @@ class SqlJobStore:
         group commit writes them, many requests' rows in one transaction."""
         return not self.postgres
 
-    def add_many(self, jobs, idempotency=None, batch_key=None, also=None):
+    def add_many(self, jobs, idempotency=None, batch_key=None, also=None, take=None):
         also = also if self.carries_also else None
         now = self.clock()
         jobs = [dict(job, queued_at=job["created_at"]) for job in jobs]
+        if take is not None:
+            jobs = taken(jobs, take, self._limited([jobs[0]["workflow"]]))
         keys = idempotency or [None] * len(jobs)
         for attempt in range(2):  # full: purge what is past its time, then once more
             try:

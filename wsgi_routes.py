@@ -227,9 +227,15 @@ def intake(req):
     headers = [("Location", f"/api/v1/status/{job['job_id']}")]
     if not created:
         headers.append(("Idempotent-Replayed", "true"))
-    # A replay answers exactly what the first request was answered.
-    return respond({"job_id": job["job_id"], "status": job["status"] if created else "queued"},
-                   202, headers)
+    return respond({"job_id": job["job_id"], "status": accepted_status(job, created)}, 202, headers)
+
+
+def accepted_status(job, created):
+    """The status an intake answers: the job's as it was accepted. A replay
+    answers exactly what the first request was answered ("queued"); a job
+    handed at once to a claim waiting for it was queued, and is running
+    by the time the answer leaves."""
+    return "queued" if not created or job["status"] == "running" else job["status"]
 
 
 def intake_batch(req):
@@ -263,7 +269,7 @@ def intake_batch(req):
     batch_key = None if name is None else idempotency(req, name, {"jobs": items})
     added = accept(req, jobs, keys, batch_key, each=True)
     replayed = [("Idempotent-Replayed", "true")] if batch_key and not added[0][1] else []
-    return respond({"jobs": [{"job_id": job["job_id"], "status": job["status"] if created else "queued"}
+    return respond({"jobs": [{"job_id": job["job_id"], "status": accepted_status(job, created)}
                              for job, created in added]}, 202, replayed)
 
 

@@ -901,6 +901,65 @@ def test_news_of_another_processs_jobs_wakes_only_what_waits_for_their_workflow(
         eng.stop()
 
 
+def waiting_claim(eng, **options):
+    """A claim for "ext" waiting in a thread: (thread, its answer's dict),
+    once it waits."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(jobs=eng.claim_many(["ext"], 60, wait=10,
+                                                                            **options)))
+    thread.start()
+    assert wait_until(lambda: eng._takers, 5)
+    return thread, out
+
+
+def test_a_job_queued_while_a_claim_waits_is_handed_to_it_claimed_in_its_intake():
+    """No claim transaction after the intake: the job is stored claimed for
+    the waiting claim, which answers with it as a claim would have."""
+    eng, _ = make_engine(engine.Registry())
+    thread, out = waiting_claim(eng)
+    looks = []
+    real_claim_many = eng.store.claim_many
+    eng.store.claim_many = lambda *a, **k: looks.append(1) or real_claim_many(*a, **k)
+    (job, created), = eng.submit_many([eng.new_job("ext", {"n": 1}, "normal", None, "k")],
+                                      idempotency=[("k", "once", "body", 3600)])
+    thread.join(5)
+    handed, = out["jobs"]
+    assert created and job["status"] == "running"
+    assert handed["job_id"] == job["job_id"] and handed["attempts"] == 1 and handed["payload"] == {"n": 1}
+    assert eng.get(job["job_id"])["lease_token"] == handed["lease_token"]
+    assert looks == []  # taken in the intake, not by a claim after it
+    assert eng.claim_many(["ext"], 60) == []
+    # Its replay hands nothing: a claim waiting then goes on waiting, for the next new job.
+    thread, out = waiting_claim(eng)
+    (again, created), = eng.submit_many([eng.new_job("ext", {"n": 1}, "normal", None, "k")],
+                                        idempotency=[("k", "once", "body", 3600)])
+    assert not created and again["job_id"] == job["job_id"]
+    time.sleep(0.2)
+    assert thread.is_alive() and eng._takers
+    fresh = submit(eng, "ext")
+    thread.join(5)
+    assert [j["job_id"] for j in out["jobs"]] == [fresh]
+
+
+def test_a_claim_under_limits_or_whose_caller_hung_up_is_handed_nothing():
+    """A job of a workflow with limits is queued, for the claims to count
+    (the waiting one takes it so); and a claim whose caller has hung up is
+    never handed one (its job would wait for its lease to run out)."""
+    eng, _ = make_engine(engine.Registry())
+    eng.set_limits("ext", {"max_concurrency": 1})
+    thread, out = waiting_claim(eng)
+    job_id = submit(eng, "ext")
+    thread.join(5)
+    assert [j["job_id"] for j in out["jobs"]] == [job_id]
+    eng.set_limits("ext", None)
+    hung_up = threading.Event()
+    thread, out = waiting_claim(eng, gone=hung_up.is_set)
+    hung_up.set()
+    job_id = submit(eng, "ext")
+    thread.join(5)
+    assert out["jobs"] == [] and eng.get(job_id)["status"] == "queued"
+
+
 def test_a_waiting_claim_hears_its_caller_hang_up_at_once_and_takes_nothing():
     """A worker that stops half-closes its waiting claim and waits for the
     answer: the claim must end within HANGUP_POLL, not at its next look

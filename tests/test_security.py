@@ -5,12 +5,13 @@ import dataclasses
 import io
 import json
 import os
+import threading
 
 import pytest
 
 import levqor
 import wsgi_routes
-from support import KEY, NEXT_KEY, Client, make_app
+from support import KEY, NEXT_KEY, Client, make_app, wait_until
 
 INTAKE = "/api/v1/intake"
 JOB = {"workflow": "w", "payload": {}}
@@ -156,6 +157,39 @@ def test_a_claim_is_answered_once_its_audit_row_is_written(tmp_path, store):
         app.services.recorder.flush()
         assert len(db.query("SELECT id FROM audit_log")) == 4
         assert c.get("/public/metrics").json()["audit_coverage"] == 100.0
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_waiting_claim_handed_a_new_job_is_answered_once_both_audit_rows_are_written(tmp_path, store):
+    """A job queued while a claim waits for it is stored claimed for that
+    claim, in its intake's transaction: the intake still answers "queued"
+    (as it was accepted), the claim answers the job, and the intake's row
+    and the claim's are both there the moment the claim is answered (in
+    SQLite, committed with the job)."""
+    app = make_app(tmp_path, API_KEYS=KEY, JOB_STORE=store)
+    claim = "/api/v1/jobs/claim"
+    try:
+        c = Client(app)
+        answers = {}
+        waiting = threading.Thread(target=lambda: answers.update(
+            claim=c.post(claim, {"workflows": ["w"], "wait": 10}, key=KEY)))
+        waiting.start()
+        assert wait_until(lambda: app.services.engine._takers, 5)
+        accepted = c.post(INTAKE, JOB, key=KEY)
+        waiting.join(10)
+        rows = app.services.db.query("SELECT path, status FROM audit_log ORDER BY id")
+        assert accepted.status == 202 and accepted.json()["status"] == "queued"
+        handed = answers["claim"].json()["job"]
+        assert handed["job_id"] == accepted.json()["job_id"] and handed["attempt"] == 1
+        assert sorted((r["path"], r["status"]) for r in rows) == [(INTAKE, 202), (claim, 200)]
+        app.services.recorder.flush()
+        assert len(app.services.db.query("SELECT id FROM audit_log")) == 2  # each once
+        assert c.get(f"/api/v1/status/{handed['job_id']}", key=KEY).json()["status"] == "running"
+        assert c.post(f"/api/v1/jobs/{handed['job_id']}/complete",
+                      {"lease_token": handed["lease_token"], "result": {"ok": True}}, key=KEY).status == 200
+        assert c.get(f"/api/v1/status/{handed['job_id']}", key=KEY).json()["status"] == "succeeded"
     finally:
         app.stop()
 

@@ -982,6 +982,32 @@ def test_claim_many_keeps_the_limits(jobs, clock):
     assert len(got) == 2
 
 
+def test_add_many_with_take_stores_a_lone_new_job_claimed(jobs, clock):
+    """``take`` (the engine's, for a claim waiting when the job comes): the
+    new job is stored as that claim would have left it, and no other claim
+    finds it; a replay is answered as ever and changes nothing; under its
+    workflow's limits the job is queued, for the claims to count."""
+    changes = dict(running(clock), claimed_by="worker-key")
+    (job, created), = jobs.add_many([new_job(clock)], [("k", "once", "body", 3600)], take=changes)
+    assert created and job["status"] == "running" and job["attempts"] == 1
+    stored = jobs.get(job["job_id"])
+    assert (stored["status"], stored["lease_token"], stored["claimed_by"], stored["attempts"]) == \
+        ("running", changes["lease_token"], "worker-key", 1)
+    assert jobs.claim_many(["w"], running(clock), None, [engine.new_token()]) == []
+    assert [j["job_id"] for j in jobs.expired(clock() + 61)] == [job["job_id"]]  # leased as any claim
+    (again, created), = jobs.add_many([new_job(clock)], [("k", "once", "body", 3600)],
+                                      take=running(clock))
+    assert not created and again["job_id"] == job["job_id"] and len(jobs) == 1
+    assert jobs.get(job["job_id"])["lease_token"] == changes["lease_token"]
+    with pytest.raises(ValueError):
+        jobs.add_many([new_job(clock), new_job(clock)], take=running(clock))
+    jobs.set_limits("w", {"max_concurrency": 5})
+    (held, created), = jobs.add_many([new_job(clock)], take=running(clock))
+    assert created and held["status"] == "queued" and jobs.get(held["job_id"])["status"] == "queued"
+    assert claim(jobs, clock, ["w"])["job_id"] == held["job_id"]
+    assert len(jobs) == 2
+
+
 def test_racing_batch_claims_never_share_a_job(jobs, clock):
     for _ in range(60):
         add(jobs, clock)
