@@ -591,9 +591,10 @@ class Database:
                 news, self._news = self._news, set()
                 self._announced, self.owes_announce = now, False
         changes = self._changes
-        if newly_owed and changes is not None and changes.pid == os.getpid() and changes.quiet:
-            # A quiet watch waits up to IDLE_EVERY: have it look now, and so
-            # send this within ANNOUNCE_EVERY (its datagram of no news).
+        if newly_owed and changes is not None and changes.pid == os.getpid():
+            # A watch with a socket waits up to DOUBT_EVERY (IDLE_EVERY when
+            # quiet): have it look now, and so send this within
+            # ANNOUNCE_EVERY (its datagram of no news).
             with contextlib.suppress(OSError):
                 self._sender(now)[1].sendto(NEWS_HEAD.encode(), changes.path)
         if held or not news:
@@ -671,13 +672,17 @@ class Changes(Background):
     without touching the disk. A move wakes everything, ``wake(None)``:
     whatever waits for a job, or for a job's end, looks again.
 
-    PERF: the reads are every EVERY while changes come, and every
-    IDLE_EVERY once none came for QUIET seconds: an idle process of a
-    SQLite host spent 3 to 4 % of a core on them. News held back (within
+    PERF: the reads are every DOUBT_EVERY while changes come (EVERY with
+    no socket: the reads are all there is), and every IDLE_EVERY once none
+    came for QUIET seconds: an idle process of a SQLite host spent 3 to 4 %
+    of a core on them, and a busy one, reading every EVERY with a socket
+    too, 0.7 ms of CPU per job in the idle-latency bench (a read is a
+    query, and takes the GIL from the requests). News held back (within
     ANNOUNCE_EVERY of the last sent) goes with the next announce, or is
-    sent by the sender's own watch once ANNOUNCE_EVERY has passed (a quiet
-    one is told to look at once, by a datagram of no news). A new watch,
-    which its peers learn of within a second, starts with the quick reads.
+    sent by the sender's own watch once ANNOUNCE_EVERY has passed (the
+    watch is told to look at once, by a datagram of no news, and looks
+    every EVERY while news is owed). A new watch, which its peers learn of
+    within a second, starts with the quick reads.
 
     PERF: data_version moves for every commit but this connection's own,
     and most commits are nothing anyone waits for (audit rows, claims,
@@ -704,7 +709,6 @@ class Changes(Background):
         self.pid = os.getpid()
         self.name = f"{self.pid}-{uuid.uuid4().hex[:8]}"
         self.path = os.path.join(db.path + "-wake", self.name)
-        self.quiet = False  # reading every IDLE_EVERY
         super().__init__()
 
     def stop(self):
@@ -721,10 +725,10 @@ class Changes(Background):
             while not self._stop.is_set():
                 # Quiet, then whether news is owed: news held back meanwhile
                 # finds this watch quiet, and nudges it (Database.send_news).
-                self.quiet = sock is not None and time.monotonic() - changed > self.QUIET
-                if self.quiet and self.db.owes_announce:
-                    self.quiet = False
-                heard = self._wait(sock, self.IDLE_EVERY if self.quiet else self.EVERY)
+                owed = self.db.owes_announce
+                quiet = sock is not None and time.monotonic() - changed > self.QUIET and not owed
+                heard = self._wait(sock, self.EVERY if sock is None or owed
+                                   else self.IDLE_EVERY if quiet else self.DOUBT_EVERY)
                 if heard and heard is not ANYTHING:
                     # PERF: what waits for these jobs looks before this thread
                     # reads data_version (a cold read after an idle spell).

@@ -256,6 +256,7 @@ def test_an_announce_wakes_the_sqlite_watch_before_its_next_look(tmp_path, monke
     # within the test's bound can only be the announce's datagram.
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "DOUBT_EVERY", 60.0)
     with _watching(tmp_path) as (other, woken, _):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         assert not woken.wait(0.1)
@@ -274,6 +275,7 @@ def test_an_announce_tells_the_watch_whose_jobs_were_queued_or_ended(tmp_path, m
     is news of anything (``wake(None)``)."""
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # only datagrams wake it here
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "DOUBT_EVERY", 60.0)
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
 
     def one_datagram(heard):
@@ -312,6 +314,7 @@ def test_news_explains_the_commit_it_comes_with(tmp_path, monkeypatch):
     no news still wakes everything."""
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)  # it looks when a datagram comes
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "DOUBT_EVERY", 60.0)
     with _hearing(tmp_path) as (other, heard, _):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
         with other.write() as conn:
@@ -335,6 +338,7 @@ def test_a_datagram_cut_short_is_news_of_anything(tmp_path, monkeypatch):
     anything."""
     monkeypatch.setattr(storage.Changes, "EVERY", 60.0)
     monkeypatch.setattr(storage.Changes, "IDLE_EVERY", 60.0)
+    monkeypatch.setattr(storage.Changes, "DOUBT_EVERY", 60.0)
     with _hearing(tmp_path) as (_, heard, _):
         (wake,) = _bound(tmp_path / "w.db-wake")
         lines = [storage.NEWS_HEAD] + [f"q reports.w{i:06d}" for i in range(400)]  # cut mid-name
@@ -421,7 +425,7 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 3.0)
     with _watching(tmp_path) as (other, woken, mine):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
-        mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # from its next wait on
+        mine._changes.EVERY = mine._changes.IDLE_EVERY = mine._changes.DOUBT_EVERY = 60.0  # from its next wait on
         other.watch(lambda workflow, ended=False: None)  # the sender's own watch
         assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
         other.announce()
@@ -434,19 +438,18 @@ def test_an_announce_held_back_is_sent_by_the_senders_own_watch(tmp_path, monkey
         other.close()
 
 
-def test_news_held_back_by_a_quiet_process_goes_out_when_it_may(tmp_path, monkeypatch):
-    """A process whose watch is quiet (reading every IDLE_EVERY, 60 s here)
-    tells its own watch of news it holds back, so the news goes out once
-    ANNOUNCE_EVERY (0.3 s) has passed, not at that watch's next read."""
-    monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
+def test_news_held_back_goes_out_when_it_may_not_at_the_watchs_next_read(tmp_path, monkeypatch):
+    """A process tells its own watch (reading every DOUBT_EVERY, or
+    IDLE_EVERY when quiet: 60 s here) of news it holds back, so the news
+    goes out once ANNOUNCE_EVERY (0.3 s) has passed, not at that watch's
+    next read."""
     monkeypatch.setattr(storage.Database, "ANNOUNCE_EVERY", 0.3)
     with _hearing(tmp_path) as (other, heard, mine):
         assert len(_bound(tmp_path / "w.db-wake")) == 1
-        mine._changes.EVERY = mine._changes.IDLE_EVERY = 60.0  # the receiver: datagrams alone
+        mine._changes.EVERY = mine._changes.IDLE_EVERY = mine._changes.DOUBT_EVERY = 60.0  # the receiver: datagrams alone
         other.watch(lambda workflow, ended=False: None)
         assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
-        other._changes.IDLE_EVERY = 60.0
-        assert wait_until(lambda: other._changes.quiet, 5)
+        other._changes.IDLE_EVERY = other._changes.DOUBT_EVERY = 60.0
         time.sleep(0.1)  # into its 60 s wait
         other.announce("mail.send")
         assert heard.get(timeout=5) == ("mail.send", False)
