@@ -756,20 +756,21 @@ class Engine:
         count against the same bound as waiting claims: past it, and when
         the caller has hung up, the job is answered as it is now."""
         deadline = time.monotonic() + wait
+        with self._ended:
+            seen = self._ends  # before the read: an end after it is never missed
         job = self.get(job_id)
         if job["status"] in JOB_FINAL or wait <= 0 or not self._wait_slots.acquire(blocking=False):
             return job
         try:
             while True:
-                with self._ended:
-                    seen = self._ends
-                job = self.get(job_id)
                 left = deadline - time.monotonic()
                 if job["status"] in JOB_FINAL or left <= 0 or self._stopping.is_set() or gone():
                     return job
                 with self._ended:
                     if self._ends == seen:
                         self._ended.wait(min(left, self.END_POLL))
+                    seen = self._ends
+                job = self.get(job_id)
         finally:
             self._wait_slots.release()
 

@@ -960,6 +960,25 @@ def test_a_claim_under_limits_or_whose_caller_hung_up_is_handed_nothing():
     assert out["jobs"] == [] and eng.get(job_id)["status"] == "queued"
 
 
+def test_a_status_read_waits_for_an_end_after_one_read_of_the_job():
+    """One read, then the wait (it read the job twice before): the read is
+    taken after the count of ends it compares with, so an end between the
+    two is never slept through."""
+    eng, _ = make_engine(engine.Registry())
+    job_id = submit(eng, "ext")
+    claimed = eng.claim(["ext"], 60)
+    out, reads = {}, []
+    real_get = eng.store.get
+    eng.store.get = lambda job_id: reads.append(1) or real_get(job_id)
+    waiting = threading.Thread(target=lambda: out.update(job=eng.wait_for_end(job_id, 10)))
+    waiting.start()
+    time.sleep(0.2)
+    assert len(reads) == 1
+    eng.report(job_id, claimed["lease_token"], result={"n": 7})
+    waiting.join(5)
+    assert out["job"]["status"] == "succeeded" and out["job"]["result"] == {"n": 7}
+
+
 def test_a_waiting_claim_hears_its_caller_hang_up_at_once_and_takes_nothing():
     """A worker that stops half-closes its waiting claim and waits for the
     answer: the claim must end within HANGUP_POLL, not at its next look
