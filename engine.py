@@ -581,7 +581,7 @@ class Engine:
                 stored = self.store.add_many(jobs, idempotency, batch_key, taker.also_after(also),
                                              taker.take)
             except BaseException:
-                self._handed_to(taker, None)
+                self._handed_to(taker, self._taken_anyway(jobs[0], taker))
                 raise
             job, created = stored[0]
             self._handed_to(taker, job if created and job["status"] == "running" else None)
@@ -655,12 +655,24 @@ class Engine:
         with self._claims:
             for taker in self._takers:
                 if job["workflow"] in taker.workflows and not taker.gone():
-                    self._takers.remove(taker)
-                    taker.picked = True
                     changes, _ = self._start_attempt("external", taker.lease_seconds)
                     taker.take = dict(changes, claimed_by=taker.key_id)
+                    # Picked: from here on _handed_to must run (the claim waits for it).
+                    self._takers.remove(taker)
+                    taker.picked = True
                     return taker
         return None
+
+    def _taken_anyway(self, job, taker):
+        """After ``add_many`` raised: the job, if it was stored claimed for
+        ``taker`` all the same (a commit whose answer was lost: a dropped
+        PostgreSQL connection). The claim answers with it; put back to
+        waiting, it would leave the job running under a lease nobody holds."""
+        try:
+            stored = self.store.get(job["job_id"])
+        except Exception:  # the store is away: its lease runs out instead
+            return None
+        return stored if stored and stored.get("lease_token") == taker.take["lease_token"] else None
 
     def _handed_to(self, taker, job):
         """The end of a pick: ``job`` (claimed for it) is the claim's

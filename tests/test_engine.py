@@ -941,6 +941,42 @@ def test_a_job_queued_while_a_claim_waits_is_handed_to_it_claimed_in_its_intake(
     assert [j["job_id"] for j in out["jobs"]] == [fresh]
 
 
+def test_a_job_stored_for_a_waiting_claim_whose_intake_then_fails_goes_to_that_claim():
+    """A commit whose answer is lost (a dropped PostgreSQL connection): the
+    intake fails, but the job is stored claimed for the waiting claim, which
+    answers with it, not left running under a lease nobody holds."""
+    eng, _ = make_engine(engine.Registry())
+    thread, out = waiting_claim(eng)
+    real_add_many = eng.store.add_many
+
+    def add_many(*args, **kwargs):
+        real_add_many(*args, **kwargs)
+        raise ConnectionError("the connection dropped after COMMIT")
+
+    eng.store.add_many = add_many
+    job = eng.new_job("ext", {}, "normal", None, "k")
+    with pytest.raises(ConnectionError):
+        eng.submit(job)
+    thread.join(5)
+    assert [j["job_id"] for j in out["jobs"]] == [job["job_id"]]
+    assert eng.get(job["job_id"])["lease_token"] == out["jobs"][0]["lease_token"]
+
+
+def test_a_pick_that_fails_before_the_store_leaves_the_claim_waiting():
+    """Nothing between the pick and the store can leave the claim marked
+    picked (it would wait for its job forever)."""
+    eng, _ = make_engine(engine.Registry())
+    thread, out = waiting_claim(eng)
+    real_start = eng._start_attempt
+    eng._start_attempt = lambda *a, **k: (_ for _ in ()).throw(MemoryError())
+    with pytest.raises(MemoryError):
+        eng.submit(eng.new_job("ext", {}, "normal", None, "k"))
+    eng._start_attempt = real_start
+    job_id = submit(eng, "ext")  # the failed intake stored nothing
+    thread.join(5)
+    assert [j["job_id"] for j in out["jobs"]] == [job_id]
+
+
 def test_a_claim_under_limits_or_whose_caller_hung_up_is_handed_nothing():
     """A job of a workflow with limits is queued, for the claims to count
     (the waiting one takes it so); and a claim whose caller has hung up is
