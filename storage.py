@@ -366,6 +366,7 @@ class Database:
     # back meanwhile is sent by this process's watch at its next look.
     ANNOUNCE_EVERY = 0.005
     MAX_PEERS = 64  # wake sockets an announce sends to
+    PEERS_EVERY = 1.0  # seconds between an announcer's reads of the list of them
 
     def __init__(self, path, busy_timeout_ms=5000, shared=False):
         self.path = path
@@ -571,7 +572,7 @@ class Database:
         something changed. The datagram names the workflows, so a process
         wakes only what waits for them (a pool that does not run a
         workflow stays asleep for its jobs). Costs a datagram per watcher;
-        the list of them is read at most once a second."""
+        the list of them is read at most every PEERS_EVERY (a second)."""
         if not self.shared:
             return
         with self._news_lock:
@@ -617,13 +618,13 @@ class Database:
                 self.owes_announce = True
 
     def _sender(self, now):
-        """(the peers' wake sockets, read at most once a second; this
+        """(the peers' wake sockets, read at most every PEERS_EVERY; this
         process's socket to send from)."""
         pid, read_at, peers, sender = self._told
         if pid != os.getpid():  # a socket of this process's own
             sender, read_at = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), float("-inf")
             sender.setblocking(False)
-        if now - read_at > 1.0:
+        if now - read_at > self.PEERS_EVERY:
             peers = self._peers()
             self._told = (os.getpid(), now, peers, sender)
         return peers, sender
@@ -682,7 +683,7 @@ class Changes(Background):
     sent by the sender's own watch once ANNOUNCE_EVERY has passed (the
     watch is told to look at once, by a datagram of no news, and looks
     every EVERY while news is owed). A new watch, which its peers learn of
-    within a second, starts with the quick reads.
+    within a second, reads every EVERY for that second.
 
     PERF: data_version moves for every commit but this connection's own,
     and most commits are nothing anyone waits for (audit rows, claims,
@@ -719,16 +720,24 @@ class Changes(Background):
 
     def _run(self):
         sock, seen, mine = self._listen(), None, self.db.writes
-        changed = woken = time.monotonic()  # quick reads while the peers learn of this watch
+        changed = woken = time.monotonic()
+        learned = changed + self.db.PEERS_EVERY  # quick reads while the peers learn of this watch
         doubt = False  # data_version moved since everything was last woken
         try:
             while not self._stop.is_set():
-                # Quiet, then whether news is owed: news held back meanwhile
-                # finds this watch quiet, and nudges it (Database.send_news).
-                owed = self.db.owes_announce
-                quiet = sock is not None and time.monotonic() - changed > self.QUIET and not owed
-                heard = self._wait(sock, self.EVERY if sock is None or owed
+                # Whether news is owed, then quiet: news held back meanwhile
+                # finds this watch in a longer wait, and nudges it (Database.send_news).
+                owed, now = self.db.owes_announce, time.monotonic()
+                quiet = sock is not None and now - changed > self.QUIET and not owed
+                heard = self._wait(sock, self.EVERY if sock is None or owed or now < learned
                                    else self.IDLE_EVERY if quiet else self.DOUBT_EVERY)
+                if heard is not None and not heard:
+                    # Its own process's nudge alone (a datagram of no news): the
+                    # news goes when it may; the read waits for the next look
+                    # (every EVERY while news is owed), not one read more.
+                    if self.db.owes_announce:
+                        self.db.send_news()
+                    continue
                 if heard and heard is not ANYTHING:
                     # PERF: what waits for these jobs looks before this thread
                     # reads data_version (a cold read after an idle spell).

@@ -393,6 +393,7 @@ def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, mon
     5 ms); a commit by another connection, which sends no datagram, still
     wakes it, and the quick reads start again."""
     monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
+    monkeypatch.setattr(storage.Database, "PEERS_EVERY", 0.2)  # a new watch's quick reads end
     reads = []
     real_query = storage.Database.query
 
@@ -459,6 +460,37 @@ def test_news_held_back_goes_out_when_it_may_not_at_the_watchs_next_read(tmp_pat
         assert heard.get(timeout=5) == ("mail.send", True)
         assert 0.25 < time.monotonic() - sent < 3
         assert not other.owes_announce
+
+
+def test_a_watch_whose_process_keeps_announcing_reads_once_a_window_not_twice(tmp_path, monkeypatch):
+    """Announces every half millisecond: each window of ANNOUNCE_EVERY
+    holds news back, and its process nudges its watch; the nudge sends
+    nothing and reads nothing (the news goes at the watch's next look), so
+    the watch reads data_version about once a window. It read twice (372
+    reads a second against 193 before the nudges)."""
+    reads = []
+    real_query = storage.Database.query
+
+    def query(self, sql, *args, **kwargs):
+        if "data_version" in sql:
+            reads.append(time.monotonic())
+        return real_query(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Database, "query", query)
+    with _hearing(tmp_path) as (other, heard, mine):
+        other.watch(lambda workflow, ended=False: None)  # the announcing process's own watch
+        assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
+        time.sleep(1.1)  # past the new watches' quick reads
+        start = time.monotonic()
+        while time.monotonic() - start < 1.0:
+            other.announce("mail.send")
+            time.sleep(0.0005)
+        took = time.monotonic() - start
+        during = len([t for t in reads if t >= start])
+        assert heard.get(timeout=5) == ("mail.send", False)
+        # Two watches (the sender's and the receiver's): about one read a window each.
+        assert during <= 2 * 1.25 * took / storage.Database.ANNOUNCE_EVERY, (during, took)
+        other.close()
 
 
 def test_a_watch_is_not_woken_by_each_of_its_own_processs_commits(tmp_path):
