@@ -29,6 +29,7 @@ from accounts import (key_create, key_list, key_revoke, usage, user_get, user_lo
 from costs import BudgetExceeded, to_usd
 from engine import JobError, status_view, step_results
 from jobstore import JOB_FINAL, IdempotencyMismatch, QueueFull
+from middleware import STORAGE_ERRORS
 from schemas import IDEMPOTENCY_KEY_PATTERN, MAX_BATCH, SCHEMAS, python_pattern, validate
 from static import robots, security_txt, static_file
 from storage import StorageError
@@ -435,15 +436,19 @@ def _claim(req, ask, max_jobs=1, wait=0.0, alone=False):
     where the store can (as an intake's is: see ``accept``), else by
     ``Api._audit``."""
     _may_claim(req, ask["workflows"])
-    services, carried = req.services, []
+    services, carried, rowed = req.services, [], []
 
     def audit_row(jobs):
-        carried[:] = [req.path]
+        carried[:], rowed[:] = [req.path], [job["job_id"] for job in jobs]
         return services.recorder.statements(req.key_id, req.method, carried, 200, req.request_id)
 
     jobs = services.engine.claim_many(ask["workflows"], ask.get("lease_seconds", 60), req.key_id,
                                       max_jobs, wait, gone=lambda: hung_up(req.environ),
                                       also=audit_row if alone and services.jobs.carries_also else None)
+    if rowed != [job["job_id"] for job in jobs]:
+        # Asked for by a transaction that failed (a job handed by an intake
+        # that did not commit), and these jobs came another way: not written.
+        carried.clear()
     if carried:
         services.recorder.carried(len(carried))
     if not jobs or carried:
@@ -816,6 +821,9 @@ class Api:
                 status, headers, body = route.handler(req, **params)
             except HTTPError as exc:
                 status = exc.status
+                raise
+            except StorageError as exc:  # audited as it is answered (ErrorGuard), not as a 500
+                status = STORAGE_ERRORS[exc.kind](str(exc)).status
                 raise
             finally:
                 self._audit(req, status)

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import levqor
+import storage
 import wsgi_routes
 from support import KEY, NEXT_KEY, Client, make_app, wait_until
 
@@ -190,6 +191,44 @@ def test_a_waiting_claim_handed_a_new_job_is_answered_once_both_audit_rows_are_w
         assert c.post(f"/api/v1/jobs/{handed['job_id']}/complete",
                       {"lease_token": handed["lease_token"], "result": {"ok": True}}, key=KEY).status == 200
         assert c.get(f"/api/v1/status/{handed['job_id']}", key=KEY).json()["status"] == "succeeded"
+    finally:
+        app.stop()
+
+
+def test_a_claim_handed_a_job_by_an_intake_that_failed_is_audited_for_the_job_it_takes(tmp_path):
+    """An intake whose transaction asked for the waiting claim's audit row,
+    then failed, wrote neither: the claim waits on, and when it takes a job
+    another way (a workflow with limits: no row in its transaction), its
+    row is written after it, once."""
+    app = make_app(tmp_path, API_KEYS=KEY, JOB_STORE="sqlite")
+    claim = "/api/v1/jobs/claim"
+    try:
+        c, services = Client(app), app.services
+        real_add_many = services.jobs.add_many
+
+        def failing(jobs, idempotency=None, batch_key=None, also=None, take=None):
+            if take is not None:  # the transaction asks for the rows, then fails
+                also([(dict(jobs[0], **take), True)])
+                raise storage.StorageError("busy", "database is locked")
+            return real_add_many(jobs, idempotency, batch_key, also, take)
+
+        services.jobs.add_many = failing
+        answers = {}
+        waiting = threading.Thread(target=lambda: answers.update(
+            claim=c.post(claim, {"workflows": ["w"], "wait": 10}, key=KEY)))
+        waiting.start()
+        assert wait_until(lambda: services.engine._takers, 5)
+        refused = c.post(INTAKE, JOB, key=KEY)
+        assert refused.status == 503, refused.text
+        assert waiting.is_alive()
+        services.jobs.add_many = real_add_many
+        services.engine.set_limits("w", {"max_concurrency": 5})
+        accepted = c.post(INTAKE, JOB, key=KEY).json()
+        waiting.join(10)
+        assert answers["claim"].json()["job"]["job_id"] == accepted["job_id"]
+        services.recorder.flush()
+        rows = services.db.query("SELECT path, status FROM audit_log ORDER BY id")
+        assert sorted((r["path"], r["status"]) for r in rows) == [(INTAKE, 202), (INTAKE, 503), (claim, 200)]
     finally:
         app.stop()
 
