@@ -387,13 +387,8 @@ def test_a_datagram_that_is_not_news_in_levqors_words_is_news_of_anything():
         assert storage.news_heard(message) is None, message
 
 
-def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, monkeypatch):
-    """Once nothing changed for QUIET seconds, the watch reads data_version
-    every IDLE_EVERY (an idle process spent 3-4 % of a core reading it every
-    5 ms); a commit by another connection, which sends no datagram, still
-    wakes it, and the quick reads start again."""
-    monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
-    monkeypatch.setattr(storage.Database, "PEERS_EVERY", 0.2)  # a new watch's quick reads end
+def _version_reads(monkeypatch):
+    """When each watch read data_version from now on (a list that grows)."""
     reads = []
     real_query = storage.Database.query
 
@@ -403,6 +398,17 @@ def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, mon
         return real_query(self, sql, *args, **kwargs)
 
     monkeypatch.setattr(storage.Database, "query", query)
+    return reads
+
+
+def test_a_quiet_sqlite_watch_reads_seldom_and_still_sees_a_commit(tmp_path, monkeypatch):
+    """Once nothing changed for QUIET seconds, the watch reads data_version
+    every IDLE_EVERY (an idle process spent 3-4 % of a core reading it every
+    5 ms); a commit by another connection, which sends no datagram, still
+    wakes it, and the quick reads start again."""
+    monkeypatch.setattr(storage.Changes, "QUIET", 0.2)
+    monkeypatch.setattr(storage.Database, "PEERS_EVERY", 0.2)  # a new watch's quick reads end
+    reads = _version_reads(monkeypatch)
 
     def reads_within(seconds):
         start = time.monotonic()
@@ -468,15 +474,7 @@ def test_a_watch_whose_process_keeps_announcing_reads_once_a_window_not_twice(tm
     nothing and reads nothing (the news goes at the watch's next look), so
     the watch reads data_version about once a window. It read twice (372
     reads a second against 193 before the nudges)."""
-    reads = []
-    real_query = storage.Database.query
-
-    def query(self, sql, *args, **kwargs):
-        if "data_version" in sql:
-            reads.append(time.monotonic())
-        return real_query(self, sql, *args, **kwargs)
-
-    monkeypatch.setattr(storage.Database, "query", query)
+    reads = _version_reads(monkeypatch)
     with _hearing(tmp_path) as (other, heard, mine):
         other.watch(lambda workflow, ended=False: None)  # the announcing process's own watch
         assert len(_bound(tmp_path / "w.db-wake", count=2)) == 2
