@@ -319,10 +319,39 @@ def _remembered_answer_headers(log):
     wsgi.Response.process_headers = process_headers
 
 
+# PERF: gunicorn formats the Date header of every answer afresh
+# (email.utils.formatdate: a datetime, a timetuple and a format, a few
+# microseconds each time), though it changes once a second. The text is
+# kept for the second it was made in.
+def _dates_once_a_second(log):
+    from gunicorn import util
+
+    original = getattr(util, "http_date", None)
+    if original is None:
+        log.warning("levqor: cannot keep the Date header in this gunicorn version")
+        return
+    if getattr(original, "levqor_once_a_second", False):
+        return
+    made = (None, "")  # (second, its text): replaced whole, so threads read a matching pair
+
+    def http_date(timestamp=None):
+        nonlocal made
+        if timestamp is not None:
+            return original(timestamp)
+        second, seen = int(time.time()), made
+        if seen[0] != second:
+            seen = made = (second, original(second))
+        return seen[1]
+
+    http_date.levqor_once_a_second = True
+    util.http_date = http_date
+
+
 def post_worker_init(worker):
     _bound_request_reads(worker.log)
     _one_write_answers(worker.log)
     _remembered_answer_headers(worker.log)
+    _dates_once_a_second(worker.log)
     _settings_as_attributes(worker.cfg)
     # Open the database and start the background writer in the worker, after
     # the fork, so that the uptime heartbeat runs even before the first request.

@@ -6,6 +6,7 @@ bound a request: a client that sends one header line a second never leaves a
 read silent for long, and the gthread worker gives it a thread for as long as
 it keeps that up."""
 
+import email.utils
 import math
 import shutil
 import socket
@@ -287,6 +288,23 @@ def test_every_answer_carries_its_own_headers_and_the_same_security_headers(serv
     assert len(set(ids)) == 5
     lengths = [dict((n.lower(), v) for n, v in answer)["content-length"] for answer in answers]
     assert lengths[0] == lengths[2] and lengths[1] != lengths[4]
+
+
+def test_every_answer_is_dated_the_second_it_is_sent(server):
+    """gunicorn.conf.py keeps the Date header's text for the second it was
+    made in: answers on either side of a second's turn carry each their own."""
+    dates = []
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        for _ in range(3):
+            time.sleep(1.02 - time.time() % 1)  # just past the next second's start
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            _, head = _read_response(s)
+            received = time.time()
+            date = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"date:"))
+            dates.append(date)
+            assert abs(email.utils.parsedate_to_datetime(date).timestamp() - received) < 1.0, date
+    assert len(set(dates)) == 3, dates
 
 
 def test_a_worker_that_fails_to_boot_exits_cleanly(tmp_path):
